@@ -1,0 +1,374 @@
+//! Configuration: every setting the binary reads, parsed once at start-up into one typed
+//! struct.
+//!
+//! Why one struct, parsed up front: an operator learns about a typo when the process starts,
+//! not when the first request happens to touch the setting. Each failure names the variable
+//! and what is wrong with it, in one line, so `keymeter serve` can print it and exit ≠ 0
+//! without a panic or a backtrace. Secrets are wrapped in [`SecretString`], whose `Debug`
+//! is redacted, so logging the whole struct at start-up is safe.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// One bad variable: which one, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+impl Environment {
+    pub fn is_production(self) -> bool {
+        self == Environment::Production
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Environment::Development => "development",
+            Environment::Production => "production",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Database settings. The URL is a secret: it usually carries a password.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: Option<SecretString>,
+    pub pool_size: usize,
+    /// How long a request waits for a pooled connection before it gets a 503.
+    pub pool_wait_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Server-side `statement_timeout`: no query may run longer, whatever the caller forgot.
+    pub statement_timeout: Duration,
+    /// How long start-up keeps retrying an unreachable database before giving up.
+    pub startup_retry: Duration,
+    pub auto_migrate: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub env: Environment,
+    pub bind: SocketAddr,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    pub database: DatabaseSettings,
+    /// Largest request body accepted on any route, in bytes.
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    /// HTTP worker threads; `None` lets actix pick one per core.
+    pub http_workers: Option<usize>,
+    /// Origins allowed by CORS; empty means CORS stays off.
+    pub cors_origins: Vec<String>,
+    pub admin_token: Option<SecretString>,
+    pub signup_enabled: bool,
+    pub signup_credits: i64,
+    /// Path of the tiers TOML file (`KEYMETER_TIERS`); `None` uses the built-in tiers.
+    pub tiers_path: Option<String>,
+}
+
+/// Where variables come from: the process environment in production, a map in tests.
+pub trait Source {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Source for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        match std::env::var(name) {
+            Ok(v) if !v.trim().is_empty() => Some(v),
+            _ => None,
+        }
+    }
+}
+
+impl Source for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name)
+            .filter(|v| !v.trim().is_empty())
+            .cloned()
+    }
+}
+
+fn parsed<T: FromStr>(
+    src: &dyn Source,
+    var: &'static str,
+    default: T,
+    what: &str,
+) -> Result<T, ConfigError> {
+    match src.get(var) {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse::<T>()
+            .map_err(|_| ConfigError::new(var, format!("invalid value {raw:?}, expected {what}"))),
+    }
+}
+
+fn positive<T: FromStr + PartialOrd + Default + Copy>(
+    src: &dyn Source,
+    var: &'static str,
+    default: T,
+    what: &str,
+) -> Result<T, ConfigError> {
+    let v = parsed(src, var, default, what)?;
+    if v <= T::default() {
+        return Err(ConfigError::new(var, format!("must be greater than 0 ({what})")));
+    }
+    Ok(v)
+}
+
+fn millis(src: &dyn Source, var: &'static str, default_ms: u64) -> Result<Duration, ConfigError> {
+    positive(src, var, default_ms, "a whole number of milliseconds").map(Duration::from_millis)
+}
+
+fn secs(src: &dyn Source, var: &'static str, default_s: u64) -> Result<Duration, ConfigError> {
+    positive(src, var, default_s, "a whole number of seconds").map(Duration::from_secs)
+}
+
+fn boolean(src: &dyn Source, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match src.get(var).map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) => match v.as_str() {
+            "1" | "true" | "yes" | "on" => Ok(true),
+            "0" | "false" | "no" | "off" => Ok(false),
+            _ => Err(ConfigError::new(
+                var,
+                format!("invalid value {v:?}, expected true or false"),
+            )),
+        },
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_source(&ProcessEnv)
+    }
+
+    pub fn from_source(src: &dyn Source) -> Result<Config, ConfigError> {
+        let env = match src.get("KEYMETER_ENV").as_deref().map(str::trim) {
+            None | Some("development") | Some("dev") => Environment::Development,
+            Some("production") | Some("prod") => Environment::Production,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KEYMETER_ENV",
+                    format!("invalid value {other:?}, expected development or production"),
+                ))
+            }
+        };
+        let bind = parsed(
+            src,
+            "KEYMETER_BIND",
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            "host:port, e.g. 127.0.0.1:8080",
+        )?;
+        let log_filter = src.get("KEYMETER_LOG").unwrap_or_else(|| "info".to_owned());
+        if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
+            return Err(ConfigError::new(
+                "KEYMETER_LOG",
+                format!("invalid filter {log_filter:?}, expected e.g. info or keymeter=debug,info"),
+            ));
+        }
+        let log_format = match src.get("KEYMETER_LOG_FORMAT").as_deref().map(str::trim) {
+            None => match env {
+                Environment::Production => LogFormat::Json,
+                Environment::Development => LogFormat::Pretty,
+            },
+            Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KEYMETER_LOG_FORMAT",
+                    format!("invalid value {other:?}, expected json or pretty"),
+                ))
+            }
+        };
+
+        let url = src.get("DATABASE_URL");
+        if let Some(u) = &url {
+            if tokio_postgres::Config::from_str(u).is_err() {
+                // Never echo the value: it may hold a password.
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "not a valid PostgreSQL connection string (expected postgres://user[:password]@host[:port]/database)",
+                ));
+            }
+        }
+        let database = DatabaseSettings {
+            url: url.map(SecretString::from),
+            pool_size: positive(src, "KEYMETER_DB_POOL_SIZE", 16usize, "a connection count")?,
+            pool_wait_timeout: millis(src, "KEYMETER_DB_POOL_TIMEOUT_MS", 2_000)?,
+            connect_timeout: millis(src, "KEYMETER_DB_CONNECT_TIMEOUT_MS", 2_000)?,
+            statement_timeout: millis(src, "KEYMETER_DB_STATEMENT_TIMEOUT_MS", 5_000)?,
+            startup_retry: secs(src, "KEYMETER_DB_STARTUP_RETRY_SECS", 10)?,
+            auto_migrate: boolean(src, "KEYMETER_AUTO_MIGRATE", true)?,
+        };
+
+        let body_limit = positive(src, "KEYMETER_BODY_LIMIT", 64 * 1024usize, "a size in bytes")?;
+        let request_timeout = secs(src, "KEYMETER_REQUEST_TIMEOUT_SECS", 75)?;
+        let shutdown_timeout = secs(src, "KEYMETER_SHUTDOWN_TIMEOUT_SECS", 30)?;
+        let http_workers = match src.get("KEYMETER_HTTP_WORKERS") {
+            None => None,
+            Some(_) => Some(positive(src, "KEYMETER_HTTP_WORKERS", 1usize, "a thread count")?),
+        };
+        let cors_origins: Vec<String> = src
+            .get("KEYMETER_CORS_ORIGINS")
+            .map(|s| {
+                s.split(',')
+                    .map(|o| o.trim().to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for o in &cors_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "KEYMETER_CORS_ORIGINS",
+                    format!("invalid origin {o:?}, expected e.g. https://app.example.com"),
+                ));
+            }
+        }
+
+        let admin_token = src.get("KEYMETER_ADMIN_TOKEN").map(SecretString::from);
+        if let Some(t) = &admin_token {
+            if env.is_production() && t.expose_secret().len() < 32 {
+                return Err(ConfigError::new(
+                    "KEYMETER_ADMIN_TOKEN",
+                    "must be at least 32 characters in production",
+                ));
+            }
+        }
+        let signup_enabled = boolean(src, "KEYMETER_SIGNUP_ENABLED", true)?;
+        let signup_credits = parsed(src, "KEYMETER_SIGNUP_CREDITS", 0i64, "a whole number of credits")?;
+        if signup_credits < 0 {
+            return Err(ConfigError::new(
+                "KEYMETER_SIGNUP_CREDITS",
+                "must not be negative",
+            ));
+        }
+        let tiers_path = src.get("KEYMETER_TIERS");
+
+        Ok(Config {
+            env,
+            bind,
+            log_filter,
+            log_format,
+            database,
+            body_limit,
+            request_timeout,
+            shutdown_timeout,
+            http_workers,
+            cors_origins,
+            admin_token,
+            signup_enabled,
+            signup_credits,
+            tiers_path,
+        })
+    }
+
+    /// The database URL, or the error `serve` reports when it is missing.
+    pub fn database_url(&self) -> Result<&SecretString, ConfigError> {
+        self.database.url.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "DATABASE_URL",
+                "is not set (expected postgres://user[:password]@host[:port]/database; `keymeter dev` starts a local PostgreSQL for you)",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_development_on_localhost() {
+        let c = Config::from_source(&src(&[])).expect("defaults parse");
+        assert_eq!(c.env, Environment::Development);
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.body_limit, 65536);
+        assert_eq!(c.log_format, LogFormat::Pretty);
+        assert!(c.database.url.is_none());
+        assert!(c.database_url().is_err());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let e = Config::from_source(&src(&[("KEYMETER_BIND", "nope")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_BIND");
+        let e = Config::from_source(&src(&[("KEYMETER_BODY_LIMIT", "0")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_BODY_LIMIT");
+        let e = Config::from_source(&src(&[("KEYMETER_ENV", "staging")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_ENV");
+    }
+
+    #[test]
+    fn a_bad_database_url_is_not_echoed() {
+        let e = Config::from_source(&src(&[("DATABASE_URL", "postgres://u:hunter2@h:notaport/db")]))
+            .unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = Config::from_source(&src(&[
+            ("DATABASE_URL", "postgres://u:hunter2@localhost/db"),
+            ("KEYMETER_ADMIN_TOKEN", "tok-supersecret"),
+        ]))
+        .expect("parses");
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("supersecret"), "{dbg}");
+    }
+
+    #[test]
+    fn production_demands_a_long_admin_token() {
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_ENV", "production"),
+            ("KEYMETER_ADMIN_TOKEN", "short"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_ADMIN_TOKEN");
+        let c = Config::from_source(&src(&[("KEYMETER_ENV", "production")])).expect("parses");
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+}

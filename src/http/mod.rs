@@ -1,0 +1,7 @@
+//! HTTP plumbing shared by every route: the edge middleware (request id, span, limits,
+//! timeout, panic guard, problem rendering, security headers) and the extractor
+//! configuration that turns bad input into problem+json instead of actix's plain text.
+
+pub mod edge;
+pub mod extractors;
+pub mod request_id;

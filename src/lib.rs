@@ -1,0 +1,16 @@
+//! keymeter: a credit-metered API-key platform.
+//!
+//! The crate is a library with a thin binary on top (`main.rs`), so integration tests can
+//! start the real application in-process on a random port. See `DESIGN.md` in the shared
+//! folder and the README for the shape; each module's doc comment says why it is the way
+//! it is.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod dev;
+pub mod error;
+pub mod http;
+pub mod routes;
+pub mod startup;
+pub mod telemetry;

@@ -1,0 +1,4 @@
+//! Routes translate HTTP into calls on the capability modules, and nothing more: parsing
+//! and validation happen in extractors and domain types, decisions in the modules.
+
+pub mod health;

@@ -1,0 +1,171 @@
+//! Start-up: builds everything the server needs, binds the listener, and runs the server and
+//! the background tasks side by side until a shutdown signal.
+//!
+//! `Application::build` binds before it returns (port 0 in tests; the real port is read
+//! back), so a caller knows the address before anything is served. Shutdown order matters:
+//! stop accepting and drain in-flight requests (bounded by the shutdown timeout), then stop
+//! background tasks, then close the pool — each step can still use the next one's resources.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_cors::Cors;
+use actix_web::dev::Server;
+use actix_web::middleware::{from_fn, Condition};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db;
+use crate::error::ApiError;
+use crate::http::{edge, extractors};
+use crate::routes;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Pool,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: AppState,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let url = config.database_url()?.clone();
+        let pg = db::pg_config(&url, &config.database)?;
+        let where_ = db::describe(&pg);
+        let pool = db::build_pool(pg.clone(), &config.database)?;
+        db::wait_until_reachable(&pool, &where_, config.database.startup_retry).await?;
+        if config.database.auto_migrate {
+            let applied = db::migrations::run(&pg).await?;
+            if !applied.is_empty() {
+                tracing::info!(migrations = ?applied, "applied migrations");
+            }
+        } else {
+            db::migrations::check(&pg).await?;
+        }
+
+        let listener = TcpListener::bind(config.bind)
+            .with_context(|| format!("binding {}", config.bind))?;
+        let port = listener.local_addr()?.port();
+
+        let config = Arc::new(config);
+        let state = AppState {
+            config: config.clone(),
+            db: pool,
+        };
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+
+        let server = build_server(listener, state.clone())?;
+        Ok(Application {
+            port,
+            server,
+            state,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `signal` completes (or the server fails), then shuts down in order.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let server = self.server;
+        tokio::pin!(server);
+        tokio::select! {
+            res = &mut server => {
+                res.context("HTTP server failed")?;
+            }
+            () = signal => {
+                tracing::info!(
+                    timeout_s = self.state.config.shutdown_timeout.as_secs(),
+                    "shutdown requested; draining in-flight requests"
+                );
+                // Graceful: stop accepting, let in-flight requests finish within the timeout.
+                // The server future must keep being polled for the stop command to run.
+                let (_, res) = tokio::join!(handle.stop(true), &mut server);
+                res.context("HTTP server failed while stopping")?;
+            }
+        }
+        self.shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(self.state.config.shutdown_timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within the shutdown timeout");
+        }
+        self.state.db.close();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server> {
+    let config = state.config.clone();
+    let edge_settings = web::Data::new(edge::EdgeSettings {
+        body_limit: config.body_limit,
+        request_timeout: config.request_timeout,
+        production: config.env.is_production(),
+    });
+    let data = web::Data::new(state);
+    let cors_origins = config.cors_origins.clone();
+    let body_limit = config.body_limit;
+    let mut server = HttpServer::new(move || {
+        let mut cors = Cors::default()
+            .allow_any_method()
+            .allow_any_header()
+            .expose_any_header()
+            .max_age(600);
+        for origin in &cors_origins {
+            cors = cors.allowed_origin(origin);
+        }
+        App::new()
+            .app_data(data.clone())
+            .app_data(edge_settings.clone())
+            .app_data(extractors::json_config(body_limit))
+            .app_data(web::PayloadConfig::new(body_limit))
+            .app_data(extractors::path_config())
+            .app_data(extractors::query_config())
+            .configure(routes_config)
+            .default_service(web::to(not_found))
+            .wrap(Condition::new(!cors_origins.is_empty(), cors))
+            .wrap(from_fn(edge::edge))
+    })
+    .disable_signals()
+    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    .listen(listener)?;
+    if let Some(n) = config.http_workers {
+        server = server.workers(n);
+    }
+    Ok(server.run())
+}
+
+/// Every route, registered explicitly in one place.
+fn routes_config(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/health/live").route(web::get().to(routes::health::live)))
+        .service(web::resource("/health/ready").route(web::get().to(routes::health::ready)));
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("No route matches this path.".into()))
+}
