@@ -143,7 +143,10 @@ fn positive<T: FromStr + PartialOrd + Default + Copy>(
 ) -> Result<T, ConfigError> {
     let v = parsed(src, var, default, what)?;
     if v <= T::default() {
-        return Err(ConfigError::new(var, format!("must be greater than 0 ({what})")));
+        return Err(ConfigError::new(
+            var,
+            format!("must be greater than 0 ({what})"),
+        ));
     }
     Ok(v)
 }
@@ -235,12 +238,22 @@ impl Config {
             auto_migrate: boolean(src, "KEYMETER_AUTO_MIGRATE", true)?,
         };
 
-        let body_limit = positive(src, "KEYMETER_BODY_LIMIT", 64 * 1024usize, "a size in bytes")?;
+        let body_limit = positive(
+            src,
+            "KEYMETER_BODY_LIMIT",
+            64 * 1024usize,
+            "a size in bytes",
+        )?;
         let request_timeout = secs(src, "KEYMETER_REQUEST_TIMEOUT_SECS", 75)?;
         let shutdown_timeout = secs(src, "KEYMETER_SHUTDOWN_TIMEOUT_SECS", 30)?;
         let http_workers = match src.get("KEYMETER_HTTP_WORKERS") {
             None => None,
-            Some(_) => Some(positive(src, "KEYMETER_HTTP_WORKERS", 1usize, "a thread count")?),
+            Some(_) => Some(positive(
+                src,
+                "KEYMETER_HTTP_WORKERS",
+                1usize,
+                "a thread count",
+            )?),
         };
         let cors_origins: Vec<String> = src
             .get("KEYMETER_CORS_ORIGINS")
@@ -270,7 +283,12 @@ impl Config {
             }
         }
         let signup_enabled = boolean(src, "KEYMETER_SIGNUP_ENABLED", true)?;
-        let signup_credits = parsed(src, "KEYMETER_SIGNUP_CREDITS", 0i64, "a whole number of credits")?;
+        let signup_credits = parsed(
+            src,
+            "KEYMETER_SIGNUP_CREDITS",
+            0i64,
+            "a whole number of credits",
+        )?;
         if signup_credits < 0 {
             return Err(ConfigError::new(
                 "KEYMETER_SIGNUP_CREDITS",
@@ -342,8 +360,11 @@ mod tests {
 
     #[test]
     fn a_bad_database_url_is_not_echoed() {
-        let e = Config::from_source(&src(&[("DATABASE_URL", "postgres://u:hunter2@h:notaport/db")]))
-            .unwrap_err();
+        let e = Config::from_source(&src(&[(
+            "DATABASE_URL",
+            "postgres://u:hunter2@h:notaport/db",
+        )]))
+        .unwrap_err();
         assert_eq!(e.var, "DATABASE_URL");
         assert!(!e.to_string().contains("hunter2"));
     }

@@ -96,7 +96,11 @@ impl EmbeddedPostgres {
 
     /// Initialises the cluster on first use, then starts it on a free port.
     pub fn start(&mut self) -> anyhow::Result<()> {
-        let root = self.data.parent().map(Path::to_path_buf).unwrap_or_default();
+        let root = self
+            .data
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
         if self.as_postgres_user {
             self.run(
@@ -109,11 +113,20 @@ impl EmbeddedPostgres {
             )?;
         }
         if !self.data.join("PG_VERSION").exists() {
-            eprintln!("keymeter dev: initialising PostgreSQL in {}", self.data.display());
+            eprintln!(
+                "keymeter dev: initialising PostgreSQL in {}",
+                self.data.display()
+            );
             let mut c = self.command("initdb");
-            c.arg("-D")
-                .arg(&self.data)
-                .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]);
+            c.arg("-D").arg(&self.data).args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]);
             self.run(c, "initdb")?;
         }
         // A previous run killed hard may have left its server up: stop it first.

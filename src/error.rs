@@ -29,7 +29,10 @@ pub enum ApiError {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("validation failed: {detail}")]
-    Validation { detail: String, field: Option<&'static str> },
+    Validation {
+        detail: String,
+        field: Option<&'static str>,
+    },
     #[error("unsupported media type")]
     UnsupportedMediaType(String),
     #[error("invalid API key")]
@@ -39,7 +42,10 @@ pub enum ApiError {
     #[error("admin token required")]
     AdminUnauthorized,
     #[error("rate limited")]
-    RateLimited { retry_after_secs: u64, detail: String },
+    RateLimited {
+        retry_after_secs: u64,
+        detail: String,
+    },
     #[error("conflict: {detail}")]
     Conflict { kind: &'static str, detail: String },
     #[error("request timed out")]
@@ -98,7 +104,9 @@ impl ApiError {
             ApiError::InvalidRequest(d) => d.clone(),
             ApiError::Validation { detail, .. } => detail.clone(),
             ApiError::UnsupportedMediaType(d) => d.clone(),
-            ApiError::InvalidApiKey => "The API key is missing, malformed, unknown, expired or revoked.".into(),
+            ApiError::InvalidApiKey => {
+                "The API key is missing, malformed, unknown, expired or revoked.".into()
+            }
             ApiError::InsufficientScope { required } => {
                 format!("This API key lacks the `{required}` scope this route needs.")
             }
@@ -106,12 +114,12 @@ impl ApiError {
             ApiError::RateLimited { detail, .. } => detail.clone(),
             ApiError::Conflict { detail, .. } => detail.clone(),
             ApiError::Timeout => "The request took longer than the server allows.".into(),
-            ApiError::DatabaseUnavailable => {
-                "The database is unavailable; retry shortly.".into()
-            }
+            ApiError::DatabaseUnavailable => "The database is unavailable; retry shortly.".into(),
             ApiError::NotReady(d) => d.clone(),
             ApiError::Disabled(d) => d.clone(),
-            ApiError::Internal(_) => "An unexpected error occurred; quote the request id when reporting it.".into(),
+            ApiError::Internal(_) => {
+                "An unexpected error occurred; quote the request id when reporting it.".into()
+            }
         }
     }
 
@@ -139,17 +147,57 @@ impl ApiError {
 /// a panic, a timeout): used by the edge middleware so *every* error leaves as problem+json.
 pub fn problem_for_status(status: StatusCode) -> (String, &'static str, &'static str, String) {
     let (slug, title, detail) = match status.as_u16() {
-        400 => ("bad_request", "Bad request", "The request could not be understood."),
+        400 => (
+            "bad_request",
+            "Bad request",
+            "The request could not be understood.",
+        ),
         404 => ("not_found", "Not found", "No route matches this path."),
-        405 => ("method_not_allowed", "Method not allowed", "This route does not accept that method."),
-        408 => ("request_timeout", "Request timeout", "The request was not received in time."),
-        413 => ("payload_too_large", "Payload too large", "The request body is larger than the server accepts."),
-        414 => ("uri_too_long", "URI too long", "The request URI is too long."),
-        415 => ("unsupported_media_type", "Unsupported media type", "Send the body as application/json."),
-        431 => ("headers_too_large", "Request header fields too large", "The request headers are too large."),
-        503 => ("service_unavailable", "Service unavailable", "The service is temporarily unavailable."),
-        504 => ("request_timeout", "Request timed out", "The request took longer than the server allows."),
-        s if s >= 500 => ("internal_error", "Internal server error", "An unexpected error occurred; quote the request id when reporting it."),
+        405 => (
+            "method_not_allowed",
+            "Method not allowed",
+            "This route does not accept that method.",
+        ),
+        408 => (
+            "request_timeout",
+            "Request timeout",
+            "The request was not received in time.",
+        ),
+        413 => (
+            "payload_too_large",
+            "Payload too large",
+            "The request body is larger than the server accepts.",
+        ),
+        414 => (
+            "uri_too_long",
+            "URI too long",
+            "The request URI is too long.",
+        ),
+        415 => (
+            "unsupported_media_type",
+            "Unsupported media type",
+            "Send the body as application/json.",
+        ),
+        431 => (
+            "headers_too_large",
+            "Request header fields too large",
+            "The request headers are too large.",
+        ),
+        503 => (
+            "service_unavailable",
+            "Service unavailable",
+            "The service is temporarily unavailable.",
+        ),
+        504 => (
+            "request_timeout",
+            "Request timed out",
+            "The request took longer than the server allows.",
+        ),
+        s if s >= 500 => (
+            "internal_error",
+            "Internal server error",
+            "An unexpected error occurred; quote the request id when reporting it.",
+        ),
         _ => ("client_error", "Client error", "The request was refused."),
     };
     (slug.to_owned(), title, detail, detail.to_owned())

@@ -35,6 +35,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Everything but `dev` needs a database; say so before anything else is printed.
+    if !matches!(args.command, Command::Dev) {
+        if let Err(e) = config.database_url() {
+            eprintln!("keymeter: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     // Admin commands are for a terminal: keep their stderr quiet unless asked.
     let filter = match (&args.command, std::env::var("KEYMETER_LOG").is_ok()) {
         (Command::Admin(_), false) => "warn".to_owned(),
@@ -43,7 +50,10 @@ fn main() -> ExitCode {
     telemetry::init(&filter, config.log_format);
     keymeter::http::edge::install_panic_hook();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keymeter: cannot start the async runtime: {e}");

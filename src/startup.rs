@@ -56,8 +56,8 @@ impl Application {
             db::migrations::check(&pg).await?;
         }
 
-        let listener = TcpListener::bind(config.bind)
-            .with_context(|| format!("binding {}", config.bind))?;
+        let listener =
+            TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
 
         let config = Arc::new(config);

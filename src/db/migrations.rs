@@ -17,7 +17,10 @@ mod embedded {
 const MIGRATION_LOCK: i64 = 0x6B65_796D_6574_6572; // "keymeter"
 
 async fn connect(cfg: &tokio_postgres::Config) -> anyhow::Result<Client> {
-    let (client, conn) = cfg.connect(NoTls).await.context("connecting for migrations")?;
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .context("connecting for migrations")?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "migration connection ended");

@@ -18,7 +18,10 @@ use crate::config::DatabaseSettings;
 pub mod migrations;
 
 /// Parses the URL and applies keymeter's per-connection settings.
-pub fn pg_config(url: &SecretString, settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Config> {
+pub fn pg_config(
+    url: &SecretString,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<tokio_postgres::Config> {
     let mut cfg = tokio_postgres::Config::from_str(url.expose_secret())
         .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL connection string"))?;
     cfg.connect_timeout(settings.connect_timeout);
@@ -49,7 +52,10 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{db}")
 }
 
-pub fn build_pool(cfg: tokio_postgres::Config, settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+pub fn build_pool(
+    cfg: tokio_postgres::Config,
+    settings: &DatabaseSettings,
+) -> anyhow::Result<Pool> {
     let mgr = Manager::from_config(
         cfg,
         NoTls,
@@ -69,7 +75,11 @@ pub fn build_pool(cfg: tokio_postgres::Config, settings: &DatabaseSettings) -> a
 
 /// Creating a pool never touches the database; this does, retrying for `retry_for` with a
 /// log line per try so an operator watching a slow database come up sees progress.
-pub async fn wait_until_reachable(pool: &Pool, where_: &str, retry_for: Duration) -> anyhow::Result<()> {
+pub async fn wait_until_reachable(
+    pool: &Pool,
+    where_: &str,
+    retry_for: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + retry_for;
     let mut attempt = 1u32;
     loop {
@@ -88,7 +98,10 @@ pub async fn wait_until_reachable(pool: &Pool, where_: &str, retry_for: Duration
         }
         tracing::warn!(attempt, database = %where_, error = %err, "database not reachable yet; retrying");
         attempt += 1;
-        tokio::time::sleep(Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(
+            Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+        )
+        .await;
     }
 }
 

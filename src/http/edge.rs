@@ -73,42 +73,48 @@ pub async fn edge(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let mut res: ServiceResponse<BoxBody> = if declared
-            .is_some_and(|len| len > settings.body_limit as u64)
-        {
-            // Refused before routing and before reading: an attacker cannot make us buffer it.
-            let err = ApiError::PayloadTooLarge {
-                limit: settings.body_limit,
-            };
-            let mut r = err.error_response();
-            r.head_mut().set_connection_type(actix_http::ConnectionType::Close);
-            let (http_req, _payload) = req.into_parts();
-            ServiceResponse::new(http_req, r)
-        } else {
-            if declared.is_none() && req.headers().contains_key(header::TRANSFER_ENCODING) {
-                let inner = req.take_payload();
-                let limited: actix_http::BoxedPayloadStream = Box::pin(Limited {
-                    inner,
-                    seen: 0,
+        let mut res: ServiceResponse<BoxBody> =
+            if declared.is_some_and(|len| len > settings.body_limit as u64) {
+                // Refused before routing and before reading: an attacker cannot make us buffer it.
+                let err = ApiError::PayloadTooLarge {
                     limit: settings.body_limit,
-                });
-                req.set_payload(Payload::from(limited));
-            }
-            let call = AssertUnwindSafe(next.call(req)).catch_unwind();
-            match tokio::time::timeout(settings.request_timeout, call).await {
-                Ok(Ok(Ok(res))) => res.map_into_boxed_body(),
-                Ok(Ok(Err(err))) => ServiceResponse::from_err(err, detached(&method, &uri)),
-                Ok(Err(_panic)) => {
-                    // The panic hook has logged the message and location already.
-                    let err = ApiError::Internal(anyhow::anyhow!("handler panicked"));
-                    ServiceResponse::new(detached(&method, &uri), err.error_response())
+                };
+                let mut r = err.error_response();
+                r.head_mut()
+                    .set_connection_type(actix_http::ConnectionType::Close);
+                let (http_req, _payload) = req.into_parts();
+                ServiceResponse::new(http_req, r)
+            } else {
+                if declared.is_none() && req.headers().contains_key(header::TRANSFER_ENCODING) {
+                    let inner = req.take_payload();
+                    let limited: actix_http::BoxedPayloadStream = Box::pin(Limited {
+                        inner,
+                        seen: 0,
+                        limit: settings.body_limit,
+                    });
+                    req.set_payload(Payload::from(limited));
                 }
-                Err(_elapsed) => {
-                    tracing::warn!(timeout_s = settings.request_timeout.as_secs(), "request timed out");
-                    ServiceResponse::new(detached(&method, &uri), ApiError::Timeout.error_response())
+                let call = AssertUnwindSafe(next.call(req)).catch_unwind();
+                match tokio::time::timeout(settings.request_timeout, call).await {
+                    Ok(Ok(Ok(res))) => res.map_into_boxed_body(),
+                    Ok(Ok(Err(err))) => ServiceResponse::from_err(err, detached(&method, &uri)),
+                    Ok(Err(_panic)) => {
+                        // The panic hook has logged the message and location already.
+                        let err = ApiError::Internal(anyhow::anyhow!("handler panicked"));
+                        ServiceResponse::new(detached(&method, &uri), err.error_response())
+                    }
+                    Err(_elapsed) => {
+                        tracing::warn!(
+                            timeout_s = settings.request_timeout.as_secs(),
+                            "request timed out"
+                        );
+                        ServiceResponse::new(
+                            detached(&method, &uri),
+                            ApiError::Timeout.error_response(),
+                        )
+                    }
                 }
-            }
-        };
+            };
 
         let status = res.status();
         let is_problem = res
@@ -153,7 +159,10 @@ pub async fn edge(
 /// panicked or timed out. actix cannot hand the original back (and routing panics if the
 /// edge keeps a clone of it during the call), but a `ServiceResponse` must carry one; only
 /// its method and URI are ever read from it again (for the log line).
-fn detached(method: &actix_web::http::Method, uri: &actix_web::http::Uri) -> actix_web::HttpRequest {
+fn detached(
+    method: &actix_web::http::Method,
+    uri: &actix_web::http::Uri,
+) -> actix_web::HttpRequest {
     actix_web::test::TestRequest::default()
         .method(method.clone())
         .uri(&uri.to_string())
@@ -241,4 +250,145 @@ pub fn install_panic_hook() {
             .unwrap_or_default();
         tracing::error!(panic = %msg, location = %location, "panic");
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::{test, App};
+
+    fn app_settings(timeout: Duration) -> web::Data<EdgeSettings> {
+        web::Data::new(EdgeSettings {
+            body_limit: 1024,
+            request_timeout: timeout,
+            production: false,
+        })
+    }
+
+    async fn panics() -> HttpResponse {
+        panic!("boom")
+    }
+
+    async fn sleeps() -> HttpResponse {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        HttpResponse::Ok().finish()
+    }
+
+    async fn echo(body: web::Json<serde_json::Value>) -> HttpResponse {
+        HttpResponse::Ok().json(body.into_inner())
+    }
+
+    #[actix_web::test]
+    async fn a_panicking_handler_becomes_a_500_problem_and_the_app_keeps_serving() {
+        let app = test::init_service(
+            App::new()
+                .app_data(app_settings(Duration::from_secs(5)))
+                .route("/panic", web::get().to(panics))
+                .route("/ok", web::get().to(HttpResponse::Ok))
+                .wrap(actix_web::middleware::from_fn(edge)),
+        )
+        .await;
+        let res =
+            test::call_service(&app, test::TestRequest::get().uri("/panic").to_request()).await;
+        assert_eq!(res.status(), 500);
+        assert_eq!(
+            res.headers().get(header::CONTENT_TYPE).unwrap(),
+            PROBLEM_JSON
+        );
+        let id = res
+            .headers()
+            .get(request_id::HEADER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["type"], "internal_error");
+        assert_eq!(body["request_id"], id.as_str());
+        assert!(
+            !body.to_string().contains("boom"),
+            "no panic text in the body"
+        );
+        let res = test::call_service(&app, test::TestRequest::get().uri("/ok").to_request()).await;
+        assert_eq!(res.status(), 200);
+    }
+
+    #[actix_web::test]
+    async fn a_slow_handler_is_cut_off_with_a_504_problem() {
+        let app = test::init_service(
+            App::new()
+                .app_data(app_settings(Duration::from_millis(100)))
+                .route("/slow", web::get().to(sleeps))
+                .wrap(actix_web::middleware::from_fn(edge)),
+        )
+        .await;
+        let started = Instant::now();
+        let res =
+            test::call_service(&app, test::TestRequest::get().uri("/slow").to_request()).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(res.status(), 504);
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["type"], "request_timeout");
+    }
+
+    #[actix_web::test]
+    async fn a_chunked_body_is_cut_off_at_the_limit() {
+        let app = test::init_service(
+            App::new()
+                .app_data(app_settings(Duration::from_secs(5)))
+                .app_data(crate::http::extractors::json_config(1024))
+                .route("/echo", web::post().to(echo))
+                .wrap(actix_web::middleware::from_fn(edge)),
+        )
+        .await;
+        let big = format!("{{\"a\":\"{}\"}}", "x".repeat(4000));
+        let chunks = futures_util::stream::iter(
+            big.into_bytes()
+                .chunks(100)
+                .map(|c| Ok::<_, PayloadError>(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        );
+        let req = test::TestRequest::post()
+            .uri("/echo")
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .insert_header((header::TRANSFER_ENCODING, "chunked"))
+            .to_request();
+        let payload: actix_http::BoxedPayloadStream = Box::pin(chunks);
+        let (req, _) = req.replace_payload(Payload::from(payload));
+        let res = test::call_service(&app, req).await;
+        assert_eq!(res.status(), 413);
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["type"], "payload_too_large");
+    }
+
+    #[actix_web::test]
+    async fn actix_plain_errors_are_rewritten_as_problems() {
+        let app = test::init_service(
+            App::new()
+                .app_data(app_settings(Duration::from_secs(5)))
+                .app_data(crate::http::extractors::json_config(1024))
+                .route("/echo", web::post().to(echo))
+                .wrap(actix_web::middleware::from_fn(edge)),
+        )
+        .await;
+        let res = test::call_service(
+            &app,
+            test::TestRequest::post()
+                .uri("/echo")
+                .insert_header((header::CONTENT_TYPE, "application/json"))
+                .set_payload("{not json")
+                .to_request(),
+        )
+        .await;
+        assert_eq!(res.status(), 400);
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["type"], "invalid_json");
+        let res =
+            test::call_service(&app, test::TestRequest::get().uri("/missing").to_request()).await;
+        assert_eq!(res.status(), 404);
+        assert_eq!(
+            res.headers().get(header::CONTENT_TYPE).unwrap(),
+            PROBLEM_JSON
+        );
+    }
 }

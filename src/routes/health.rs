@@ -33,7 +33,9 @@ pub async fn ready(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
         }
         Err(_) => {
             tracing::warn!("readiness: database ping timed out");
-            Err(ApiError::NotReady("The database did not answer within 1 s.".into()))
+            Err(ApiError::NotReady(
+                "The database did not answer within 1 s.".into(),
+            ))
         }
     }
 }

@@ -1,0 +1,64 @@
+# Shared by scripts/dev.sh and scripts/test.sh: make sure PostgreSQL is installed and, for
+# tests, that a server is reachable. Sourced, not run.
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        log "need root for: $*"; return 1; fi
+}
+
+pg_bindir() {
+    local d
+    d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+    [ -n "$d" ] && [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+    command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ] && { pg_config --bindir; return 0; }
+    return 1
+}
+
+# Installs PostgreSQL's server binaries from Debian's packages when they are missing.
+ensure_postgres_installed() {
+    if pg_bindir >/dev/null; then return 0; fi
+    log "PostgreSQL not found; installing it with apt-get"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    pg_bindir >/dev/null || { log "PostgreSQL installation failed"; return 1; }
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# Prints a URL of a reachable PostgreSQL server for the tests: $DATABASE_URL when set, else
+# the server on 127.0.0.1:5432 (started, and installed, when it is not running).
+ensure_test_database_url() {
+    if [ -n "${TEST_DATABASE_URL:-}" ]; then echo "$TEST_DATABASE_URL"; return 0; fi
+    if [ -n "${DATABASE_URL:-}" ]; then echo "$DATABASE_URL"; return 0; fi
+    if ! tcp_open 127.0.0.1 5432; then
+        ensure_postgres_installed
+        if command -v pg_lsclusters >/dev/null && [ -n "$(pg_lsclusters -h 2>/dev/null)" ]; then
+            local ver name
+            read -r ver name _ < <(pg_lsclusters -h | head -n1)
+            log "starting PostgreSQL cluster $ver/$name"
+            as_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start || as_root pg_ctlcluster "$ver" "$name" start
+        elif command -v pg_createcluster >/dev/null; then
+            local ver
+            ver=$(basename "$(dirname "$(pg_bindir)")")
+            log "creating PostgreSQL cluster $ver/main"
+            as_root pg_createcluster "$ver" main --start
+        else
+            log "no PostgreSQL cluster tooling found; set DATABASE_URL to a reachable server"
+            return 1
+        fi
+        for _ in $(seq 1 30); do tcp_open 127.0.0.1 5432 && break; sleep 1; done
+    fi
+    # Trust auth (as on CI machines) needs no password; a stock Debian install asks for one
+    # over TCP, so give the postgres role a local-only password in that case.
+    local url="postgres://postgres@127.0.0.1:5432/postgres"
+    if command -v psql >/dev/null && ! PGCONNECT_TIMEOUT=3 psql "$url" -Atqc 'select 1' >/dev/null 2>&1; then
+        if ! PGCONNECT_TIMEOUT=3 psql "postgres://postgres:postgres@127.0.0.1:5432/postgres" -Atqc 'select 1' >/dev/null 2>&1; then
+            log "setting a password for the local postgres role (tests connect over TCP)"
+            as_root runuser -u postgres -- psql -qc "ALTER ROLE postgres PASSWORD 'postgres'" >/dev/null
+        fi
+        url="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+    fi
+    echo "$url"
+}

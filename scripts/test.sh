@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests and integration tests against a real PostgreSQL.
+# Uses $TEST_DATABASE_URL or $DATABASE_URL when set, else the server on 127.0.0.1:5432,
+# installing and starting PostgreSQL when it is missing. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+TEST_DATABASE_URL=$(ensure_test_database_url)
+export TEST_DATABASE_URL
+log "tests use PostgreSQL at ${TEST_DATABASE_URL//:*@/:***@}"
+exec cargo test --locked "$@"

@@ -1,0 +1,8 @@
+//! Integration tests: the real application on a random port, a fresh PostgreSQL database per
+//! test, real HTTP over loopback. One test binary, so it links once.
+
+#[allow(dead_code)]
+mod helpers;
+
+mod foundation;
+mod process;
