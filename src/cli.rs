@@ -1,13 +1,76 @@
 //! What each subcommand does. `main.rs` only parses arguments and maps results to exit codes.
 
 use clap::Subcommand;
+use deadpool_postgres::Pool;
+use serde_json::json;
+use uuid::Uuid;
 
+use crate::admin as ops;
+use crate::auth::keys::KeySpec;
 use crate::config::Config;
 use crate::db;
+use crate::error::ApiError;
+use crate::ratelimit::tiers::Tiers;
 use crate::startup::Application;
 
 #[derive(Subcommand, Debug)]
-pub enum AdminCommand {}
+pub enum AdminCommand {
+    /// Create an account and its first API key (all scopes).
+    CreateAccount {
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        tier: Option<String>,
+        /// Starting credits (a `grant` in the ledger).
+        #[arg(long, default_value_t = 0)]
+        credits: i64,
+        /// Print only `{"account_id": …, "api_key": …}` on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue another key for an account.
+    CreateKey {
+        #[arg(long)]
+        account: Uuid,
+        /// Comma-separated: scrape, read, keys:manage, billing (default scrape,read).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Option<Vec<String>>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move an account to another tier (effective on its next request, on every instance).
+    SetTier {
+        #[arg(long)]
+        account: Uuid,
+        #[arg(long)]
+        tier: String,
+    },
+    /// Suspend an account: all its keys are refused until it is unsuspended.
+    Suspend {
+        #[arg(long)]
+        account: Uuid,
+    },
+    Unsuspend {
+        #[arg(long)]
+        account: Uuid,
+    },
+    /// Revoke one key.
+    RevokeKey {
+        #[arg(long)]
+        key: String,
+    },
+    /// Grant credits (positive) or adjust them down (negative; never below zero).
+    GrantCredits {
+        #[arg(long)]
+        account: Uuid,
+        #[arg(long, allow_hyphen_values = true)]
+        amount: i64,
+        #[arg(long)]
+        reason: String,
+    },
+}
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
@@ -69,7 +132,11 @@ pub async fn dev(mut config: Config) -> anyhow::Result<()> {
     }
     let result = async {
         let app = Application::build(config).await?;
-        eprintln!("keymeter dev: serving on http://127.0.0.1:{}", app.port());
+        let demo_key = demo_account(app.state()).await?;
+        let base = format!("http://127.0.0.1:{}", app.port());
+        eprintln!("keymeter dev: serving on {base}");
+        eprintln!("keymeter dev: demo account demo@keymeter.dev, API key:\n\n    {demo_key}\n");
+        eprintln!("try:  curl -H 'Authorization: Bearer {demo_key}' {base}/v1/account\n");
         app.run_until(shutdown_signal()).await
     }
     .await;
@@ -79,6 +146,153 @@ pub async fn dev(mut config: Config) -> anyhow::Result<()> {
     result
 }
 
-pub async fn admin(_config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
-    match cmd {}
+async fn admin_pool(config: &Config) -> anyhow::Result<Pool> {
+    let url = config.database_url()?.clone();
+    let pg = db::pg_config(&url, &config.database)?;
+    let pool = db::build_pool(pg.clone(), &config.database)?;
+    db::wait_until_reachable(&pool, &db::describe(&pg), config.database.startup_retry).await?;
+    db::migrations::check(&pg).await?;
+    Ok(pool)
+}
+
+/// Turns an API error into a one-line message for the terminal.
+fn cli_error(e: ApiError) -> anyhow::Error {
+    match e {
+        ApiError::Internal(inner) => inner,
+        ApiError::Validation { detail, .. } => anyhow::anyhow!("{detail}"),
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
+pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
+    let tiers = Tiers::load(config.tiers_path.as_deref())?;
+    let pool = admin_pool(&config).await?;
+    match cmd {
+        AdminCommand::CreateAccount {
+            email,
+            tier,
+            credits,
+            json,
+        } => {
+            let (account, key) =
+                ops::create_account(&pool, &tiers, &email, tier.as_deref(), credits)
+                    .await
+                    .map_err(cli_error)?;
+            if json {
+                println!("{}", json!({"account_id": account.id, "api_key": key.key}));
+            } else {
+                println!("account  {}", account.id);
+                println!("tier     {}", account.tier);
+                println!("credits  {}", account.credit_balance);
+                println!("api key  {}", key.key);
+                println!("(the key is shown once; store it now)");
+            }
+        }
+        AdminCommand::CreateKey {
+            account,
+            scopes,
+            name,
+            json,
+        } => {
+            let spec = KeySpec::parse(name, scopes, None).map_err(cli_error)?;
+            let key = ops::create_key(&pool, account, &spec)
+                .await
+                .map_err(cli_error)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"key_id": key.view.id, "api_key": key.key, "scopes": key.view.scopes})
+                );
+            } else {
+                println!("key id   {}", key.view.id);
+                println!("scopes   {}", key.view.scopes.join(","));
+                println!("api key  {}", key.key);
+            }
+        }
+        AdminCommand::SetTier { account, tier } => {
+            let a = ops::set_tier(&pool, &tiers, account, &tier)
+                .await
+                .map_err(cli_error)?;
+            println!("account {} is now on tier {}", a.id, a.tier);
+        }
+        AdminCommand::Suspend { account } => {
+            let a = ops::set_active(&pool, account, false)
+                .await
+                .map_err(cli_error)?;
+            println!("account {} is {}", a.id, a.status);
+        }
+        AdminCommand::Unsuspend { account } => {
+            let a = ops::set_active(&pool, account, true)
+                .await
+                .map_err(cli_error)?;
+            println!("account {} is {}", a.id, a.status);
+        }
+        AdminCommand::RevokeKey { key } => {
+            let k = ops::revoke_key(&pool, &key).await.map_err(cli_error)?;
+            println!("key {} revoked", k.id);
+        }
+        AdminCommand::GrantCredits {
+            account,
+            amount,
+            reason,
+        } => {
+            let m = ops::grant_credits(&pool, account, amount, &reason)
+                .await
+                .map_err(cli_error)?;
+            println!(
+                "{} {:+} credits; balance now {}",
+                m.kind, m.delta, m.balance_after
+            );
+        }
+    }
+    pool.close();
+    Ok(())
+}
+
+const DEMO_EMAIL: &str = "demo@keymeter.dev";
+const DEMO_KEY_FILE: &str = ".keymeter/demo-key";
+
+/// The demo account `keymeter dev` prints a key for: created with 1,000 credits on the `pro`
+/// tier on first start. Its key is kept in `.keymeter/demo-key` (mode 0600, development only)
+/// so later starts print the same key; if that file is gone, a fresh key is issued.
+async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String> {
+    if let Ok(saved) = std::fs::read_to_string(DEMO_KEY_FILE) {
+        let saved = saved.trim().to_owned();
+        if state.auth.authenticate(Some(&saved)).await.is_ok() {
+            return Ok(saved);
+        }
+    }
+    let client = state.db.get().await?;
+    let existing: Option<Uuid> = client
+        .query_opt(
+            "SELECT id FROM accounts WHERE lower(email) = $1",
+            &[&DEMO_EMAIL],
+        )
+        .await?
+        .map(|r| r.get(0));
+    drop(client);
+    let key = match existing {
+        Some(id) => {
+            ops::create_key(&state.db, id, &KeySpec::full_access("dev demo"))
+                .await
+                .map_err(cli_error)?
+                .key
+        }
+        None => {
+            ops::create_account(&state.db, &state.tiers, DEMO_EMAIL, Some("pro"), 1000)
+                .await
+                .map_err(cli_error)?
+                .1
+                .key
+        }
+    };
+    let _ = std::fs::create_dir_all(".keymeter");
+    if std::fs::write(DEMO_KEY_FILE, &key).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(DEMO_KEY_FILE, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+    Ok(key)
 }

@@ -94,6 +94,16 @@ pub struct Config {
     pub signup_credits: i64,
     /// Path of the tiers TOML file (`KEYMETER_TIERS`); `None` uses the built-in tiers.
     pub tiers_path: Option<String>,
+    /// Use `Forwarded`/`X-Forwarded-For` for the client IP (only behind a trusted proxy).
+    pub trust_forwarded: bool,
+    /// Per-IP limit for routes without a key (signup, login).
+    pub ip_rate_per_minute: u32,
+    pub ip_burst: u32,
+    /// Failed authentications an IP may make per minute before it is throttled.
+    pub auth_failures_per_minute: u32,
+    /// Key cache: entry lifetime (the backstop for a lost invalidation) and size.
+    pub key_cache_ttl: Duration,
+    pub key_cache_capacity: u64,
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -296,6 +306,33 @@ impl Config {
             ));
         }
         let tiers_path = src.get("KEYMETER_TIERS");
+        let trust_forwarded = boolean(src, "KEYMETER_TRUST_FORWARDED", false)?;
+        let ip_rate_per_minute = positive(
+            src,
+            "KEYMETER_IP_RATE_PER_MINUTE",
+            60u32,
+            "requests per minute",
+        )?;
+        let ip_burst = positive(src, "KEYMETER_IP_BURST", 20u32, "a request count")?;
+        let auth_failures_per_minute = positive(
+            src,
+            "KEYMETER_AUTH_FAILURES_PER_MINUTE",
+            20u32,
+            "failures per minute",
+        )?;
+        let key_cache_ttl = secs(src, "KEYMETER_KEY_CACHE_TTL_SECS", 30)?;
+        if key_cache_ttl > Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "KEYMETER_KEY_CACHE_TTL_SECS",
+                "must be at most 60 (it bounds how long a missed revocation could go unnoticed)",
+            ));
+        }
+        let key_cache_capacity = positive(
+            src,
+            "KEYMETER_KEY_CACHE_CAPACITY",
+            100_000u64,
+            "an entry count",
+        )?;
 
         Ok(Config {
             env,
@@ -312,6 +349,12 @@ impl Config {
             signup_enabled,
             signup_credits,
             tiers_path,
+            trust_forwarded,
+            ip_rate_per_minute,
+            ip_burst,
+            auth_failures_per_minute,
+            key_cache_ttl,
+            key_cache_capacity,
         })
     }
 

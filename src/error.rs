@@ -41,6 +41,8 @@ pub enum ApiError {
     InsufficientScope { required: &'static str },
     #[error("admin token required")]
     AdminUnauthorized,
+    #[error("invalid credentials")]
+    InvalidCredentials,
     #[error("rate limited")]
     RateLimited {
         retry_after_secs: u64,
@@ -83,6 +85,7 @@ impl ApiError {
             ApiError::InvalidApiKey => ("invalid_api_key", "Invalid API key"),
             ApiError::InsufficientScope { .. } => ("insufficient_scope", "Insufficient scope"),
             ApiError::AdminUnauthorized => ("invalid_admin_token", "Invalid admin token"),
+            ApiError::InvalidCredentials => ("invalid_credentials", "Invalid credentials"),
             ApiError::RateLimited { .. } => ("rate_limited", "Too many requests"),
             ApiError::Conflict { kind, .. } => (kind, "Conflict"),
             ApiError::Timeout => ("request_timeout", "Request timed out"),
@@ -111,6 +114,7 @@ impl ApiError {
                 format!("This API key lacks the `{required}` scope this route needs.")
             }
             ApiError::AdminUnauthorized => "A valid admin token is required.".into(),
+            ApiError::InvalidCredentials => "The email or password is wrong.".into(),
             ApiError::RateLimited { detail, .. } => detail.clone(),
             ApiError::Conflict { detail, .. } => detail.clone(),
             ApiError::Timeout => "The request took longer than the server allows.".into(),
@@ -240,7 +244,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::InvalidApiKey | ApiError::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidApiKey
+            | ApiError::AdminUnauthorized
+            | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
             ApiError::InsufficientScope { .. } => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,

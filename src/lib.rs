@@ -5,12 +5,18 @@
 //! folder and the README for the shape; each module's doc comment says why it is the way
 //! it is.
 
+pub mod accounts;
+pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod credits;
 pub mod db;
 pub mod dev;
 pub mod error;
 pub mod http;
+pub mod pagination;
+pub mod ratelimit;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;

@@ -19,10 +19,14 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::cache::KeyCache;
+use crate::auth::{self, AuthService};
 use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
 use crate::http::{edge, extractors};
+use crate::ratelimit::tiers::Tiers;
+use crate::ratelimit::{self, IpPolicy, Limits};
 use crate::routes;
 
 /// What every handler can reach.
@@ -30,6 +34,9 @@ use crate::routes;
 pub struct AppState {
     pub config: Arc<Config>,
     pub db: Pool,
+    pub tiers: Tiers,
+    pub auth: Arc<AuthService>,
+    pub limits: Arc<Limits>,
 }
 
 pub struct Application {
@@ -42,6 +49,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Application> {
+        let tiers = Tiers::load(config.tiers_path.as_deref())?;
         let url = config.database_url()?.clone();
         let pg = db::pg_config(&url, &config.database)?;
         let where_ = db::describe(&pg);
@@ -60,13 +68,47 @@ impl Application {
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
 
+        let cache = KeyCache::new(
+            config.key_cache_capacity,
+            config.key_cache_ttl,
+            std::time::Duration::from_secs(5),
+        );
+        let auth = AuthService::new(pool.clone(), cache.clone());
+        let limits = Arc::new(Limits::new(
+            tiers.clone(),
+            IpPolicy {
+                per_minute: config.ip_rate_per_minute,
+                burst: config.ip_burst,
+            },
+            IpPolicy {
+                per_minute: config.auth_failures_per_minute,
+                burst: config.auth_failures_per_minute,
+            },
+            config.trust_forwarded,
+        ));
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
-            db: pool,
+            db: pool.clone(),
+            tiers,
+            auth: auth.clone(),
+            limits: limits.clone(),
         };
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
+        tasks.spawn(auth::listener::run(pg.clone(), cache, shutdown.clone()));
+        {
+            let (auth, pool, stop) = (auth.clone(), pool.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                auth.last_used
+                    .run(pool, std::time::Duration::from_secs(5), stop)
+                    .await
+            });
+        }
+        {
+            let (limits, stop) = (limits.clone(), shutdown.clone());
+            tasks.spawn(async move { limits.run_housekeeping(stop).await });
+        }
 
         let server = build_server(listener, state.clone())?;
         Ok(Application {
@@ -160,10 +202,66 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     Ok(server.run())
 }
 
-/// Every route, registered explicitly in one place.
+/// Every route, registered explicitly in one place. Routes without a key sit behind the
+/// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
+/// tier's limit).
 fn routes_config(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource("/health/live").route(web::get().to(routes::health::live)))
-        .service(web::resource("/health/ready").route(web::get().to(routes::health::ready)));
+    use routes::{accounts, admin, health, keys};
+    cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
+        .service(web::resource("/health/ready").route(web::get().to(health::ready)))
+        .service(
+            web::resource("/v1/signup")
+                .wrap(from_fn(ratelimit::gate::public))
+                .route(web::post().to(accounts::signup)),
+        )
+        .service(
+            web::resource("/v1/login")
+                .wrap(from_fn(ratelimit::gate::public))
+                .route(web::post().to(accounts::login)),
+        )
+        .service(
+            web::scope("/v1")
+                .wrap(from_fn(ratelimit::gate::keyed))
+                .service(web::resource("/account").route(web::get().to(accounts::get_account)))
+                .service(
+                    web::resource("/keys")
+                        .route(web::get().to(keys::list))
+                        .route(web::post().to(keys::create)),
+                )
+                .service(
+                    web::resource("/keys/{id}")
+                        .route(web::get().to(keys::get))
+                        .route(web::delete().to(keys::revoke)),
+                )
+                .service(web::resource("/keys/{id}/rotate").route(web::post().to(keys::rotate))),
+        )
+        .service(
+            web::scope("/admin")
+                .service(web::resource("/accounts").route(web::post().to(admin::create_account)))
+                .service(web::resource("/accounts/{id}").route(web::get().to(admin::get_account)))
+                .service(
+                    web::resource("/accounts/{id}/keys").route(web::post().to(admin::create_key)),
+                )
+                .service(
+                    web::resource("/accounts/{id}/tier")
+                        .route(web::put().to(admin::set_tier))
+                        .route(web::post().to(admin::set_tier)),
+                )
+                .service(
+                    web::resource("/accounts/{id}/suspend").route(web::post().to(admin::suspend)),
+                )
+                .service(
+                    web::resource("/accounts/{id}/unsuspend")
+                        .route(web::post().to(admin::unsuspend)),
+                )
+                .service(
+                    web::resource("/accounts/{id}/credits")
+                        .route(web::post().to(admin::grant_credits)),
+                )
+                .service(
+                    web::resource("/keys/{id}/revoke").route(web::post().to(admin::revoke_key)),
+                ),
+        );
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {

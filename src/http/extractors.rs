@@ -44,3 +44,23 @@ pub fn query_config() -> web::QueryConfig {
         ApiError::InvalidRequest(format!("Invalid query string: {err}")).into()
     })
 }
+
+/// For routes whose JSON body is optional: an empty body is `T::default()`, anything else
+/// must parse — a malformed body is an error, never silently ignored.
+pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_data() {
+            ApiError::Validation {
+                detail: e.to_string(),
+                field: None,
+            }
+        } else {
+            ApiError::InvalidJson(e.to_string())
+        }
+    })
+}

@@ -83,7 +83,7 @@ async fn a_sane_incoming_request_id_is_kept_and_an_unsafe_one_replaced() {
 #[tokio::test]
 async fn an_unknown_route_is_a_404_problem() {
     let app = spawn_app().await;
-    let res = app.get("/v1/does-not-exist").await;
+    let res = app.get("/does-not-exist").await;
     assert_eq!(res.headers()["x-content-type-options"], "nosniff");
     assert_problem(res, 404, "not_found").await;
 }

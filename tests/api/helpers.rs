@@ -85,8 +85,11 @@ pub fn base_env(db_name: &str) -> HashMap<String, String> {
     env.insert("KEYMETER_BIND".into(), "127.0.0.1:0".into());
     env.insert("KEYMETER_HTTP_WORKERS".into(), "2".into());
     env.insert("KEYMETER_DB_POOL_SIZE".into(), "8".into());
+    env.insert("KEYMETER_ADMIN_TOKEN".into(), ADMIN_TOKEN.into());
     env
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef0123";
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
@@ -144,6 +147,102 @@ impl TestApp {
             .send()
             .await
             .expect("request sent")
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        key: &str,
+        body: serde_json::Value,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get_with_key(&self, path: &str, key: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Creates an account through the admin API; returns (account id, its first key).
+    pub async fn create_account(&self, tier: &str, credits: i64) -> (uuid::Uuid, String) {
+        let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
+        let res = self
+            .admin_post(
+                "/admin/accounts",
+                serde_json::json!({"email": email, "tier": tier, "credits": credits}),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "create account");
+        let body: serde_json::Value = res.json().await.expect("json");
+        (
+            body["account_id"].as_str().unwrap().parse().unwrap(),
+            body["api_key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// A new key with `scopes` for an account, through the admin API.
+    pub async fn create_key(&self, account: uuid::Uuid, scopes: &[&str]) -> (String, String) {
+        let res = self
+            .admin_post(
+                &format!("/admin/accounts/{account}/keys"),
+                serde_json::json!({"scopes": scopes}),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "create key");
+        let body: serde_json::Value = res.json().await.expect("json");
+        (
+            body["id"].as_str().unwrap().to_owned(),
+            body["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Every row of every table of the app's database, as text: what a dump would hold.
+    pub async fn dump_all_rows(&self) -> String {
+        let tables: Vec<String> = self
+            .db
+            .query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = String::new();
+        for t in tables {
+            for row in self
+                .db
+                .query(&format!("SELECT t::text FROM \"{t}\" t"), &[])
+                .await
+                .unwrap()
+            {
+                let line: String = row.get(0);
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Stops the server gracefully and waits for it.

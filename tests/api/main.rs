@@ -4,5 +4,7 @@
 #[allow(dead_code)]
 mod helpers;
 
+mod accounts;
 mod foundation;
+mod keys;
 mod process;

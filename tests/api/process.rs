@@ -229,3 +229,230 @@ async fn serve_refuses_a_database_with_an_unknown_migration() {
     drop(client);
     drop_database_blocking(&db);
 }
+
+#[tokio::test]
+async fn admin_create_account_json_prints_only_the_account_and_key() {
+    let db = create_database().await;
+    let mut c = keymeter();
+    c.arg("migrate").env("DATABASE_URL", database_url(&db));
+    assert_eq!(run_to_end(c, Duration::from_secs(30)).0, 0);
+    let mut c = keymeter();
+    c.args([
+        "admin",
+        "create-account",
+        "--email",
+        "ops@example.com",
+        "--tier",
+        "pro",
+        "--credits",
+        "42",
+        "--json",
+    ])
+    .env("DATABASE_URL", database_url(&db));
+    let (code, out, err) = run_to_end(c, Duration::from_secs(30));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim()).expect("stdout is one JSON document");
+    let obj = v.as_object().unwrap();
+    assert_eq!(obj.len(), 2, "{out}");
+    let account = obj["account_id"].as_str().unwrap().to_owned();
+    assert!(obj["api_key"].as_str().unwrap().starts_with("km_live_"));
+
+    // The other admin commands against the same account.
+    for args in [
+        vec![
+            "admin",
+            "set-tier",
+            "--account",
+            &account,
+            "--tier",
+            "business",
+        ],
+        vec!["admin", "suspend", "--account", &account],
+        vec!["admin", "unsuspend", "--account", &account],
+        vec![
+            "admin",
+            "grant-credits",
+            "--account",
+            &account,
+            "--amount",
+            "8",
+            "--reason",
+            "goodwill",
+        ],
+        vec![
+            "admin",
+            "grant-credits",
+            "--account",
+            &account,
+            "--amount",
+            "-50",
+            "--reason",
+            "correction",
+        ],
+    ] {
+        let mut c = keymeter();
+        c.args(&args).env("DATABASE_URL", database_url(&db));
+        let (code, out, err) = run_to_end(c, Duration::from_secs(30));
+        assert_eq!(code, 0, "{args:?}: {out} {err}");
+    }
+    let mut c = keymeter();
+    c.args([
+        "admin",
+        "create-key",
+        "--account",
+        &account,
+        "--scopes",
+        "scrape",
+        "--json",
+    ])
+    .env("DATABASE_URL", database_url(&db));
+    let (code, out, err) = run_to_end(c, Duration::from_secs(30));
+    assert_eq!(code, 0, "{err}");
+    let k: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let key_id = k["key_id"].as_str().unwrap().to_owned();
+    let mut c = keymeter();
+    c.args(["admin", "revoke-key", "--key", &key_id])
+        .env("DATABASE_URL", database_url(&db));
+    assert_eq!(run_to_end(c, Duration::from_secs(30)).0, 0);
+
+    // An adjustment below zero is refused and changes nothing.
+    let mut c = keymeter();
+    c.args([
+        "admin",
+        "grant-credits",
+        "--account",
+        &account,
+        "--amount",
+        "-1000",
+        "--reason",
+        "x",
+    ])
+    .env("DATABASE_URL", database_url(&db));
+    let (code, _out, err) = run_to_end(c, Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(err.contains("below zero"), "{err}");
+
+    let (client, conn) = tokio_postgres::connect(&database_url(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "SELECT a.tier, a.status, a.credit_balance, (SELECT sum(delta) FROM credit_ledger l WHERE l.account_id = a.id)::bigint
+               FROM accounts a WHERE a.id = $1::text::uuid",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "business");
+    assert_eq!(row.get::<_, String>(1), "active");
+    assert_eq!(row.get::<_, i64>(2), 0);
+    assert_eq!(row.get::<_, i64>(3), 0);
+    let revoked: bool = client
+        .query_one(
+            "SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = $1",
+            &[&key_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(revoked);
+    drop(client);
+    drop_database_blocking(&db);
+}
+
+#[tokio::test]
+async fn keys_and_passwords_never_reach_the_logs() {
+    let db = create_database().await;
+    let (mut child, port, logs) = start_server(&db, &[("KEYMETER_LOG", "debug")]);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let res = http
+        .post(format!("{base}/v1/signup"))
+        .json(&serde_json::json!({"email": "log@example.com", "password": "sup3r-secret-pw"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let body: serde_json::Value = res.json().await.unwrap();
+    let key = body["api_key"]["key"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        http.get(format!("{base}/v1/account"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+    }
+    let _ = http
+        .post(format!("{base}/v1/login"))
+        .json(&serde_json::json!({"email": "log@example.com", "password": "wrong-secret-pw"}))
+        .send()
+        .await
+        .unwrap();
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+    std::thread::sleep(Duration::from_millis(200));
+    let all: String = logs.try_iter().collect::<Vec<_>>().join("\n");
+    assert!(
+        all.contains(&key[8..20]),
+        "the key id is logged (it is public)"
+    );
+    assert!(!all.contains(&key[21..64]), "no key secret in logs");
+    assert!(
+        !all.contains("sup3r-secret-pw") && !all.contains("wrong-secret-pw"),
+        "no password in logs"
+    );
+    drop_database_blocking(&db);
+}
+
+#[tokio::test]
+async fn dev_starts_its_own_postgres_and_prints_a_working_demo_key() {
+    let dir = std::env::temp_dir().join(format!("keymeter-dev-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut c = keymeter();
+    c.arg("dev")
+        .current_dir(&dir)
+        .env("KEYMETER_BIND", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn keymeter dev");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut base, mut key) = (None, None);
+    while base.is_none() || key.is_none() {
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keymeter dev did not print its address and key");
+        };
+        if let Some(b) = line.split("serving on ").nth(1) {
+            base = Some(b.trim().to_owned());
+        }
+        if line.trim().starts_with("km_live_") {
+            key = Some(line.trim().to_owned());
+        }
+    }
+    let (base, key) = (base.unwrap(), key.unwrap());
+    let res = reqwest::Client::new()
+        .get(format!("{base}/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let acct: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(acct["email"], "demo@keymeter.dev");
+    assert_eq!(acct["credit_balance"], 1000);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), 0);
+    // Its PostgreSQL was stopped with it.
+    assert!(!dir.join(".keymeter/pgdata/postmaster.pid").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

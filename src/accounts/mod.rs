@@ -1,0 +1,234 @@
+//! Accounts: who pays, on which tier, in which state. This module owns the `accounts` table
+//! (except `credit_balance`, which only `credits` writes) and `login_failures`.
+
+pub mod login;
+pub mod password;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{GenericClient, Transaction};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::keys::{self, CreatedKey, KeySpec};
+use crate::auth::notify_account_changed;
+use crate::credits::{self, Kind};
+use crate::error::ApiError;
+use crate::ratelimit::tiers::Tiers;
+
+/// An email address that passed a deliberately simple check (one `@`, a dotted domain, no
+/// spaces, ≤ 254 characters). Deliverability is the mail server's business, not a regex's.
+#[derive(Debug, Clone)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Email, ApiError> {
+        let s = raw.trim();
+        let bad =
+            || ApiError::validation("email", "email must be an address like name@example.com.");
+        if s.is_empty() || s.len() > 254 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad());
+        }
+        let (local, domain) = s.rsplit_once('@').ok_or_else(bad)?;
+        if local.is_empty()
+            || local.contains('@')
+            || domain.len() < 3
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+        {
+            return Err(bad());
+        }
+        Ok(Email(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The case-insensitive identity of the address (what uniqueness and lockout key on).
+    pub fn key(&self) -> String {
+        self.0.to_lowercase()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Account {
+    pub id: Uuid,
+    pub object: &'static str,
+    pub email: String,
+    pub tier: String,
+    pub credit_balance: i64,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, email, tier, credit_balance, status, created_at";
+
+fn account(row: &tokio_postgres::Row) -> Account {
+    Account {
+        id: row.get(0),
+        object: "account",
+        email: row.get(1),
+        tier: row.get(2),
+        credit_balance: row.get(3),
+        status: row.get(4),
+        created_at: row.get(5),
+    }
+}
+
+pub async fn get(db: &impl GenericClient, id: Uuid) -> Result<Option<Account>, ApiError> {
+    let row = db
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(row.as_ref().map(account))
+}
+
+pub fn not_found() -> ApiError {
+    ApiError::NotFound("No account with that id.".into())
+}
+
+pub struct NewAccount {
+    pub email: Email,
+    pub password_hash: Option<String>,
+    pub tier: String,
+    pub credits: i64,
+}
+
+/// Creates an account, its starting credits (a `grant` ledger row) and its first key, all in
+/// the caller's transaction: either everything exists afterwards or nothing does.
+pub async fn create(
+    tx: &Transaction<'_>,
+    tiers: &Tiers,
+    new: NewAccount,
+    first_key: &KeySpec,
+) -> Result<(Account, CreatedKey), ApiError> {
+    if tiers.get(&new.tier).is_none() {
+        return Err(ApiError::validation(
+            "tier",
+            format!(
+                "unknown tier {:?}; known: {}.",
+                new.tier,
+                tiers.names().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    if new.credits < 0 {
+        return Err(ApiError::validation(
+            "credits",
+            "credits must not be negative.",
+        ));
+    }
+    let id = Uuid::now_v7();
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO accounts (id, email, password_hash, tier)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT ((lower(email))) DO NOTHING
+             RETURNING id",
+            &[&id, &new.email.as_str(), &new.password_hash, &new.tier],
+        )
+        .await?;
+    if inserted.is_none() {
+        return Err(ApiError::Conflict {
+            kind: "email_taken",
+            detail: "An account with this email already exists.".into(),
+        });
+    }
+    if new.credits > 0 {
+        credits::ledger::credit(
+            tx,
+            id,
+            new.credits,
+            Kind::Grant,
+            Some("starting credits"),
+            None,
+        )
+        .await?;
+    }
+    let key = keys::insert(tx, id, first_key).await?;
+    let acct = get(tx, id).await?.ok_or_else(not_found)?;
+    Ok((acct, key))
+}
+
+pub async fn set_tier(
+    tx: &Transaction<'_>,
+    tiers: &Tiers,
+    id: Uuid,
+    tier: &str,
+) -> Result<Account, ApiError> {
+    if tiers.get(tier).is_none() {
+        return Err(ApiError::validation(
+            "tier",
+            format!(
+                "unknown tier {tier:?}; known: {}.",
+                tiers.names().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let row = tx
+        .query_opt(
+            &format!("UPDATE accounts SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"),
+            &[&id, &tier],
+        )
+        .await?
+        .ok_or_else(not_found)?;
+    notify_account_changed(tx, id).await?;
+    Ok(account(&row))
+}
+
+pub async fn set_status(tx: &Transaction<'_>, id: Uuid, active: bool) -> Result<Account, ApiError> {
+    let status = if active { "active" } else { "suspended" };
+    let row = tx
+        .query_opt(
+            &format!("UPDATE accounts SET status = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"),
+            &[&id, &status],
+        )
+        .await?
+        .ok_or_else(not_found)?;
+    notify_account_changed(tx, id).await?;
+    Ok(account(&row))
+}
+
+/// Looks up the password hash for a login attempt.
+pub async fn password_hash_for(
+    db: &impl GenericClient,
+    email: &Email,
+) -> Result<Option<(Uuid, Option<String>, String)>, ApiError> {
+    let row = db
+        .query_opt(
+            "SELECT id, password_hash, status FROM accounts WHERE lower(email) = lower($1)",
+            &[&email.as_str()],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_checked_simply() {
+        assert!(Email::parse("a@example.com").is_ok());
+        assert!(Email::parse("  A.B+c@Sub.Example.org ").is_ok());
+        for bad in [
+            "",
+            "no-at",
+            "@example.com",
+            "a@",
+            "a@b",
+            "a b@example.com",
+            "a@.com",
+            "a@example.",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            Email::parse("A@Example.COM").unwrap().key(),
+            "a@example.com"
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! Authentication: API keys (format, storage, verification), their cache and its
+//! invalidation, and the admin token.
+//!
+//! The hot path, in order (see [`AuthService::authenticate`]):
+//! parse → checksum (bad keys stop here: no cache, no database) → moka cache by key id
+//! (a miss is one indexed `SELECT` by primary key; concurrent misses for one id coalesce into
+//! that one query; unknown ids are cached negatively for a few seconds) → constant-time
+//! digest comparison → expiry / revocation / rotation grace / account status.
+//! Nothing here writes to the database: `last_used_at` is batched in the background.
+
+pub mod admin;
+pub mod cache;
+pub mod extractor;
+pub mod key;
+pub mod keys;
+pub mod last_used;
+pub mod listener;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use cache::{KeyCache, KeyRecord};
+use key::KeyDigest;
+
+/// What a key may do. Stored as text in `api_keys.scopes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "scrape")]
+    Scrape,
+    #[serde(rename = "read")]
+    Read,
+    #[serde(rename = "keys:manage")]
+    KeysManage,
+    #[serde(rename = "billing")]
+    Billing,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [
+        Scope::Scrape,
+        Scope::Read,
+        Scope::KeysManage,
+        Scope::Billing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Scrape => "scrape",
+            Scope::Read => "read",
+            Scope::KeysManage => "keys:manage",
+            Scope::Billing => "billing",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|sc| sc.as_str() == s)
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A set of scopes as bits: checking one on the hot path is a mask, not a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    pub fn from_strs<S: AsRef<str>>(items: &[S]) -> Scopes {
+        Scopes(
+            items
+                .iter()
+                .filter_map(|s| Scope::parse(s.as_ref()))
+                .fold(0, |acc, s| acc | s.bit()),
+        )
+    }
+
+    pub fn of(items: &[Scope]) -> Scopes {
+        Scopes(items.iter().fold(0, |acc, s| acc | s.bit()))
+    }
+
+    pub fn contains(self, s: Scope) -> bool {
+        self.0 & s.bit() != 0
+    }
+
+    pub fn to_vec(self) -> Vec<&'static str> {
+        Scope::ALL
+            .into_iter()
+            .filter(|s| self.contains(*s))
+            .map(Scope::as_str)
+            .collect()
+    }
+}
+
+/// The caller, once its key has been verified.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub key_id: String,
+    pub account_id: Uuid,
+    pub tier: String,
+    pub scopes: Scopes,
+}
+
+impl Authenticated {
+    /// 403 `insufficient_scope` unless the key carries `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+        if self.scopes.contains(scope) {
+            Ok(())
+        } else {
+            Err(ApiError::InsufficientScope {
+                required: scope.as_str(),
+            })
+        }
+    }
+}
+
+pub struct AuthService {
+    pub cache: KeyCache,
+    pub last_used: last_used::LastUsed,
+    db: Pool,
+}
+
+/// Compared against when the key id is unknown, so that path does the same work as a
+/// wrong secret.
+const NO_SUCH_DIGEST: KeyDigest = KeyDigest([0u8; 32]);
+
+impl AuthService {
+    pub fn new(db: Pool, cache: KeyCache) -> Arc<AuthService> {
+        Arc::new(AuthService {
+            cache,
+            last_used: last_used::LastUsed::default(),
+            db,
+        })
+    }
+
+    /// Verifies a presented key. Every refusal is the same 401 `invalid_api_key`, whether
+    /// the key was malformed, unknown, wrong, expired, revoked, past its rotation grace, or
+    /// belongs to a suspended account: a caller learns nothing about which.
+    pub async fn authenticate(&self, presented: Option<&str>) -> Result<Authenticated, ApiError> {
+        let raw = presented.ok_or(ApiError::InvalidApiKey)?;
+        let parsed = key::parse(raw).map_err(|_| ApiError::InvalidApiKey)?;
+        let record: Option<Arc<KeyRecord>> = self.cache.get(&parsed.id, &self.db).await?;
+        let (matches, record) = match record {
+            Some(r) => (r.digest.matches(&parsed.digest), Some(r)),
+            None => (NO_SUCH_DIGEST.matches(&parsed.digest), None),
+        };
+        let record = match (matches, record) {
+            (true, Some(r)) => r,
+            _ => return Err(ApiError::InvalidApiKey),
+        };
+        let now = Utc::now();
+        if !record.usable_at(now) {
+            return Err(ApiError::InvalidApiKey);
+        }
+        self.last_used.touch(&parsed.id, &record, now);
+        Ok(Authenticated {
+            key_id: parsed.id,
+            account_id: record.account_id,
+            tier: record.tier.clone(),
+            scopes: record.scopes,
+        })
+    }
+}
+
+/// Tells every instance's cache (this one included) that a key or an account changed.
+/// Sent inside the caller's transaction, so it is delivered exactly when the change commits.
+pub async fn notify_key_changed(
+    tx: &deadpool_postgres::Transaction<'_>,
+    key_id: &str,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&listener::CHANNEL, &format!("key:{key_id}")],
+    )
+    .await
+    .map(|_| ())
+}
+
+pub async fn notify_account_changed(
+    tx: &deadpool_postgres::Transaction<'_>,
+    account_id: Uuid,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&listener::CHANNEL, &format!("account:{account_id}")],
+    )
+    .await
+    .map(|_| ())
+}

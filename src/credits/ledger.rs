@@ -1,0 +1,157 @@
+//! Ledger writes. Each movement is a single SQL statement — a data-modifying CTE that updates
+//! the balance under its row lock and inserts the ledger row from the updated value — so the
+//! two can never disagree, and a charge costs one round trip.
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Grant,
+    Purchase,
+    Charge,
+    Refund,
+    Adjustment,
+    Clawback,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Grant => "grant",
+            Kind::Purchase => "purchase",
+            Kind::Charge => "charge",
+            Kind::Refund => "refund",
+            Kind::Adjustment => "adjustment",
+            Kind::Clawback => "clawback",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        [
+            Kind::Grant,
+            Kind::Purchase,
+            Kind::Charge,
+            Kind::Refund,
+            Kind::Adjustment,
+            Kind::Clawback,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// One ledger row as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Movement {
+    pub id: i64,
+    pub object: &'static str,
+    pub account_id: Uuid,
+    pub delta: i64,
+    pub balance_after: i64,
+    pub kind: String,
+    pub reason: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub idempotency_key: Option<String>,
+    pub stripe_event_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub const MOVEMENT_COLUMNS: &str = "id, account_id, delta, balance_after, kind, reason, job_id, idempotency_key, stripe_event_id, created_at";
+
+pub fn movement(row: &tokio_postgres::Row) -> Movement {
+    Movement {
+        id: row.get(0),
+        object: "ledger_entry",
+        account_id: row.get(1),
+        delta: row.get(2),
+        balance_after: row.get(3),
+        kind: row.get(4),
+        reason: row.get(5),
+        job_id: row.get(6),
+        idempotency_key: row.get(7),
+        stripe_event_id: row.get(8),
+        created_at: row.get(9),
+    }
+}
+
+/// Adds `amount` (> 0) credits of `kind` (grant or purchase). Returns the new balance.
+pub async fn credit(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    amount: i64,
+    kind: Kind,
+    reason: Option<&str>,
+    stripe_event_id: Option<&str>,
+) -> Result<Movement, ApiError> {
+    if amount <= 0 {
+        return Err(ApiError::validation("amount", "amount must be positive."));
+    }
+    let row = db
+        .query_opt(
+            &format!(
+                "WITH acct AS (
+                     UPDATE accounts
+                        SET credit_balance = credit_balance + $2,
+                            clawback_debt = (credit_balance + $2) < 0
+                      WHERE id = $1
+                  RETURNING credit_balance)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, stripe_event_id)
+                 SELECT $1, $2, credit_balance, $3, $4, $5 FROM acct
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ),
+            &[&account_id, &amount, &kind.as_str(), &reason, &stripe_event_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+    Ok(movement(&row))
+}
+
+/// An operator's grant (amount > 0) or adjustment (amount < 0). An adjustment that would take
+/// the balance below zero is refused with 422 and writes nothing.
+pub async fn adjust(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    amount: i64,
+    reason: &str,
+) -> Result<Movement, ApiError> {
+    if amount > 0 {
+        return credit(db, account_id, amount, Kind::Grant, Some(reason), None).await;
+    }
+    let row = db
+        .query_opt(
+            &format!(
+                "WITH acct AS (
+                     UPDATE accounts SET credit_balance = credit_balance + $2
+                      WHERE id = $1 AND credit_balance + $2 >= 0
+                  RETURNING credit_balance)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
+                 SELECT $1, $2, credit_balance, 'adjustment', $3 FROM acct
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ),
+            &[&account_id, &amount, &reason],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(movement(&r)),
+        None => {
+            let bal = db
+                .query_opt(
+                    "SELECT credit_balance FROM accounts WHERE id = $1",
+                    &[&account_id],
+                )
+                .await?
+                .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+            let balance: i64 = bal.get(0);
+            Err(ApiError::validation(
+                "amount",
+                format!("An adjustment of {amount} would take the balance ({balance}) below zero."),
+            ))
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Credits: the only code that changes `accounts.credit_balance`, always together with one
+//! row of the append-only `credit_ledger`, in one statement. Invariant for every account, at
+//! every moment: balance = Σ ledger deltas.
+
+pub mod ledger;
+
+pub use ledger::{Kind, Movement};

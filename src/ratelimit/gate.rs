@@ -1,0 +1,110 @@
+//! The gates in front of `/v1`: the hot path after the edge, top to bottom.
+//!
+//! `keyed`: failed-auth throttle for the client IP → verify the key (see `auth`) → the
+//! per-key limit of the account's tier → the handler, with the verified caller in the
+//! request's extensions → rate-limit headers on whatever the handler answered.
+//!
+//! `public`: the per-IP limit, for routes that take no key (signup, login).
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+
+use crate::auth::extractor::presented_key;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+fn state_of(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
+    req.app_data::<web::Data<AppState>>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("application state missing")))
+}
+
+fn refuse(req: ServiceRequest, err: ApiError) -> ServiceResponse<BoxBody> {
+    req.error_response(err).map_into_boxed_body()
+}
+
+pub async fn keyed(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = match state_of(&req) {
+        Ok(s) => s,
+        Err(e) => return Ok(refuse(req, e)),
+    };
+    let ip = state.limits.client_ip(req.request());
+    if let Some(wait) = ip.and_then(|ip| state.limits.ip_blocked(ip)) {
+        return Ok(refuse(
+            req,
+            ApiError::RateLimited {
+                retry_after_secs: wait,
+                detail: "Too many failed authentication attempts from this address.".into(),
+            },
+        ));
+    }
+    let presented = presented_key(req.headers()).map(str::to_owned);
+    let caller = match state.auth.authenticate(presented.as_deref()).await {
+        Ok(a) => a,
+        Err(e) => {
+            if matches!(e, ApiError::InvalidApiKey) {
+                if let Some(ip) = ip {
+                    state.limits.note_auth_failure_from(ip);
+                }
+            }
+            return Ok(refuse(req, e));
+        }
+    };
+    tracing::Span::current().record("key_id", caller.key_id.as_str());
+    let tier = state.tiers.get_or_default(&caller.tier);
+    let decision = state.limits.check_key(&caller.key_id, tier);
+    if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
+        let detail = format!(
+            "The {} tier allows {} requests per minute (burst {}).",
+            tier.name, tier.requests_per_minute, tier.burst
+        );
+        let mut res = refuse(
+            req,
+            ApiError::RateLimited {
+                retry_after_secs: d.retry_after_secs,
+                detail,
+            },
+        );
+        d.write_headers(res.headers_mut());
+        return Ok(res);
+    }
+    req.extensions_mut().insert(caller);
+    let mut res = next.call(req).await?.map_into_boxed_body();
+    if let Some(d) = decision {
+        d.write_headers(res.headers_mut());
+    }
+    Ok(res)
+}
+
+pub async fn public(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let state = match state_of(&req) {
+        Ok(s) => s,
+        Err(e) => return Ok(refuse(req, e)),
+    };
+    let Some(ip) = state.limits.client_ip(req.request()) else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let d = state.limits.check_ip(ip);
+    if !d.allowed {
+        let mut res = refuse(
+            req,
+            ApiError::RateLimited {
+                retry_after_secs: d.retry_after_secs,
+                detail: "Too many requests from this address.".into(),
+            },
+        );
+        d.write_headers(res.headers_mut());
+        return Ok(res);
+    }
+    let mut res = next.call(req).await?.map_into_boxed_body();
+    d.write_headers(res.headers_mut());
+    Ok(res)
+}

@@ -1,0 +1,327 @@
+//! Rate limits: per API key by the account's tier (GCRA), per client IP for unauthenticated
+//! routes, and per client IP for failed authentications — so key guessing is throttled
+//! before it costs a cache lookup or a query.
+//!
+//! GCRA (governor) keeps one timestamp per key: no counters to reset, no window edges to
+//! burst through. Keyed state never expires by itself, so a background task calls
+//! `retain_recent()` and memory stays bounded by the keys seen in the last minute or so.
+
+pub mod gate;
+pub mod tiers;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::HttpRequest;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use tiers::{Tier, Tiers};
+
+type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+
+/// The outcome of one check, with what the response headers report.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allowed: bool,
+    /// The policy's name (the tier, or `ip`).
+    pub policy: String,
+    /// Requests per minute the policy allows.
+    pub limit: u32,
+    pub remaining: u32,
+    /// Seconds until the full burst is available again.
+    pub reset_secs: u64,
+    /// On refusal: seconds until one more request would be allowed.
+    pub retry_after_secs: u64,
+}
+
+impl Decision {
+    /// Writes `RateLimit-Policy` / `RateLimit` (IETF httpapi draft, structured-field form) and
+    /// the common `X-RateLimit-*` trio (`Reset` in seconds from now).
+    pub fn write_headers(&self, h: &mut HeaderMap) {
+        let mut set = |name: &'static str, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(HeaderName::from_static(name), v);
+            }
+        };
+        set(
+            "ratelimit-policy",
+            format!("\"{}\";q={};w=60", self.policy, self.limit),
+        );
+        set(
+            "ratelimit",
+            format!(
+                "\"{}\";r={};t={}",
+                self.policy, self.remaining, self.reset_secs
+            ),
+        );
+        set("x-ratelimit-limit", self.limit.to_string());
+        set("x-ratelimit-remaining", self.remaining.to_string());
+        set("x-ratelimit-reset", self.reset_secs.to_string());
+    }
+}
+
+fn quota(per_minute: u32, burst: u32) -> Quota {
+    let rpm = NonZeroU32::new(per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::per_minute(rpm).allow_burst(burst)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+fn decide<K: std::hash::Hash + Eq + Clone>(
+    limiter: &Keyed<K>,
+    key: &K,
+    policy: &str,
+    per_minute: u32,
+) -> Decision {
+    let clock = DefaultClock::default();
+    match limiter.check_key(key) {
+        Ok(snapshot) => {
+            let q = snapshot.quota();
+            let remaining = snapshot.remaining_burst_capacity();
+            let missing = q.burst_size().get().saturating_sub(remaining);
+            Decision {
+                allowed: true,
+                policy: policy.to_owned(),
+                limit: per_minute,
+                remaining,
+                reset_secs: ceil_secs(q.replenish_interval() * missing),
+                retry_after_secs: 0,
+            }
+        }
+        Err(not_until) => {
+            let wait = not_until.wait_time_from(clock.now());
+            let q = not_until.quota();
+            Decision {
+                allowed: false,
+                policy: policy.to_owned(),
+                limit: per_minute,
+                remaining: 0,
+                reset_secs: ceil_secs(q.burst_size_replenished_in()),
+                retry_after_secs: ceil_secs(wait).max(1),
+            }
+        }
+    }
+}
+
+/// Per-IP limit settings (requests per minute and burst).
+#[derive(Debug, Clone, Copy)]
+pub struct IpPolicy {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+pub struct Limits {
+    tiers: Tiers,
+    per_tier: HashMap<String, Keyed<String>>,
+    per_ip: Keyed<IpAddr>,
+    ip_policy: IpPolicy,
+    auth_failures: Keyed<IpAddr>,
+    /// IPs whose failed-authentication budget ran out, and until when.
+    blocked: moka::sync::Cache<IpAddr, Instant>,
+    trust_forwarded: bool,
+}
+
+impl Limits {
+    pub fn new(
+        tiers: Tiers,
+        ip: IpPolicy,
+        auth_failures: IpPolicy,
+        trust_forwarded: bool,
+    ) -> Limits {
+        let per_tier = tiers
+            .names()
+            .filter_map(|n| tiers.get(n))
+            .filter(|t| !t.unlimited)
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    RateLimiter::keyed(quota(t.requests_per_minute, t.burst))
+                        .with_middleware::<StateInformationMiddleware>(),
+                )
+            })
+            .collect();
+        Limits {
+            tiers,
+            per_tier,
+            per_ip: RateLimiter::keyed(quota(ip.per_minute, ip.burst))
+                .with_middleware::<StateInformationMiddleware>(),
+            ip_policy: ip,
+            auth_failures: RateLimiter::keyed(quota(auth_failures.per_minute, auth_failures.burst))
+                .with_middleware::<StateInformationMiddleware>(),
+            blocked: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(300))
+                .build(),
+            trust_forwarded,
+        }
+    }
+
+    pub fn tiers(&self) -> &Tiers {
+        &self.tiers
+    }
+
+    /// The per-key check for `tier`; `None` for an unlimited tier.
+    pub fn check_key(&self, key_id: &str, tier: &Tier) -> Option<Decision> {
+        if tier.unlimited {
+            return None;
+        }
+        let limiter = self
+            .per_tier
+            .get(&tier.name)
+            .or_else(|| self.per_tier.get(tiers::DEFAULT_TIER))?;
+        Some(decide(
+            limiter,
+            &key_id.to_owned(),
+            &tier.name,
+            tier.requests_per_minute,
+        ))
+    }
+
+    pub fn check_ip(&self, ip: IpAddr) -> Decision {
+        decide(&self.per_ip, &ip, "ip", self.ip_policy.per_minute)
+    }
+
+    /// Seconds to wait if this IP has used up its failed-authentication budget.
+    pub fn ip_blocked(&self, ip: IpAddr) -> Option<u64> {
+        let until = self.blocked.get(&ip)?;
+        let now = Instant::now();
+        (until > now).then(|| ceil_secs(until - now).max(1))
+    }
+
+    pub fn note_auth_failure_from(&self, ip: IpAddr) {
+        if let Err(not_until) = self.auth_failures.check_key(&ip) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            self.blocked.insert(ip, Instant::now() + wait);
+            tracing::warn!(client_ip = %ip, wait_s = wait.as_secs(), "too many failed authentications; throttling this address");
+        }
+    }
+
+    pub fn note_auth_failure(&self, req: &HttpRequest) {
+        if let Some(ip) = self.client_ip(req) {
+            self.note_auth_failure_from(ip);
+        }
+    }
+
+    /// The client's address: the TCP peer, or the first `Forwarded`/`X-Forwarded-For` hop
+    /// when `KEYMETER_TRUST_FORWARDED=true` (only behind a proxy that sets it).
+    pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
+        if self.trust_forwarded {
+            if let Some(ip) = req.connection_info().realip_remote_addr().and_then(|s| {
+                s.parse::<IpAddr>()
+                    .ok()
+                    .or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+            }) {
+                return Some(ip);
+            }
+        }
+        req.peer_addr().map(|a| a.ip())
+    }
+
+    /// Drops limiter state of keys and addresses not seen recently.
+    pub fn housekeeping(&self) {
+        for l in self.per_tier.values() {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        self.per_ip.retain_recent();
+        self.per_ip.shrink_to_fit();
+        self.auth_failures.retain_recent();
+        self.auth_failures.shrink_to_fit();
+        self.blocked.run_pending_tasks();
+    }
+
+    pub async fn run_housekeeping(&self, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.housekeeping(),
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::new(
+            Tiers::builtin(),
+            IpPolicy {
+                per_minute: 60,
+                burst: 3,
+            },
+            IpPolicy {
+                per_minute: 6,
+                burst: 2,
+            },
+            false,
+        )
+    }
+
+    #[test]
+    fn the_free_tier_allows_its_burst_then_refuses_with_retry_after() {
+        let l = limits();
+        let free = l.tiers().get("free").unwrap().clone();
+        for i in 0..5 {
+            let d = l.check_key("k1", &free).unwrap();
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 4 - i);
+        }
+        let d = l.check_key("k1", &free).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_secs, 6, "10/min = one every 6 s");
+        // Another key has its own budget.
+        assert!(l.check_key("k2", &free).unwrap().allowed);
+    }
+
+    #[test]
+    fn internal_is_unlimited() {
+        let l = limits();
+        let internal = l.tiers().get("internal").unwrap().clone();
+        for _ in 0..10_000 {
+            assert!(l.check_key("k", &internal).is_none());
+        }
+    }
+
+    #[test]
+    fn repeated_auth_failures_block_the_address() {
+        let l = limits();
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(l.ip_blocked(ip).is_none());
+        for _ in 0..3 {
+            l.note_auth_failure_from(ip);
+        }
+        assert!(l.ip_blocked(ip).is_some());
+        assert!(l.ip_blocked("192.0.2.2".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn headers_follow_the_draft() {
+        let d = Decision {
+            allowed: true,
+            policy: "pro".into(),
+            limit: 120,
+            remaining: 29,
+            reset_secs: 1,
+            retry_after_secs: 0,
+        };
+        let mut h = HeaderMap::new();
+        d.write_headers(&mut h);
+        assert_eq!(h.get("ratelimit-policy").unwrap(), "\"pro\";q=120;w=60");
+        assert_eq!(h.get("ratelimit").unwrap(), "\"pro\";r=29;t=1");
+        assert_eq!(h.get("x-ratelimit-limit").unwrap(), "120");
+        assert_eq!(h.get("x-ratelimit-remaining").unwrap(), "29");
+        assert_eq!(h.get("x-ratelimit-reset").unwrap(), "1");
+    }
+}
