@@ -43,6 +43,10 @@ pub enum ApiError {
     AdminUnauthorized,
     #[error("invalid credentials")]
     InvalidCredentials,
+    #[error("insufficient credits")]
+    InsufficientCredits { balance: i64, cost: i64 },
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
     #[error("rate limited")]
     RateLimited {
         retry_after_secs: u64,
@@ -86,6 +90,10 @@ impl ApiError {
             ApiError::InsufficientScope { .. } => ("insufficient_scope", "Insufficient scope"),
             ApiError::AdminUnauthorized => ("invalid_admin_token", "Invalid admin token"),
             ApiError::InvalidCredentials => ("invalid_credentials", "Invalid credentials"),
+            ApiError::InsufficientCredits { .. } => {
+                ("insufficient_credits", "Insufficient credits")
+            }
+            ApiError::IdempotencyKeyReused => ("idempotency_key_reused", "Idempotency key reused"),
             ApiError::RateLimited { .. } => ("rate_limited", "Too many requests"),
             ApiError::Conflict { kind, .. } => (kind, "Conflict"),
             ApiError::Timeout => ("request_timeout", "Request timed out"),
@@ -115,6 +123,12 @@ impl ApiError {
             }
             ApiError::AdminUnauthorized => "A valid admin token is required.".into(),
             ApiError::InvalidCredentials => "The email or password is wrong.".into(),
+            ApiError::InsufficientCredits { balance, cost } => {
+                format!("This costs {cost} credits and the balance is {balance}.")
+            }
+            ApiError::IdempotencyKeyReused => {
+                "This Idempotency-Key was used with a different request; use a new key.".into()
+            }
             ApiError::RateLimited { detail, .. } => detail.clone(),
             ApiError::Conflict { detail, .. } => detail.clone(),
             ApiError::Timeout => "The request took longer than the server allows.".into(),
@@ -140,6 +154,10 @@ impl ApiError {
                 retry_after_secs, ..
             } => {
                 m.insert("retry_after".into(), json!(retry_after_secs));
+            }
+            ApiError::InsufficientCredits { balance, cost } => {
+                m.insert("balance".into(), json!(balance));
+                m.insert("cost".into(), json!(cost));
             }
             _ => {}
         }
@@ -242,7 +260,10 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Validation { .. } | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidApiKey
             | ApiError::AdminUnauthorized

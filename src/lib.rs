@@ -15,6 +15,7 @@ pub mod db;
 pub mod dev;
 pub mod error;
 pub mod http;
+pub mod idempotency;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;

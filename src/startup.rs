@@ -105,6 +105,10 @@ impl Application {
                     .await
             });
         }
+        tasks.spawn(crate::idempotency::run_purge(
+            pool.clone(),
+            shutdown.clone(),
+        ));
         {
             let (limits, stop) = (limits.clone(), shutdown.clone());
             tasks.spawn(async move { limits.run_housekeeping(stop).await });
@@ -206,7 +210,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
 /// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
 /// tier's limit).
 fn routes_config(cfg: &mut web::ServiceConfig) {
-    use routes::{accounts, admin, health, keys};
+    use routes::{accounts, admin, credits, health, keys};
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
         .service(
@@ -233,7 +237,13 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                         .route(web::get().to(keys::get))
                         .route(web::delete().to(keys::revoke)),
                 )
-                .service(web::resource("/keys/{id}/rotate").route(web::post().to(keys::rotate))),
+                .service(web::resource("/keys/{id}/rotate").route(web::post().to(keys::rotate)))
+                .service(web::resource("/credits").route(web::get().to(credits::summary)))
+                .service(
+                    web::resource("/credits/ledger").route(web::get().to(credits::ledger_page)),
+                )
+                .service(web::resource("/credits/charge").route(web::post().to(credits::charge)))
+                .service(web::resource("/usage").route(web::get().to(credits::usage))),
         )
         .service(
             web::scope("/admin")

@@ -155,3 +155,144 @@ pub async fn adjust(
         }
     }
 }
+
+/// What a charge is for.
+#[derive(Debug, Clone, Default)]
+pub struct ChargeContext<'a> {
+    pub job_id: Option<Uuid>,
+    pub reason: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
+    e.as_db_error().is_some_and(|d| {
+        d.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && d.constraint() == Some(constraint)
+    })
+}
+
+/// Outcome of a job-scoped movement that may already have happened.
+#[derive(Debug)]
+pub enum Once {
+    Done(Movement),
+    AlreadyDone,
+}
+
+/// Takes `cost` credits in one statement: the UPDATE locks the account row and checks the
+/// balance in its WHERE clause, the ledger row is inserted from its RETURNING. No row means
+/// the balance was short: 402 with the balance and cost, nothing written. A suspended
+/// account cannot be charged.
+pub async fn charge(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    cost: i64,
+    ctx: &ChargeContext<'_>,
+) -> Result<Once, ApiError> {
+    if cost <= 0 {
+        return Err(ApiError::validation("amount", "a charge must be positive."));
+    }
+    let res = db
+        .query_opt(
+            &format!(
+                "WITH acct AS (
+                     UPDATE accounts SET credit_balance = credit_balance - $2
+                      WHERE id = $1 AND credit_balance >= $2
+                  RETURNING credit_balance)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key)
+                 SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5 FROM acct
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ),
+            &[&account_id, &cost, &ctx.reason, &ctx.job_id, &ctx.idempotency_key],
+        )
+        .await;
+    match res {
+        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(None) => {
+            let row = db
+                .query_opt(
+                    "SELECT credit_balance FROM accounts WHERE id = $1",
+                    &[&account_id],
+                )
+                .await?
+                .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+            Err(ApiError::InsufficientCredits {
+                balance: row.get(0),
+                cost,
+            })
+        }
+        Err(e) if is_unique_violation(&e, "credit_ledger_one_charge_per_job") => {
+            Ok(Once::AlreadyDone)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reserves a job's cost: the charge, tied to the job so it can happen only once. Call it in
+/// the transaction that creates the job.
+pub async fn reserve(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    cost: i64,
+    job_id: Uuid,
+) -> Result<Once, ApiError> {
+    charge(
+        db,
+        account_id,
+        cost,
+        &ChargeContext {
+            job_id: Some(job_id),
+            reason: Some("job"),
+            idempotency_key: None,
+        },
+    )
+    .await
+}
+
+/// Keeps a job's charge: the reservation already is the charge, so settling writes no money;
+/// it only confirms the charge exists and was not refunded (an invariant check for callers).
+pub async fn settle(db: &impl GenericClient, job_id: Uuid) -> Result<bool, ApiError> {
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE kind = 'charge'), count(*) FILTER (WHERE kind = 'refund')
+               FROM credit_ledger WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await?;
+    let (charges, refunds): (i64, i64) = (row.get(0), row.get(1));
+    Ok(charges == 1 && refunds == 0)
+}
+
+/// Gives a job's charge back, at most once whatever retries or instances do: the partial
+/// unique index on (job_id) for refunds makes a second refund fail as a whole statement
+/// (balance untouched), which is reported as `AlreadyDone`. No charge, no refund.
+pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Result<Once, ApiError> {
+    let res = db
+        .query_opt(
+            &format!(
+                "WITH ch AS (
+                     SELECT account_id, -delta AS amount FROM credit_ledger
+                      WHERE job_id = $1 AND kind = 'charge'),
+                 acct AS (
+                     UPDATE accounts a
+                        SET credit_balance = a.credit_balance + ch.amount,
+                            clawback_debt = (a.credit_balance + ch.amount) < 0
+                       FROM ch
+                      WHERE a.id = ch.account_id
+                        AND NOT EXISTS (SELECT 1 FROM credit_ledger WHERE job_id = $1 AND kind = 'refund')
+                  RETURNING a.id, a.credit_balance, ch.amount)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id)
+                 SELECT id, amount, credit_balance, 'refund', $2, $1 FROM acct
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ),
+            &[&job_id, &reason],
+        )
+        .await;
+    match res {
+        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(None) => Ok(Once::AlreadyDone),
+        Err(e) if is_unique_violation(&e, "credit_ledger_one_refund_per_job") => {
+            Ok(Once::AlreadyDone)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -3,5 +3,6 @@
 //! every moment: balance = Σ ledger deltas.
 
 pub mod ledger;
+pub mod report;
 
-pub use ledger::{Kind, Movement};
+pub use ledger::{ChargeContext, Kind, Movement, Once};

@@ -3,5 +3,6 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod credits;
 pub mod health;
 pub mod keys;

@@ -5,6 +5,8 @@
 mod helpers;
 
 mod accounts;
+mod credits;
 mod foundation;
 mod keys;
 mod process;
+mod ratelimits;

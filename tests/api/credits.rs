@@ -1,0 +1,296 @@
+//! Credits: exact under concurrency, idempotent, reported.
+
+use std::collections::HashMap;
+
+use futures_util::future::join_all;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_problem, spawn_app, TestApp};
+
+/// balance = Σ deltas for every account, and no balance below zero.
+pub async fn assert_ledger_invariant(app: &TestApp) {
+    let bad = app
+        .db
+        .query(
+            "SELECT a.id, a.credit_balance, COALESCE(sum(l.delta), 0)::bigint
+               FROM accounts a LEFT JOIN credit_ledger l ON l.account_id = a.id
+              GROUP BY a.id HAVING a.credit_balance <> COALESCE(sum(l.delta), 0) OR a.credit_balance < 0",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        bad.is_empty(),
+        "ledger invariant broken for {} accounts",
+        bad.len()
+    );
+}
+
+async fn charge(app: &TestApp, key: &str, amount: i64, idem: Option<&str>) -> reqwest::Response {
+    let mut req = app
+        .client
+        .post(app.url("/v1/credits/charge"))
+        .bearer_auth(key)
+        .json(&json!({"amount": amount}));
+    if let Some(k) = idem {
+        req = req.header("Idempotency-Key", k);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_charges_against_ten_credits() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 10).await;
+    let results = join_all((0..200).map(|_| charge(&app, &key, 1, None))).await;
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for r in results {
+        let s = r.status().as_u16();
+        if s == 402 {
+            let p: Value = r.json().await.unwrap();
+            assert_eq!(p["type"], "insufficient_credits");
+            assert_eq!(p["cost"], 1);
+            assert_eq!(p["balance"], 0);
+        }
+        *by_status.entry(s).or_default() += 1;
+    }
+    assert_eq!(by_status.get(&201), Some(&10), "{by_status:?}");
+    assert_eq!(by_status.get(&402), Some(&190), "{by_status:?}");
+    let row = app
+        .db
+        .query_one(
+            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
+               FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 0);
+    assert_eq!(row.get::<_, i64>(1), 10);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_short_balance_is_402_with_balance_and_cost_and_writes_nothing() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 3).await;
+    let p = assert_problem(
+        charge(&app, &key, 5, None).await,
+        402,
+        "insufficient_credits",
+    )
+    .await;
+    assert_eq!(p["balance"], 3);
+    assert_eq!(p["cost"], 5);
+    let n: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge'",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    assert_problem(charge(&app, &key, 0, None).await, 422, "validation_failed").await;
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn an_idempotent_retry_replays_and_charges_once() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 100).await;
+    let first = charge(&app, &key, 7, Some("order-1")).await;
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let again = charge(&app, &key, 7, Some("order-1")).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again);
+    // Same key, different body.
+    assert_problem(
+        charge(&app, &key, 8, Some("order-1")).await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    // Keys are per account: another account may use the same key.
+    let (_, other) = app.create_account("internal", 10).await;
+    assert_eq!(charge(&app, &other, 7, Some("order-1")).await.status(), 201);
+    let bal: i64 = app
+        .db
+        .query_one(
+            "SELECT credit_balance FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bal, 93);
+    // A failed request frees its key: the fixed retry runs.
+    assert_problem(
+        charge(&app, &key, 1000, Some("order-2")).await,
+        402,
+        "insufficient_credits",
+    )
+    .await;
+    assert_eq!(
+        charge(&app, &key, 1000, Some("order-2")).await.status(),
+        402
+    );
+    assert_problem(
+        app.client
+            .post(app.url("/v1/credits/charge"))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", "x".repeat(256))
+            .json(&json!({"amount": 1}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_of_one_idempotent_request_charge_once() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 1000).await;
+    for round in 0..5 {
+        let idem = format!("dup-{round}");
+        let results = join_all((0..20).map(|_| charge(&app, &key, 3, Some(&idem)))).await;
+        let mut created = 0;
+        for r in results {
+            match r.status().as_u16() {
+                201 => created += 1,
+                409 => {
+                    let p: Value = r.json().await.unwrap();
+                    assert_eq!(p["type"], "idempotency_conflict");
+                }
+                s => panic!("unexpected status {s}"),
+            }
+        }
+        assert!(created >= 1);
+    }
+    let row = app
+        .db
+        .query_one(
+            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
+               FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(1), 5, "one charge per idempotency key");
+    assert_eq!(row.get::<_, i64>(0), 1000 - 15);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn grants_adjustments_the_ledger_and_usage_report() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 0).await;
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            json!({"amount": 50, "reason": "welcome"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["kind"], "grant");
+    assert_eq!(m["balance_after"], 50);
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            json!({"amount": -60, "reason": "oops"}),
+        )
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            json!({"amount": -5, "reason": "correction"}),
+        )
+        .await;
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["kind"], "adjustment");
+    assert_eq!(m["balance_after"], 45);
+    for _ in 0..3 {
+        assert_eq!(charge(&app, &key, 2, None).await.status(), 201);
+    }
+
+    let summary: Value = app
+        .get_with_key("/v1/credits", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["balance"], 39);
+    assert_eq!(summary["recent"].as_array().unwrap().len(), 5);
+    assert_eq!(summary["recent"][0]["kind"], "charge");
+
+    let page: Value = app
+        .get_with_key("/v1/credits/ledger?kind=charge&limit=2", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    assert_eq!(page["has_more"], true);
+    let next = page["next_cursor"].as_str().unwrap();
+    let page2: Value = app
+        .get_with_key(
+            &format!("/v1/credits/ledger?kind=charge&limit=2&cursor={next}"),
+            &key,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["has_more"], false);
+    assert_problem(
+        app.get_with_key("/v1/credits/ledger?kind=bogus", &key)
+            .await,
+        422,
+        "validation_failed",
+    )
+    .await;
+
+    let usage: Value = app
+        .get_with_key("/v1/usage?granularity=day", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let today = &usage["data"][0];
+    assert_eq!(today["charged"], 6);
+    assert_eq!(today["refunded"], 0);
+    assert_eq!(today["charges"], 3);
+    assert_eq!(usage["total"]["net"], 6);
+    let empty: Value = app
+        .get_with_key("/v1/usage?from=2020-01-01&to=2020-01-02", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(empty["data"].as_array().unwrap().len(), 0);
+    assert_problem(
+        app.get_with_key("/v1/usage?granularity=week", &key).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_problem(
+        app.get_with_key("/v1/usage?from=yesterday", &key).await,
+        422,
+        "validation_failed",
+    )
+    .await;
+    assert_ledger_invariant(&app).await;
+}

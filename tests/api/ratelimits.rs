@@ -1,0 +1,127 @@
+//! Each default tier gets exactly its burst, then 429 with Retry-After; every limited
+//! response carries the limit headers.
+
+use futures_util::future::join_all;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn each_default_tier_refuses_exactly_after_its_burst() {
+    let app = spawn_app().await;
+    for (tier, rpm, burst, retry_after) in [
+        ("free", 10, 5, 6),
+        ("pro", 120, 30, 1),
+        ("business", 1200, 200, 1),
+    ] {
+        let (_, key) = app.create_account(tier, 0).await;
+        // Sequential, so the limiter sees them in order; a burst is served well within the
+        // time one cell takes to replenish for free (6 s) and pro (0.5 s) — for business
+        // (50 ms per cell) a few may replenish while we go, so allow that.
+        let mut allowed = 0;
+        let mut refused = None;
+        for _ in 0..(burst + 50) {
+            let res = app.get_with_key("/v1/account", &key).await;
+            let h = res.headers();
+            assert_eq!(h["x-ratelimit-limit"], rpm.to_string().as_str());
+            assert_eq!(
+                h["ratelimit-policy"],
+                format!("\"{tier}\";q={rpm};w=60").as_str()
+            );
+            assert!(h.contains_key("ratelimit") && h.contains_key("x-ratelimit-reset"));
+            if res.status() == 429 {
+                refused = Some(res);
+                break;
+            }
+            assert_eq!(res.status(), 200);
+            if tier != "business" {
+                assert_eq!(
+                    h["x-ratelimit-remaining"],
+                    (burst - 1 - allowed).to_string().as_str()
+                );
+            }
+            allowed += 1;
+        }
+        let res = refused.unwrap_or_else(|| panic!("{tier}: never refused"));
+        if tier == "business" {
+            assert!((burst..burst + 50).contains(&allowed), "{tier}: {allowed}");
+        } else {
+            assert_eq!(allowed, burst, "{tier}");
+        }
+        assert_eq!(
+            res.headers()["retry-after"],
+            retry_after.to_string().as_str(),
+            "{tier}"
+        );
+        assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+        let p = assert_problem(res, 429, "rate_limited").await;
+        assert_eq!(p["retry_after"], retry_after);
+    }
+}
+
+#[tokio::test]
+async fn limits_are_per_key_and_headers_ride_on_errors_too() {
+    let app = spawn_app().await;
+    let (account, key1) = app.create_account("free", 0).await;
+    let (_, key2) = app.create_key(account, &["scrape"]).await;
+    for _ in 0..5 {
+        assert_eq!(app.get_with_key("/v1/account", &key1).await.status(), 200);
+    }
+    assert_eq!(app.get_with_key("/v1/account", &key1).await.status(), 429);
+    // A handler's own refusal (403) still carries the limit headers.
+    let res = app.get_with_key("/v1/account", &key2).await;
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
+    assert_problem(res, 403, "insufficient_scope").await;
+}
+
+#[tokio::test]
+async fn the_internal_tier_is_unlimited() {
+    let app = spawn_app().await;
+    let (_, key) = app.create_account("internal", 0).await;
+    let results = join_all((0..300).map(|_| app.get_with_key("/v1/account", &key))).await;
+    assert!(results.iter().all(|r| r.status() == 200));
+    assert!(results[0].headers().get("x-ratelimit-limit").is_none());
+}
+
+#[tokio::test]
+async fn unauthenticated_routes_are_limited_per_ip() {
+    let app = spawn_app_with(|env| {
+        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "60".into());
+        env.insert("KEYMETER_IP_BURST".into(), "3".into());
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let res = app
+            .client
+            .post(app.url("/v1/login"))
+            .json(&serde_json::json!({"email": "a@example.com", "password": "whatever123"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.headers()["ratelimit-policy"], "\"ip\";q=60;w=60");
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(statuses, vec![401, 401, 401, 429]);
+}
+
+#[tokio::test]
+async fn a_tiers_file_changes_the_limits() {
+    let dir = std::env::temp_dir().join(format!("tiers-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(
+        &dir,
+        "[tiers.free]\nrequests_per_minute = 60\nburst = 2\nmax_concurrent_jobs = 1\nmax_queued_jobs = 1\n",
+    )
+    .unwrap();
+    let path = dir.to_string_lossy().into_owned();
+    let app = spawn_app_with(|env| {
+        env.insert("KEYMETER_TIERS".into(), path);
+    })
+    .await;
+    let (_, key) = app.create_account("free", 0).await;
+    assert_eq!(app.get_with_key("/v1/account", &key).await.status(), 200);
+    assert_eq!(app.get_with_key("/v1/account", &key).await.status(), 200);
+    let res = app.get_with_key("/v1/account", &key).await;
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let _ = std::fs::remove_file(dir);
+}
