@@ -20,8 +20,8 @@ pg_bindir() {
 ensure_postgres_installed() {
     if pg_bindir >/dev/null; then return 0; fi
     log "PostgreSQL not found; installing it with apt-get"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql postgresql-contrib >&2
     pg_bindir >/dev/null || { log "PostgreSQL installation failed"; return 1; }
 }
 
@@ -38,12 +38,12 @@ ensure_test_database_url() {
             local ver name
             read -r ver name _ < <(pg_lsclusters -h | head -n1)
             log "starting PostgreSQL cluster $ver/$name"
-            as_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start || as_root pg_ctlcluster "$ver" "$name" start
+            { as_root pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start || as_root pg_ctlcluster "$ver" "$name" start; } >&2
         elif command -v pg_createcluster >/dev/null; then
             local ver
             ver=$(basename "$(dirname "$(pg_bindir)")")
             log "creating PostgreSQL cluster $ver/main"
-            as_root pg_createcluster "$ver" main --start
+            as_root pg_createcluster "$ver" main --start >&2
         else
             log "no PostgreSQL cluster tooling found; set DATABASE_URL to a reachable server"
             return 1
@@ -61,4 +61,22 @@ ensure_test_database_url() {
         url="postgres://postgres:postgres@127.0.0.1:5432/postgres"
     fi
     echo "$url"
+}
+
+# Prints a URL of a reachable Redis for the tests (the Redis rate-limit backend): $TEST_REDIS_URL
+# when set, else 127.0.0.1:6379, installing and starting redis-server when it is missing.
+ensure_test_redis_url() {
+    if [ -n "${TEST_REDIS_URL:-}" ]; then echo "$TEST_REDIS_URL"; return 0; fi
+    if ! tcp_open 127.0.0.1 6379; then
+        if ! command -v redis-server >/dev/null; then
+            log "Redis not found; installing it with apt-get"
+            as_root apt-get update -qq >&2
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq redis-server >&2
+        fi
+        log "starting redis-server on 127.0.0.1:6379"
+        redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+            --dir /tmp --logfile /tmp/keymeter-test-redis.log >/dev/null
+        for _ in $(seq 1 30); do tcp_open 127.0.0.1 6379 && break; sleep 0.2; done
+    fi
+    echo "redis://127.0.0.1:6379/"
 }

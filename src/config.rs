@@ -104,6 +104,11 @@ pub struct Config {
     /// Key cache: entry lifetime (the backstop for a lost invalidation) and size.
     pub key_cache_ttl: Duration,
     pub key_cache_capacity: u64,
+    /// `Some(url)` when `KEYMETER_RATE_LIMIT_BACKEND=redis`.
+    pub redis_url: Option<SecretString>,
+    /// When Redis cannot answer: fall back to memory (`memory`) or refuse with 503 (`refuse`).
+    pub rate_limit_refuse_without_redis: bool,
+    pub redis_timeout: Duration,
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -333,6 +338,52 @@ impl Config {
             100_000u64,
             "an entry count",
         )?;
+        let redis_url = match src
+            .get("KEYMETER_RATE_LIMIT_BACKEND")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("memory") => None,
+            Some("redis") => {
+                let url = src.get("REDIS_URL").ok_or_else(|| {
+                    ConfigError::new(
+                        "REDIS_URL",
+                        "is required when KEYMETER_RATE_LIMIT_BACKEND=redis (e.g. redis://127.0.0.1:6379/)",
+                    )
+                })?;
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(ConfigError::new(
+                        "REDIS_URL",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
+                }
+                Some(SecretString::from(url))
+            }
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KEYMETER_RATE_LIMIT_BACKEND",
+                    format!("invalid value {other:?}, expected memory or redis"),
+                ))
+            }
+        };
+        let rate_limit_refuse_without_redis = match src
+            .get("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR")
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("memory") => false,
+            Some("refuse") => true,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "KEYMETER_RATE_LIMIT_ON_REDIS_ERROR",
+                    format!("invalid value {other:?}, expected memory or refuse"),
+                ))
+            }
+        };
+        let redis_timeout = millis(src, "KEYMETER_REDIS_TIMEOUT_MS", 100)?;
 
         Ok(Config {
             env,
@@ -355,6 +406,9 @@ impl Config {
             auth_failures_per_minute,
             key_cache_ttl,
             key_cache_capacity,
+            redis_url,
+            rate_limit_refuse_without_redis,
+            redis_timeout,
         })
     }
 

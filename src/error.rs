@@ -60,6 +60,8 @@ pub enum ApiError {
     DatabaseUnavailable,
     #[error("service not ready")]
     NotReady(String),
+    #[error("temporarily unavailable: {detail}")]
+    Unavailable { kind: &'static str, detail: String },
     #[error("feature disabled: {0}")]
     Disabled(String),
     #[error("internal error")]
@@ -99,6 +101,7 @@ impl ApiError {
             ApiError::Timeout => ("request_timeout", "Request timed out"),
             ApiError::DatabaseUnavailable => ("database_unavailable", "Database unavailable"),
             ApiError::NotReady(_) => ("not_ready", "Service not ready"),
+            ApiError::Unavailable { kind, .. } => (kind, "Service unavailable"),
             ApiError::Disabled(_) => ("feature_disabled", "Feature disabled"),
             ApiError::Internal(_) => ("internal_error", "Internal server error"),
         }
@@ -134,6 +137,7 @@ impl ApiError {
             ApiError::Timeout => "The request took longer than the server allows.".into(),
             ApiError::DatabaseUnavailable => "The database is unavailable; retry shortly.".into(),
             ApiError::NotReady(d) => d.clone(),
+            ApiError::Unavailable { detail, .. } => detail.clone(),
             ApiError::Disabled(d) => d.clone(),
             ApiError::Internal(_) => {
                 "An unexpected error occurred; quote the request id when reporting it.".into()
@@ -272,9 +276,9 @@ impl ResponseError for ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::DatabaseUnavailable | ApiError::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::DatabaseUnavailable
+            | ApiError::NotReady(_)
+            | ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Disabled(_) => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -299,7 +303,9 @@ impl ResponseError for ApiError {
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            ApiError::DatabaseUnavailable | ApiError::NotReady(_) => {
+            ApiError::DatabaseUnavailable
+            | ApiError::NotReady(_)
+            | ApiError::Unavailable { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u32));
             }
             _ => {}

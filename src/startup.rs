@@ -25,8 +25,9 @@ use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
 use crate::http::{edge, extractors};
+use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::tiers::Tiers;
-use crate::ratelimit::{self, IpPolicy, Limits};
+use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
 use crate::routes;
 
 /// What every handler can reach.
@@ -74,7 +75,7 @@ impl Application {
             std::time::Duration::from_secs(5),
         );
         let auth = AuthService::new(pool.clone(), cache.clone());
-        let limits = Arc::new(Limits::new(
+        let mut limits = Limits::new(
             tiers.clone(),
             IpPolicy {
                 per_minute: config.ip_rate_per_minute,
@@ -85,7 +86,16 @@ impl Application {
                 burst: config.auth_failures_per_minute,
             },
             config.trust_forwarded,
-        ));
+        );
+        if config.redis_url.is_some() {
+            let on_failure = if config.rate_limit_refuse_without_redis {
+                OnSharedFailure::Refuse
+            } else {
+                OnSharedFailure::Memory
+            };
+            limits = limits.with_shared(RedisLimiter::new(config.redis_timeout), on_failure);
+        }
+        let limits = Arc::new(limits);
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -109,6 +119,14 @@ impl Application {
             pool.clone(),
             shutdown.clone(),
         ));
+        if let Some(url) = state.config.redis_url.clone() {
+            let (limits, stop) = (limits.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                if let Some(shared) = limits.shared() {
+                    shared.run_connector(url, stop).await;
+                }
+            });
+        }
         {
             let (limits, stop) = (limits.clone(), shutdown.clone());
             tasks.spawn(async move { limits.run_housekeeping(stop).await });

@@ -57,7 +57,10 @@ pub async fn keyed(
     };
     tracing::Span::current().record("key_id", caller.key_id.as_str());
     let tier = state.tiers.get_or_default(&caller.tier);
-    let decision = state.limits.check_key(&caller.key_id, tier);
+    let decision = match state.limits.check_key(&caller.key_id, tier).await {
+        Ok(d) => d,
+        Err(e) => return Ok(refuse(req, e)),
+    };
     if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
         let detail = format!(
             "The {} tier allows {} requests per minute (burst {}).",

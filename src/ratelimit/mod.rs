@@ -7,11 +7,13 @@
 //! `retain_recent()` and memory stays bounded by the keys seen in the last minute or so.
 
 pub mod gate;
+pub mod redis;
 pub mod tiers;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -119,8 +121,19 @@ pub struct IpPolicy {
     pub burst: u32,
 }
 
+/// What to do when the shared (Redis) limiter cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSharedFailure {
+    /// Limit with this instance's in-memory state (each instance then allows the full rate).
+    Memory,
+    /// Refuse with 503 until Redis answers again.
+    Refuse,
+}
+
 pub struct Limits {
     tiers: Tiers,
+    shared: Option<(redis::RedisLimiter, OnSharedFailure)>,
+    degraded: AtomicBool,
     per_tier: HashMap<String, Keyed<String>>,
     per_ip: Keyed<IpAddr>,
     ip_policy: IpPolicy,
@@ -151,6 +164,8 @@ impl Limits {
             .collect();
         Limits {
             tiers,
+            shared: None,
+            degraded: AtomicBool::new(false),
             per_tier,
             per_ip: RateLimiter::keyed(quota(ip.per_minute, ip.burst))
                 .with_middleware::<StateInformationMiddleware>(),
@@ -169,8 +184,58 @@ impl Limits {
         &self.tiers
     }
 
-    /// The per-key check for `tier`; `None` for an unlimited tier.
-    pub fn check_key(&self, key_id: &str, tier: &Tier) -> Option<Decision> {
+    /// Makes the per-key limits global through Redis.
+    pub fn with_shared(
+        mut self,
+        limiter: redis::RedisLimiter,
+        on_failure: OnSharedFailure,
+    ) -> Limits {
+        self.shared = Some((limiter, on_failure));
+        self
+    }
+
+    pub fn shared(&self) -> Option<&redis::RedisLimiter> {
+        self.shared.as_ref().map(|(l, _)| l)
+    }
+
+    /// The per-key check: shared through Redis when configured (falling back as configured
+    /// when it cannot answer), else in memory. `Ok(None)` for an unlimited tier; `Err` only
+    /// when Redis is down and the operator chose to refuse.
+    pub async fn check_key(
+        &self,
+        key_id: &str,
+        tier: &Tier,
+    ) -> Result<Option<Decision>, crate::error::ApiError> {
+        if tier.unlimited {
+            return Ok(None);
+        }
+        if let Some((shared, on_failure)) = &self.shared {
+            match shared.check(key_id, tier).await {
+                Ok(d) => {
+                    if self.degraded.swap(false, Ordering::Relaxed) {
+                        tracing::info!("Redis rate limiter answering again");
+                    }
+                    return Ok(Some(d));
+                }
+                Err(e) => {
+                    if !self.degraded.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, fallback = ?on_failure, "Redis rate limiter unavailable");
+                    }
+                    if *on_failure == OnSharedFailure::Refuse {
+                        return Err(crate::error::ApiError::Unavailable {
+                            kind: "rate_limiter_unavailable",
+                            detail: "Rate limiting is temporarily unavailable; retry shortly."
+                                .into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(self.check_key_local(key_id, tier))
+    }
+
+    /// The in-memory per-key check.
+    pub fn check_key_local(&self, key_id: &str, tier: &Tier) -> Option<Decision> {
         if tier.unlimited {
             return None;
         }
@@ -274,15 +339,15 @@ mod tests {
         let l = limits();
         let free = l.tiers().get("free").unwrap().clone();
         for i in 0..5 {
-            let d = l.check_key("k1", &free).unwrap();
+            let d = l.check_key_local("k1", &free).unwrap();
             assert!(d.allowed, "request {i}");
             assert_eq!(d.remaining, 4 - i);
         }
-        let d = l.check_key("k1", &free).unwrap();
+        let d = l.check_key_local("k1", &free).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.retry_after_secs, 6, "10/min = one every 6 s");
         // Another key has its own budget.
-        assert!(l.check_key("k2", &free).unwrap().allowed);
+        assert!(l.check_key_local("k2", &free).unwrap().allowed);
     }
 
     #[test]
@@ -290,7 +355,7 @@ mod tests {
         let l = limits();
         let internal = l.tiers().get("internal").unwrap().clone();
         for _ in 0..10_000 {
-            assert!(l.check_key("k", &internal).is_none());
+            assert!(l.check_key_local("k", &internal).is_none());
         }
     }
 

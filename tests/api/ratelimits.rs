@@ -125,3 +125,89 @@ async fn a_tiers_file_changes_the_limits() {
     assert_eq!(res.headers()["retry-after"], "1");
     let _ = std::fs::remove_file(dir);
 }
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+#[tokio::test]
+async fn two_instances_with_the_redis_backend_share_one_limit() {
+    let with_redis = |env: &mut std::collections::HashMap<String, String>| {
+        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
+        env.insert("REDIS_URL".into(), redis_url());
+        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
+    };
+    let a = spawn_app_with(with_redis).await;
+    let b = crate::helpers::spawn_app_on(a.db_name.clone(), with_redis).await;
+    let (_, key) = a.create_account("free", 0).await;
+    // Wait until both are connected to Redis (refuse mode answers 503 until then).
+    for app in [&a, &b] {
+        let (_, probe) = app.create_account("free", 0).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while app.get_with_key("/v1/account", &probe).await.status() == 503 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never connected to Redis"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let res = app.get_with_key("/v1/account", &key).await;
+        if res.status() == 200 {
+            assert_eq!(
+                res.headers()["x-ratelimit-remaining"],
+                (4 - i).to_string().as_str()
+            );
+        }
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200, 200, 200, 429],
+        "the burst of 5 is shared"
+    );
+}
+
+#[tokio::test]
+async fn without_redis_the_limiter_falls_back_to_memory_or_refuses_as_configured() {
+    let fallback = spawn_app_with(|env| {
+        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
+        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1/".into());
+    })
+    .await;
+    let (_, key) = fallback.create_account("free", 0).await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            fallback
+                .get_with_key("/v1/account", &key)
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429]);
+
+    let strict = spawn_app_with(|env| {
+        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
+        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1/".into());
+        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
+    })
+    .await;
+    let (_, key) = strict.create_account("free", 0).await;
+    assert_problem(
+        strict.get_with_key("/v1/account", &key).await,
+        503,
+        "rate_limiter_unavailable",
+    )
+    .await;
+    // Unlimited tiers never consult the limiter.
+    let (_, internal) = strict.create_account("internal", 0).await;
+    assert_eq!(
+        strict.get_with_key("/v1/account", &internal).await.status(),
+        200
+    );
+}
