@@ -38,6 +38,8 @@ pub struct AppState {
     pub tiers: Tiers,
     pub auth: Arc<AuthService>,
     pub limits: Arc<Limits>,
+    /// Group commit for concurrent charges to one account.
+    pub charges: Arc<crate::credits::coalesce::Coalescer>,
 }
 
 pub struct Application {
@@ -103,6 +105,7 @@ impl Application {
             tiers,
             auth: auth.clone(),
             limits: limits.clone(),
+            charges: Arc::default(),
         };
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -129,6 +132,17 @@ impl Application {
         }
         {
             let (limits, stop) = (limits.clone(), shutdown.clone());
+            let charges = state.charges.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => charges.housekeeping(),
+                        () = stop.cancelled() => return,
+                    }
+                }
+            });
+            let stop = shutdown.clone();
             tasks.spawn(async move { limits.run_housekeeping(stop).await });
         }
 

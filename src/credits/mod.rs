@@ -2,6 +2,7 @@
 //! row of the append-only `credit_ledger`, in one statement. Invariant for every account, at
 //! every moment: balance = Σ ledger deltas.
 
+pub mod coalesce;
 pub mod ledger;
 pub mod report;
 

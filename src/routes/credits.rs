@@ -224,8 +224,19 @@ pub async fn charge(
         };
         match &guard {
             None => {
-                let m = ledger::charge(&client, caller.account_id, parsed.amount, &ctx).await?;
-                Ok::<_, ApiError>(m)
+                drop(client);
+                // Without an idempotency record to complete, concurrent charges to one account
+                // can share a commit (see credits::coalesce).
+                let m = state
+                    .charges
+                    .charge(
+                        &state.db,
+                        caller.account_id,
+                        parsed.amount,
+                        parsed.reason.clone(),
+                    )
+                    .await?;
+                Ok::<_, ApiError>(Once::Done(m))
             }
             Some(g) => {
                 let tx = client.transaction().await?;

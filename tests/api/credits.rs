@@ -294,3 +294,51 @@ async fn grants_adjustments_the_ledger_and_usage_report() {
     .await;
     assert_ledger_invariant(&app).await;
 }
+
+#[tokio::test]
+async fn concurrent_charges_to_one_account_share_commits_and_the_ledger_still_chains() {
+    let app = spawn_app().await;
+    let (account, key) = app.create_account("internal", 200).await;
+    let amounts: Vec<i64> = (0..300).map(|i| 1 + (i % 3)).collect();
+    let results = join_all(amounts.iter().map(|a| charge(&app, &key, *a, None))).await;
+    let mut spent = 0;
+    for (r, a) in results.into_iter().zip(&amounts) {
+        match r.status().as_u16() {
+            201 => spent += a,
+            402 => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    let rows = app
+        .db
+        .query(
+            "SELECT delta, balance_after, xmin::text FROM credit_ledger WHERE account_id = $1 ORDER BY id",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    // Every row's balance_after is the previous one plus its delta: the ledger reads as if
+    // each charge had been made alone.
+    let mut balance = 0i64;
+    let mut txids = std::collections::HashSet::new();
+    for r in &rows {
+        let (delta, after): (i64, i64) = (r.get(0), r.get(1));
+        balance += delta;
+        assert_eq!(after, balance);
+        assert!(after >= 0);
+        txids.insert(r.get::<_, String>(2));
+    }
+    assert_eq!(balance, 200 - spent);
+    assert!(
+        200 - spent < 3,
+        "credits left unspent although charges were refused: {}",
+        200 - spent
+    );
+    assert!(
+        txids.len() < rows.len(),
+        "concurrent charges were coalesced into shared transactions ({} rows, {} transactions)",
+        rows.len(),
+        txids.len()
+    );
+    assert_ledger_invariant(&app).await;
+}
