@@ -74,6 +74,138 @@ pub struct DatabaseSettings {
     pub auto_migrate: bool,
 }
 
+/// A credit pack: one Stripe price buys a fixed number of credits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pack {
+    pub name: String,
+    pub price_id: String,
+    pub credits: i64,
+}
+
+/// A plan: a recurring Stripe price that puts the account on a tier and grants credits each
+/// paid period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub name: String,
+    pub price_id: String,
+    pub tier: String,
+    pub monthly_credits: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingSettings {
+    pub secret_key: Option<SecretString>,
+    /// Several during a rotation: a delivery signed with any of them is accepted.
+    pub webhook_secrets: Vec<SecretString>,
+    pub api_base: String,
+    pub packs: Vec<Pack>,
+    pub plans: Vec<Plan>,
+}
+
+impl BillingSettings {
+    pub fn enabled(&self) -> bool {
+        self.secret_key.is_some() || !self.webhook_secrets.is_empty()
+    }
+
+    pub fn pack(&self, name: &str) -> Option<&Pack> {
+        self.packs.iter().find(|p| p.name == name)
+    }
+
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.name == name)
+    }
+
+    pub fn plan_by_price(&self, price_id: &str) -> Option<&Plan> {
+        self.plans.iter().find(|p| p.price_id == price_id)
+    }
+}
+
+fn item_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn parse_packs(src: &dyn Source) -> Result<Vec<Pack>, ConfigError> {
+    const VAR: &str = "KEYMETER_CREDIT_PACKS";
+    let Some(raw) = src.get(VAR) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<Pack> = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parts: Vec<&str> = item.split(':').map(str::trim).collect();
+        let bad = || {
+            ConfigError::new(
+                VAR,
+                format!("invalid entry {item:?}, expected name:price_id:credits"),
+            )
+        };
+        let [name, price_id, credits] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let credits: i64 = credits.parse().map_err(|_| bad())?;
+        if !item_name_ok(name) || price_id.is_empty() || credits <= 0 {
+            return Err(bad());
+        }
+        if out
+            .iter()
+            .any(|p| p.name == *name || p.price_id == *price_id)
+        {
+            return Err(ConfigError::new(
+                VAR,
+                format!("pack {name:?} or its price is listed twice"),
+            ));
+        }
+        out.push(Pack {
+            name: (*name).to_owned(),
+            price_id: (*price_id).to_owned(),
+            credits,
+        });
+    }
+    Ok(out)
+}
+
+fn parse_plans(src: &dyn Source) -> Result<Vec<Plan>, ConfigError> {
+    const VAR: &str = "KEYMETER_PLANS";
+    let Some(raw) = src.get(VAR) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<Plan> = Vec::new();
+    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let parts: Vec<&str> = item.split(':').map(str::trim).collect();
+        let bad = || {
+            ConfigError::new(
+                VAR,
+                format!("invalid entry {item:?}, expected name:price_id:tier:monthly_credits"),
+            )
+        };
+        let [name, price_id, tier, credits] = parts.as_slice() else {
+            return Err(bad());
+        };
+        let monthly_credits: i64 = credits.parse().map_err(|_| bad())?;
+        if !item_name_ok(name) || price_id.is_empty() || !item_name_ok(tier) || monthly_credits < 0
+        {
+            return Err(bad());
+        }
+        if out
+            .iter()
+            .any(|p| p.name == *name || p.price_id == *price_id)
+        {
+            return Err(ConfigError::new(
+                VAR,
+                format!("plan {name:?} or its price is listed twice"),
+            ));
+        }
+        out.push(Plan {
+            name: (*name).to_owned(),
+            price_id: (*price_id).to_owned(),
+            tier: (*tier).to_owned(),
+            monthly_credits,
+        });
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub env: Environment,
@@ -109,6 +241,9 @@ pub struct Config {
     /// When Redis cannot answer: fall back to memory (`memory`) or refuse with 503 (`refuse`).
     pub rate_limit_refuse_without_redis: bool,
     pub redis_timeout: Duration,
+    pub billing: BillingSettings,
+    /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
+    pub webhook_body_limit: usize,
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -384,6 +519,60 @@ impl Config {
             }
         };
         let redis_timeout = millis(src, "KEYMETER_REDIS_TIMEOUT_MS", 100)?;
+        let billing = BillingSettings {
+            secret_key: src.get("STRIPE_SECRET_KEY").map(SecretString::from),
+            webhook_secrets: src
+                .get("STRIPE_WEBHOOK_SECRET")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| SecretString::from(s.to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            api_base: src
+                .get("STRIPE_API_BASE")
+                .unwrap_or_else(|| "https://api.stripe.com".to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            packs: parse_packs(src)?,
+            plans: parse_plans(src)?,
+        };
+        if !(billing.api_base.starts_with("https://") || billing.api_base.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "STRIPE_API_BASE",
+                "must be an http(s) URL",
+            ));
+        }
+        let billing_configured =
+            billing.enabled() || !billing.packs.is_empty() || !billing.plans.is_empty();
+        if env.is_production() && billing_configured {
+            if billing.secret_key.is_none() {
+                return Err(ConfigError::new(
+                    "STRIPE_SECRET_KEY",
+                    "is required in production when billing is configured",
+                ));
+            }
+            if billing.webhook_secrets.is_empty() {
+                return Err(ConfigError::new(
+                    "STRIPE_WEBHOOK_SECRET",
+                    "is required in production when billing is configured",
+                ));
+            }
+            if billing.api_base.starts_with("http://") {
+                return Err(ConfigError::new(
+                    "STRIPE_API_BASE",
+                    "must be https in production",
+                ));
+            }
+        }
+        let webhook_body_limit = positive(
+            src,
+            "KEYMETER_WEBHOOK_BODY_LIMIT",
+            1024 * 1024usize,
+            "a size in bytes",
+        )?;
 
         Ok(Config {
             env,
@@ -409,6 +598,8 @@ impl Config {
             redis_url,
             rate_limit_refuse_without_redis,
             redis_timeout,
+            billing,
+            webhook_body_limit,
         })
     }
 
@@ -476,6 +667,32 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
+    }
+
+    #[test]
+    fn packs_and_plans_parse_and_bad_entries_are_named() {
+        let c = Config::from_source(&src(&[
+            (
+                "KEYMETER_CREDIT_PACKS",
+                "small:price_1:100, large:price_2:1200",
+            ),
+            ("KEYMETER_PLANS", "pro:price_3:pro:5000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.billing.pack("large").unwrap().credits, 1200);
+        assert_eq!(c.billing.plan_by_price("price_3").unwrap().tier, "pro");
+        let e =
+            Config::from_source(&src(&[("KEYMETER_CREDIT_PACKS", "small:price_1")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_CREDIT_PACKS");
+        let e =
+            Config::from_source(&src(&[("KEYMETER_PLANS", "pro:price_3:pro:lots")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_PLANS");
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_ENV", "production"),
+            ("STRIPE_SECRET_KEY", "sk_live_x"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "STRIPE_WEBHOOK_SECRET");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum ApiError {
     InsufficientCredits { balance: i64, cost: i64 },
     #[error("idempotency key reused with a different request")]
     IdempotencyKeyReused,
+    #[error("invalid webhook signature")]
+    InvalidSignature,
     #[error("rate limited")]
     RateLimited {
         retry_after_secs: u64,
@@ -96,6 +98,7 @@ impl ApiError {
                 ("insufficient_credits", "Insufficient credits")
             }
             ApiError::IdempotencyKeyReused => ("idempotency_key_reused", "Idempotency key reused"),
+            ApiError::InvalidSignature => ("invalid_signature", "Invalid signature"),
             ApiError::RateLimited { .. } => ("rate_limited", "Too many requests"),
             ApiError::Conflict { kind, .. } => (kind, "Conflict"),
             ApiError::Timeout => ("request_timeout", "Request timed out"),
@@ -132,6 +135,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => {
                 "This Idempotency-Key was used with a different request; use a new key.".into()
             }
+            ApiError::InvalidSignature => "The signature could not be verified.".into(),
             ApiError::RateLimited { detail, .. } => detail.clone(),
             ApiError::Conflict { detail, .. } => detail.clone(),
             ApiError::Timeout => "The request took longer than the server allows.".into(),
@@ -263,7 +267,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) | ApiError::InvalidSignature => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Validation { .. } | ApiError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }

@@ -8,6 +8,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod auth;
+pub mod billing;
 pub mod cli;
 pub mod config;
 pub mod credits;

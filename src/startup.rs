@@ -40,6 +40,8 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// Group commit for concurrent charges to one account.
     pub charges: Arc<crate::credits::coalesce::Coalescer>,
+    /// The Stripe API client, when `STRIPE_SECRET_KEY` is set.
+    pub stripe: Option<crate::billing::stripe_api::StripeApi>,
 }
 
 pub struct Application {
@@ -53,6 +55,15 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Application> {
         let tiers = Tiers::load(config.tiers_path.as_deref())?;
+        for plan in &config.billing.plans {
+            if tiers.get(&plan.tier).is_none() {
+                anyhow::bail!(
+                    "KEYMETER_PLANS: plan {} names tier {:?}, which is not configured",
+                    plan.name,
+                    plan.tier
+                );
+            }
+        }
         let url = config.database_url()?.clone();
         let pg = db::pg_config(&url, &config.database)?;
         let where_ = db::describe(&pg);
@@ -106,6 +117,13 @@ impl Application {
             auth: auth.clone(),
             limits: limits.clone(),
             charges: Arc::default(),
+            stripe: match &config.billing.secret_key {
+                Some(k) => Some(crate::billing::stripe_api::StripeApi::new(
+                    &config.billing.api_base,
+                    k.clone(),
+                )?),
+                None => None,
+            },
         };
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -202,6 +220,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     let config = state.config.clone();
     let edge_settings = web::Data::new(edge::EdgeSettings {
         body_limit: config.body_limit,
+        webhook_body_limit: config.webhook_body_limit,
         request_timeout: config.request_timeout,
         production: config.env.is_production(),
     });
@@ -238,11 +257,15 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     Ok(server.run())
 }
 
+/// The edge enforces the configured webhook limit before routing; this is only the
+/// extractor's ceiling.
+const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
+
 /// Every route, registered explicitly in one place. Routes without a key sit behind the
 /// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
 /// tier's limit).
 fn routes_config(cfg: &mut web::ServiceConfig) {
-    use routes::{accounts, admin, credits, health, keys};
+    use routes::{accounts, admin, billing, credits, health, keys};
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
         .service(
@@ -254,6 +277,13 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
             web::resource("/v1/login")
                 .wrap(from_fn(ratelimit::gate::public))
                 .route(web::post().to(accounts::login)),
+        )
+        .service(
+            // Stripe authenticates by signature, not by key; its deliveries come in bursts
+            // from Stripe's addresses, so no per-IP limit either.
+            web::resource("/v1/billing/webhook")
+                .app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT_MAX))
+                .route(web::post().to(billing::webhook)),
         )
         .service(
             web::scope("/v1")
@@ -275,7 +305,11 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                     web::resource("/credits/ledger").route(web::get().to(credits::ledger_page)),
                 )
                 .service(web::resource("/credits/charge").route(web::post().to(credits::charge)))
-                .service(web::resource("/usage").route(web::get().to(credits::usage))),
+                .service(web::resource("/usage").route(web::get().to(credits::usage)))
+                .service(web::resource("/billing").route(web::get().to(billing::summary)))
+                .service(
+                    web::resource("/billing/checkout").route(web::post().to(billing::checkout)),
+                ),
         )
         .service(
             web::scope("/admin")

@@ -296,3 +296,38 @@ pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Resu
         Err(e) => Err(e.into()),
     }
 }
+
+/// Takes back credits a refunded Stripe payment had bought. Unlike a charge it may take the
+/// balance below zero (the credits may already be spent); the account is then marked in
+/// debt and charges are refused until purchases bring it back above zero.
+pub async fn clawback(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    amount: i64,
+    reason: &str,
+    stripe_event_id: &str,
+) -> Result<Movement, ApiError> {
+    if amount <= 0 {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "clawback of a non-positive amount"
+        )));
+    }
+    let row = db
+        .query_opt(
+            &format!(
+                "WITH acct AS (
+                     UPDATE accounts
+                        SET credit_balance = credit_balance - $2,
+                            clawback_debt = (credit_balance - $2) < 0
+                      WHERE id = $1
+                  RETURNING credit_balance)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, stripe_event_id)
+                 SELECT $1, -$2, credit_balance, 'clawback', $3, $4 FROM acct
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ),
+            &[&account_id, &amount, &reason, &stripe_event_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+    Ok(movement(&row))
+}

@@ -33,10 +33,14 @@ use tracing::Instrument;
 use crate::error::{problem_body, problem_for_status, problem_response, ApiError, PROBLEM_JSON};
 use crate::http::request_id;
 
+pub const WEBHOOK_PATH: &str = "/v1/billing/webhook";
+
 /// What the edge needs to know, registered as app data.
 #[derive(Debug, Clone)]
 pub struct EdgeSettings {
     pub body_limit: usize,
+    /// Stripe's events can be larger than API requests; only its webhook route gets this.
+    pub webhook_body_limit: usize,
     pub request_timeout: Duration,
     pub production: bool,
 }
@@ -50,9 +54,14 @@ pub async fn edge(
         .map(|d| d.get_ref().clone())
         .unwrap_or(EdgeSettings {
             body_limit: 64 * 1024,
+            webhook_body_limit: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             production: false,
         });
+    let mut settings = settings;
+    if req.path() == WEBHOOK_PATH {
+        settings.body_limit = settings.webhook_body_limit;
+    }
     let id = request_id::from_headers_or_new(req.headers());
     let method = req.method().clone();
     let uri = req.uri().clone();
@@ -260,6 +269,7 @@ mod tests {
     fn app_settings(timeout: Duration) -> web::Data<EdgeSettings> {
         web::Data::new(EdgeSettings {
             body_limit: 1024,
+            webhook_body_limit: 1024,
             request_timeout: timeout,
             production: false,
         })

@@ -1,0 +1,241 @@
+//! Billing through Stripe: Checkout Sessions for credit packs and plans, and the webhook that
+//! turns Stripe's events into ledger rows and tier changes — each exactly once.
+//!
+//! This module owns `billing_customers`, `billing_checkouts`, `billing_subscriptions` and
+//! `stripe_events`; balances move only through `credits`, tiers only through `accounts`.
+
+pub mod events;
+pub mod signature;
+pub mod stripe_api;
+
+use deadpool_postgres::{GenericClient, Pool};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::accounts;
+use crate::config::BillingSettings;
+use crate::error::ApiError;
+use stripe_api::{Created, StripeApi};
+
+/// What a checkout buys.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Pack {
+        name: String,
+        price_id: String,
+        credits: i64,
+    },
+    Plan {
+        name: String,
+        price_id: String,
+    },
+}
+
+impl Item {
+    pub fn resolve(
+        settings: &BillingSettings,
+        pack: Option<&str>,
+        plan: Option<&str>,
+    ) -> Result<Item, ApiError> {
+        match (pack, plan) {
+            (Some(p), None) => settings
+                .pack(p)
+                .map(|p| Item::Pack {
+                    name: p.name.clone(),
+                    price_id: p.price_id.clone(),
+                    credits: p.credits,
+                })
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "pack",
+                        format!(
+                            "unknown pack {p:?}; available: {}.",
+                            settings
+                                .packs
+                                .iter()
+                                .map(|p| p.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                }),
+            (None, Some(p)) => settings
+                .plan(p)
+                .map(|p| Item::Plan {
+                    name: p.name.clone(),
+                    price_id: p.price_id.clone(),
+                })
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "plan",
+                        format!(
+                            "unknown plan {p:?}; available: {}.",
+                            settings
+                                .plans
+                                .iter()
+                                .map(|p| p.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                }),
+            _ => Err(ApiError::validation(
+                "pack",
+                "name exactly one of `pack` or `plan`.",
+            )),
+        }
+    }
+}
+
+/// The account's Stripe customer, created once (Stripe's idempotency key makes concurrent
+/// first checkouts create one customer; the unique constraint keeps one mapping).
+pub async fn customer_for(
+    db: &Pool,
+    api: &StripeApi,
+    account_id: Uuid,
+) -> Result<String, ApiError> {
+    let client = db.get().await?;
+    if let Some(row) = client
+        .query_opt(
+            "SELECT customer_id FROM billing_customers WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?
+    {
+        return Ok(row.get(0));
+    }
+    let account = accounts::get(&client, account_id)
+        .await?
+        .ok_or_else(accounts::not_found)?;
+    drop(client);
+    let created = api
+        .create_customer(&account.email, &account_id.to_string())
+        .await?;
+    let client = db.get().await?;
+    client
+        .execute(
+            "INSERT INTO billing_customers (account_id, customer_id) VALUES ($1, $2)
+             ON CONFLICT (account_id) DO NOTHING",
+            &[&account_id, &created.id],
+        )
+        .await?;
+    let row = client
+        .query_one(
+            "SELECT customer_id FROM billing_customers WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub struct CheckoutRequest<'a> {
+    pub item: &'a Item,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    /// Passed on to Stripe so a retried request cannot open a second session.
+    pub idempotency_key: String,
+}
+
+/// Creates the Checkout Session and records what it sells, so the webhook credits from our
+/// own record and configuration rather than from metadata.
+pub async fn create_checkout(
+    db: &Pool,
+    api: &StripeApi,
+    account_id: Uuid,
+    req: CheckoutRequest<'_>,
+) -> Result<Created, ApiError> {
+    let customer = customer_for(db, api, account_id).await?;
+    let account = account_id.to_string();
+    let (mode, name, price_id, credits) = match req.item {
+        Item::Pack {
+            name,
+            price_id,
+            credits,
+        } => ("payment", name, price_id, *credits),
+        Item::Plan { name, price_id } => ("subscription", name, price_id, 0),
+    };
+    let mut form: Vec<(String, String)> = vec![
+        ("mode".into(), mode.into()),
+        ("customer".into(), customer),
+        ("client_reference_id".into(), account.clone()),
+        ("line_items[0][price]".into(), price_id.clone()),
+        ("line_items[0][quantity]".into(), "1".into()),
+        ("success_url".into(), req.success_url.into()),
+        ("cancel_url".into(), req.cancel_url.into()),
+        ("metadata[account_id]".into(), account.clone()),
+    ];
+    match req.item {
+        Item::Pack { .. } => form.push(("metadata[pack]".into(), name.clone())),
+        Item::Plan { .. } => {
+            form.push(("metadata[plan]".into(), name.clone()));
+            form.push((
+                "subscription_data[metadata][account_id]".into(),
+                account.clone(),
+            ));
+            form.push(("subscription_data[metadata][plan]".into(), name.clone()));
+        }
+    }
+    let created = api
+        .create_checkout_session(&req.idempotency_key, &form)
+        .await?;
+    let client = db.get().await?;
+    client
+        .execute(
+            "INSERT INTO billing_checkouts (session_id, account_id, mode, item, credits)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING",
+            &[&created.id, &account_id, &mode, name, &credits],
+        )
+        .await?;
+    Ok(created)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub object: &'static str,
+    pub tier: String,
+    pub plan: Option<String>,
+    pub subscription_status: Option<String>,
+    pub stripe_customer: Option<String>,
+    pub purchases: Vec<crate::credits::Movement>,
+}
+
+pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summary, ApiError> {
+    let account = accounts::get(db, account_id)
+        .await?
+        .ok_or_else(accounts::not_found)?;
+    let customer: Option<String> = db
+        .query_opt(
+            "SELECT customer_id FROM billing_customers WHERE account_id = $1",
+            &[&account_id],
+        )
+        .await?
+        .map(|r| r.get(0));
+    let sub = db
+        .query_opt(
+            "SELECT plan, status FROM billing_subscriptions WHERE account_id = $1
+              ORDER BY last_event_created DESC LIMIT 1",
+            &[&account_id],
+        )
+        .await?;
+    let purchases = db
+        .query(
+            &format!(
+                "SELECT {} FROM credit_ledger WHERE account_id = $1 AND kind IN ('purchase', 'clawback')
+                  ORDER BY id DESC LIMIT 20",
+                crate::credits::ledger::MOVEMENT_COLUMNS
+            ),
+            &[&account_id],
+        )
+        .await?
+        .iter()
+        .map(crate::credits::ledger::movement)
+        .collect();
+    Ok(Summary {
+        object: "billing",
+        tier: account.tier,
+        plan: sub.as_ref().and_then(|r| r.get(0)),
+        subscription_status: sub.as_ref().map(|r| r.get(1)),
+        stripe_customer: customer,
+        purchases,
+    })
+}

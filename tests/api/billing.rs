@@ -1,0 +1,630 @@
+//! Stripe billing: deliveries built from Stripe's published fixtures and signed the way
+//! Stripe signs them (HMAC-SHA256 of "t.body", computed here independently of the server's
+//! verifier); Checkout against a local Stripe-API server that records what it receives.
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use futures_util::future::join_all;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::credits::assert_ledger_invariant;
+use crate::helpers::{assert_problem, spawn_app_with, TestApp};
+
+const OLD_SECRET: &str = "whsec_test_old_0123456789";
+const NEW_SECRET: &str = "whsec_test_new_9876543210";
+
+fn fixture(name: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/stripe-fixtures")
+        .join(format!("{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(&path).expect("stripe fixture"))
+        .expect("fixture JSON")
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// An event envelope from the fixture, around `object`.
+fn event(kind: &str, object: Value, created: i64) -> Value {
+    let mut e = fixture("event");
+    e["id"] = json!(format!("evt_{}", Uuid::new_v4().simple()));
+    e["type"] = json!(kind);
+    e["created"] = json!(created);
+    e["data"]["object"] = object;
+    e
+}
+
+fn signature(secret: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+async fn deliver_with(app: &TestApp, body: &[u8], header: Option<String>) -> reqwest::Response {
+    let mut req = app
+        .client
+        .post(app.url("/v1/billing/webhook"))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(h) = header {
+        req = req.header("Stripe-Signature", h);
+    }
+    req.send().await.unwrap()
+}
+
+async fn deliver(app: &TestApp, e: &Value) -> reqwest::Response {
+    let body = serde_json::to_vec(e).unwrap();
+    let t = now();
+    deliver_with(
+        app,
+        &body,
+        Some(format!("t={t},v1={}", signature(NEW_SECRET, t, &body))),
+    )
+    .await
+}
+
+async fn billing_app(stripe_base: Option<String>) -> TestApp {
+    spawn_app_with(move |env| {
+        env.insert(
+            "STRIPE_WEBHOOK_SECRET".into(),
+            format!("{OLD_SECRET},{NEW_SECRET}"),
+        );
+        env.insert("STRIPE_SECRET_KEY".into(), "sk_test_keymeter".into());
+        env.insert(
+            "KEYMETER_CREDIT_PACKS".into(),
+            "small:price_small:100,large:price_large:1000".into(),
+        );
+        env.insert(
+            "KEYMETER_PLANS".into(),
+            "pro:price_pro:pro:5000,biz:price_biz:business:20000".into(),
+        );
+        if let Some(b) = stripe_base {
+            env.insert("STRIPE_API_BASE".into(), b);
+        }
+    })
+    .await
+}
+
+async fn balance(app: &TestApp, account: Uuid) -> (i64, String) {
+    let r = app
+        .db
+        .query_one(
+            "SELECT credit_balance, tier FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+fn paid_session(account: Uuid, pack: &str) -> Value {
+    let mut s = fixture("checkout.session");
+    s["id"] = json!(format!("cs_test_{}", Uuid::new_v4().simple()));
+    s["mode"] = json!("payment");
+    s["payment_status"] = json!("paid");
+    s["status"] = json!("complete");
+    s["client_reference_id"] = json!(account.to_string());
+    s["metadata"] = json!({"account_id": account.to_string(), "pack": pack});
+    s["payment_intent"] = json!(format!("pi_{}", Uuid::new_v4().simple()));
+    s
+}
+
+#[tokio::test]
+async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let e = event(
+        "checkout.session.completed",
+        paid_session(account, "small"),
+        now(),
+    );
+    let res = deliver(&app, &e).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(balance(&app, account).await.0, 100);
+    // Redelivered: 200, nothing changes.
+    let res = deliver(&app, &e).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["duplicate"], true);
+    assert_eq!(balance(&app, account).await.0, 100);
+    let row = app
+        .db
+        .query_one(
+            "SELECT kind, delta, stripe_event_id FROM credit_ledger WHERE account_id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "purchase");
+    assert_eq!(row.get::<_, i64>(1), 100);
+    assert_eq!(row.get::<_, String>(2), e["id"].as_str().unwrap());
+
+    // Metadata alone cannot name the amount: an unknown pack credits nothing.
+    let e = event(
+        "checkout.session.completed",
+        paid_session(account, "galactic"),
+        now(),
+    );
+    assert_eq!(deliver(&app, &e).await.status(), 200);
+    assert_eq!(balance(&app, account).await.0, 100);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_of_one_event_credit_once() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let e = event(
+        "checkout.session.completed",
+        paid_session(account, "large"),
+        now(),
+    );
+    let results = join_all((0..12).map(|_| deliver(&app, &e))).await;
+    assert!(results.iter().all(|r| r.status() == 200));
+    assert_eq!(balance(&app, account).await.0, 1000);
+    let n: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM stripe_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn delayed_payments_credit_when_they_succeed() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let mut s = paid_session(account, "small");
+    s["payment_status"] = json!("unpaid");
+    assert_eq!(
+        deliver(&app, &event("checkout.session.completed", s.clone(), now()))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(balance(&app, account).await.0, 0);
+    s["payment_status"] = json!("paid");
+    let e = event("checkout.session.async_payment_succeeded", s.clone(), now());
+    assert_eq!(deliver(&app, &e).await.status(), 200);
+    assert_eq!(balance(&app, account).await.0, 100);
+    // A different event for the same session does not fulfil it twice.
+    let e2 = event("checkout.session.async_payment_succeeded", s, now());
+    assert_eq!(deliver(&app, &e2).await.status(), 200);
+    assert_eq!(balance(&app, account).await.0, 100);
+}
+
+#[tokio::test]
+async fn forged_stale_and_unsigned_deliveries_are_refused_and_write_nothing() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let e = event(
+        "checkout.session.completed",
+        paid_session(account, "large"),
+        now(),
+    );
+    let body = serde_json::to_vec(&e).unwrap();
+    let t = now();
+    let mut tampered = e.clone();
+    tampered["data"]["object"]["metadata"]["pack"] = json!("large");
+    tampered["id"] = json!("evt_tampered");
+    let tampered_body = serde_json::to_vec(&tampered).unwrap();
+    for (b, header) in [
+        (body.clone(), None),
+        (body.clone(), Some("garbage".to_owned())),
+        (
+            body.clone(),
+            Some(format!("t={t},v1={}", signature("whsec_forger", t, &body))),
+        ),
+        (
+            body.clone(),
+            Some(format!(
+                "t={},v1={}",
+                t - 301,
+                signature(NEW_SECRET, t - 301, &body)
+            )),
+        ),
+        (
+            body.clone(),
+            Some(format!(
+                "t={},v1={}",
+                t + 301,
+                signature(NEW_SECRET, t + 301, &body)
+            )),
+        ),
+        (
+            tampered_body,
+            Some(format!("t={t},v1={}", signature(NEW_SECRET, t, &body))),
+        ),
+    ] {
+        let res = deliver_with(&app, &b, header).await;
+        let p = assert_problem(res, 400, "invalid_signature").await;
+        assert_eq!(p["detail"], "The signature could not be verified.");
+    }
+    let n: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM stripe_events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    assert_eq!(balance(&app, account).await.0, 0);
+
+    // While a secret rolls: the old secret still verifies, and a match on any v1 passes.
+    let header = format!(
+        "t={t},v1={},v1={}",
+        signature("whsec_unrelated", t, &body),
+        signature(OLD_SECRET, t, &body)
+    );
+    assert_eq!(deliver_with(&app, &body, Some(header)).await.status(), 200);
+    assert_eq!(balance(&app, account).await.0, 1000);
+}
+
+fn plan_invoice(customer: &str, subscription: &str, price: &str, account: Uuid) -> Value {
+    let mut inv = fixture("invoice");
+    inv["id"] = json!(format!("in_{}", Uuid::new_v4().simple()));
+    inv["customer"] = json!(customer);
+    inv["status"] = json!("paid");
+    inv["billing_reason"] = json!("subscription_cycle");
+    inv["parent"] = json!({
+        "type": "subscription_details",
+        "quote_details": null,
+        "subscription_details": {"subscription": subscription, "metadata": {"account_id": account.to_string(), "plan": "pro"}}
+    });
+    inv["lines"]["data"][0]["pricing"] = json!({"type": "price_details", "price_details": {"price": price, "product": "prod_x"}, "unit_amount_decimal": "2000"});
+    inv
+}
+
+fn subscription(id: &str, customer: &str, price: &str, status: &str) -> Value {
+    let mut s = fixture("subscription");
+    s["id"] = json!(id);
+    s["customer"] = json!(customer);
+    s["status"] = json!(status);
+    s["items"]["data"][0]["price"]["id"] = json!(price);
+    s
+}
+
+#[tokio::test]
+async fn plans_move_tiers_and_old_deliveries_never_overwrite_newer_ones() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let sub = "sub_test_plan";
+    let t0 = now() - 100;
+    // invoice.paid: the period's credits and the plan's tier.
+    let e = event(
+        "invoice.paid",
+        plan_invoice("cus_unknown", sub, "price_pro", account),
+        t0,
+    );
+    let res = deliver(&app, &e).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(balance(&app, account).await, (5000, "pro".to_owned()));
+
+    // Upgrade to biz at t0+10, cancellation at t0+20 …
+    let up = event(
+        "customer.subscription.updated",
+        subscription(sub, "cus_unknown", "price_biz", "active"),
+        t0 + 10,
+    );
+    let del = event(
+        "customer.subscription.deleted",
+        subscription(sub, "cus_unknown", "price_biz", "canceled"),
+        t0 + 20,
+    );
+    // … delivered out of order: the cancellation first, then the older upgrade.
+    assert_eq!(deliver(&app, &del).await.status(), 200);
+    assert_eq!(balance(&app, account).await.1, "free");
+    let res = deliver(&app, &up).await;
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["outcome"], "stale_ignored");
+    assert_eq!(balance(&app, account).await.1, "free");
+    // A late invoice.paid from before the cancellation credits but does not restore the tier.
+    let late = event(
+        "invoice.paid",
+        plan_invoice("cus_unknown", sub, "price_pro", account),
+        t0 + 5,
+    );
+    assert_eq!(deliver(&app, &late).await.status(), 200);
+    assert_eq!(balance(&app, account).await, (10000, "free".to_owned()));
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_refund_claws_back_credits_even_below_zero_and_charges_stop() {
+    let app = billing_app(None).await;
+    let (account, key) = app.create_account("internal", 0).await;
+    let session = paid_session(account, "small");
+    let pi = session["payment_intent"].as_str().unwrap().to_owned();
+    assert_eq!(
+        deliver(&app, &event("checkout.session.completed", session, now()))
+            .await
+            .status(),
+        200
+    );
+    // Spend most of it.
+    let res = app
+        .post_json("/v1/credits/charge", &key, json!({"amount": 80}))
+        .await;
+    assert_eq!(res.status(), 201);
+    // Half refunded, then all of it (Stripe reports the cumulative amount).
+    let mut charge = fixture("charge");
+    charge["payment_intent"] = json!(pi);
+    charge["amount"] = json!(2000);
+    charge["amount_refunded"] = json!(1000);
+    charge["refunded"] = json!(false);
+    assert_eq!(
+        deliver(&app, &event("charge.refunded", charge.clone(), now()))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(balance(&app, account).await.0, -30);
+    charge["amount_refunded"] = json!(2000);
+    charge["refunded"] = json!(true);
+    assert_eq!(
+        deliver(&app, &event("charge.refunded", charge, now()))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(balance(&app, account).await.0, -80);
+    let kinds: Vec<(String, i64)> = app
+        .db
+        .query(
+            "SELECT kind, delta FROM credit_ledger WHERE account_id = $1 ORDER BY id",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("purchase".to_owned(), 100),
+            ("charge".to_owned(), -80),
+            ("clawback".to_owned(), -50),
+            ("clawback".to_owned(), -50)
+        ]
+    );
+    let p = assert_problem(
+        app.post_json("/v1/credits/charge", &key, json!({"amount": 1}))
+            .await,
+        402,
+        "insufficient_credits",
+    )
+    .await;
+    assert_eq!(p["balance"], -80);
+    // Balance = Σ deltas still holds (negative balances are allowed only after a clawback).
+    let sum: i64 = app
+        .db
+        .query_one(
+            "SELECT sum(delta)::bigint FROM credit_ledger WHERE account_id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sum, -80);
+}
+
+#[tokio::test]
+async fn other_event_types_are_recorded_and_ignored() {
+    let app = billing_app(None).await;
+    let e = fixture("event"); // plan.created, as Stripe publishes it
+    let mut e = e;
+    e["created"] = json!(now());
+    let res = deliver(&app, &e).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["outcome"], "ignored");
+    let outcome: String = app
+        .db
+        .query_one(
+            "SELECT outcome FROM stripe_events WHERE id = $1",
+            &[&e["id"].as_str().unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(outcome, "ignored");
+}
+
+type Recorded = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
+
+/// A local stand-in for api.stripe.com: answers with Stripe's fixture objects and records
+/// each request's path, Idempotency-Key and form body.
+async fn local_stripe() -> (String, Recorded) {
+    let recorded: Recorded = Arc::default();
+    let rec = recorded.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = HttpServer::new(move || {
+        let rec = rec.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let rec = rec.clone();
+            async move {
+                let key = req
+                    .headers()
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let auth_ok = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    == Some("Bearer sk_test_keymeter");
+                rec.lock().unwrap().push((
+                    req.path().to_owned(),
+                    key,
+                    String::from_utf8_lossy(&body).into_owned(),
+                ));
+                if !auth_ok {
+                    return HttpResponse::Unauthorized().json(
+                        json!({"error": {"type": "invalid_request_error", "message": "bad key"}}),
+                    );
+                }
+                match req.path() {
+                    "/v1/customers" => {
+                        let mut c = fixture("customer");
+                        c["id"] = json!("cus_local_1");
+                        HttpResponse::Ok().json(c)
+                    }
+                    "/v1/checkout/sessions" => {
+                        let mut s = fixture("checkout.session");
+                        s["id"] = json!(format!("cs_local_{}", Uuid::new_v4().simple()));
+                        s["url"] = json!("https://checkout.stripe.com/c/pay/cs_local");
+                        HttpResponse::Ok().json(s)
+                    }
+                    _ => HttpResponse::NotFound()
+                        .json(json!({"error": {"type": "invalid_request_error"}})),
+                }
+            }
+        }))
+    })
+    .workers(1)
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    (format!("http://127.0.0.1:{port}"), recorded)
+}
+
+fn form(body: &str) -> std::collections::HashMap<String, String> {
+    body.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 3 <= b.len() => {
+                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test]
+async fn checkout_creates_a_session_on_stripe_with_the_expected_fields() {
+    let (base, recorded) = local_stripe().await;
+    let app = billing_app(Some(base)).await;
+    let (account, key) = app.create_account("pro", 0).await;
+    let res = app
+        .client
+        .post(app.url("/v1/billing/checkout"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "buy-1")
+        .json(&json!({"pack": "small", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    assert!(body["id"].as_str().unwrap().starts_with("cs_local_"));
+    assert_eq!(body["url"], "https://checkout.stripe.com/c/pay/cs_local");
+    // Replayed from our idempotency record: Stripe is not called again.
+    let again = app
+        .client
+        .post(app.url("/v1/billing/checkout"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "buy-1")
+        .json(&json!({"pack": "small", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let plan = app
+        .post_json(
+            "/v1/billing/checkout",
+            &key,
+            json!({"plan": "pro", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"}),
+        )
+        .await;
+    assert_eq!(plan.status(), 201);
+
+    let rec = recorded.lock().unwrap().clone();
+    let paths: Vec<&str> = rec.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        paths,
+        vec![
+            "/v1/customers",
+            "/v1/checkout/sessions",
+            "/v1/checkout/sessions"
+        ],
+        "one customer, reused"
+    );
+    let customer = form(&rec[0].2);
+    assert_eq!(customer["metadata[account_id]"], account.to_string());
+    assert!(
+        rec[0].1.is_some(),
+        "customer creation carries an idempotency key"
+    );
+    let pack = form(&rec[1].2);
+    assert_eq!(pack["mode"], "payment");
+    assert_eq!(pack["customer"], "cus_local_1");
+    assert_eq!(pack["client_reference_id"], account.to_string());
+    assert_eq!(pack["line_items[0][price]"], "price_small");
+    assert_eq!(pack["line_items[0][quantity]"], "1");
+    assert_eq!(pack["metadata[pack]"], "small");
+    assert_eq!(pack["success_url"], "https://example.com/ok");
+    assert_eq!(
+        rec[1].1.as_deref(),
+        Some(format!("keymeter-checkout-{account}-buy-1").as_str())
+    );
+    let sub = form(&rec[2].2);
+    assert_eq!(sub["mode"], "subscription");
+    assert_eq!(sub["line_items[0][price]"], "price_pro");
+    assert_eq!(sub["metadata[plan]"], "pro");
+
+    // Bad input: 422, Stripe not called.
+    let res = app
+        .post_json(
+            "/v1/billing/checkout",
+            &key,
+            json!({"pack": "nope", "success_url": "https://e.com", "cancel_url": "https://e.com"}),
+        )
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    let res = app
+        .post_json("/v1/billing/checkout", &key, json!({"pack": "small", "plan": "pro", "success_url": "https://e.com", "cancel_url": "https://e.com"}))
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(recorded.lock().unwrap().len(), 3);
+
+    // The summary shows the customer.
+    let summary: Value = app
+        .get_with_key("/v1/billing", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(summary["stripe_customer"], "cus_local_1");
+    assert_eq!(summary["tier"], "pro");
+}
