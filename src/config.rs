@@ -242,6 +242,8 @@ pub struct Config {
     pub rate_limit_refuse_without_redis: bool,
     pub redis_timeout: Duration,
     pub billing: BillingSettings,
+    /// Group-commit concurrent charges to one account (see `credits::coalesce`).
+    pub charge_coalescing: bool,
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,
 }
@@ -567,6 +569,7 @@ impl Config {
                 ));
             }
         }
+        let charge_coalescing = boolean(src, "KEYMETER_CHARGE_COALESCING", true)?;
         let webhook_body_limit = positive(
             src,
             "KEYMETER_WEBHOOK_BODY_LIMIT",
@@ -599,6 +602,7 @@ impl Config {
             rate_limit_refuse_without_redis,
             redis_timeout,
             billing,
+            charge_coalescing,
             webhook_body_limit,
         })
     }

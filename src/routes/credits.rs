@@ -223,6 +223,10 @@ pub async fn charge(
             idempotency_key: key.as_ref().map(IdempotencyKey::as_str),
         };
         match &guard {
+            None if !state.config.charge_coalescing => {
+                let m = ledger::charge(&client, caller.account_id, parsed.amount, &ctx).await?;
+                Ok::<_, ApiError>(m)
+            }
             None => {
                 drop(client);
                 // Without an idempotency record to complete, concurrent charges to one account
