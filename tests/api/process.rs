@@ -456,3 +456,92 @@ async fn dev_starts_its_own_postgres_and_prints_a_working_demo_key() {
     assert!(!dir.join(".keymeter/pgdata/postmaster.pid").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_request_finish() {
+    let db = create_database().await;
+    let (mut child, port, _logs) = start_server(
+        &db,
+        &[("KEYMETER_ADMIN_TOKEN", crate::helpers::ADMIN_TOKEN)],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{base}/admin/accounts"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .json(&serde_json::json!({"email": "inflight@example.com", "tier": "internal", "credits": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let account = created["account_id"].as_str().unwrap().to_owned();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+
+    // Hold the account's row lock so the next charge is certainly in flight, waiting on it.
+    let (mut holder, conn) = tokio_postgres::connect(&database_url(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE id = $1::text::uuid FOR UPDATE",
+        &[&account],
+    )
+    .await
+    .unwrap();
+    let in_flight = tokio::spawn({
+        let (http, base, key) = (http.clone(), base.clone(), key.clone());
+        async move {
+            http.post(format!("{base}/v1/credits/charge"))
+                .bearer_auth(key)
+                .json(&serde_json::json!({"amount": 3}))
+                .send()
+                .await
+        }
+    });
+    // Wait until the server's charge is blocked on the lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the charge never reached the database"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sigterm(&child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // New connections are no longer accepted while it drains…
+    assert!(child.try_wait().unwrap().is_none(), "still draining");
+    tx.commit().await.unwrap();
+    // …and the in-flight request completes normally.
+    let res = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request got an answer");
+    assert_eq!(res.status(), 201);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+    let balance: i64 = holder
+        .query_one(
+            "SELECT credit_balance FROM accounts WHERE id = $1::text::uuid",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(balance, 7);
+    drop(holder);
+    drop_database_blocking(&db);
+}
