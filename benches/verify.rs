@@ -135,7 +135,6 @@ impl Drop for BenchDatabase {
 
 struct Fixture {
     svc: std::sync::Arc<AuthService>,
-    pool: deadpool_postgres::Pool,
     account_id: Uuid,
     plaintext: String,
 }
@@ -174,17 +173,17 @@ async fn fixture(db_url: &str) -> Fixture {
     // A long positive TTL: the cache-hit bench must not see an expiry mid-run.
     let cache = KeyCache::new(10_000, Duration::from_secs(600), Duration::from_secs(5));
     Fixture {
-        svc: AuthService::new(pool.clone(), cache),
-        pool,
+        svc: AuthService::new(pool, cache),
         account_id,
         plaintext: new_key.plaintext,
     }
 }
 
 /// Adds filler keys until `api_keys` holds `total` rows besides the bench key; returns the
-/// real count.
-async fn seed_filler(f: &Fixture, total: i64) -> i64 {
-    let client = f.pool.get().await.expect("connection");
+/// real count. Uses its own connection: the pool's carry keymeter's 5 s `statement_timeout`,
+/// and a million rows take longer than that.
+async fn seed_filler(f: &Fixture, db_url: &str, total: i64) -> i64 {
+    let client = admin_client(db_url).await;
     for _ in 0..3 {
         let have: i64 = client
             .query_one("SELECT count(*) FROM api_keys WHERE name = 'filler'", &[])
@@ -299,7 +298,7 @@ fn main() {
     let big = if quick { 10_000 } else { 1_000_000 };
     for target in [small, big] {
         let started = std::time::Instant::now();
-        let n = rt.block_on(seed_filler(&f, target));
+        let n = rt.block_on(seed_filler(&f, &db.url(), target));
         eprintln!(
             "seeded {n} filler keys in {:.1}s",
             started.elapsed().as_secs_f64()
