@@ -17,6 +17,7 @@ pub mod dev;
 pub mod error;
 pub mod http;
 pub mod idempotency;
+pub mod jobs;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;

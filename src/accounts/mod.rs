@@ -77,12 +77,11 @@ fn account(row: &tokio_postgres::Row) -> Account {
 }
 
 pub async fn get(db: &impl GenericClient, id: Uuid) -> Result<Option<Account>, ApiError> {
-    let row = db
-        .query_opt(
-            &format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"),
-            &[&id],
-        )
+    // Prepared once per connection: one round trip per read instead of parse + execute.
+    let stmt = db
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"))
         .await?;
+    let row = db.query_opt(&stmt, &[&id]).await?;
     Ok(row.as_ref().map(account))
 }
 

@@ -191,9 +191,7 @@ pub async fn charge(
     if cost <= 0 {
         return Err(ApiError::validation("amount", "a charge must be positive."));
     }
-    let res = db
-        .query_opt(
-            &format!(
+    let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
                      UPDATE accounts SET credit_balance = credit_balance - $2
                       WHERE id = $1 AND credit_balance >= $2
@@ -201,8 +199,17 @@ pub async fn charge(
                  INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key)
                  SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5 FROM acct
                  RETURNING {MOVEMENT_COLUMNS}"
-            ),
-            &[&account_id, &cost, &ctx.reason, &ctx.job_id, &ctx.idempotency_key],
+            )).await?;
+    let res = db
+        .query_opt(
+            &stmt,
+            &[
+                &account_id,
+                &cost,
+                &ctx.reason,
+                &ctx.job_id,
+                &ctx.idempotency_key,
+            ],
         )
         .await;
     match res {

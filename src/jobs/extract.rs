@@ -1,0 +1,1019 @@
+//! Turning a fetched page into what the customer asked for: `metadata`, `text`, `markdown`,
+//! `links`, `html`. The result carries only the requested formats, so a job that asked for
+//! `links` does not store the page's HTML.
+//!
+//! Why it is shaped this way:
+//!
+//! - **Bytes are decoded once, by the page's own charset** (the `Content-Type` parameter,
+//!   else a byte-order mark, else `<meta charset>` in the first 1024 bytes, else UTF-8), so a
+//!   Latin-1 or Shift_JIS page reads as text rather than replacement characters.
+//! - **One parse (scraper/html5ever, the browsers' algorithm) and one walk** give the metadata,
+//!   the links and the text. The walk is iterative: a page of a million nested `<div>`s is
+//!   5 MB of input, and must not be able to overflow a worker's stack.
+//! - **Markdown is htmd's**, with our handlers for `<a>` and `<img>` so links come out
+//!   absolute (a relative link in Markdown served from our API points nowhere). htmd walks
+//!   the tree recursively, so a page nested deeper than [`ExtractLimits::max_markdown_depth`]
+//!   gets the readable text as its Markdown instead of a stack overflow, which would abort the
+//!   process, not just fail the job. A panic inside htmd is caught the same way.
+//! - **Links are what a crawler would follow**: `<a href>` and `<area href>`, resolved against
+//!   `<base href>` (first one, as browsers do) and the final URL, http/https only, fragment
+//!   removed, each once, in document order.
+//! - **Parsing has a time budget** ([`ExtractLimits::parse_budget`]): html5ever is quadratic
+//!   on some hostile inputs and cannot be interrupted from outside, so it is fed in slices and
+//!   the rest of the page is dropped once the budget is spent (the result says `partial`).
+//! - Extraction is CPU-bound: call it from `tokio::task::spawn_blocking`, not on an async
+//!   worker.
+
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use ego_tree::iter::Edge;
+use encoding_rs::{Encoding, UTF_16BE, UTF_16LE, UTF_8};
+use htmd::element_handler::{HandlerResult, Handlers};
+use htmd::{Element, HtmlToMarkdown};
+use html5ever::tendril::{StrTendril, TendrilSink};
+use scraper::{ElementRef, Html, HtmlTreeSink, Node};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::fetch::Fetched;
+
+/// The formats a job can ask for (`"formats": ["metadata", "markdown"]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Metadata,
+    Text,
+    Markdown,
+    Links,
+    Html,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExtractLimits {
+    /// Bytes of raw HTML returned in `html`; longer pages are cut (on a character boundary)
+    /// and `html_truncated` is set.
+    pub max_html_bytes: usize,
+    /// Deepest element nesting converted to Markdown (see the module doc). htmd needs
+    /// about 1 KiB of stack per level in a debug build; 512 fits a 2 MiB thread with room.
+    pub max_markdown_depth: usize,
+    /// Time the HTML parser may take before the rest of the page is left unparsed (and the
+    /// result marked `partial`).
+    pub parse_budget: Duration,
+}
+
+impl Default for ExtractLimits {
+    fn default() -> Self {
+        Self {
+            max_html_bytes: 2 * 1024 * 1024,
+            max_markdown_depth: 512,
+            parse_budget: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A job's result: one field per requested format, the others absent from the JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extracted {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Metadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub markdown: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub html: Option<String>,
+    /// `html` was cut at [`ExtractLimits::max_html_bytes`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub html_truncated: bool,
+    /// The page took longer than [`ExtractLimits::parse_budget`] to parse: the other formats
+    /// cover only its beginning, and `markdown` is the readable text.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
+}
+
+/// What the page says about itself. Absent values are `null`, so every key is always there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// The final URL, after redirects.
+    pub url: String,
+    pub status_code: u16,
+    pub content_type: Option<String>,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    /// `<link rel="canonical">`, absolute.
+    pub canonical: Option<String>,
+    /// `<html lang>`.
+    pub language: Option<String>,
+    pub open_graph: OpenGraph,
+    /// The body was cut at the fetch size cap; everything here comes from its first part.
+    pub truncated: bool,
+}
+
+/// `<meta property="og:…">`; `image` and `url` made absolute.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenGraph {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub image: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub url: Option<String>,
+    pub site_name: Option<String>,
+}
+
+/// Produces the requested `formats` from a fetched page. Never fails: a page with nothing
+/// to extract gives empty values.
+pub fn extract(page: &Fetched, formats: &[Format], limits: &ExtractLimits) -> Extracted {
+    let want = |f: Format| formats.contains(&f);
+    let kind = ContentKind::of(page.content_type.as_deref(), &page.body);
+    let decoded = match kind {
+        ContentKind::Html => decode(page.content_type.as_deref(), &page.body, true),
+        ContentKind::Text => decode(page.content_type.as_deref(), &page.body, false),
+        ContentKind::Other => String::new(),
+    };
+    let needs_parse = kind == ContentKind::Html
+        && (want(Format::Metadata)
+            || want(Format::Text)
+            || want(Format::Markdown)
+            || want(Format::Links));
+    let mut partial = false;
+    let scan = needs_parse.then(|| {
+        let (doc, complete) = parse_within(&decoded, limits.parse_budget);
+        partial = !complete;
+        Scan::of(&doc, want(Format::Text) || want(Format::Markdown))
+    });
+    let base = scan
+        .as_ref()
+        .and_then(|s| s.base_href.as_deref())
+        .and_then(|href| page.url.join(href.trim()).ok())
+        .filter(is_http)
+        .unwrap_or_else(|| page.url.clone());
+
+    let mut out = Extracted {
+        partial,
+        ..Extracted::default()
+    };
+    if want(Format::Metadata) {
+        out.metadata = Some(metadata(page, scan.as_ref(), &base));
+    }
+    if want(Format::Text) {
+        out.text = Some(match (&scan, kind) {
+            (Some(s), _) => s.text.clone(),
+            (None, ContentKind::Text) => decoded.clone(),
+            _ => String::new(),
+        });
+    }
+    if want(Format::Markdown) {
+        out.markdown = Some(match (&scan, kind) {
+            (Some(s), _) if partial || s.max_depth > limits.max_markdown_depth => s.text.clone(),
+            (Some(s), _) => markdown(&decoded, &base).unwrap_or_else(|| s.text.clone()),
+            (None, ContentKind::Text) => decoded.clone(),
+            _ => String::new(),
+        });
+    }
+    if want(Format::Links) {
+        out.links = Some(match &scan {
+            Some(s) => absolute_links(&s.hrefs, &base),
+            None => Vec::new(),
+        });
+    }
+    if want(Format::Html) {
+        let (html, cut) = match kind {
+            ContentKind::Html => cap_at_char_boundary(&decoded, limits.max_html_bytes),
+            _ => (String::new(), false),
+        };
+        out.html = Some(html);
+        out.html_truncated = cut;
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentKind {
+    Html,
+    Text,
+    Other,
+}
+
+impl ContentKind {
+    fn of(content_type: Option<&str>, body: &[u8]) -> Self {
+        let essence = content_type
+            .and_then(|ct| ct.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        match essence.as_str() {
+            "text/html" | "application/xhtml+xml" => ContentKind::Html,
+            m if m.starts_with("text/") => ContentKind::Text,
+            // No type given: sniff, as browsers do, for the one case that matters here.
+            "" if looks_like_html(body) => ContentKind::Html,
+            _ => ContentKind::Other,
+        }
+    }
+}
+
+fn looks_like_html(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let start = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(body.len());
+    let head: Vec<u8> = body[start..]
+        .iter()
+        .take(14)
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    head.starts_with(b"<!doctype html") || head.starts_with(b"<html")
+}
+
+/// Decodes the body by its declared charset; a byte-order mark wins, as in browsers.
+fn decode(content_type: Option<&str>, body: &[u8], sniff_meta: bool) -> String {
+    let declared = content_type
+        .and_then(charset_param)
+        .and_then(|l| Encoding::for_label(l.as_bytes()));
+    let encoding = declared
+        .or_else(|| {
+            sniff_meta
+                .then(|| meta_charset(&body[..body.len().min(1024)]))
+                .flatten()
+                .and_then(|l| Encoding::for_label(l.as_bytes()))
+                // A page that could declare UTF-16 in ASCII is not UTF-16 (HTML spec).
+                .map(|e| {
+                    if e == UTF_16LE || e == UTF_16BE {
+                        UTF_8
+                    } else {
+                        e
+                    }
+                })
+        })
+        .unwrap_or(UTF_8);
+    let (text, _, _) = encoding.decode(body);
+    text.into_owned()
+}
+
+fn charset_param(content_type: &str) -> Option<String> {
+    content_type.split(';').skip(1).find_map(|param| {
+        let (k, v) = param.split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("charset")
+            .then(|| v.trim().trim_matches(['"', '\'']).to_owned())
+    })
+}
+
+/// `<meta charset=…>` or `<meta http-equiv=… content="…; charset=…">` in the prefix.
+fn meta_charset(prefix: &[u8]) -> Option<String> {
+    let lower = String::from_utf8_lossy(prefix).to_ascii_lowercase();
+    let mut rest = lower.as_str();
+    while let Some(at) = rest.find("<meta") {
+        let tag = &rest[at..];
+        let tag = &tag[..tag.find('>').unwrap_or(tag.len())];
+        if let Some(pos) = tag.find("charset") {
+            let value = tag[pos + "charset".len()..]
+                .trim_start()
+                .strip_prefix('=')
+                .map(|v| v.trim_start().trim_start_matches(['"', '\'']));
+            if let Some(v) = value {
+                let label: String = v
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || "-_:.".contains(*c))
+                    .collect();
+                if !label.is_empty() {
+                    return Some(label);
+                }
+            }
+        }
+        rest = &rest[at + 5..];
+    }
+    None
+}
+
+fn cap_at_char_boundary(s: &str, max: usize) -> (String, bool) {
+    if s.len() <= max {
+        return (s.to_owned(), false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (s[..end].to_owned(), true)
+}
+
+/// Parses `html` in slices, and stops feeding the parser once `budget` is spent. html5ever
+/// is quadratic on some inputs (40,000 nested `<div>`s take seconds; a 5 MiB page can hold a
+/// million), and a parse cannot be cancelled from outside, so the bound has to be here.
+/// Returns the document (of the part parsed) and whether the whole page was parsed.
+fn parse_within(html: &str, budget: Duration) -> (Html, bool) {
+    const SLICE: usize = 16 * 1024;
+    let started = Instant::now();
+    let mut parser =
+        html5ever::parse_document(HtmlTreeSink::new(Html::new_document()), Default::default());
+    let mut rest = html;
+    while !rest.is_empty() {
+        if started.elapsed() > budget {
+            return (parser.finish(), false);
+        }
+        let mut end = rest.len().min(SLICE);
+        while !rest.is_char_boundary(end) {
+            end += 1;
+        }
+        parser.process(StrTendril::from_slice(&rest[..end]));
+        rest = &rest[end..];
+    }
+    (parser.finish(), true)
+}
+
+fn is_http(url: &Url) -> bool {
+    matches!(url.scheme(), "http" | "https")
+}
+
+/// Everything one walk of the document collects.
+#[derive(Default)]
+struct Scan {
+    title: Option<String>,
+    description: Option<String>,
+    canonical: Option<String>,
+    language: Option<String>,
+    og: OpenGraph,
+    base_href: Option<String>,
+    /// Raw `href`s of `<a>` and `<area>`, in document order.
+    hrefs: Vec<String>,
+    text: String,
+    max_depth: usize,
+}
+
+/// Subtrees that are not readable text. `template` holds inert content, `noscript` is for
+/// browsers without scripts (we parse as one with them, so it is raw markup), `head` is
+/// metadata, and `svg`/`iframe` hold drawings and fallback content.
+const NOT_TEXT: &[&str] = &[
+    "head", "script", "style", "noscript", "template", "svg", "iframe",
+];
+
+/// Elements that start a new line of text.
+const BLOCKS: &[&str] = &[
+    "address",
+    "article",
+    "aside",
+    "blockquote",
+    "br",
+    "caption",
+    "dd",
+    "details",
+    "dialog",
+    "div",
+    "dl",
+    "dt",
+    "fieldset",
+    "figcaption",
+    "figure",
+    "footer",
+    "form",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "header",
+    "hgroup",
+    "hr",
+    "li",
+    "main",
+    "nav",
+    "ol",
+    "p",
+    "pre",
+    "section",
+    "summary",
+    "table",
+    "tr",
+    "ul",
+];
+
+const HTML_NS: &str = "http://www.w3.org/1999/xhtml";
+
+impl Scan {
+    fn of(doc: &Html, want_text: bool) -> Self {
+        let mut scan = Scan::default();
+        let mut lines: Vec<String> = Vec::new();
+        let mut line = String::new();
+        let (mut depth, mut template_depth, mut skip_depth) = (0usize, 0usize, 0usize);
+
+        for edge in doc.tree.root().traverse() {
+            match edge {
+                Edge::Open(node) => match node.value() {
+                    Node::Element(el) => {
+                        depth += 1;
+                        scan.max_depth = scan.max_depth.max(depth);
+                        let name = el.name();
+                        if template_depth > 0 || name == "template" {
+                            template_depth += 1;
+                        }
+                        if skip_depth > 0 || NOT_TEXT.contains(&name) {
+                            skip_depth += 1;
+                        }
+                        if template_depth == 0 {
+                            scan.element(el, node);
+                        }
+                        if skip_depth == 0 && want_text {
+                            if BLOCKS.contains(&name) {
+                                end_line(&mut lines, &mut line);
+                            } else if name == "td" || name == "th" {
+                                line.push(' ');
+                            }
+                        }
+                    }
+                    Node::Text(t) if skip_depth == 0 && want_text => line.push_str(t),
+                    _ => {}
+                },
+                Edge::Close(node) => {
+                    if let Node::Element(el) = node.value() {
+                        depth -= 1;
+                        template_depth = template_depth.saturating_sub(1);
+                        if skip_depth > 0 {
+                            skip_depth -= 1;
+                        } else if want_text && BLOCKS.contains(&el.name()) {
+                            end_line(&mut lines, &mut line);
+                        }
+                    }
+                }
+            }
+        }
+        end_line(&mut lines, &mut line);
+        scan.text = lines.join("\n");
+        scan
+    }
+
+    fn element(&mut self, el: &scraper::node::Element, node: ego_tree::NodeRef<'_, Node>) {
+        let attr = |name: &str| el.attr(name).map(str::trim).filter(|v| !v.is_empty());
+        let first = |slot: &mut Option<String>, value: Option<&str>| {
+            if slot.is_none() {
+                *slot = value.map(str::to_owned);
+            }
+        };
+        match el.name() {
+            "html" => first(&mut self.language, attr("lang")),
+            "title" if &*el.name.ns == HTML_NS && self.title.is_none() => {
+                let text = ElementRef::wrap(node)
+                    .map(|e| collapse_whitespace(&e.text().collect::<String>()))
+                    .filter(|t| !t.is_empty());
+                self.title = text;
+            }
+            "base" => first(&mut self.base_href, attr("href")),
+            "a" | "area" => {
+                if let Some(href) = el.attr("href") {
+                    self.hrefs.push(href.to_owned());
+                }
+            }
+            "link" => {
+                let canonical = el.attr("rel").is_some_and(|rel| {
+                    rel.split_ascii_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("canonical"))
+                });
+                if canonical {
+                    first(&mut self.canonical, attr("href"));
+                }
+            }
+            "meta" => {
+                let content = attr("content");
+                let key = el
+                    .attr("property")
+                    .or_else(|| el.attr("name"))
+                    .map(|k| k.trim().to_ascii_lowercase());
+                let og = &mut self.og;
+                match key.as_deref() {
+                    Some("description") => first(&mut self.description, content),
+                    Some("og:title") => first(&mut og.title, content),
+                    Some("og:description") => first(&mut og.description, content),
+                    Some("og:image") | Some("og:image:url") => first(&mut og.image, content),
+                    Some("og:type") => first(&mut og.kind, content),
+                    Some("og:url") => first(&mut og.url, content),
+                    Some("og:site_name") => first(&mut og.site_name, content),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn end_line(lines: &mut Vec<String>, line: &mut String) {
+    let collapsed = collapse_whitespace(line);
+    if !collapsed.is_empty() {
+        lines.push(collapsed);
+    }
+    line.clear();
+}
+
+fn collapse_whitespace(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn metadata(page: &Fetched, scan: Option<&Scan>, base: &Url) -> Metadata {
+    let absolute = |v: &Option<String>| {
+        v.as_deref().map(|raw| {
+            base.join(raw)
+                .map(String::from)
+                .unwrap_or_else(|_| raw.to_owned())
+        })
+    };
+    let mut m = Metadata {
+        url: page.url.to_string(),
+        status_code: page.status,
+        content_type: page.content_type.clone(),
+        truncated: page.truncated,
+        ..Metadata::default()
+    };
+    if let Some(s) = scan {
+        m.title = s.title.clone();
+        m.description = s.description.clone();
+        m.canonical = absolute(&s.canonical);
+        m.language = s.language.clone();
+        m.open_graph = OpenGraph {
+            image: absolute(&s.og.image),
+            url: absolute(&s.og.url),
+            ..s.og.clone()
+        };
+    }
+    m
+}
+
+fn absolute_links(hrefs: &[String], base: &Url) -> Vec<String> {
+    let mut seen = HashSet::new();
+    hrefs
+        .iter()
+        .filter_map(|href| {
+            let mut url = base.join(href.trim()).ok().filter(is_http)?;
+            url.set_fragment(None);
+            Some(String::from(url))
+        })
+        .filter(|u| seen.insert(u.clone()))
+        .collect()
+}
+
+/// A link target for Markdown: absolute, and with the parentheses that would end a
+/// Markdown link percent-encoded (the same URL to any server).
+fn markdown_target(base: &Url, raw: &str, schemes: &[&str]) -> Option<String> {
+    let url = base.join(raw.trim()).ok()?;
+    schemes
+        .contains(&url.scheme())
+        .then(|| url.as_str().replace('(', "%28").replace(')', "%29"))
+}
+
+fn attr_value(element: &Element, name: &str) -> Option<String> {
+    element
+        .attrs
+        .iter()
+        .find(|a| &*a.name.local == name)
+        .map(|a| a.value.to_string())
+}
+
+/// htmd with absolute links and images, and without the parts that are not content.
+/// `None` if htmd failed or panicked.
+fn markdown(html: &str, base: &Url) -> Option<String> {
+    let link_base = base.clone();
+    let anchor = move |handlers: &dyn Handlers, element: Element| -> Option<HandlerResult> {
+        let content = handlers.walk_children(element.node).content;
+        let target = attr_value(&element, "href").and_then(|href| {
+            markdown_target(&link_base, &href, &["http", "https", "mailto", "tel"])
+        });
+        let inner = content.trim();
+        Some(match target {
+            Some(t) if !inner.is_empty() => {
+                let lead = if content.starts_with(char::is_whitespace) {
+                    " "
+                } else {
+                    ""
+                };
+                let trail = if content.ends_with(char::is_whitespace) {
+                    " "
+                } else {
+                    ""
+                };
+                format!("{lead}[{inner}]({t}){trail}").into()
+            }
+            _ => content.into(),
+        })
+    };
+    let image_base = base.clone();
+    let image = move |_: &dyn Handlers, element: Element| -> Option<HandlerResult> {
+        // data: images would put kilobytes of base64 into the text: http(s) only.
+        let src = attr_value(&element, "src")
+            .and_then(|src| markdown_target(&image_base, &src, &["http", "https"]))?;
+        let alt = attr_value(&element, "alt")
+            .map(|a| collapse_whitespace(&a).replace(['[', ']'], ""))
+            .unwrap_or_default();
+        Some(format!("![{alt}]({src})").into())
+    };
+    let converter = HtmlToMarkdown::builder()
+        .skip_tags(NOT_TEXT.to_vec())
+        .add_handler(vec!["a"], anchor)
+        .add_handler(vec!["img"], image)
+        .build();
+    catch_unwind(AssertUnwindSafe(|| converter.convert(html)))
+        .ok()?
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn page(url: &str, content_type: Option<&str>, body: &[u8]) -> Fetched {
+        Fetched {
+            url: Url::parse(url).expect("test URL"),
+            status: 200,
+            content_type: content_type.map(str::to_owned),
+            body: Bytes::copy_from_slice(body),
+            truncated: false,
+            redirects: Vec::new(),
+        }
+    }
+
+    fn html_page(body: &str) -> Fetched {
+        page(
+            "https://example.com/blog/post?id=1",
+            Some("text/html; charset=utf-8"),
+            body.as_bytes(),
+        )
+    }
+
+    const ALL: &[Format] = &[
+        Format::Metadata,
+        Format::Text,
+        Format::Markdown,
+        Format::Links,
+        Format::Html,
+    ];
+
+    const ARTICLE: &str = r#"<!doctype html>
+<html lang="en-GB">
+<head>
+  <title>  The   Post </title>
+  <meta name="Description" content="A post about things.">
+  <meta property="og:title" content="OG Post">
+  <meta property="og:description" content="OG description">
+  <meta property="og:image" content="/img/cover.png">
+  <meta property="og:type" content="article">
+  <meta property="og:url" content="https://example.com/blog/post">
+  <meta property="og:site_name" content="Example">
+  <link rel="Canonical" href="/blog/post">
+  <style>body { color: red }</style>
+  <script>var secret = "do not show";</script>
+</head>
+<body>
+  <h1>Hello <em>world</em></h1>
+  <p>First   paragraph
+     with <a href="other">a relative link</a>.</p>
+  <script>document.write("script text")</script>
+  <noscript>Enable JavaScript</noscript>
+  <template><p>inert <a href="/template-link">t</a></p></template>
+  <ul><li><a href="/abs#section">Absolute</a></li>
+      <li><a href="/abs#other">Same page, other fragment</a></li>
+      <li><a href="https://other.example/x">External</a></li>
+      <li><a href="mailto:me@example.com">Mail</a></li>
+      <li><a href="javascript:void(0)">JS</a></li>
+      <li><a href="../up">Up</a></li></ul>
+  <img src="pic.png" alt="A picture">
+</body>
+</html>"#;
+
+    #[test]
+    fn metadata_has_title_description_canonical_language_and_open_graph() {
+        let out = extract(
+            &html_page(ARTICLE),
+            &[Format::Metadata],
+            &ExtractLimits::default(),
+        );
+        let m = out.metadata.expect("requested");
+        assert_eq!(m.url, "https://example.com/blog/post?id=1");
+        assert_eq!(m.status_code, 200);
+        assert_eq!(m.content_type.as_deref(), Some("text/html; charset=utf-8"));
+        assert_eq!(m.title.as_deref(), Some("The Post"));
+        assert_eq!(m.description.as_deref(), Some("A post about things."));
+        assert_eq!(
+            m.canonical.as_deref(),
+            Some("https://example.com/blog/post")
+        );
+        assert_eq!(m.language.as_deref(), Some("en-GB"));
+        assert_eq!(
+            m.open_graph,
+            OpenGraph {
+                title: Some("OG Post".into()),
+                description: Some("OG description".into()),
+                image: Some("https://example.com/img/cover.png".into()),
+                kind: Some("article".into()),
+                url: Some("https://example.com/blog/post".into()),
+                site_name: Some("Example".into()),
+            }
+        );
+        assert!(!m.truncated);
+    }
+
+    #[test]
+    fn only_requested_formats_are_present() {
+        let out = extract(
+            &html_page(ARTICLE),
+            &[Format::Links],
+            &ExtractLimits::default(),
+        );
+        let json = serde_json::to_value(&out).expect("serializes");
+        let keys: Vec<&String> = json.as_object().expect("object").keys().collect();
+        assert_eq!(keys, vec!["links"]);
+
+        let all =
+            serde_json::to_value(extract(&html_page(ARTICLE), ALL, &ExtractLimits::default()))
+                .expect("serializes");
+        let keys: Vec<&String> = all.as_object().expect("object").keys().collect();
+        assert_eq!(keys, vec!["metadata", "text", "markdown", "links", "html"]);
+        assert_eq!(all["metadata"]["open_graph"]["type"], "article");
+
+        let formats: Vec<Format> =
+            serde_json::from_str(r#"["metadata","text","markdown","links","html"]"#)
+                .expect("format names");
+        assert_eq!(formats, ALL);
+    }
+
+    #[test]
+    fn links_are_absolute_http_deduplicated_without_fragments_in_order() {
+        let out = extract(
+            &html_page(ARTICLE),
+            &[Format::Links],
+            &ExtractLimits::default(),
+        );
+        assert_eq!(
+            out.links.expect("requested"),
+            vec![
+                "https://example.com/blog/other",
+                "https://example.com/abs",
+                "https://other.example/x",
+                "https://example.com/up",
+            ]
+        );
+    }
+
+    #[test]
+    fn base_href_changes_how_links_resolve() {
+        let html = r#"<html><head><base href="https://cdn.example.net/docs/v2/">
+            <base href="https://ignored.example/"></head>
+            <body><a href="intro">Intro</a> <a href="/root">Root</a>
+            <a href="https://example.com/keep#x">Keep</a><area href="map"></body></html>"#;
+        let out = extract(
+            &html_page(html),
+            &[Format::Links],
+            &ExtractLimits::default(),
+        );
+        assert_eq!(
+            out.links.expect("requested"),
+            vec![
+                "https://cdn.example.net/docs/v2/intro",
+                "https://cdn.example.net/root",
+                "https://example.com/keep",
+                "https://cdn.example.net/docs/v2/map",
+            ]
+        );
+        // A relative <base> resolves against the page URL.
+        let html = r#"<base href="/other/"><a href="x">x</a>"#;
+        let out = extract(
+            &html_page(html),
+            &[Format::Links],
+            &ExtractLimits::default(),
+        );
+        assert_eq!(
+            out.links.expect("requested"),
+            vec!["https://example.com/other/x"]
+        );
+    }
+
+    #[test]
+    fn text_is_readable_without_scripts_styles_or_templates() {
+        let out = extract(
+            &html_page(ARTICLE),
+            &[Format::Text],
+            &ExtractLimits::default(),
+        );
+        let text = out.text.expect("requested");
+        assert_eq!(
+            text.lines().take(3).collect::<Vec<_>>(),
+            vec![
+                "Hello world",
+                "First paragraph with a relative link.",
+                "Absolute",
+            ]
+        );
+        for hidden in [
+            "secret",
+            "script text",
+            "color: red",
+            "Enable JavaScript",
+            "inert",
+            "The Post",
+        ] {
+            assert!(!text.contains(hidden), "{hidden:?} leaked into: {text}");
+        }
+    }
+
+    #[test]
+    fn markdown_has_headings_and_absolute_links() {
+        let out = extract(
+            &html_page(ARTICLE),
+            &[Format::Markdown],
+            &ExtractLimits::default(),
+        );
+        let md = out.markdown.expect("requested");
+        assert!(
+            md.starts_with("# Hello *world*") || md.starts_with("# Hello _world_"),
+            "{md}"
+        );
+        assert!(
+            md.contains("[a relative link](https://example.com/blog/other)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("[Absolute](https://example.com/abs#section)"),
+            "{md}"
+        );
+        assert!(md.contains("[Mail](mailto:me@example.com)"), "{md}");
+        assert!(
+            md.contains("![A picture](https://example.com/blog/pic.png)"),
+            "{md}"
+        );
+        assert!(!md.contains("javascript:"), "{md}");
+        for hidden in ["secret", "script text", "color: red", "inert", "The Post"] {
+            assert!(!md.contains(hidden), "{hidden:?} leaked into: {md}");
+        }
+    }
+
+    #[test]
+    fn markdown_escapes_parentheses_in_link_targets() {
+        let html = r#"<a href="/wiki/Rust_(language)">Rust</a>"#;
+        let out = extract(
+            &html_page(html),
+            &[Format::Markdown],
+            &ExtractLimits::default(),
+        );
+        assert_eq!(
+            out.markdown.expect("requested"),
+            "[Rust](https://example.com/wiki/Rust_%28language%29)"
+        );
+    }
+
+    #[test]
+    fn deep_nesting_gets_text_as_markdown_instead_of_overflowing_the_stack() {
+        // htmd overflows a 2 MiB stack (a test thread's) near 2,000 levels in a debug build.
+        let depth = 3_000;
+        let html = format!(
+            "{}deep <b>text</b>{}",
+            "<div>".repeat(depth),
+            "</div>".repeat(depth)
+        );
+        let out = extract(
+            &html_page(&html),
+            &[Format::Markdown, Format::Text],
+            &ExtractLimits::default(),
+        );
+        assert_eq!(out.markdown.as_deref(), Some("deep text"));
+        assert_eq!(out.text.as_deref(), Some("deep text"));
+        assert!(!out.partial);
+    }
+
+    #[test]
+    fn a_page_too_slow_to_parse_is_cut_at_the_budget() {
+        // 100,000 nested <div>s would keep html5ever busy for minutes.
+        let n = 100_000;
+        let html = format!(
+            "<title>Slow</title><a href=/first>x</a>{}never reached{}",
+            "<div>".repeat(n),
+            "</div>".repeat(n)
+        );
+        let limits = ExtractLimits {
+            parse_budget: Duration::from_millis(200),
+            ..ExtractLimits::default()
+        };
+        let started = Instant::now();
+        let out = extract(&html_page(&html), ALL, &limits);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(out.partial);
+        let m = out.metadata.expect("requested");
+        assert_eq!(m.title.as_deref(), Some("Slow"));
+        assert_eq!(
+            out.links.expect("requested"),
+            vec!["https://example.com/first"]
+        );
+        assert!(!out.text.expect("requested").contains("never reached"));
+        assert!(!out.markdown.expect("requested").contains("never reached"));
+        let json = serde_json::to_value(extract(&html_page(&html), &[Format::Links], &limits))
+            .expect("json");
+        assert_eq!(json["partial"], true);
+    }
+
+    #[test]
+    fn raw_html_is_capped_on_a_character_boundary() {
+        let html = "<p>héllo wörld</p>";
+        let limits = ExtractLimits {
+            max_html_bytes: 5,
+            ..ExtractLimits::default()
+        };
+        let out = extract(&html_page(html), &[Format::Html], &limits);
+        assert_eq!(out.html.as_deref(), Some("<p>h"));
+        assert!(out.html_truncated);
+        let out = extract(&html_page(html), &[Format::Html], &ExtractLimits::default());
+        assert_eq!(out.html.as_deref(), Some(html));
+        assert!(!out.html_truncated);
+        assert!(!serde_json::to_string(&out)
+            .expect("json")
+            .contains("html_truncated"));
+    }
+
+    #[test]
+    fn non_html_pages_get_metadata_and_their_text() {
+        let plain = page(
+            "https://example.com/a.txt",
+            Some("text/plain"),
+            b"just  text\n",
+        );
+        let out = extract(&plain, ALL, &ExtractLimits::default());
+        let m = out.metadata.expect("requested");
+        assert_eq!(
+            (m.title, m.content_type.as_deref()),
+            (None, Some("text/plain"))
+        );
+        assert_eq!(out.text.as_deref(), Some("just  text\n"));
+        assert_eq!(out.markdown.as_deref(), Some("just  text\n"));
+        assert_eq!(out.links, Some(vec![]));
+        assert_eq!(out.html.as_deref(), Some(""));
+
+        let png = page(
+            "https://example.com/a.png",
+            Some("image/png"),
+            b"\x89PNG\r\n\x1a\n",
+        );
+        let out = extract(&png, ALL, &ExtractLimits::default());
+        assert_eq!(out.metadata.expect("requested").status_code, 200);
+        assert_eq!(out.text.as_deref(), Some(""));
+        assert_eq!(out.markdown.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn html_without_a_content_type_is_sniffed() {
+        let p = page(
+            "https://example.com/",
+            None,
+            b"\n <!DOCTYPE html><title>Sniffed</title>",
+        );
+        let out = extract(&p, &[Format::Metadata], &ExtractLimits::default());
+        assert_eq!(
+            out.metadata.expect("requested").title.as_deref(),
+            Some("Sniffed")
+        );
+    }
+
+    #[test]
+    fn pages_are_decoded_by_their_charset() {
+        // "café" in windows-1252, declared in the header, then in a <meta>.
+        let body = b"<html><title>caf\xe9</title></html>";
+        let p = page(
+            "https://example.com/",
+            Some("text/html; charset=ISO-8859-1"),
+            body,
+        );
+        let out = extract(&p, &[Format::Metadata], &ExtractLimits::default());
+        assert_eq!(
+            out.metadata.expect("requested").title.as_deref(),
+            Some("café")
+        );
+
+        let body =
+            b"<html><head><meta charset=\"windows-1252\"><title>caf\xe9</title></head></html>";
+        let p = page("https://example.com/", Some("text/html"), body);
+        let out = extract(&p, &[Format::Metadata], &ExtractLimits::default());
+        assert_eq!(
+            out.metadata.expect("requested").title.as_deref(),
+            Some("café")
+        );
+
+        let body = b"<meta http-equiv=\"Content-Type\" content=\"text/html; charset=Shift_JIS\"><p>\x93\xfa\x96\x7b</p>";
+        let p = page("https://example.com/", Some("text/html"), body);
+        let out = extract(&p, &[Format::Text], &ExtractLimits::default());
+        assert_eq!(out.text.as_deref(), Some("日本"));
+    }
+
+    #[test]
+    fn svg_titles_and_missing_values_stay_out_of_metadata() {
+        let html = r#"<html><body><svg><title>icon</title></svg><meta name="description" content="  "></body></html>"#;
+        let out = extract(
+            &html_page(html),
+            &[Format::Metadata],
+            &ExtractLimits::default(),
+        );
+        let m = out.metadata.expect("requested");
+        assert_eq!((m.title, m.description, m.language), (None, None, None));
+    }
+}

@@ -1,0 +1,29 @@
+//! Scrape jobs: fetch a customer's URL safely, then turn the page into the formats they asked
+//! for. This layer knows nothing of credits, queues or HTTP routes; the job runner wires it up:
+//!
+//! ```text
+//! validate input ─ Guard::check_syntax / CustomerHeaders::new   (a 422 before any charge)
+//! run the job    ─ Fetcher::fetch(url, timeout, &headers)       (behind the upstream's breaker)
+//! settle         ─ classify(&result) → Outcome::Usable keeps the charge, Failed refunds;
+//!                  Failed { counts_as_breaker_failure } tells the breaker
+//! answer         ─ extract(&fetched, &formats, &limits)         (CPU-bound: spawn_blocking)
+//! ```
+//!
+//! - [`ssrf`]: the outbound guard. Every connection goes to an address it vetted.
+//! - [`fetch`]: one shared HTTP client, manual redirects, a body cap, typed errors, and the
+//!   charge/refund/breaker classification.
+//! - [`extract`]: metadata, readable text, Markdown, links and raw HTML from a fetched page.
+
+pub mod extract;
+pub mod fetch;
+pub mod ssrf;
+
+#[cfg(test)]
+mod test_server;
+
+pub use extract::{extract, ExtractLimits, Extracted, Format, Metadata, OpenGraph};
+pub use fetch::{
+    classify, CustomerHeaders, FailureReason, FetchError, Fetched, Fetcher, FetcherBuildError,
+    FetcherConfig, HeaderError, Outcome, RedirectHop,
+};
+pub use ssrf::{AllowList, Guard, UrlNotAllowed};
