@@ -11,5 +11,5 @@ TEST_DATABASE_URL=$(ensure_test_database_url)
 export TEST_DATABASE_URL
 TEST_REDIS_URL=$(ensure_test_redis_url)
 export TEST_REDIS_URL
-log "tests use PostgreSQL at ${TEST_DATABASE_URL//:*@/:***@}"
+log "tests use PostgreSQL at $(printf %s "$TEST_DATABASE_URL" | sed -E "s#(//[^:/@]+):[^@]*@#\\1:***@#")"
 exec cargo test --locked "$@"
