@@ -1,0 +1,62 @@
+// Deductions through HTTP: many VUs charging 1 credit per request with POST /v1/credits/charge.
+// ACCOUNTS=1000 spreads them over 1000 internal-tier accounts (created in setup through the
+// admin API); ACCOUNTS=1 is the hot-account case. Run it with load/deduct.sh, which also
+// measures the bare single-statement UPDATE with pgbench in the same run.
+import http from 'k6/http';
+import { check } from 'k6';
+import { Counter } from 'k6/metrics';
+
+const BASE = __ENV.BASE_URL;
+const ADMIN = __ENV.KEYMETER_ADMIN_TOKEN;
+const N = parseInt(__ENV.ACCOUNTS || '1000', 10);
+const DURATION = __ENV.DURATION || '15s';
+const VUS = parseInt(__ENV.VUS || '32', 10);
+const charges = new Counter('charges');
+
+export const options = {
+  setupTimeout: '180s',
+  scenarios: { charge: { executor: 'constant-vus', vus: VUS, duration: DURATION } },
+  thresholds: { 'http_req_failed{name:charge}': ['rate<0.01'], 'http_req_duration{name:charge}': ['p(95)<1000'], 'checks': ['rate>0.99'] },
+};
+
+export function setup() {
+  const keys = [];
+  for (let i = 0; i < N; i += 50) {
+    const reqs = [];
+    for (let j = i; j < Math.min(N, i + 50); j++) {
+      reqs.push(['POST', `${BASE}/admin/accounts`,
+        JSON.stringify({ email: `bench${j}-${Date.now()}@example.com`, tier: 'internal', credits: 1000000000 }),
+        { headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${ADMIN}` } }]);
+    }
+    for (const r of http.batch(reqs)) {
+      if (r.status !== 201) throw new Error(`account creation failed: ${r.status} ${r.body}`);
+      keys.push(r.json('api_key'));
+    }
+  }
+  return { keys };
+}
+
+export default function (data) {
+  const key = data.keys[Math.floor(Math.random() * data.keys.length)];
+  const r = http.post(`${BASE}/v1/credits/charge`, '{"amount":1}', {
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${key}` },
+    tags: { name: 'charge' },
+  });
+  if (check(r, { 'charged (201)': (x) => x.status === 201 })) charges.add(1);
+}
+
+function seconds(d) {
+  const m = /^(\d+)(ms|s|m)$/.exec(d);
+  if (!m) return 15;
+  const v = parseInt(m[1], 10);
+  return m[2] === 'ms' ? v / 1000 : m[2] === 'm' ? v * 60 : v;
+}
+
+export function handleSummary(data) {
+  const n = data.metrics.charges ? data.metrics.charges.values.count : 0;
+  const rps = n / seconds(DURATION);
+  const p95 = data.metrics['http_req_duration{name:charge}']
+    ? data.metrics['http_req_duration{name:charge}'].values['p(95)'] : data.metrics.http_req_duration.values['p(95)'];
+  const line = `deduct.js: accounts=${N} vus=${VUS} duration=${DURATION} charges=${n} rate=${rps.toFixed(1)}/s p95=${p95.toFixed(2)}ms\n`;
+  return { stdout: line, [`${__ENV.OUT_DIR || '.'}/deduct-${N}.txt`]: line };
+}
