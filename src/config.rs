@@ -126,84 +126,71 @@ fn item_name_ok(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn parse_packs(src: &dyn Source) -> Result<Vec<Pack>, ConfigError> {
-    const VAR: &str = "KEYMETER_CREDIT_PACKS";
-    let Some(raw) = src.get(VAR) else {
+/// The entries of a `name:price_id:…,…` list: each split into `shape`'s field count, with a
+/// valid name and a non-empty price id, neither listed twice. `build` turns the fields into
+/// the item (`None` for a bad value).
+fn price_list<T>(
+    src: &dyn Source,
+    var: &'static str,
+    shape: &str,
+    build: impl Fn(&[&str]) -> Option<T>,
+) -> Result<Vec<(String, String, T)>, ConfigError> {
+    let Some(raw) = src.get(var) else {
         return Ok(Vec::new());
     };
-    let mut out: Vec<Pack> = Vec::new();
+    let arity = shape.split(':').count();
+    let mut out: Vec<(String, String, T)> = Vec::new();
     for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let parts: Vec<&str> = item.split(':').map(str::trim).collect();
-        let bad = || {
-            ConfigError::new(
-                VAR,
-                format!("invalid entry {item:?}, expected name:price_id:credits"),
-            )
-        };
-        let [name, price_id, credits] = parts.as_slice() else {
-            return Err(bad());
-        };
-        let credits: i64 = credits.parse().map_err(|_| bad())?;
-        if !item_name_ok(name) || price_id.is_empty() || credits <= 0 {
+        let bad = || ConfigError::new(var, format!("invalid entry {item:?}, expected {shape}"));
+        if parts.len() != arity || !item_name_ok(parts[0]) || parts[1].is_empty() {
             return Err(bad());
         }
-        if out
-            .iter()
-            .any(|p| p.name == *name || p.price_id == *price_id)
-        {
+        let built = build(&parts).ok_or_else(bad)?;
+        if out.iter().any(|(n, p, _)| n == parts[0] || p == parts[1]) {
             return Err(ConfigError::new(
-                VAR,
-                format!("pack {name:?} or its price is listed twice"),
+                var,
+                format!("{:?} or its price is listed twice", parts[0]),
             ));
         }
-        out.push(Pack {
-            name: (*name).to_owned(),
-            price_id: (*price_id).to_owned(),
-            credits,
-        });
+        out.push((parts[0].to_owned(), parts[1].to_owned(), built));
     }
     Ok(out)
 }
 
+fn parse_packs(src: &dyn Source) -> Result<Vec<Pack>, ConfigError> {
+    let entries = price_list(src, "KEYMETER_CREDIT_PACKS", "name:price_id:credits", |f| {
+        f[2].parse::<i64>().ok().filter(|c| *c > 0)
+    })?;
+    Ok(entries
+        .into_iter()
+        .map(|(name, price_id, credits)| Pack {
+            name,
+            price_id,
+            credits,
+        })
+        .collect())
+}
+
 fn parse_plans(src: &dyn Source) -> Result<Vec<Plan>, ConfigError> {
-    const VAR: &str = "KEYMETER_PLANS";
-    let Some(raw) = src.get(VAR) else {
-        return Ok(Vec::new());
-    };
-    let mut out: Vec<Plan> = Vec::new();
-    for item in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let parts: Vec<&str> = item.split(':').map(str::trim).collect();
-        let bad = || {
-            ConfigError::new(
-                VAR,
-                format!("invalid entry {item:?}, expected name:price_id:tier:monthly_credits"),
-            )
-        };
-        let [name, price_id, tier, credits] = parts.as_slice() else {
-            return Err(bad());
-        };
-        let monthly_credits: i64 = credits.parse().map_err(|_| bad())?;
-        if !item_name_ok(name) || price_id.is_empty() || !item_name_ok(tier) || monthly_credits < 0
-        {
-            return Err(bad());
-        }
-        if out
-            .iter()
-            .any(|p| p.name == *name || p.price_id == *price_id)
-        {
-            return Err(ConfigError::new(
-                VAR,
-                format!("plan {name:?} or its price is listed twice"),
-            ));
-        }
-        out.push(Plan {
-            name: (*name).to_owned(),
-            price_id: (*price_id).to_owned(),
-            tier: (*tier).to_owned(),
+    let entries = price_list(
+        src,
+        "KEYMETER_PLANS",
+        "name:price_id:tier:monthly_credits",
+        |f| {
+            let credits = f[3].parse::<i64>().ok().filter(|c| *c >= 0)?;
+            item_name_ok(f[2]).then(|| (f[2].to_owned(), credits))
+        },
+    )?;
+    Ok(entries
+        .into_iter()
+        .map(|(name, price_id, (tier, monthly_credits))| Plan {
+            name,
+            price_id,
+            tier,
             monthly_credits,
-        });
-    }
-    Ok(out)
+        })
+        .collect())
 }
 
 #[derive(Debug, Clone)]

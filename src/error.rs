@@ -175,7 +175,7 @@ impl ApiError {
 
 /// A problem body for a status that has no richer error attached (actix's own 404/405/413,
 /// a panic, a timeout): used by the edge middleware so *every* error leaves as problem+json.
-pub fn problem_for_status(status: StatusCode) -> (String, &'static str, &'static str, String) {
+pub fn problem_for_status(status: StatusCode) -> (&'static str, &'static str, &'static str) {
     let (slug, title, detail) = match status.as_u16() {
         400 => (
             "bad_request",
@@ -230,7 +230,7 @@ pub fn problem_for_status(status: StatusCode) -> (String, &'static str, &'static
         ),
         _ => ("client_error", "Client error", "The request was refused."),
     };
-    (slug.to_owned(), title, detail, detail.to_owned())
+    (slug, title, detail)
 }
 
 /// Builds the JSON body of a problem, stamped with the current request's id.

@@ -91,6 +91,30 @@ pub enum Claim {
     Replay(HttpResponse),
 }
 
+/// The start of an idempotent POST: with no `Idempotency-Key` header the request just runs
+/// (`Run(None)`); with one it is claimed (`Run(Some(guard))`) or answered from the record.
+pub enum Start {
+    Run(Option<Guard>),
+    Replay(HttpResponse),
+}
+
+pub async fn start(
+    db: &Pool,
+    account_id: Uuid,
+    req: &actix_web::HttpRequest,
+    body: &Value,
+) -> Result<(Option<IdempotencyKey>, Start), ApiError> {
+    let Some(key) = IdempotencyKey::from_headers(req.headers())? else {
+        return Ok((None, Start::Run(None)));
+    };
+    let hash = request_hash(req.method().as_str(), req.path(), body);
+    let start = match claim(db, account_id, &key, &hash).await? {
+        Claim::Owned(g) => Start::Run(Some(g)),
+        Claim::Replay(res) => Start::Replay(res),
+    };
+    Ok((Some(key), start))
+}
+
 pub struct Guard {
     account_id: Uuid,
     key: String,

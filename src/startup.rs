@@ -202,6 +202,10 @@ impl Application {
                 res.context("HTTP server failed while stopping")?;
             }
         }
+        // Pooled connections opened by requests live on the HTTP workers' runtimes, which
+        // have just stopped; drop them so the background tasks' last work (the final
+        // last_used flush) opens fresh ones on this runtime.
+        self.state.db.retain(|_, _| false);
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(self.state.config.shutdown_timeout, self.tasks.wait())

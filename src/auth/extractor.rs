@@ -1,16 +1,18 @@
 //! The `Authenticated` extractor: a handler that takes one is behind an API key.
 //!
-//! Keys are accepted as `Authorization: Bearer <key>` or `X-API-Key: <key>`. The header
-//! value is never logged; the key id is recorded on the request span once verified.
+//! Keys are accepted as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Verification
+//! happens once per request, in the keyed gate (`ratelimit::gate::keyed`), which also applies
+//! the tier's limit and leaves the verified caller in the request's extensions; this
+//! extractor only hands it to the handler. The header value is never logged; the key id is
+//! recorded on the request span.
 
 use actix_web::dev::Payload;
 use actix_web::http::header::{HeaderMap, AUTHORIZATION};
-use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
-use futures_util::future::LocalBoxFuture;
+use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::{ready, Ready};
 
 use super::Authenticated;
 use crate::error::ApiError;
-use crate::startup::AppState;
 
 /// The presented key, if any, from either header.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -28,32 +30,17 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
 
 impl FromRequest for Authenticated {
     type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+    type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        // Already verified for this request (e.g. by the rate limiter)?
-        if let Some(a) = req.extensions().get::<Authenticated>() {
-            let a = a.clone();
-            return Box::pin(async move { Ok(a) });
-        }
-        let state = req.app_data::<web::Data<AppState>>().cloned();
-        let presented = presented_key(req.headers()).map(str::to_owned);
-        let req = req.clone();
-        Box::pin(async move {
-            let state = state
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("application state missing")))?;
-            let outcome = state.auth.authenticate(presented.as_deref()).await;
-            match &outcome {
-                Ok(a) => {
-                    tracing::Span::current().record("key_id", a.key_id.as_str());
-                    req.extensions_mut().insert(a.clone());
-                }
-                Err(ApiError::InvalidApiKey) => {
-                    state.limits.note_auth_failure(&req);
-                }
-                Err(_) => {}
-            }
-            outcome
-        })
+        ready(
+            req.extensions()
+                .get::<Authenticated>()
+                .cloned()
+                .ok_or_else(|| {
+                    // A route taking `Authenticated` was registered outside the keyed gate.
+                    ApiError::Internal(anyhow::anyhow!("route is not behind the keyed gate"))
+                }),
+        )
     }
 }

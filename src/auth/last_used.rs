@@ -75,16 +75,8 @@ impl LastUsed {
                 tracing::warn!(error = %e, "flushing last_used_at failed; will retry");
             }
         }
-        // The pool's connections may have lived on HTTP worker threads that have stopped by
-        // now; a failed attempt discards such a connection, so try a few times.
-        for attempt in 1..=3 {
-            match self.flush(&db).await {
-                Ok(_) => break,
-                Err(e) if attempt == 3 => {
-                    tracing::warn!(error = %e, "final last_used_at flush failed")
-                }
-                Err(_) => {}
-            }
+        if let Err(e) = self.flush(&db).await {
+            tracing::warn!(error = %e, "final last_used_at flush failed");
         }
     }
 }

@@ -70,6 +70,7 @@ pub async fn edge(
         request_id = %id,
         method = %method,
         route = tracing::field::Empty,
+        key_id = tracing::field::Empty,
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
@@ -181,8 +182,8 @@ fn detached(
 /// Replaces the body of an error response that actix (or an extractor) produced as plain
 /// text with a problem document, keeping its status and headers.
 fn into_problem(res: ServiceResponse<BoxBody>, status: StatusCode) -> ServiceResponse<BoxBody> {
-    let (slug, title, _d, detail) = problem_for_status(status);
-    let body = problem_body(&slug, title, status, &detail, Default::default());
+    let (slug, title, detail) = problem_for_status(status);
+    let body = problem_body(slug, title, status, detail, Default::default());
     let (req, old) = res.into_parts();
     let mut fresh: HttpResponse = problem_response(status, &body);
     for (name, value) in old.headers() {

@@ -53,14 +53,27 @@ pub fn json_or_default<T: serde::de::DeserializeOwned + Default>(
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(body).map_err(|e| {
-        if e.is_data() {
-            ApiError::Validation {
-                detail: e.to_string(),
-                field: None,
-            }
-        } else {
-            ApiError::InvalidJson(e.to_string())
+    serde_json::from_slice(body).map_err(body_error)
+}
+
+/// Malformed JSON is 400 `invalid_json`; well-formed JSON of the wrong shape is 422.
+fn body_error(e: serde_json::Error) -> ApiError {
+    if e.is_data() {
+        ApiError::Validation {
+            detail: e.to_string(),
+            field: None,
         }
-    })
+    } else {
+        ApiError::InvalidJson(e.to_string())
+    }
+}
+
+/// For idempotent POSTs, which hash the request: the body both as JSON (for the hash) and
+/// as the route's type.
+pub fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<(serde_json::Value, T), ApiError> {
+    let raw: serde_json::Value = serde_json::from_slice(body).map_err(body_error)?;
+    let parsed = T::deserialize(&raw).map_err(body_error)?;
+    Ok((raw, parsed))
 }

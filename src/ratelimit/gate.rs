@@ -43,8 +43,8 @@ pub async fn keyed(
             },
         ));
     }
-    let presented = presented_key(req.headers()).map(str::to_owned);
-    let caller = match state.auth.authenticate(presented.as_deref()).await {
+    let verified = state.auth.authenticate(presented_key(req.headers())).await;
+    let caller = match verified {
         Ok(a) => a,
         Err(e) => {
             if matches!(e, ApiError::InvalidApiKey) {

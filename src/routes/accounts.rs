@@ -67,27 +67,29 @@ pub async fn login(
     let Credentials { email, password } = body.into_inner();
     let email = Email::parse(&email)?;
     let email_key = email.key();
-    let client = state.db.get().await?;
-    if let Some(secs) = login::locked_for(&client, &email_key).await? {
-        return Err(ApiError::RateLimited {
-            retry_after_secs: secs,
-            detail: "Too many failed logins for this email; try again later.".into(),
-        });
-    }
-    let found = accounts::password_hash_for(&client, &email).await?;
+    let found = {
+        let client = state.db.get().await?;
+        if let Some(secs) = login::locked_for(&client, &email_key).await? {
+            return Err(ApiError::RateLimited {
+                retry_after_secs: secs,
+                detail: "Too many failed logins for this email; try again later.".into(),
+            });
+        }
+        accounts::password_hash_for(&client, &email).await?
+    };
     let (account_id, stored, status) = match found {
         Some((id, hash, status)) => (Some(id), hash, status),
         None => (None, None, String::new()),
     };
+    // No pooled connection is held during the deliberately slow hash.
     let ok = password::verify(password, stored).await? && status == "active";
+    let mut client = state.db.get().await?;
     let Some(account_id) = account_id.filter(|_| ok) else {
         login::record_failure(&client, &email_key).await?;
         state.limits.note_auth_failure(&req);
         return Err(ApiError::InvalidCredentials);
     };
     login::clear(&client, &email_key).await?;
-    drop(client);
-    let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let spec = KeySpec {
         name: format!("login {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),

@@ -10,7 +10,7 @@ use crate::billing::events::{self, Processed};
 use crate::billing::signature;
 use crate::billing::{self, CheckoutRequest, Item};
 use crate::error::{ApiError, ApiResult};
-use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::idempotency::{self, Start};
 use crate::startup::AppState;
 
 #[derive(Deserialize)]
@@ -48,27 +48,14 @@ pub async fn checkout(
         .stripe
         .as_ref()
         .ok_or_else(|| ApiError::Disabled("Billing is not configured on this server.".into()))?;
-    let raw: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let b: CheckoutBody =
-        serde_json::from_value(raw.clone()).map_err(|e| ApiError::Validation {
-            detail: e.to_string(),
-            field: None,
-        })?;
+    let (raw, b): (serde_json::Value, CheckoutBody) = crate::http::extractors::json_body(&body)?;
     let item = Item::resolve(&state.config.billing, b.pack.as_deref(), b.plan.as_deref())?;
     check_url("success_url", &b.success_url)?;
     check_url("cancel_url", &b.cancel_url)?;
 
-    let key = IdempotencyKey::from_headers(req.headers())?;
-    let guard = match &key {
-        None => None,
-        Some(k) => {
-            let hash = idempotency::request_hash("POST", req.path(), &raw);
-            match idempotency::claim(&state.db, caller.account_id, k, &hash).await? {
-                Claim::Replay(res) => return Ok(res),
-                Claim::Owned(g) => Some(g),
-            }
-        }
+    let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {
+        (_, Start::Replay(res)) => return Ok(res),
+        (key, Start::Run(guard)) => (key, guard),
     };
     let stripe_key = match &key {
         Some(k) => format!("keymeter-checkout-{}-{}", caller.account_id, k.as_str()),

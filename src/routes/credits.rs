@@ -12,7 +12,7 @@ use crate::auth::{Authenticated, Scope};
 use crate::credits::ledger::{self, ChargeContext, Kind, Once};
 use crate::credits::report::{self, LedgerFilter};
 use crate::error::{ApiError, ApiResult};
-use crate::idempotency::{self, Claim, IdempotencyKey};
+use crate::idempotency::{self, IdempotencyKey, Start};
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
@@ -181,13 +181,7 @@ pub async fn charge(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Scrape)?;
-    let raw: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let parsed: ChargeBody =
-        serde_json::from_value(raw.clone()).map_err(|e| ApiError::Validation {
-            detail: e.to_string(),
-            field: None,
-        })?;
+    let (raw, parsed): (serde_json::Value, ChargeBody) = crate::http::extractors::json_body(&body)?;
     if !(1..=MAX_CHARGE).contains(&parsed.amount) {
         return Err(ApiError::validation(
             "amount",
@@ -204,16 +198,9 @@ pub async fn charge(
             "reason must be at most 500 characters.",
         ));
     }
-    let key = IdempotencyKey::from_headers(req.headers())?;
-    let guard = match &key {
-        None => None,
-        Some(k) => {
-            let hash = idempotency::request_hash("POST", req.path(), &raw);
-            match idempotency::claim(&state.db, caller.account_id, k, &hash).await? {
-                Claim::Replay(res) => return Ok(res),
-                Claim::Owned(g) => Some(g),
-            }
-        }
+    let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {
+        (_, Start::Replay(res)) => return Ok(res),
+        (key, Start::Run(guard)) => (key, guard),
     };
     let outcome = async {
         let mut client = state.db.get().await?;

@@ -545,3 +545,53 @@ async fn sigterm_lets_an_in_flight_request_finish() {
     drop(holder);
     drop_database_blocking(&db);
 }
+
+#[tokio::test]
+async fn last_used_is_flushed_on_shutdown() {
+    let db = create_database().await;
+    let (mut child, port, logs) = start_server(
+        &db,
+        &[("KEYMETER_ADMIN_TOKEN", crate::helpers::ADMIN_TOKEN)],
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{base}/admin/accounts"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .json(&serde_json::json!({"email": "flush@example.com", "tier": "internal"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    // Let the periodic flush pass first, so only the shutdown flush can record the use.
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    let res = http
+        .get(format!("{base}/v1/account"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(15)), 0);
+    let all: Vec<String> = logs.try_iter().collect();
+    assert!(!all.iter().any(|l| l.contains("flush failed")), "{all:?}");
+    let (client, conn) = tokio_postgres::connect(&database_url(&db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let used: bool = client
+        .query_one(
+            "SELECT last_used_at IS NOT NULL FROM api_keys WHERE id = $1",
+            &[&&key[8..20]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(used, "the use right before SIGTERM was written");
+    drop(client);
+    drop_database_blocking(&db);
+}
