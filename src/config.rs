@@ -233,6 +233,115 @@ pub struct Config {
     pub charge_coalescing: bool,
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,
+    pub jobs: JobsSettings,
+}
+
+/// Scrape jobs: workers, outbound fetching, breakers, job webhooks.
+#[derive(Debug, Clone)]
+pub struct JobsSettings {
+    /// Workers per instance (`KEYMETER_JOB_WORKERS`).
+    pub workers: usize,
+    pub lease: Duration,
+    pub poll: Duration,
+    /// `host:port` pairs the SSRF guard lets through (tests, development only).
+    pub scrape_allow: String,
+    pub proxy_url: Option<SecretString>,
+    pub user_agent: String,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
+    pub breaker_max_open: Duration,
+    /// Derives every account's job-webhook signing secret.
+    pub webhook_signing_key: SecretString,
+    pub webhook_attempts: i32,
+    pub webhook_retry_base: Duration,
+}
+
+/// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`; refused in production.
+const DEV_WEBHOOK_SIGNING_KEY: &str = "keymeter-development-webhook-signing-key";
+
+fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, ConfigError> {
+    let scrape_allow = src.get("KEYMETER_SCRAPE_ALLOW").unwrap_or_default();
+    if !scrape_allow.trim().is_empty() {
+        if env.is_production() {
+            return Err(ConfigError::new(
+                "KEYMETER_SCRAPE_ALLOW",
+                "is refused in production (it exempts addresses from the SSRF guard)",
+            ));
+        }
+        crate::jobs::AllowList::parse(&scrape_allow)
+            .map_err(|e| ConfigError::new("KEYMETER_SCRAPE_ALLOW", e.to_string()))?;
+    }
+    let proxy_url = src.get("KEYMETER_PROXY_URL").map(SecretString::from);
+    if let Some(p) = &proxy_url {
+        let ok = url::Url::parse(p.expose_secret())
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+            .unwrap_or(false);
+        if !ok {
+            // Never echo the value: it may carry the provider's credentials.
+            return Err(ConfigError::new(
+                "KEYMETER_PROXY_URL",
+                "must be http(s)://[user:password@]host:port",
+            ));
+        }
+    }
+    let webhook_signing_key = match src.get("KEYMETER_WEBHOOK_SIGNING_KEY") {
+        Some(k) if k.len() >= 32 => SecretString::from(k),
+        Some(_) => {
+            return Err(ConfigError::new(
+                "KEYMETER_WEBHOOK_SIGNING_KEY",
+                "must be at least 32 characters",
+            ))
+        }
+        None if env.is_production() => {
+            return Err(ConfigError::new(
+                "KEYMETER_WEBHOOK_SIGNING_KEY",
+                "is required in production (it derives every account's webhook secret)",
+            ))
+        }
+        None => SecretString::from(DEV_WEBHOOK_SIGNING_KEY),
+    };
+    // failsafe's backoff counts whole seconds (and refuses less than one).
+    let breaker_open = secs(src, "KEYMETER_BREAKER_OPEN_SECS", 10)?;
+    let breaker_max_open = secs(src, "KEYMETER_BREAKER_MAX_OPEN_SECS", 120)?;
+    if breaker_max_open < breaker_open {
+        return Err(ConfigError::new(
+            "KEYMETER_BREAKER_MAX_OPEN_SECS",
+            "must be at least KEYMETER_BREAKER_OPEN_SECS",
+        ));
+    }
+    let webhook_attempts = positive(src, "KEYMETER_JOB_WEBHOOK_ATTEMPTS", 6i32, "a count")?;
+    let workers = positive(src, "KEYMETER_JOB_WORKERS", 16usize, "a worker count")?;
+    if workers > 1024 {
+        return Err(ConfigError::new(
+            "KEYMETER_JOB_WORKERS",
+            "must be at most 1024",
+        ));
+    }
+    Ok(JobsSettings {
+        workers,
+        lease: secs(src, "KEYMETER_JOB_LEASE_SECS", 30)?,
+        poll: millis(src, "KEYMETER_JOB_POLL_MS", 1_000)?,
+        scrape_allow,
+        proxy_url,
+        user_agent: src.get("KEYMETER_SCRAPE_USER_AGENT").unwrap_or_else(|| {
+            concat!("keymeter/", env!("CARGO_PKG_VERSION"), " (+scrape)").to_owned()
+        }),
+        connect_timeout: millis(src, "KEYMETER_SCRAPE_CONNECT_TIMEOUT_MS", 10_000)?,
+        max_body_bytes: positive(
+            src,
+            "KEYMETER_SCRAPE_MAX_BODY_BYTES",
+            5 * 1024 * 1024usize,
+            "a size in bytes",
+        )?,
+        breaker_failures: positive(src, "KEYMETER_BREAKER_FAILURES", 5u32, "a count")?,
+        breaker_open,
+        breaker_max_open,
+        webhook_signing_key,
+        webhook_attempts,
+        webhook_retry_base: millis(src, "KEYMETER_JOB_WEBHOOK_RETRY_MS", 10_000)?,
+    })
 }
 
 /// Where variables come from: the process environment in production, a map in tests.
@@ -591,6 +700,7 @@ impl Config {
             billing,
             charge_coalescing,
             webhook_body_limit,
+            jobs: jobs_settings(src, env)?,
         })
     }
 

@@ -66,11 +66,59 @@ pub enum ApiError {
     Unavailable { kind: &'static str, detail: String },
     #[error("feature disabled: {0}")]
     Disabled(String),
+    /// Any other problem with its own status and stable type (the job outcomes: 422
+    /// `url_not_allowed`, 429 `queue_full`, 502 `upstream_failed`, 503
+    /// `upstream_unavailable`, 504 `job_timeout`…), carrying extension members.
+    #[error("{}", .0.detail)]
+    Problem(Box<Problem>),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
 
+/// The parts of an [`ApiError::Problem`].
+#[derive(Debug)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub extensions: Map<String, Value>,
+    pub retry_after: Option<u64>,
+}
+
 impl ApiError {
+    pub fn problem(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        ApiError::Problem(Box::new(Problem {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            extensions: Map::new(),
+            retry_after: None,
+        }))
+    }
+
+    /// Adds an extension member to an [`ApiError::Problem`] (no-op on other variants).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        if let ApiError::Problem(p) = &mut self {
+            p.extensions.insert(key.to_owned(), value.into());
+        }
+        self
+    }
+
+    /// Sets `Retry-After` on an [`ApiError::Problem`].
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        if let ApiError::Problem(p) = &mut self {
+            p.retry_after = Some(secs);
+        }
+        self
+    }
+
     pub fn validation(field: &'static str, detail: impl Into<String>) -> Self {
         ApiError::Validation {
             detail: detail.into(),
@@ -106,6 +154,7 @@ impl ApiError {
             ApiError::NotReady(_) => ("not_ready", "Service not ready"),
             ApiError::Unavailable { kind, .. } => (kind, "Service unavailable"),
             ApiError::Disabled(_) => ("feature_disabled", "Feature disabled"),
+            ApiError::Problem(p) => (p.kind, p.title),
             ApiError::Internal(_) => ("internal_error", "Internal server error"),
         }
     }
@@ -143,6 +192,7 @@ impl ApiError {
             ApiError::NotReady(d) => d.clone(),
             ApiError::Unavailable { detail, .. } => detail.clone(),
             ApiError::Disabled(d) => d.clone(),
+            ApiError::Problem(p) => p.detail.clone(),
             ApiError::Internal(_) => {
                 "An unexpected error occurred; quote the request id when reporting it.".into()
             }
@@ -166,6 +216,9 @@ impl ApiError {
             ApiError::InsufficientCredits { balance, cost } => {
                 m.insert("balance".into(), json!(balance));
                 m.insert("cost".into(), json!(cost));
+            }
+            ApiError::Problem(p) => {
+                m.extend(p.extensions.clone());
             }
             _ => {}
         }
@@ -286,6 +339,7 @@ impl ResponseError for ApiError {
             | ApiError::NotReady(_)
             | ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Disabled(_) => StatusCode::NOT_FOUND,
+            ApiError::Problem(p) => p.status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -313,6 +367,11 @@ impl ResponseError for ApiError {
             | ApiError::NotReady(_)
             | ApiError::Unavailable { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1u32));
+            }
+            ApiError::Problem(p) => {
+                if let Some(secs) = p.retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                }
             }
             _ => {}
         }

@@ -25,6 +25,9 @@ use crate::config::Config;
 use crate::db;
 use crate::error::ApiError;
 use crate::http::{edge, extractors};
+use crate::jobs::breaker::{BreakerSettings, Breakers};
+use crate::jobs::queue::ConcurrencyLimits;
+use crate::jobs::{AllowList, ExtractLimits, Fetcher, FetcherConfig, JobSettings, Jobs};
 use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::tiers::Tiers;
 use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
@@ -42,6 +45,8 @@ pub struct AppState {
     pub charges: Arc<crate::credits::coalesce::Coalescer>,
     /// The Stripe API client, when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<crate::billing::stripe_api::StripeApi>,
+    /// Scrape jobs: fetcher, breakers, queue wake-ups, webhook sender.
+    pub jobs: Arc<Jobs>,
 }
 
 pub struct Application {
@@ -50,6 +55,57 @@ pub struct Application {
     state: AppState,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Workers take only this instance's waiting sync jobs once it is cancelled…
+    drain_jobs: CancellationToken,
+    /// …and no more jobs at all once this is.
+    stop_jobs: CancellationToken,
+    workers: tokio::task::JoinHandle<()>,
+}
+
+/// The scrape-job service from the configuration.
+fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
+    let s = &config.jobs;
+    let allow = AllowList::parse(&s.scrape_allow)?;
+    let fetcher = Fetcher::new(FetcherConfig {
+        user_agent: s.user_agent.clone(),
+        connect_timeout: s.connect_timeout,
+        max_body_bytes: s.max_body_bytes,
+        max_redirects: 5,
+        proxy_url: s.proxy_url.clone(),
+        allow: allow.clone(),
+    })?;
+    let breakers = Breakers::new(
+        &fetcher.provider(),
+        BreakerSettings {
+            consecutive_failures: s.breaker_failures,
+            open_for: s.breaker_open,
+            max_open: s.breaker_max_open,
+            ..BreakerSettings::default()
+        },
+    );
+    let webhooks = crate::jobs::webhooks::Sender::new(
+        allow,
+        crate::jobs::webhooks::WebhookSettings {
+            signing_key: s.webhook_signing_key.clone(),
+            max_attempts: s.webhook_attempts,
+            retry_base: s.webhook_retry_base,
+            timeout: std::time::Duration::from_secs(10),
+        },
+    )?;
+    Ok(Jobs {
+        instance: uuid::Uuid::now_v7(),
+        fetcher,
+        breakers,
+        hub: Arc::default(),
+        limits: ConcurrencyLimits::from_tiers(tiers),
+        settings: JobSettings {
+            workers: s.workers,
+            lease: s.lease,
+            poll: s.poll,
+            extract: ExtractLimits::default(),
+        },
+        webhooks,
+    })
 }
 
 impl Application {
@@ -109,6 +165,7 @@ impl Application {
             limits = limits.with_shared(RedisLimiter::new(config.redis_timeout), on_failure);
         }
         let limits = Arc::new(limits);
+        let jobs = Arc::new(build_jobs(&config, &tiers)?);
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -124,10 +181,27 @@ impl Application {
                 )?),
                 None => None,
             },
+            jobs: jobs.clone(),
         };
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(auth::listener::run(pg.clone(), cache, shutdown.clone()));
+        tasks.spawn(db::listen::run(
+            pg.clone(),
+            vec![auth::listener::subscription(cache), jobs.hub.subscription()],
+            shutdown.clone(),
+        ));
+        let (drain_jobs, stop_jobs) = (CancellationToken::new(), CancellationToken::new());
+        let workers = tokio::spawn(jobs.clone().run_workers(
+            pool.clone(),
+            drain_jobs.clone(),
+            stop_jobs.clone(),
+            config.shutdown_timeout,
+        ));
+        tasks.spawn(jobs.clone().run_reaper(pool.clone(), shutdown.clone()));
+        {
+            let (jobs, pool, stop) = (jobs.clone(), pool.clone(), shutdown.clone());
+            tasks.spawn(async move { jobs.webhooks.run(pool, stop).await });
+        }
         {
             let (auth, pool, stop) = (auth.clone(), pool.clone(), shutdown.clone());
             tasks.spawn(async move {
@@ -171,6 +245,9 @@ impl Application {
             state,
             shutdown,
             tasks,
+            drain_jobs,
+            stop_jobs,
+            workers,
         })
     }
 
@@ -192,6 +269,8 @@ impl Application {
                 res.context("HTTP server failed")?;
             }
             () = signal => {
+                // Workers keep running this instance's waiting sync jobs while requests drain.
+                self.drain_jobs.cancel();
                 tracing::info!(
                     timeout_s = self.state.config.shutdown_timeout.as_secs(),
                     "shutdown requested; draining in-flight requests"
@@ -206,6 +285,13 @@ impl Application {
         // have just stopped; drop them so the background tasks' last work (the final
         // last_used flush) opens fresh ones on this runtime.
         self.state.db.retain(|_, _| false);
+        // No more claims; running jobs get the shutdown timeout, then go back to the queue.
+        self.drain_jobs.cancel();
+        self.stop_jobs.cancel();
+        let grace = self.state.config.shutdown_timeout + std::time::Duration::from_secs(5);
+        if tokio::time::timeout(grace, self.workers).await.is_err() {
+            tracing::warn!("job workers did not stop in time; their leases will expire");
+        }
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(self.state.config.shutdown_timeout, self.tasks.wait())
@@ -269,7 +355,7 @@ const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
 /// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
 /// tier's limit).
 fn routes_config(cfg: &mut web::ServiceConfig) {
-    use routes::{accounts, admin, billing, credits, health, keys};
+    use routes::{accounts, admin, billing, credits, health, jobs, keys};
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
         .service(
@@ -313,6 +399,17 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                 .service(web::resource("/billing").route(web::get().to(billing::summary)))
                 .service(
                     web::resource("/billing/checkout").route(web::post().to(billing::checkout)),
+                )
+                .service(web::resource("/scrape").route(web::post().to(jobs::scrape)))
+                .service(
+                    web::resource("/jobs")
+                        .route(web::get().to(jobs::list))
+                        .route(web::post().to(jobs::create_job)),
+                )
+                .service(
+                    web::resource("/jobs/{id}")
+                        .route(web::get().to(jobs::get))
+                        .route(web::delete().to(jobs::cancel)),
                 ),
         )
         .service(
@@ -340,7 +437,8 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                 )
                 .service(
                     web::resource("/keys/{id}/revoke").route(web::post().to(admin::revoke_key)),
-                ),
+                )
+                .service(web::resource("/breakers").route(web::get().to(jobs::breakers))),
         );
 }
 

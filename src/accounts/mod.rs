@@ -60,9 +60,12 @@ pub struct Account {
     pub credit_balance: i64,
     pub status: String,
     pub created_at: DateTime<Utc>,
+    /// Which derivation of the job-webhook signing secret is current (see jobs::webhooks).
+    #[serde(skip)]
+    pub webhook_secret_version: i32,
 }
 
-const COLUMNS: &str = "id, email, tier, credit_balance, status, created_at";
+const COLUMNS: &str = "id, email, tier, credit_balance, status, created_at, webhook_secret_version";
 
 fn account(row: &tokio_postgres::Row) -> Account {
     Account {
@@ -73,6 +76,7 @@ fn account(row: &tokio_postgres::Row) -> Account {
         credit_balance: row.get(3),
         status: row.get(4),
         created_at: row.get(5),
+        webhook_secret_version: row.get(6),
     }
 }
 

@@ -15,6 +15,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseSettings;
 
+pub mod listen;
 pub mod migrations;
 
 /// Parses the URL and applies keymeter's per-connection settings.

@@ -293,6 +293,24 @@ impl Fetcher {
         })
     }
 
+    /// The egress path jobs take, naming its circuit breaker: `direct`, or the proxy's
+    /// `scheme://host:port` (never its credentials).
+    pub fn provider(&self) -> String {
+        self.proxy_display
+            .clone()
+            .unwrap_or_else(|| "direct".to_owned())
+    }
+
+    /// Resolves the URL's host and refuses it if any address is off limits, so a route can
+    /// answer 422 before charging. A DNS failure is not a refusal (the job then fails and is
+    /// refunded).
+    pub async fn precheck(&self, url: &Url) -> Result<(), UrlNotAllowed> {
+        match self.guard.precheck(url).await {
+            Err(GuardError::NotAllowed(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Parses a customer's URL and runs the checks that need no network, so a route can
     /// refuse it before charging anything.
     pub fn validate(&self, input: &str) -> Result<Url, FetchError> {

@@ -13,10 +13,20 @@
 //! - [`fetch`]: one shared HTTP client, manual redirects, a body cap, typed errors, and the
 //!   charge/refund/breaker classification.
 //! - [`extract`]: metadata, readable text, Markdown, links and raw HTML from a fetched page.
+//! - [`queue`]: the `jobs` table — create (cost reserved in the same transaction), claim
+//!   (SKIP LOCKED, per-account concurrency), lease, finish (refund and webhook in the same
+//!   transaction), reap.
+//! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider and host;
+//!   [`hub`]: in-process wake-ups; [`webhooks`]: signed job webhooks with retries.
 
+pub mod breaker;
 pub mod extract;
 pub mod fetch;
+pub mod hub;
+pub mod queue;
+pub mod runner;
 pub mod ssrf;
+pub mod webhooks;
 
 #[cfg(test)]
 mod test_server;
@@ -26,4 +36,5 @@ pub use fetch::{
     classify, CustomerHeaders, FailureReason, FetchError, Fetched, Fetcher, FetcherBuildError,
     FetcherConfig, HeaderError, Outcome, RedirectHop,
 };
+pub use runner::{JobSettings, Jobs};
 pub use ssrf::{AllowList, Guard, UrlNotAllowed};

@@ -355,6 +355,24 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// Like [`Guard::check`], and also resolves a host name the resolver would vet later,
+    /// so a name pointing at a private address is refused before a job is created (and
+    /// charged). The connection is still vetted again at connect time (DNS may change).
+    pub async fn precheck(&self, url: &Url) -> Result<(), GuardError> {
+        self.check(url).await?;
+        if self.allow.allows(url) || self.proxied {
+            return Ok(());
+        }
+        if let Some(Host::Domain(name)) = url.host() {
+            if !self.resolver.trusted.contains(&name.to_ascii_lowercase()) {
+                vetted_lookup(name).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// reqwest's resolver for the fetcher: one lookup, every address vetted, only vetted
 /// addresses returned. A refusal travels up reqwest's error chain as a [`UrlNotAllowed`].
 #[derive(Debug)]

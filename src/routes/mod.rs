@@ -6,4 +6,5 @@ pub mod admin;
 pub mod billing;
 pub mod credits;
 pub mod health;
+pub mod jobs;
 pub mod keys;

@@ -8,6 +8,7 @@ mod accounts;
 mod billing;
 mod credits;
 mod foundation;
+mod jobs;
 mod keys;
 mod process;
 mod ratelimits;

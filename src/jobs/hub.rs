@@ -1,0 +1,102 @@
+//! In-process wake-ups for the job queue: idle workers wait for "a job was queued", a
+//! `POST /v1/scrape` waits for "job X is done". Fed by this instance's own commits (at once)
+//! and by the LISTEN connection (other instances' commits). Both are hints: workers and
+//! waiters also look at the database on a short timer, so a lost notification delays, never
+//! loses, anything.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::queue::CHANNEL;
+use crate::db::listen::Subscription;
+
+#[derive(Default)]
+pub struct Hub {
+    work: Notify,
+    waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
+}
+
+/// A registered waiter; unregisters itself when dropped.
+pub struct Waiter {
+    hub: Arc<Hub>,
+    id: Uuid,
+    notify: Arc<Notify>,
+}
+
+impl Waiter {
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.hub.waiters.lock() {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Hub {
+    /// One more job may be claimable.
+    pub fn job_queued(&self) {
+        self.work.notify_one();
+    }
+
+    pub async fn work_available(&self) {
+        self.work.notified().await;
+    }
+
+    /// Registers interest in `id` finishing. Register before the job can finish (before
+    /// committing it), so the wake-up cannot be missed: `notify_one` keeps a permit.
+    pub fn register(self: &Arc<Self>, id: Uuid) -> Waiter {
+        let notify = Arc::new(Notify::new());
+        if let Ok(mut map) = self.waiters.lock() {
+            map.insert(id, notify.clone());
+        }
+        Waiter {
+            hub: self.clone(),
+            id,
+            notify,
+        }
+    }
+
+    pub fn job_done(&self, id: Uuid) {
+        let notify = self.waiters.lock().ok().and_then(|m| m.get(&id).cloned());
+        if let Some(n) = notify {
+            n.notify_one();
+        }
+    }
+
+    /// After a reconnect: anything may have happened meanwhile.
+    fn wake_everyone(&self) {
+        self.work.notify_waiters();
+        if let Ok(map) = self.waiters.lock() {
+            for n in map.values() {
+                n.notify_one();
+            }
+        }
+    }
+
+    pub fn subscription(self: &Arc<Self>) -> Subscription {
+        let (on_msg, on_connect) = (self.clone(), self.clone());
+        Subscription {
+            channel: CHANNEL,
+            on_message: Arc::new(move |payload: &str| {
+                if payload == "queued" {
+                    on_msg.job_queued();
+                } else if let Some(id) = payload.strip_prefix("done:") {
+                    if let Ok(id) = id.parse() {
+                        on_msg.job_done(id);
+                    }
+                    // A finished job frees a concurrency slot for its account.
+                    on_msg.job_queued();
+                }
+            }),
+            on_connect: Arc::new(move || on_connect.wake_everyone()),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The workers: each instance runs a fixed number of them, claiming jobs from the shared
+//! queue and running them behind the breakers, renewing their lease while they work.
+//!
+//! Shutdown happens in two steps driven by `startup`: `drain` (the HTTP server is finishing
+//! its in-flight requests; workers take only the sync jobs of requests this instance still
+//! serves, so those requests get their answers) and `stop` (no more claims; jobs already
+//! running finish within the shutdown timeout; whatever is still running after it is put
+//! back in the queue for another instance).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+use uuid::Uuid;
+
+use super::breaker::Breakers;
+use super::extract::{extract, ExtractLimits, Format};
+use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
+use super::hub::Hub;
+use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence};
+use super::webhooks;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub workers: usize,
+    pub lease: Duration,
+    /// How often idle workers look at the queue without being woken.
+    pub poll: Duration,
+    pub extract: ExtractLimits,
+}
+
+/// Everything that creates, runs and waits for jobs; shared by routes and workers.
+pub struct Jobs {
+    /// This process's identity as a lease owner.
+    pub instance: Uuid,
+    pub fetcher: Fetcher,
+    pub breakers: Breakers,
+    pub hub: Arc<Hub>,
+    pub limits: ConcurrencyLimits,
+    pub settings: JobSettings,
+    pub webhooks: webhooks::Sender,
+}
+
+impl Jobs {
+    /// Runs the workers until `stop`, then waits for running jobs up to `grace` and
+    /// re-queues what is left.
+    pub async fn run_workers(
+        self: Arc<Self>,
+        db: Pool,
+        drain: CancellationToken,
+        stop: CancellationToken,
+        grace: Duration,
+    ) {
+        let tracker = tokio_util::task::TaskTracker::new();
+        for n in 0..self.settings.workers.max(1) {
+            let (jobs, db, drain, stop) = (self.clone(), db.clone(), drain.clone(), stop.clone());
+            tracker.spawn(async move { jobs.worker(n, db, drain, stop).await });
+        }
+        tracker.close();
+        stop.cancelled().await;
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                "jobs still running at the shutdown timeout; putting them back in the queue"
+            );
+        }
+        match queue::release_owned(&db, self.instance).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "re-queued unfinished jobs for another instance"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not re-queue unfinished jobs; their leases will expire")
+            }
+        }
+    }
+
+    async fn worker(&self, n: usize, db: Pool, drain: CancellationToken, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            let only_origin = drain.is_cancelled().then_some(self.instance);
+            match queue::claim(
+                &db,
+                self.instance,
+                &self.limits,
+                self.settings.lease,
+                only_origin,
+            )
+            .await
+            {
+                Ok(Some(job)) => {
+                    backoff = Duration::from_millis(100);
+                    // A job, once claimed, runs to its end even while stopping: its own
+                    // deadline bounds it, and the grace period bounds the wait for it.
+                    self.run(&db, job).await;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(worker = n, error = %e, "claiming a job failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = self.hub.work_available() => {}
+                () = tokio::time::sleep(self.settings.poll) => {}
+                () = stop.cancelled() => return,
+                () = drain.cancelled(), if !drain.is_cancelled() => {}
+            }
+        }
+    }
+
+    /// Runs one claimed job to its end and records it.
+    async fn run(&self, db: &Pool, job: Claimed) {
+        let started = Instant::now();
+        let end = {
+            let work = self.execute(&job);
+            let lease = self.keep_lease(db, &job);
+            tokio::select! {
+                end = work => Some(end),
+                () = lease => None,
+            }
+        };
+        let Some(end) = end else {
+            tracing::info!(job_id = %job.id, "lost the job's lease (timed out or re-queued); dropping this attempt");
+            return;
+        };
+        let fence = Fence::Lease {
+            owner: self.instance,
+            attempt: job.attempt,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.finish(db, &job, &end, fence).await {
+                Ok(true) => break,
+                Ok(false) => {
+                    tracing::info!(job_id = %job.id, "job ended elsewhere before this attempt finished");
+                    break;
+                }
+                Err(e) if tries < 5 => {
+                    tracing::warn!(job_id = %job.id, error = %e, "could not record the job's end; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, error = %e, "could not record the job's end; its lease will expire and it will run again");
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            job_id = %job.id,
+            attempt = job.attempt,
+            outcome = match &end { End::Succeeded { .. } => "succeeded", End::Failed { .. } => "failed", End::Cancelled => "cancelled" },
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "job finished"
+        );
+        self.hub.job_done(job.id);
+        // Its concurrency slot is free: another of the account's jobs may run.
+        self.hub.job_queued();
+    }
+
+    async fn finish(
+        &self,
+        db: &Pool,
+        job: &Claimed,
+        end: &End,
+        fence: Fence,
+    ) -> Result<bool, ApiError> {
+        let mut client = db.get().await?;
+        let tx = client.transaction().await?;
+        let done = queue::finalize(&tx, job.id, end, fence).await?;
+        tx.commit().await?;
+        Ok(done.is_some())
+    }
+
+    /// Renews the lease every third of its length; returns only when it was lost.
+    async fn keep_lease(&self, db: &Pool, job: &Claimed) {
+        let every = self.settings.lease / 3;
+        let mut failures = 0u32;
+        loop {
+            tokio::time::sleep(every).await;
+            match queue::renew(db, job.id, self.instance, job.attempt, self.settings.lease).await {
+                Ok(true) => failures = 0,
+                Ok(false) => return,
+                Err(e) => {
+                    // The database may be briefly away; the lease has slack for two misses.
+                    failures += 1;
+                    tracing::warn!(job_id = %job.id, error = %e, "could not renew the job's lease");
+                    if failures >= 3 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches and extracts; never fails — every problem becomes a failed [`End`].
+    async fn execute(&self, job: &Claimed) -> End {
+        let budget = job.budget(Utc::now());
+        if budget.is_zero() {
+            return End::failed("timeout", "The job waited in the queue past its timeout.");
+        }
+        let url = match Url::parse(&job.url) {
+            Ok(u) => u,
+            Err(e) => return End::failed("invalid_url", e.to_string()),
+        };
+        let formats: Vec<Format> = job
+            .formats
+            .iter()
+            .filter_map(|f| serde_json::from_value(serde_json::Value::String(f.clone())).ok())
+            .collect();
+        let headers =
+            match CustomerHeaders::new(job.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+                Ok(h) => h,
+                Err(e) => return End::failed("invalid_request", e.to_string()),
+            };
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let tickets = match self.breakers.acquire(&host) {
+            Ok(t) => t,
+            Err(refused) => return End::failed("circuit_open", refused.to_string()),
+        };
+        let result = self.fetcher.fetch(&url, budget, &headers).await;
+        let outcome = classify(&result);
+        tickets.record(matches!(
+            outcome,
+            Outcome::Failed {
+                counts_as_breaker_failure: true,
+                ..
+            }
+        ));
+        match (outcome, result) {
+            (Outcome::Usable, Ok(page)) => {
+                let status = page.status;
+                let limits = self.settings.extract.clone();
+                let extracted =
+                    tokio::task::spawn_blocking(move || extract(&page, &formats, &limits)).await;
+                match extracted.map(|e| serde_json::to_value(&e)) {
+                    Ok(Ok(result)) => End::Succeeded {
+                        result,
+                        upstream_status: status,
+                    },
+                    _ => End::Failed {
+                        reason: "extraction_failed".into(),
+                        detail: "The page could not be processed.".into(),
+                        upstream_status: Some(status),
+                    },
+                }
+            }
+            (Outcome::Failed { reason, .. }, Ok(page)) => End::Failed {
+                reason: reason.to_string(),
+                detail: format!("The site answered with status {}.", page.status),
+                upstream_status: Some(page.status),
+            },
+            (Outcome::Failed { reason, .. }, Err(e)) => End::Failed {
+                reason: reason.to_string(),
+                detail: e.to_string(),
+                upstream_status: None,
+            },
+            (Outcome::Usable, Err(e)) => End::failed("network", e.to_string()),
+        }
+    }
+
+    /// Re-queues expired leases and fails dead or expired jobs, every few seconds.
+    pub async fn run_reaper(self: Arc<Self>, db: Pool, stop: CancellationToken) {
+        let every =
+            (self.settings.lease / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+            match queue::reap(&db).await {
+                Ok(r) if r.requeued + r.failed + r.expired > 0 => {
+                    tracing::info!(
+                        requeued = r.requeued,
+                        failed = r.failed,
+                        expired = r.expired,
+                        "reaped jobs"
+                    );
+                    if r.requeued > 0 {
+                        self.hub.job_queued();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "job reaper pass failed"),
+            }
+        }
+    }
+}

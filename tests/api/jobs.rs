@@ -1,0 +1,893 @@
+//! Scrape jobs against real local upstreams: results per format, charge/refund per outcome
+//! (checked in the ledger), SSRF refusals before charging, the breaker opening and
+//! recovering, the concurrency limit and queue cap, idempotent creation, signed webhooks
+//! with retries, cancellation, graceful shutdown, and an instance killed mid-job.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use uuid::Uuid;
+
+use crate::credits::assert_ledger_invariant;
+use crate::helpers::*;
+
+const PAGE: &str = r#"<!doctype html><html lang="en"><head>
+<title>Known Page</title>
+<meta name="description" content="A page with known metadata.">
+<link rel="canonical" href="/canonical">
+<meta property="og:title" content="OG Known">
+<meta property="og:image" content="/img.png">
+</head><body><h1>Hello</h1><p>Readable <b>text</b> here.</p>
+<a href="/a">A</a> <a href="/a#frag">A again</a> <a href="https://example.org/x">X</a>
+</body></html>"#;
+
+/// A local upstream: known pages, slow pages, failing statuses, redirects into private
+/// addresses, a 50 MiB body, and a webhook receiver. Counts requests in flight.
+#[derive(Clone, Default)]
+struct Upstream {
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    /// `/health-toggle` answers 503 while this is set.
+    failing: Arc<AtomicBool>,
+    /// Webhook deliveries: (headers, body).
+    hooks: Arc<Mutex<Vec<(HashMap<String, String>, String)>>>,
+    /// The webhook receiver answers 500 this many times first.
+    hook_failures: Arc<AtomicUsize>,
+}
+
+struct Served {
+    base: String,
+    port: u16,
+    state: Upstream,
+    /// A port that accepts connections and closes them at once.
+    reset_port: u16,
+}
+
+async fn upstream() -> Served {
+    let state = Upstream::default();
+    let s = state.clone();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = HttpServer::new(move || {
+        let s = s.clone();
+        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
+            let s = s.clone();
+            async move {
+                let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+                *s.hits
+                    .lock()
+                    .unwrap()
+                    .entry(req.path().to_owned())
+                    .or_default() += 1;
+                let res = respond(&s, &req, body).await;
+                s.in_flight.fetch_sub(1, Ordering::SeqCst);
+                res
+            }
+        }))
+    })
+    .workers(2)
+    .listen(listener)
+    .unwrap()
+    .run();
+    tokio::spawn(server);
+    let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let reset_port = reset.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = reset.accept().await {
+            // Linger 0: close with a TCP reset, not a FIN (it does not block when zero).
+            #[allow(deprecated)]
+            let _ = sock.set_linger(Some(Duration::ZERO));
+            drop(sock);
+        }
+    });
+    Served {
+        base: format!("http://127.0.0.1:{port}"),
+        port,
+        state,
+        reset_port,
+    }
+}
+
+async fn respond(s: &Upstream, req: &HttpRequest, body: web::Bytes) -> HttpResponse {
+    let path = req.path();
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        let ms: u64 = ms.parse().unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        return HttpResponse::Ok()
+            .content_type("text/html")
+            .body("<html><head><title>Slow</title></head><body>late</body></html>");
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        let code: u16 = code.parse().unwrap_or(500);
+        return HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap())
+            .content_type("text/html")
+            .body(format!("<html><head><title>{code}</title></head></html>"));
+    }
+    match path {
+        "/page" => HttpResponse::Ok()
+            .content_type("text/html; charset=utf-8")
+            .body(PAGE),
+        "/health-toggle" => {
+            if s.failing.load(Ordering::SeqCst) {
+                HttpResponse::ServiceUnavailable().body("down")
+            } else {
+                HttpResponse::Ok()
+                    .content_type("text/html")
+                    .body("<title>up</title>")
+            }
+        }
+        "/to-private" => HttpResponse::Found()
+            .insert_header(("location", "http://10.0.0.1/admin"))
+            .finish(),
+        "/to-metadata" => HttpResponse::Found()
+            .insert_header(("location", "http://169.254.169.254/latest/meta-data/"))
+            .finish(),
+        "/big" => {
+            let chunk = web::Bytes::from(vec![b'a'; 1024 * 1024]);
+            let mut first = b"<html><head><title>Big</title></head><body>".to_vec();
+            first.extend_from_slice(&chunk[first.len()..]);
+            let first = web::Bytes::from(first);
+            let stream = futures_util::stream::iter((0..50).map(move |i| {
+                Ok::<_, std::io::Error>(if i == 0 { first.clone() } else { chunk.clone() })
+            }));
+            HttpResponse::Ok()
+                .content_type("text/html")
+                .streaming(stream)
+        }
+        "/hook" => {
+            let headers = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+                .collect();
+            s.hooks
+                .lock()
+                .unwrap()
+                .push((headers, String::from_utf8_lossy(&body).into_owned()));
+            if s.hook_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                HttpResponse::InternalServerError().finish()
+            } else {
+                HttpResponse::Ok().finish()
+            }
+        }
+        _ => HttpResponse::NotFound().finish(),
+    }
+}
+
+impl Served {
+    fn hits(&self, path: &str) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn allow(env: &mut HashMap<String, String>, ports: &[u16]) {
+    let list: Vec<String> = ports
+        .iter()
+        .flat_map(|p| [format!("127.0.0.1:{p}"), format!("localhost:{p}")])
+        .collect();
+    env.insert("KEYMETER_SCRAPE_ALLOW".into(), list.join(","));
+}
+
+async fn jobs_app(up: &Served, extra: &[(&str, &str)]) -> TestApp {
+    let ports = [up.port, up.reset_port];
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    spawn_app_with(move |env| {
+        allow(env, &ports);
+        env.insert("KEYMETER_JOB_WORKERS".into(), "4".into());
+        env.insert("KEYMETER_JOB_POLL_MS".into(), "200".into());
+        for (k, v) in extra {
+            env.insert(k, v);
+        }
+    })
+    .await
+}
+
+async fn balance(app: &TestApp, account: Uuid) -> i64 {
+    app.db
+        .query_one(
+            "SELECT credit_balance FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// (charges, refunds) in the ledger for one job.
+async fn movements(app: &TestApp, job: &str) -> (i64, i64) {
+    let id: Uuid = job.parse().unwrap();
+    let row = app
+        .db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE kind = 'charge'), count(*) FILTER (WHERE kind = 'refund')
+               FROM credit_ledger WHERE job_id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn scrape(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
+    app.post_json("/v1/scrape", key, body).await
+}
+
+async fn wait_for_status(app: &TestApp, key: &str, id: &str, want: &[&str]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: Value = app
+            .get_with_key(&format!("/v1/jobs/{id}"), key)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if want.contains(&job["status"].as_str().unwrap_or("")) {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} never reached {want:?}: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 100).await;
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/page", up.base),
+               "formats": ["metadata", "text", "markdown", "links", "html"]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let job: Value = res.json().await.unwrap();
+    assert_eq!(job["status"], "succeeded");
+    assert_eq!(job["cost"], 5);
+    assert_eq!(job["charged"], true);
+    assert_eq!(job["refunded"], false);
+    let r = &job["result"];
+    assert_eq!(r["metadata"]["title"], "Known Page");
+    assert_eq!(r["metadata"]["description"], "A page with known metadata.");
+    assert_eq!(r["metadata"]["status_code"], 200);
+    assert_eq!(r["metadata"]["language"], "en");
+    assert_eq!(r["metadata"]["canonical"], format!("{}/canonical", up.base));
+    assert_eq!(r["metadata"]["open_graph"]["title"], "OG Known");
+    assert_eq!(
+        r["metadata"]["open_graph"]["image"],
+        format!("{}/img.png", up.base)
+    );
+    assert!(r["text"].as_str().unwrap().contains("Readable text here."));
+    assert!(r["markdown"].as_str().unwrap().contains("Hello"));
+    assert!(r["markdown"].as_str().unwrap().contains("**text**"));
+    assert_eq!(
+        r["links"],
+        json!([format!("{}/a", up.base), "https://example.org/x"])
+    );
+    assert!(r["html"].as_str().unwrap().contains("<h1>Hello</h1>"));
+    assert!(job["timings"]["total_ms"].as_i64().is_some());
+
+    assert_eq!(balance(&app, account).await, 95);
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(movements(&app, id).await, (1, 0));
+    // The job is durable and visible like any other.
+    let listed: Value = app
+        .get_with_key("/v1/jobs?status=succeeded", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"][0]["id"], job["id"]);
+    // Default format is metadata only, costing 1.
+    let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
+    let job: Value = res.json().await.unwrap();
+    assert_eq!(job["formats"], json!(["metadata"]));
+    assert!(job["result"].get("html").is_none());
+    assert_eq!(balance(&app, account).await, 94);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn usable_answers_are_kept_and_every_failure_is_refunded() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 100).await;
+    let cases: Vec<(String, u16, &str)> = vec![
+        (format!("{}/status/404", up.base), 200, ""),
+        (format!("{}/status/410", up.base), 200, ""),
+        (format!("{}/status/500", up.base), 502, "upstream_failed"),
+        (format!("{}/status/403", up.base), 502, "upstream_failed"),
+        (format!("{}/status/429", up.base), 502, "upstream_failed"),
+        (
+            format!("http://127.0.0.1:{}/", up.reset_port),
+            502,
+            "upstream_failed",
+        ),
+        (format!("{}/to-private", up.base), 422, "url_not_allowed"),
+        (format!("{}/to-metadata", up.base), 422, "url_not_allowed"),
+    ];
+    let mut kept = 0;
+    for (url, status, type_) in &cases {
+        let res = scrape(&app, &key, json!({"url": url})).await;
+        assert_eq!(res.status(), *status, "{url}");
+        if *status == 200 {
+            let job: Value = res.json().await.unwrap();
+            assert_eq!(job["status"], "succeeded");
+            assert_eq!(movements(&app, job["id"].as_str().unwrap()).await, (1, 0));
+            kept += 1;
+        } else {
+            let p = assert_problem(res, *status, type_).await;
+            assert_eq!(p["refunded"], true, "{url}: {p}");
+            let id = p["job_id"].as_str().unwrap().to_owned();
+            assert_eq!(movements(&app, &id).await, (1, 1), "{url}");
+            let job = wait_for_status(&app, &key, &id, &["failed"]).await;
+            assert_eq!(job["refunded"], true);
+        }
+    }
+    // A timeout (the page is slower than the job allows) is refunded too.
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/slow/3000", up.base), "timeout_ms": 300}),
+    )
+    .await;
+    let p = assert_problem(res, 504, "job_timeout").await;
+    assert_eq!(p["refunded"], true);
+    assert_eq!(balance(&app, account).await, 100 - kept);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 10).await;
+    for url in [
+        "http://10.0.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://100.64.0.1/",
+        "http://localhost:1/",
+    ] {
+        let res = scrape(&app, &key, json!({"url": url})).await;
+        assert_problem(res, 422, "url_not_allowed").await;
+    }
+    for body in [
+        json!({"url": "ftp://example.com/"}),
+        json!({"url": "not a url"}),
+        json!({"url": format!("{}/page", up.base), "formats": ["pdf"]}),
+        json!({"url": format!("{}/page", up.base), "timeout_ms": 60001}),
+        json!({"url": format!("{}/page", up.base), "headers": {"Host": "evil"}}),
+        json!({"url": format!("{}/page", up.base), "webhook_url": "http://x"}),
+        json!({"url": format!("{}/page", up.base), "unknown": 1}),
+    ] {
+        let res = scrape(&app, &key, body.clone()).await;
+        let status = res.status().as_u16();
+        assert!(status == 422 || status == 400, "{body}: {status}");
+    }
+    // Short of credits: 402, nothing queued.
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/page", up.base),
+               "formats": ["metadata", "text", "markdown", "links", "html"]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let res = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/page", up.base),
+                   "formats": ["metadata", "text", "markdown", "links", "html", "html"]}),
+        )
+        .await;
+    assert_eq!(res.status(), 202, "duplicate formats count once");
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/page", up.base), "formats": ["metadata", "text"]}),
+    )
+    .await;
+    assert_problem(res, 402, "insufficient_credits").await;
+    let jobs: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs, 2);
+    assert!(balance(&app, account).await >= 0);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn the_breaker_opens_answers_without_charging_and_recovers() {
+    let up = upstream().await;
+    let app = jobs_app(
+        &up,
+        &[
+            ("KEYMETER_BREAKER_FAILURES", "3"),
+            ("KEYMETER_BREAKER_OPEN_SECS", "1"),
+        ],
+    )
+    .await;
+    let (account, key) = app.create_account("pro", 100).await;
+    let url = format!("{}/health-toggle", up.base);
+    up.state.failing.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let res = scrape(&app, &key, json!({"url": url})).await;
+        assert_problem(res, 502, "upstream_failed").await;
+    }
+    let jobs_before: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let hits_before = up.hits("/health-toggle");
+    let res = scrape(&app, &key, json!({"url": url})).await;
+    assert!(res.headers().get("retry-after").is_some());
+    let p = assert_problem(res, 503, "upstream_unavailable").await;
+    assert_eq!(p["breaker"], "host");
+    // Refused before anything was queued or charged, and the upstream was not called.
+    let jobs_after: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs_after, jobs_before);
+    assert_eq!(up.hits("/health-toggle"), hits_before);
+    assert_eq!(balance(&app, account).await, 100);
+    // Async jobs are refused the same way.
+    let res = app.post_json("/v1/jobs", &key, json!({"url": url})).await;
+    assert_problem(res, 503, "upstream_unavailable").await;
+    // Operators see it.
+    let breakers: Value = app
+        .client
+        .get(app.url("/admin/breakers"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let open = breakers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["kind"] == "host")
+        .expect("the host breaker is listed");
+    assert_eq!(open["state"], "open");
+    assert_eq!(open["name"], "127.0.0.1");
+    // The breaker is per host: the same server under another name still answers.
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("http://localhost:{}/page", up.port)}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+
+    // The upstream recovers; after the open period a probe closes the breaker.
+    up.state.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let res = scrape(&app, &key, json!({"url": url})).await;
+    assert_eq!(res.status(), 200);
+    let res = scrape(&app, &key, json!({"url": url})).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(balance(&app, account).await, 97);
+    assert_ledger_invariant(&app).await;
+}
+
+fn tiers_file(name: &str, running: u32, queued: u32) -> String {
+    let path = std::env::temp_dir().join(format!("keymeter-tiers-{}.toml", Uuid::new_v4()));
+    std::fs::write(
+        &path,
+        format!(
+            "[tiers.{name}]\nrequests_per_minute = 6000\nburst = 1000\n\
+             max_concurrent_jobs = {running}\nmax_queued_jobs = {queued}\n"
+        ),
+    )
+    .unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn the_concurrency_limit_holds_and_the_queue_cap_answers_queue_full() {
+    let up = upstream().await;
+    let tiers = tiers_file("tiny", 2, 3);
+    let app = jobs_app(&up, &[("KEYMETER_TIERS", &tiers)]).await;
+    let (account, key) = app.create_account("tiny", 100).await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let res = app
+            .post_json(
+                "/v1/jobs",
+                &key,
+                json!({"url": format!("{}/slow/1500", up.base), "timeout_ms": 20000}),
+            )
+            .await;
+        match res.status().as_u16() {
+            202 => {
+                assert!(res.headers().get("location").is_some());
+                let job: Value = res.json().await.unwrap();
+                accepted.push(job["id"].as_str().unwrap().to_owned());
+            }
+            429 => {
+                assert!(res.headers().get("retry-after").is_some());
+                let p = assert_problem(res, 429, "queue_full").await;
+                assert_eq!(p["max_queued_jobs"], 3);
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    // At most 2 running + 3 queued fit before any job finishes.
+    assert!(accepted.len() <= 5, "{} accepted", accepted.len());
+    assert!(refused >= 5);
+    assert_eq!(balance(&app, account).await, 100 - accepted.len() as i64);
+    for id in &accepted {
+        let job = wait_for_status(&app, &key, id, &["succeeded"]).await;
+        assert_eq!(job["refunded"], false);
+    }
+    assert!(
+        up.state.max_in_flight.load(Ordering::SeqCst) <= 2,
+        "never more than the tier's 2 jobs at once, saw {}",
+        up.state.max_in_flight.load(Ordering::SeqCst)
+    );
+    assert_eq!(up.state.max_in_flight.load(Ordering::SeqCst), 2);
+    assert_ledger_invariant(&app).await;
+    let _ = std::fs::remove_file(tiers);
+}
+
+#[tokio::test]
+async fn job_creation_is_idempotent() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 100).await;
+    let body = json!({"url": format!("{}/page", up.base), "formats": ["text"]});
+    let post = |path: &'static str, idem: &'static str| {
+        app.client
+            .post(app.url(path))
+            .bearer_auth(&key)
+            .header("Idempotency-Key", idem)
+            .json(&body)
+            .send()
+    };
+    let first = post("/v1/jobs", "job-1").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let again = post("/v1/jobs", "job-1").await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        again.headers()["location"],
+        format!("/v1/jobs/{}", first["id"].as_str().unwrap())
+    );
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+
+    let sync1 = post("/v1/scrape", "sync-1").await.unwrap();
+    assert_eq!(sync1.status(), 200);
+    let sync1: Value = sync1.json().await.unwrap();
+    let sync2 = post("/v1/scrape", "sync-1").await.unwrap();
+    assert_eq!(sync2.status(), 200);
+    let sync2: Value = sync2.json().await.unwrap();
+    assert_eq!(sync1["id"], sync2["id"]);
+    assert_eq!(sync2["result"]["text"], sync1["result"]["text"]);
+
+    // The same key with another body is refused.
+    let other = app
+        .client
+        .post(app.url("/v1/jobs"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "job-1")
+        .json(&json!({"url": format!("{}/page", up.base)}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(other, 422, "idempotency_key_reused").await;
+    wait_for_status(&app, &key, first["id"].as_str().unwrap(), &["succeeded"]).await;
+    let jobs: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs, 2);
+    assert_eq!(balance(&app, account).await, 98);
+    assert_ledger_invariant(&app).await;
+}
+
+fn verify(secret: &str, header: &str, body: &str) -> bool {
+    let mut t = None;
+    let mut sigs = Vec::new();
+    for part in header.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = Some(v.to_owned()),
+            Some(("v1", v)) => sigs.push(v.to_owned()),
+            _ => {}
+        }
+    }
+    let Some(t) = t else { return false };
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.{body}").as_bytes());
+    let expected = hex::encode(mac.finalize().into_bytes());
+    sigs.iter().any(|s| *s == expected)
+}
+
+#[tokio::test]
+async fn finished_jobs_are_posted_to_the_webhook_signed_and_retried() {
+    let up = upstream().await;
+    up.state.hook_failures.store(1, Ordering::SeqCst);
+    let app = jobs_app(&up, &[("KEYMETER_JOB_WEBHOOK_RETRY_MS", "100")]).await;
+    let (_, key) = app.create_account("pro", 100).await;
+    let account: Value = app
+        .get_with_key("/v1/account", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let secret = account["webhook_secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let res = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/page", up.base),
+                   "webhook_url": format!("{}/hook", up.base)}),
+        )
+        .await;
+    assert_eq!(res.status(), 202);
+    let job: Value = res.json().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while up.state.hooks.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the webhook was not retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hooks = up.state.hooks.lock().unwrap().clone();
+    for (headers, body) in &hooks {
+        let sig = &headers["keymeter-signature"];
+        assert!(verify(&secret, sig, body), "signature verifies: {sig}");
+        assert!(!verify("whsec_wrong", sig, body));
+        let event: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(event["type"], "job.succeeded");
+        assert_eq!(event["data"]["id"], job["id"]);
+        assert_eq!(event["data"]["result"]["metadata"]["title"], "Known Page");
+        assert_eq!(headers["keymeter-event-id"], event["id"].as_str().unwrap());
+    }
+    // One event, delivered twice (the first answer was a 500): the same id both times.
+    assert_eq!(hooks[0].1, hooks[1].1);
+    loop {
+        let delivered: Option<chrono::DateTime<chrono::Utc>> = app
+            .db
+            .query_one("SELECT delivered_at FROM job_webhooks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if delivered.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the delivery was never recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A webhook URL at a private address is refused up front.
+    let res = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/page", up.base), "webhook_url": "http://10.1.2.3/hook"}),
+        )
+        .await;
+    assert_problem(res, 422, "url_not_allowed").await;
+}
+
+#[tokio::test]
+async fn a_queued_job_can_be_cancelled_and_is_refunded() {
+    let up = upstream().await;
+    let tiers = tiers_file("single", 1, 10);
+    let app = jobs_app(&up, &[("KEYMETER_TIERS", &tiers)]).await;
+    let (account, key) = app.create_account("single", 100).await;
+    let running = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/slow/2000", up.base)}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let running_id = running["id"].as_str().unwrap().to_owned();
+    wait_for_status(&app, &key, &running_id, &["running"]).await;
+    let queued = app
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/page", up.base), "formats": ["metadata", "text"]}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let queued_id = queued["id"].as_str().unwrap().to_owned();
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(balance(&app, account).await, 97);
+    let del = |id: String| {
+        app.client
+            .delete(app.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(&key)
+            .send()
+    };
+    let res = del(queued_id.clone()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let cancelled: Value = res.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["refunded"], true);
+    assert_eq!(balance(&app, account).await, 99);
+    assert_eq!(movements(&app, &queued_id).await, (1, 1));
+    let again = del(queued_id.clone()).await.unwrap();
+    assert_problem(again, 409, "job_not_cancellable").await;
+    let running_del = del(running_id.clone()).await.unwrap();
+    assert_problem(running_del, 409, "job_not_cancellable").await;
+    let unknown = del(Uuid::now_v7().to_string()).await.unwrap();
+    assert_problem(unknown, 404, "not_found").await;
+    wait_for_status(&app, &key, &running_id, &["succeeded"]).await;
+    assert_eq!(balance(&app, account).await, 99);
+    assert_ledger_invariant(&app).await;
+    let _ = std::fs::remove_file(tiers);
+}
+
+#[tokio::test]
+async fn a_50_mib_body_is_cut_at_the_cap() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (_, key) = app.create_account("pro", 100).await;
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/big", up.base), "formats": ["metadata", "html"]}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    let job: Value = res.json().await.unwrap();
+    assert_eq!(job["result"]["metadata"]["truncated"], true);
+    assert_eq!(job["result"]["metadata"]["title"], "Big");
+    assert!(job["result"]["html"].as_str().unwrap().len() <= 5 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
+    let up = upstream().await;
+    let mut a = jobs_app(&up, &[("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "1")]).await;
+    let (account, key) = a.create_account("pro", 100).await;
+    let job: Value = a
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/slow/4000", up.base), "timeout_ms": 20000}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    wait_for_status(&a, &key, &id, &["running"]).await;
+    a.stop().await;
+    let row =
+        a.db.query_one(
+            "SELECT status, lease_owner IS NULL, attempts FROM jobs WHERE id = $1",
+            &[&id.parse::<Uuid>().unwrap()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "queued", "left claimable");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(
+        row.get::<_, i32>(2),
+        0,
+        "the interrupted attempt does not count"
+    );
+    let ports = [up.port, up.reset_port];
+    let b = spawn_app_on(a.db_name.clone(), move |env| allow(env, &ports)).await;
+    let done = wait_for_status(&b, &key, &id, &["succeeded"]).await;
+    assert_eq!(done["refunded"], false);
+    assert_eq!(movements(&b, &id).await, (1, 0));
+    assert_eq!(balance(&b, account).await, 99);
+    assert_ledger_invariant(&b).await;
+}
+
+#[tokio::test]
+async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
+    let up = upstream().await;
+    let db = create_database().await;
+    let allow_list = format!("127.0.0.1:{}", up.port);
+    let (mut child, port, _logs) = crate::process::start_server(
+        &db,
+        &[
+            ("KEYMETER_SCRAPE_ALLOW", &allow_list),
+            ("KEYMETER_JOB_LEASE_SECS", "1"),
+            ("KEYMETER_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let created: Value = client
+        .post(format!("{base}/admin/accounts"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"email": "kill@example.com", "tier": "pro", "credits": 10}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = created["api_key"].as_str().unwrap().to_owned();
+    let account: Uuid = created["account_id"].as_str().unwrap().parse().unwrap();
+    let job: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&json!({"url": format!("{}/slow/2500", up.base), "timeout_ms": 20000}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    // Wait until the first instance is running it, then kill it without warning.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.hits("/slow/2500") == 0 {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let ports = [up.port, up.reset_port];
+    let b = spawn_app_on(db, move |env| {
+        allow(env, &ports);
+        env.insert("KEYMETER_JOB_LEASE_SECS".into(), "1".into());
+    })
+    .await;
+    let done = wait_for_status(&b, &key, &id, &["succeeded", "failed"]).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempts"], 2);
+    assert_eq!(
+        movements(&b, &id).await,
+        (1, 0),
+        "charged once, not refunded"
+    );
+    assert_eq!(balance(&b, account).await, 9);
+    assert_eq!(up.hits("/slow/2500"), 2);
+    assert_ledger_invariant(&b).await;
+}
