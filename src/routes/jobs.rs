@@ -229,7 +229,7 @@ async fn create(
     }
     .await;
     match result {
-        Ok(job) => Ok(Created::New(job, waiter)),
+        Ok(job) => Ok(Created::New(Box::new(job), waiter)),
         Err(e) => {
             if let Some(g) = guard {
                 g.release(&state.db).await;
@@ -240,7 +240,7 @@ async fn create(
 }
 
 enum Created {
-    New(Job, Option<crate::jobs::hub::Waiter>),
+    New(Box<Job>, Option<crate::jobs::hub::Waiter>),
     Replay(HttpResponse),
 }
 
@@ -255,7 +255,7 @@ pub async fn create_job(
         Created::Replay(res) => Ok(res),
         Created::New(job, _) => Ok(HttpResponse::Accepted()
             .insert_header((LOCATION, job.location()))
-            .json(job)),
+            .json(*job)),
     }
 }
 
@@ -272,7 +272,7 @@ pub async fn scrape(
     })
     .await?;
     let (job, waiter) = match created {
-        Created::New(job, waiter) => (job, waiter),
+        Created::New(job, waiter) => (*job, waiter),
         Created::Replay(res) => {
             // A retry of a sync request: wait for the job the first request queued.
             let Some(id) = replayed_job_id(&res) else {

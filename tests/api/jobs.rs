@@ -27,6 +27,9 @@ const PAGE: &str = r#"<!doctype html><html lang="en"><head>
 <a href="/a">A</a> <a href="/a#frag">A again</a> <a href="https://example.org/x">X</a>
 </body></html>"#;
 
+/// A webhook delivery received: its headers and body.
+type Delivery = (HashMap<String, String>, String);
+
 /// A local upstream: known pages, slow pages, failing statuses, redirects into private
 /// addresses, a 50 MiB body, and a webhook receiver. Counts requests in flight.
 #[derive(Clone, Default)]
@@ -37,7 +40,7 @@ struct Upstream {
     /// `/health-toggle` answers 503 while this is set.
     failing: Arc<AtomicBool>,
     /// Webhook deliveries: (headers, body).
-    hooks: Arc<Mutex<Vec<(HashMap<String, String>, String)>>>,
+    hooks: Arc<Mutex<Vec<Delivery>>>,
     /// The webhook receiver answers 500 this many times first.
     hook_failures: Arc<AtomicUsize>,
 }
@@ -642,7 +645,7 @@ fn verify(secret: &str, header: &str, body: &str) -> bool {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(format!("{t}.{body}").as_bytes());
     let expected = hex::encode(mac.finalize().into_bytes());
-    sigs.iter().any(|s| *s == expected)
+    sigs.contains(&expected)
 }
 
 #[tokio::test]
