@@ -252,13 +252,14 @@ pub struct JobsSettings {
     pub breaker_failures: u32,
     pub breaker_open: Duration,
     pub breaker_max_open: Duration,
-    /// Derives every account's job-webhook signing secret.
-    pub webhook_signing_key: SecretString,
+    /// Derives every account's job-webhook signing secret; `None` (production without
+    /// `KEYMETER_WEBHOOK_SIGNING_KEY`) turns job webhooks off.
+    pub webhook_signing_key: Option<SecretString>,
     pub webhook_attempts: i32,
     pub webhook_retry_base: Duration,
 }
 
-/// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`; refused in production.
+/// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`; never used in production.
 const DEV_WEBHOOK_SIGNING_KEY: &str = "keymeter-development-webhook-signing-key";
 
 fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, ConfigError> {
@@ -287,20 +288,16 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
         }
     }
     let webhook_signing_key = match src.get("KEYMETER_WEBHOOK_SIGNING_KEY") {
-        Some(k) if k.len() >= 32 => SecretString::from(k),
+        Some(k) if k.len() >= 32 => Some(SecretString::from(k)),
         Some(_) => {
             return Err(ConfigError::new(
                 "KEYMETER_WEBHOOK_SIGNING_KEY",
                 "must be at least 32 characters",
             ))
         }
-        None if env.is_production() => {
-            return Err(ConfigError::new(
-                "KEYMETER_WEBHOOK_SIGNING_KEY",
-                "is required in production (it derives every account's webhook secret)",
-            ))
-        }
-        None => SecretString::from(DEV_WEBHOOK_SIGNING_KEY),
+        // Production without a key: job webhooks are off (a job asking for one gets a 422).
+        None if env.is_production() => None,
+        None => Some(SecretString::from(DEV_WEBHOOK_SIGNING_KEY)),
     };
     // failsafe's backoff counts whole seconds (and refuses less than one).
     let breaker_open = secs(src, "KEYMETER_BREAKER_OPEN_SECS", 10)?;
@@ -806,5 +803,40 @@ mod tests {
         assert_eq!(e.var, "KEYMETER_ADMIN_TOKEN");
         let c = Config::from_source(&src(&[("KEYMETER_ENV", "production")])).expect("parses");
         assert_eq!(c.log_format, LogFormat::Json);
+        assert!(
+            c.jobs.webhook_signing_key.is_none(),
+            "no development key in production"
+        );
+    }
+
+    #[test]
+    fn job_settings_are_checked() {
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_ENV", "production"),
+            ("KEYMETER_SCRAPE_ALLOW", "127.0.0.1:8080"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_SCRAPE_ALLOW");
+        let e = Config::from_source(&src(&[("KEYMETER_SCRAPE_ALLOW", "127.0.0.1")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_SCRAPE_ALLOW", "a port is required");
+        let e = Config::from_source(&src(&[(
+            "KEYMETER_PROXY_URL",
+            "socks9://user:hunter2@proxy",
+        )]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_PROXY_URL");
+        assert!(!e.to_string().contains("hunter2"));
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_BREAKER_OPEN_SECS", "30"),
+            ("KEYMETER_BREAKER_MAX_OPEN_SECS", "10"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_BREAKER_MAX_OPEN_SECS");
+        let e =
+            Config::from_source(&src(&[("KEYMETER_WEBHOOK_SIGNING_KEY", "short")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_WEBHOOK_SIGNING_KEY");
+        let c = Config::from_source(&src(&[])).expect("defaults parse");
+        assert_eq!(c.jobs.workers, 16);
+        assert!(c.jobs.webhook_signing_key.is_some(), "development default");
     }
 }

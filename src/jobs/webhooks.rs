@@ -31,7 +31,8 @@ pub const EVENT_ID_HEADER: &str = "Keymeter-Event-Id";
 
 #[derive(Debug, Clone)]
 pub struct WebhookSettings {
-    pub signing_key: SecretString,
+    /// `None`: job webhooks are off.
+    pub signing_key: Option<SecretString>,
     /// Tries in all (the first one included).
     pub max_attempts: i32,
     /// Wait before the first retry; each later one waits 4× longer (capped at 6 hours).
@@ -73,7 +74,14 @@ pub fn signature_header(secret: &str, timestamp: i64, payload: &[u8]) -> String 
 
 /// Checks a `webhook_url` when the job is created: http(s), not too long, and not pointing
 /// at an address the guard refuses.
-pub async fn validate_url(guard: &Guard, raw: &str) -> Result<Url, ApiError> {
+pub async fn validate_url(sender: &Sender, raw: &str) -> Result<Url, ApiError> {
+    let guard = &sender.guard;
+    if sender.settings.signing_key.is_none() {
+        return Err(ApiError::validation(
+            "webhook_url",
+            "Job webhooks are off on this server (no KEYMETER_WEBHOOK_SIGNING_KEY is configured).",
+        ));
+    }
     if raw.len() > 2048 {
         return Err(ApiError::validation(
             "webhook_url",
@@ -119,10 +127,6 @@ impl Sender {
         })
     }
 
-    pub fn guard(&self) -> &Guard {
-        &self.guard
-    }
-
     pub fn settings(&self) -> &WebhookSettings {
         &self.settings
     }
@@ -137,7 +141,18 @@ impl Sender {
             .min(Duration::from_secs(6 * 3600))
     }
 
+    /// The account's signing secret, when webhooks are on.
+    pub fn secret(&self, account_id: Uuid, version: i32) -> Option<String> {
+        self.settings
+            .signing_key
+            .as_ref()
+            .map(|k| secret_for(k, account_id, version))
+    }
+
     pub async fn run(&self, db: deadpool_postgres::Pool, stop: CancellationToken) {
+        if self.settings.signing_key.is_none() {
+            return;
+        }
         loop {
             let sent = match self.send_due(&db).await {
                 Ok(n) => n,
@@ -189,8 +204,10 @@ impl Sender {
             let payload: serde_json::Value = row.get(4);
             let attempts: i32 = row.get(5);
             let version: i32 = row.get(6);
-            let secret = secret_for(&self.settings.signing_key, account_id, version);
-            let outcome = self.send(&url, event_id, &payload, &secret).await;
+            let outcome = match self.secret(account_id, version) {
+                Some(secret) => self.send(&url, event_id, &payload, &secret).await,
+                None => Err("job webhooks are off".to_owned()),
+            };
             (job_id, attempts, outcome)
         });
         let outcomes = futures_util::future::join_all(sends).await;

@@ -127,11 +127,11 @@ pub async fn get_account(
     let tier = state.tiers.get_or_default(&account.tier);
     let mut body = serde_json::to_value(&account).map_err(anyhow::Error::from)?;
     body["limits"] = limits_json(tier);
-    // Verifies the `Keymeter-Signature` of this account's job webhooks.
-    body["webhook_secret"] = serde_json::Value::String(crate::jobs::webhooks::secret_for(
-        &state.config.jobs.webhook_signing_key,
-        account.id,
-        account.webhook_secret_version,
-    ));
+    // Verifies the `Keymeter-Signature` of this account's job webhooks (null while off).
+    body["webhook_secret"] = state
+        .jobs
+        .webhooks
+        .secret(account.id, account.webhook_secret_version)
+        .into();
     Ok(HttpResponse::Ok().json(body))
 }

@@ -119,7 +119,7 @@ async fn check(
             ))
         }
         (Some(w), Mode::Async) => Some(
-            crate::jobs::webhooks::validate_url(jobs.webhooks.guard(), &w)
+            crate::jobs::webhooks::validate_url(&jobs.webhooks, &w)
                 .await?
                 .to_string(),
         ),
