@@ -14,7 +14,7 @@ secs=${DURATION%s}
 export KEYMETER_ADMIN_TOKEN=${KEYMETER_ADMIN_TOKEN:-load-admin-token-0123456789abcdef0123}
 out=load/out; mkdir -p "$out"
 
-cargo build --release --bin keymeter
+cargo build --release --locked --bin keymeter --example upstream
 run_k6() { # $1 accounts, $2 coalescing
     KEYMETER_CHARGE_COALESCING=$2 ACCOUNTS=$1 DURATION=$DURATION VUS=$VUS LOAD_SKIP_BUILD=1 \
         load/run.sh deduct.js --quiet | grep '^deduct.js' | sed -E 's/.*rate=([0-9.]+).*/\1/'
