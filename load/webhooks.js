@@ -63,6 +63,7 @@ export const options = {
     bad_signature_400: [`count==${EVENTS}`],
     unexpected_status: ['count==0'],
     'http_req_duration{name:webhook}': [`p(95)<${P95_MS}`],
+    'http_req_duration{name:webhook_bad_signature}': [`p(95)<${P95_MS}`],
     ledger_checks: ['rate==1'],
     checks: ['rate==1'],
   },
