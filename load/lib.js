@@ -144,3 +144,31 @@ export function latencyRow(data, label, trend, counter, durationS) {
 }
 
 export const TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max', 'count'];
+
+// --- the key format (DESIGN.md): km_live_<12 id>_<43 secret><6 checksum>, base62 ----------
+const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
+const CRC_TABLE = (() => {
+  const t = [];
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t.push(c >>> 0);
+  }
+  return t;
+})();
+export function crc32(s) {
+  let c = 0xffffffff;
+  for (let i = 0; i < s.length; i++) c = CRC_TABLE[(c ^ s.charCodeAt(i)) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+export function checksum(body) {
+  let v = crc32(body);
+  let out = '';
+  for (let i = 0; i < 6; i++) {
+    out = ALPHABET[v % 62] + out;
+    v = Math.floor(v / 62);
+  }
+  return out;
+}
+export const randomChars = (n) => Array.from({ length: n }, () => ALPHABET[Math.floor(Math.random() * 62)]).join('');
+export const withChecksum = (body) => body + checksum(body);

@@ -22,7 +22,10 @@
 
 import http from 'k6/http';
 import { check } from 'k6';
-import { API_KEY, BASE_URL, TREND_STATS, failedThresholds, fmt, int, latencyRow, latencyTable, num, requireLoopback, seconds } from './lib.js';
+import {
+  API_KEY, BASE_URL, TREND_STATS, checksum, failedThresholds, fmt, int, latencyRow, latencyTable, num, randomChars,
+  requireLoopback, seconds, withChecksum,
+} from './lib.js';
 
 const VUS = int('VUS', 2);
 const DURATION = __ENV.DURATION || '20s';
@@ -42,34 +45,6 @@ export const options = {
   summaryTrendStats: TREND_STATS,
 };
 http.setResponseCallback(http.expectedStatuses(200, 401));
-
-// --- the key format (DESIGN.md): km_live_<12 id>_<43 secret><6 checksum>, base62 ----------
-const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
-const CRC_TABLE = (() => {
-  const t = [];
-  for (let n = 0; n < 256; n++) {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    t.push(c >>> 0);
-  }
-  return t;
-})();
-function crc32(s) {
-  let c = 0xffffffff;
-  for (let i = 0; i < s.length; i++) c = CRC_TABLE[(c ^ s.charCodeAt(i)) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-function checksum(body) {
-  let v = crc32(body);
-  let out = '';
-  for (let i = 0; i < 6; i++) {
-    out = ALPHABET[v % 62] + out;
-    v = Math.floor(v / 62);
-  }
-  return out;
-}
-const randomChars = (n) => Array.from({ length: n }, () => ALPHABET[Math.floor(Math.random() * 62)]).join('');
-const withChecksum = (body) => body + checksum(body);
 
 function keysFor(real) {
   const body = real.slice(0, 64);
