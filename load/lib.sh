@@ -239,16 +239,20 @@ create_account() {
 # run_k6 SCRIPT [k6 args]: k6 against BASE_URL, with what the scripts read in its environment
 # (k6 copies it into __ENV; nothing secret goes on a command line). No usage report: k6 would
 # otherwise phone home at the end of the run. Returns k6's exit code (99: a threshold failed).
+# With LOAD_K6_EXEC=1 (for `LOAD_K6_EXEC=1 run_k6 … &`) the background subshell becomes k6
+# itself, so $! is k6's pid and stopping it stops k6.
 run_k6() {
     local script=$1
     shift
     log "k6 run $* $(basename "$script")"
+    local exec_=
+    [ "${LOAD_K6_EXEC:-0}" = 1 ] && exec_=exec
     BASE_URL=$BASE_URL API_KEY=${API_KEY:-} ADMIN_TOKEN=$LOAD_ADMIN_TOKEN OUT_DIR=$OUT_DIR \
         UPSTREAM_URL=${UPSTREAM_URL:-} UPSTREAM_ALT_URL=${UPSTREAM_ALT_URL:-} \
         STRIPE_WEBHOOK_SECRET=$LOAD_STRIPE_WEBHOOK_SECRET PACK_CREDITS=$LOAD_PACK_CREDITS \
         FIXTURES_DIR=${LOAD_FIXTURES_DIR:-$(cd "$LOAD_ROOT/.." && pwd)/shared/stripe-fixtures} \
         K6_NO_USAGE_REPORT=true K6_BINARY_PROVISIONING=false \
-        "$K6_BIN" run --no-usage-report "$@" "$script"
+        $exec_ "$K6_BIN" run --no-usage-report "$@" "$script"
 }
 
 # The ledger invariant, checked in SQL for every account of the run's database: the balance
