@@ -183,7 +183,7 @@ async fn main() -> std::io::Result<()> {
             .route("/stripe/v1/customers", web::post().to(stripe))
             .route("/stripe/v1/checkout/sessions", web::post().to(stripe))
     })
-        // SIGTERM/SIGINT stop it (actix's own handling); a slow page does not hold that up.
+    // SIGTERM/SIGINT stop it (actix's own handling); a slow page does not hold that up.
     .shutdown_timeout(1)
     .listen(listener)?
     .run();

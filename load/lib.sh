@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by load/run.sh, load/keys.sh and the drills (load/drill-*.sh): k6, the binaries, a
 # fresh database, the local upstream, keymeter servers, and one cleanup that undoes all of
 # it whatever happens. Sourced, not run, from the repository root, after scripts/lib.sh.
@@ -246,7 +247,7 @@ run_k6() {
     shift
     log "k6 run $* $(basename "$script")"
     local exec_=
-    [ "${LOAD_K6_EXEC:-0}" = 1 ] && exec_=exec
+    [ "${LOAD_K6_EXEC:-0}" = 1 ] && exec_="exec"
     BASE_URL=$BASE_URL API_KEY=${API_KEY:-} ADMIN_TOKEN=$LOAD_ADMIN_TOKEN OUT_DIR=$OUT_DIR \
         UPSTREAM_URL=${UPSTREAM_URL:-} UPSTREAM_ALT_URL=${UPSTREAM_ALT_URL:-} \
         STRIPE_WEBHOOK_SECRET=$LOAD_STRIPE_WEBHOOK_SECRET PACK_CREDITS=$LOAD_PACK_CREDITS \
