@@ -142,7 +142,8 @@ print(f"  failure answer time: p50 {pct(fail_ms, .5)} ms, p99 {pct(fail_ms, .99)
 print(f"  not a 503 problem+json: {len(not_503)}; no answer at all: {len(no_answer)}; slower than the limit: {len(slow_fail)}")
 print(f"  recovery: last failure ended {recovery_ms} ms after PostgreSQL was back (limit {limit_ms} ms); "
       f"{ok_after_recovery} successful requests after it; first success "
-      f"{'n/a' if first_ok is None else str(first_ok - t_up) + ' ms'} after PostgreSQL was back")
+      f"{'n/a' if first_ok is None else f'{first_ok - t_up:+d} ms'} from pg_ctl's ready (negative: PostgreSQL "
+      f"answered before pg_ctl noticed)")
 print(f"  server still running: {alive}; ledger invariant: {ledger}; charge rows in the ledger: {charge_rows}, "
       f"201s k6 saw: {sum(1 for r in reqs if r[3] == 'charge' and r[2] == 201)}")
 problems = []

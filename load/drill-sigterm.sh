@@ -48,7 +48,7 @@ for _ in $(seq 1 "$LONG_JOBS"); do
 done
 
 requests=$OUT_DIR/drill-sigterm-requests.log
-rm -f "$requests"
+rm -f "$requests" "$OUT_DIR/drill-sigterm-k6.log" # k6 appends to its log file
 DURATION=$((BEFORE_SECS + AFTER_SECS))s LOAD_K6_EXEC=1 run_k6 load/drill-load.js --quiet \
     --console-output="$requests" --log-output=file="$OUT_DIR/drill-sigterm-k6.log" &
 k6_pid=$!
