@@ -13,8 +13,8 @@
 //    so no half-open probe lands inside the measurement.
 // References in the same run: `health` (GET /health/live: the HTTP stack alone) and `account`
 // (GET /v1/account: HTTP + cached key verification + one SELECT). The `*_1vu` scenarios repeat
-// health, account and breaker with one VU: latency without queueing behind other VUs, the
-// closest k6 gets to the server-side time over loopback.
+// health, raw, scrape, account and breaker with one VU: latency without queueing behind other
+// VUs, the closest k6 gets to the server-side time over loopback.
 //
 // Environment: BASE_URL, API_KEY, UPSTREAM_URL, UPSTREAM_ALT_URL (run.sh), VUS (16), DURATION
 // (per scenario, 10s), OUT_DIR.
@@ -39,7 +39,7 @@ const durationS = seconds(DURATION);
 
 const ORDER = [
   ['health', VUS], ['raw', VUS], ['scrape', VUS], ['breaker', VUS], ['account', VUS],
-  ['health_1vu', 1], ['account_1vu', 1], ['breaker_1vu', 1],
+  ['health_1vu', 1], ['raw_1vu', 1], ['scrape_1vu', 1], ['account_1vu', 1], ['breaker_1vu', 1],
 ];
 const scenarios = {};
 ORDER.forEach(([name, vus], i) => {
@@ -119,6 +119,8 @@ export function handleSummary(data) {
   lines.push(`job overhead over the raw fetch (${VUS} VUs): p50 +${fmt(by.scrape.p50 - by.raw.p50, 2)} ms (${fmt(by.scrape.p50 / by.raw.p50, 1)}×), ` +
     `p95 +${fmt(by.scrape.p95 - by.raw.p95, 2)} ms (${fmt(by.scrape.p95 / by.raw.p95, 1)}×); ` +
     `throughput ${fmt(by.scrape.rps, 0)} vs ${fmt(by.raw.rps, 0)} req/s (${fmt(by.scrape.rps / by.raw.rps, 3)})`);
+  lines.push(`job overhead over the raw fetch (1 VU): p50 +${fmt(by.scrape_1vu.p50 - by.raw_1vu.p50, 2)} ms (${fmt(by.scrape_1vu.p50 / by.raw_1vu.p50, 1)}×), ` +
+    `p95 +${fmt(by.scrape_1vu.p95 - by.raw_1vu.p95, 2)} ms; throughput ${fmt(by.scrape_1vu.rps, 0)} vs ${fmt(by.raw_1vu.rps, 0)} req/s`);
   lines.push(`open-breaker answer, 1 VU: p50 ${fmt(by.breaker_1vu.p50, 3)} / p95 ${fmt(by.breaker_1vu.p95, 3)} / p99 ${fmt(by.breaker_1vu.p99, 3)} ms; ` +
     `floor /health/live p50 ${fmt(by.health_1vu.p50, 3)} ms, cached-key GET /v1/account p50 ${fmt(by.account_1vu.p50, 3)} ms; ` +
     `breaker − health p50 ${fmt((by.breaker_1vu.p50 - by.health_1vu.p50) * 1000, 0)} µs`);

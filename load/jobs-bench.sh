@@ -4,8 +4,8 @@
 #   load/jobs-bench.sh                   (DURATION=10s per scenario, VUS=16 by default)
 # Runs load/jobs-bench.js through load/run.sh: fresh database, server and local upstream;
 # the server keeps an opened breaker open for an hour (KEYMETER_BREAKER_OPEN_SECS) so the
-# measurement sees no half-open probe. Eight scenarios one after the other (about
-# 8 × (DURATION + 2 s)); prints the table and the two comparisons.
+# measurement sees no half-open probe. Ten scenarios one after the other (about
+# 10 × (DURATION + 2 s)); prints the table and the two comparisons.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DURATION=${DURATION:-10s} VUS=${VUS:-16}
