@@ -243,6 +243,8 @@ pub struct JobsSettings {
     pub workers: usize,
     pub lease: Duration,
     pub poll: Duration,
+    /// Finished jobs (with their results) are deleted this long after they end.
+    pub retention: Duration,
     /// `host:port` pairs the SSRF guard lets through (tests, development only).
     pub scrape_allow: String,
     pub proxy_url: Option<SecretString>,
@@ -320,6 +322,14 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
         workers,
         lease: secs(src, "KEYMETER_JOB_LEASE_SECS", 30)?,
         poll: millis(src, "KEYMETER_JOB_POLL_MS", 1_000)?,
+        retention: Duration::from_secs(
+            positive(
+                src,
+                "KEYMETER_JOB_RETENTION_DAYS",
+                30u64,
+                "a number of days",
+            )? * 86_400,
+        ),
         scrape_allow,
         proxy_url,
         user_agent: src.get("KEYMETER_SCRAPE_USER_AGENT").unwrap_or_else(|| {

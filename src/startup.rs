@@ -102,6 +102,7 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
             workers: s.workers,
             lease: s.lease,
             poll: s.poll,
+            retention: s.retention,
             extract: ExtractLimits::default(),
         },
         webhooks,

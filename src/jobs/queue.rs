@@ -239,6 +239,7 @@ async fn get_any(db: &impl GenericClient, id: Uuid) -> Result<Option<Job>, ApiEr
 }
 
 /// An account's jobs, newest first, `limit + 1` rows (for [`crate::pagination::Page`]).
+/// Without their `result` (up to megabytes each): `GET /v1/jobs/{id}` has it.
 pub async fn list(
     db: &impl GenericClient,
     account_id: Uuid,
@@ -250,10 +251,11 @@ pub async fn list(
         Some((at, id)) => (Some(at), Some(id)),
         None => (None, None),
     };
+    let columns = JOB_COLUMNS.replace("j.result,", "NULL::jsonb AS result,");
     let rows = db
         .query(
             &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs j
+                "SELECT {columns} FROM jobs j
                   WHERE j.account_id = $1
                     AND ($2::text IS NULL OR j.status = $2)
                     AND ($3::timestamptz IS NULL OR (j.created_at, j.id) < ($3, $4))
@@ -704,6 +706,26 @@ pub async fn reap(db: &Pool) -> Result<Reaped, ApiError> {
         finalize(&tx, id, &end, Fence::From(fence)).await?;
         tx.commit().await?;
     }
+}
+
+/// Deletes finished jobs (and their webhook deliveries) older than `retention`, a batch at
+/// a time. The ledger keeps their money movements: it refers to jobs by id only.
+pub async fn purge(db: &Pool, retention: Duration) -> Result<u64, ApiError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "WITH old AS (
+                 SELECT id FROM jobs
+                  WHERE status IN ('succeeded', 'failed', 'cancelled')
+                    AND finished_at < now() - make_interval(secs => $1)
+                  LIMIT 1000
+                  FOR UPDATE SKIP LOCKED),
+             hooks AS (DELETE FROM job_webhooks WHERE job_id IN (SELECT id FROM old))
+             DELETE FROM jobs WHERE id IN (SELECT id FROM old)",
+            &[&retention.as_secs_f64()],
+        )
+        .await?;
+    Ok(n)
 }
 
 /// Counts of jobs by status, for operators and metrics.

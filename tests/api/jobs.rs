@@ -305,6 +305,17 @@ async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
         .await
         .unwrap();
     assert_eq!(listed["data"][0]["id"], job["id"]);
+    assert!(
+        listed["data"][0]["result"].is_null(),
+        "lists leave results out"
+    );
+    let one: Value = app
+        .get_with_key(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["result"], job["result"]);
     // Default format is metadata only, costing 1.
     let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
     let job: Value = res.json().await.unwrap();
@@ -893,4 +904,52 @@ async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
     assert_eq!(balance(&b, account).await, 9);
     assert_eq!(up.hits("/slow/2500"), 2);
     assert_ledger_invariant(&b).await;
+}
+
+#[tokio::test]
+async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 10).await;
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/status/500", up.base)}),
+    )
+    .await;
+    let id: Uuid = assert_problem(res, 502, "upstream_failed").await["job_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
+    assert_eq!(res.status(), 200);
+    app.db
+        .execute(
+            "UPDATE jobs SET finished_at = now() - interval '31 days' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let config = keymeter::config::Config::from_source(&base_env(&app.db_name)).unwrap();
+    let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
+    let pool = keymeter::db::build_pool(pg, &config.database).unwrap();
+    let deleted = keymeter::jobs::queue::purge(&pool, Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let left: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+    assert_eq!(
+        movements(&app, &id.to_string()).await,
+        (1, 1),
+        "the ledger keeps them"
+    );
+    assert_eq!(balance(&app, account).await, 9);
+    assert_ledger_invariant(&app).await;
 }
