@@ -953,3 +953,66 @@ async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
     assert_eq!(balance(&app, account).await, 9);
     assert_ledger_invariant(&app).await;
 }
+
+#[tokio::test]
+async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[("KEYMETER_BREAKER_FAILURES", "1000")]).await;
+    let (account, key) = app.create_account("business", 20).await;
+    let requests = (0..40).map(|i| {
+        let path = if i % 2 == 0 { "/page" } else { "/status/500" };
+        let body = json!({"url": format!("{}{path}", up.base)});
+        let (app, key) = (&app, &key);
+        async move {
+            if i % 4 < 2 {
+                scrape(app, key, body).await.status().as_u16()
+            } else {
+                app.post_json("/v1/jobs", key, body).await.status().as_u16()
+            }
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| [200, 202, 402, 502].contains(s)),
+        "{statuses:?}"
+    );
+    // Wait for the async ones.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let row = app
+        .db
+        .query_one(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE status = 'succeeded'),
+                    count(*) FILTER (WHERE status = 'failed'),
+                    (SELECT count(*) FROM credit_ledger WHERE kind = 'charge'),
+                    (SELECT count(*) FROM credit_ledger WHERE kind = 'refund')
+               FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (jobs, succeeded, failed, charges, refunds): (i64, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(jobs, succeeded + failed);
+    assert_eq!(charges, jobs, "every job charged once");
+    assert_eq!(refunds, failed, "every failed job refunded once");
+    assert_eq!(balance(&app, account).await, 20 - succeeded);
+    assert!(succeeded <= 20);
+    assert_ledger_invariant(&app).await;
+}
