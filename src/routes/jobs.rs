@@ -286,8 +286,29 @@ pub async fn scrape(
         }
     };
     let waiter = waiter.unwrap_or_else(|| state.jobs.hub.register(job.id));
-    let done = wait(&state, &caller, &job, &waiter).await?;
+    let done = wait(&state, &caller, &job, &waiter)
+        .await
+        .map_err(|e| lost_track(e, job.id))?;
     answer_sync(done)
+}
+
+/// The job is queued and durable, but this request could not follow it to its end (the
+/// database went away meanwhile): say which job it was, so the client can look it up
+/// instead of guessing whether it ran.
+fn lost_track(e: ApiError, id: Uuid) -> ApiError {
+    match e {
+        ApiError::DatabaseUnavailable => ApiError::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "Database unavailable",
+            format!(
+                "The job was queued but its result could not be read; look it up with GET /v1/jobs/{id}."
+            ),
+        )
+        .with("job_id", id.to_string())
+        .retry_after(1),
+        other => other,
+    }
 }
 
 fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
