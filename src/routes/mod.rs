@@ -7,3 +7,4 @@ pub mod billing;
 pub mod credits;
 pub mod health;
 pub mod keys;
+pub mod metrics;
