@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_cors::Cors;
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{from_fn, Condition};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
@@ -28,6 +28,7 @@ use crate::http::{edge, extractors};
 use crate::jobs::breaker::{BreakerSettings, Breakers};
 use crate::jobs::queue::ConcurrencyLimits;
 use crate::jobs::{AllowList, ExtractLimits, Fetcher, FetcherConfig, JobSettings, Jobs};
+use crate::metrics::Metrics;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::tiers::Tiers;
 use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
@@ -47,11 +48,15 @@ pub struct AppState {
     pub stripe: Option<crate::billing::stripe_api::StripeApi>,
     /// Scrape jobs: fetcher, breakers, queue wake-ups, webhook sender.
     pub jobs: Arc<Jobs>,
+    /// This application's metrics registry (see `crate::metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Application {
     port: u16,
     server: Server,
+    /// The `/metrics` listener when `KEYMETER_METRICS_BIND` is set, and its port.
+    metrics_server: Option<(u16, Server)>,
     state: AppState,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -138,6 +143,12 @@ impl Application {
         let listener =
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(
+                TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?,
+            ),
+            None => None,
+        };
 
         let cache = KeyCache::new(
             config.key_cache_capacity,
@@ -145,6 +156,7 @@ impl Application {
             std::time::Duration::from_secs(5),
         );
         let auth = AuthService::new(pool.clone(), cache.clone());
+        let metrics = Arc::new(Metrics::new(pool.clone(), cache.clone())?);
         let mut limits = Limits::new(
             tiers.clone(),
             IpPolicy {
@@ -183,7 +195,26 @@ impl Application {
                 None => None,
             },
             jobs: jobs.clone(),
+            metrics: metrics.clone(),
         };
+        {
+            // Queue depth and jobs by state, read when /metrics is scraped.
+            let pool = pool.clone();
+            metrics.on_scrape(move || {
+                let pool = pool.clone();
+                async move {
+                    let Ok(client) = pool.get().await else { return };
+                    let Ok(depth) = crate::jobs::queue::depth(&client).await else {
+                        return;
+                    };
+                    let m = crate::metrics::jobs();
+                    let count = |s: &str| depth.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+                    m.set_queue_depth(count("queued"));
+                    m.set_in_state("queued", count("queued"));
+                    m.set_in_state("running", count("running"));
+                }
+            });
+        }
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(db::listen::run(
@@ -240,9 +271,18 @@ impl Application {
         }
 
         let server = build_server(listener, state.clone())?;
+        let metrics_server = match metrics_listener {
+            Some(l) => {
+                let port = l.local_addr()?.port();
+                tracing::info!(port, "serving /metrics on its own listener");
+                Some((port, build_metrics_server(l, metrics, &state.config)?))
+            }
+            None => None,
+        };
         Ok(Application {
             port,
             server,
+            metrics_server,
             state,
             shutdown,
             tasks,
@@ -256,6 +296,11 @@ impl Application {
         self.port
     }
 
+    /// The port of the `/metrics` listener, when `KEYMETER_METRICS_BIND` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_server.as_ref().map(|(port, _)| *port)
+    }
+
     pub fn state(&self) -> &AppState {
         &self.state
     }
@@ -264,6 +309,11 @@ impl Application {
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = self.server;
+        // The metrics listener runs on its own task and stops after the main server has
+        // drained, so the drain itself can still be watched.
+        let metrics_server: Option<(ServerHandle, _)> = self
+            .metrics_server
+            .map(|(_, s)| (s.handle(), tokio::spawn(s)));
         tokio::pin!(server);
         tokio::select! {
             res = &mut server => {
@@ -280,6 +330,12 @@ impl Application {
                 // The server future must keep being polled for the stop command to run.
                 let (_, res) = tokio::join!(handle.stop(true), &mut server);
                 res.context("HTTP server failed while stopping")?;
+            }
+        }
+        if let Some((handle, task)) = metrics_server {
+            handle.stop(true).await;
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "metrics server failed");
             }
         }
         // Pooled connections opened by requests live on the HTTP workers' runtimes, which
@@ -318,6 +374,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     let data = web::Data::new(state);
     let cors_origins = config.cors_origins.clone();
     let body_limit = config.body_limit;
+    let metrics_on_main = config.metrics_bind.is_none();
     let mut server = HttpServer::new(move || {
         let mut cors = Cors::default()
             .allow_any_method()
@@ -335,6 +392,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
             .app_data(extractors::path_config())
             .app_data(extractors::query_config())
             .configure(routes_config)
+            .configure(|cfg| metrics_route(cfg, metrics_on_main))
             .default_service(web::to(not_found))
             .wrap(Condition::new(!cors_origins.is_empty(), cors))
             .wrap(from_fn(edge::edge))
@@ -345,6 +403,39 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     if let Some(n) = config.http_workers {
         server = server.workers(n);
     }
+    Ok(server.run())
+}
+
+/// `/metrics` on the public listener, behind the admin token — unless it has a listener of
+/// its own, in which case the public one does not have the route.
+fn metrics_route(cfg: &mut web::ServiceConfig, on_main_listener: bool) {
+    if on_main_listener {
+        cfg.service(
+            web::resource("/metrics").route(web::get().to(routes::metrics::with_admin_token)),
+        );
+    }
+}
+
+/// The `KEYMETER_METRICS_BIND` listener: `GET /metrics` and nothing else, one worker.
+fn build_metrics_server(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    config: &Config,
+) -> anyhow::Result<Server> {
+    let data = web::Data::from(metrics);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(routes::metrics::on_metrics_listener)),
+            )
+            .default_service(web::to(not_found))
+    })
+    .disable_signals()
+    .workers(1)
+    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    .listen(listener)?;
     Ok(server.run())
 }
 

@@ -200,7 +200,7 @@ async fn flush(
     }
     tx.commit().await?;
     // Ledger ids follow insertion order; pair them back up with the accepted requests.
-    let mut sorted: Vec<Movement> = rows.iter().map(movement).collect();
+    let mut sorted: Vec<Movement> = rows.iter().map(|r| ledger::counted(movement(r))).collect();
     sorted.sort_by_key(|m| m.id);
     let mut accepted = sorted.into_iter();
     Ok(decisions

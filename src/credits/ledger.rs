@@ -80,6 +80,15 @@ pub fn movement(row: &tokio_postgres::Row) -> Movement {
     }
 }
 
+/// Counts a movement that was just written in the metrics (`crate::metrics::credits_moved`
+/// says when that over-counts).
+pub(crate) fn counted(m: Movement) -> Movement {
+    if let Some(kind) = Kind::parse(&m.kind) {
+        crate::metrics::credits_moved(kind, m.delta);
+    }
+    m
+}
+
 /// Adds `amount` (> 0) credits of `kind` (grant or purchase). Returns the new balance.
 pub async fn credit(
     db: &impl GenericClient,
@@ -109,7 +118,7 @@ pub async fn credit(
         )
         .await?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-    Ok(movement(&row))
+    Ok(counted(movement(&row)))
 }
 
 /// An operator's grant (amount > 0) or adjustment (amount < 0). An adjustment that would take
@@ -138,7 +147,7 @@ pub async fn adjust(
         )
         .await?;
     match row {
-        Some(r) => Ok(movement(&r)),
+        Some(r) => Ok(counted(movement(&r))),
         None => {
             let bal = db
                 .query_opt(
@@ -213,7 +222,7 @@ pub async fn charge(
         )
         .await;
     match res {
-        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(Some(row)) => Ok(Once::Done(counted(movement(&row)))),
         Ok(None) => {
             let row = db
                 .query_opt(
@@ -295,7 +304,7 @@ pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Resu
         )
         .await;
     match res {
-        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(Some(row)) => Ok(Once::Done(counted(movement(&row)))),
         Ok(None) => Ok(Once::AlreadyDone),
         Err(e) if is_unique_violation(&e, "credit_ledger_one_refund_per_job") => {
             Ok(Once::AlreadyDone)
@@ -336,5 +345,5 @@ pub async fn clawback(
         )
         .await?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-    Ok(movement(&row))
+    Ok(counted(movement(&row)))
 }

@@ -211,6 +211,7 @@ pub async fn create(tx: &Transaction<'_>, new: &NewJob, max_queued: i64) -> Resu
     .await?;
     tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
         .await?;
+    crate::metrics::jobs().transition("queued");
     Ok(())
 }
 
@@ -363,6 +364,7 @@ pub async fn finalize(
     let Some(row) = updated else {
         return Ok(None);
     };
+    crate::metrics::jobs().transition(end.status());
     let webhook_url: Option<String> = row.get(0);
     if !matches!(end, End::Succeeded { .. }) {
         let reason = match end {
@@ -583,6 +585,7 @@ pub async fn claim(
         )
         .await?;
     tx.commit().await?;
+    crate::metrics::jobs().transition("running");
     let headers: Option<Value> = row.get(4);
     let headers: Vec<(String, String)> = headers
         .and_then(|v| serde_json::from_value(v).ok())

@@ -158,10 +158,16 @@ impl Jobs {
                 }
             }
         }
+        let outcome = match &end {
+            End::Succeeded { .. } => "succeeded",
+            End::Failed { .. } => "failed",
+            End::Cancelled => "cancelled",
+        };
+        crate::metrics::jobs().finished(outcome, started.elapsed());
         tracing::info!(
             job_id = %job.id,
             attempt = job.attempt,
-            outcome = match &end { End::Succeeded { .. } => "succeeded", End::Failed { .. } => "failed", End::Cancelled => "cancelled" },
+            outcome,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "job finished"
         );

@@ -1,7 +1,7 @@
 //! `/v1/billing`: buying credits and plans through Stripe Checkout, and Stripe's webhook.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -11,6 +11,7 @@ use crate::billing::signature;
 use crate::billing::{self, CheckoutRequest, Item};
 use crate::error::{ApiError, ApiResult};
 use crate::idempotency::{self, Start};
+use crate::metrics;
 use crate::startup::AppState;
 
 #[derive(Deserialize)]
@@ -124,11 +125,27 @@ pub async fn webhook(
     let now = chrono::Utc::now().timestamp();
     if let Err(e) = signature::verify(header, &body, secrets, now) {
         tracing::warn!(reason = %e, "refused a webhook delivery");
+        metrics::webhook_event("unverified", "bad_signature");
         return Err(ApiError::InvalidSignature);
     }
-    let event: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    match events::process(&state.db, &state.config.billing, &state.tiers, &event).await? {
+    let event: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        metrics::webhook_event("unknown", "invalid");
+        ApiError::InvalidJson(e.to_string())
+    })?;
+    let processed = events::process(&state.db, &state.config.billing, &state.tiers, &event).await;
+    metrics::webhook_event(
+        event
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("unknown"),
+        match &processed {
+            Ok(Processed::Duplicate) => "duplicate",
+            Ok(Processed::Applied(outcome)) => outcome,
+            Err(e) if e.status_code().is_client_error() => "invalid",
+            Err(_) => "error",
+        },
+    );
+    match processed? {
         Processed::Duplicate => {
             Ok(HttpResponse::Ok().json(json!({"received": true, "duplicate": true})))
         }

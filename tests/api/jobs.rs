@@ -501,6 +501,25 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         .expect("the host breaker is listed");
     assert_eq!(open["state"], "open");
     assert_eq!(open["name"], "127.0.0.1");
+    // …and so does Prometheus (counters are process-wide, so only presence is checked).
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "keymeter_breaker_rejections_total{kind=\"host\"}",
+        "keymeter_job_transitions_total{state=\"failed\"}",
+        "keymeter_jobs_queue_depth ",
+        "keymeter_job_duration_seconds_count{outcome=\"failed\"}",
+    ] {
+        assert!(text.contains(series), "{series} in /metrics");
+    }
     // The breaker is per host: the same server under another name still answers.
     let res = scrape(
         &app,

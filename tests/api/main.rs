@@ -10,5 +10,6 @@ mod credits;
 mod foundation;
 mod jobs;
 mod keys;
+mod metrics;
 mod process;
 mod ratelimits;
