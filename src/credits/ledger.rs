@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Grant,
@@ -47,13 +47,16 @@ impl Kind {
 }
 
 /// One ledger row as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Movement {
     pub id: i64,
+    #[schema(value_type = String, example = "ledger_entry")]
     pub object: &'static str,
     pub account_id: Uuid,
+    /// Credits added (positive) or taken (negative).
     pub delta: i64,
     pub balance_after: i64,
+    #[schema(value_type = Kind)]
     pub kind: String,
     pub reason: Option<String>,
     pub job_id: Option<Uuid>,

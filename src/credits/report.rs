@@ -48,8 +48,9 @@ pub async fn list(
     Ok(rows.iter().map(movement).collect())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageBucket {
+    /// The start of the day or hour (UTC).
     pub start: DateTime<Utc>,
     /// Credits charged in the bucket.
     pub charged: i64,
@@ -57,7 +58,9 @@ pub struct UsageBucket {
     pub refunded: i64,
     /// charged − refunded: what the bucket really cost.
     pub net: i64,
+    /// Number of charges in the bucket.
     pub charges: i64,
+    /// Number of refunds in the bucket.
     pub refunds: i64,
 }
 
