@@ -18,6 +18,7 @@ pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod openapi;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;
