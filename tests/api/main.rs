@@ -9,5 +9,6 @@ mod billing;
 mod credits;
 mod foundation;
 mod keys;
+mod openapi;
 mod process;
 mod ratelimits;
