@@ -445,6 +445,24 @@ pub fn decorate(doc: &mut Value) {
 
 fn decorate_operation(op: &mut Value) {
     let auth = auth_of(op);
+    // utoipa spells an optional body (`Option<T>`) as "T or null"; the server reads an
+    // optional body as absent or T, and JSON `null` is not T.
+    // (`get_mut`, not indexing: indexing a missing member mutably would insert a null.)
+    let body = op.get_mut("requestBody");
+    if let Some(body) = body.filter(|b| b["required"] != json!(true)) {
+        if let Some(content) = body.get_mut("content").and_then(Value::as_object_mut) {
+            for media in content.values_mut() {
+                let schema = &mut media["schema"];
+                let inner = schema["oneOf"].as_array().and_then(|alts| {
+                    let rest: Vec<&Value> = alts.iter().filter(|a| a["type"] != "null").collect();
+                    (rest.len() == 1 && rest.len() < alts.len()).then(|| rest[0].clone())
+                });
+                if let Some(inner) = inner {
+                    *schema = inner;
+                }
+            }
+        }
+    }
     if auth == Auth::Key {
         op["x-rate-limit"] = json!("key");
     }
@@ -793,6 +811,24 @@ mod tests {
             assert!(!id.is_empty(), "{method} {path} has no operationId");
             assert!(ids.insert(id.clone()), "operationId {id} is used twice");
         }
+    }
+
+    #[test]
+    fn the_document_holds_no_nulls() {
+        // A null is never meaningful in an OpenAPI document, and one slipped in once (by
+        // mutable indexing of a missing member), which made validators reject the document.
+        fn walk(v: &Value, at: &str) {
+            match v {
+                Value::Null => panic!("null at {at}"),
+                Value::Array(a) => a
+                    .iter()
+                    .enumerate()
+                    .for_each(|(i, x)| walk(x, &format!("{at}/{i}"))),
+                Value::Object(o) => o.iter().for_each(|(k, x)| walk(x, &format!("{at}/{k}"))),
+                _ => {}
+            }
+        }
+        walk(&document(), "");
     }
 
     #[test]

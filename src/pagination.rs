@@ -16,6 +16,7 @@ pub struct PageQuery {
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// `next_cursor` from the previous page.
+    #[param(pattern = "^-?[0-9]{1,16}_[A-Za-z0-9-]{1,64}$")]
     pub cursor: Option<String>,
 }
 

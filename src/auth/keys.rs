@@ -89,10 +89,11 @@ impl KeySpec {
     ) -> Result<KeySpec, ApiError> {
         let name = name.unwrap_or_else(|| "default".to_owned());
         let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 100 {
+        // A name is a one-line label; PostgreSQL text cannot hold NUL at all.
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
             return Err(ApiError::validation(
                 "name",
-                "name must be 1 to 100 characters.",
+                "name must be 1 to 100 characters, without control characters.",
             ));
         }
         let scopes = match scopes {

@@ -110,7 +110,18 @@ pub async fn credit(
             ),
             &[&account_id, &amount, &kind.as_str(), &reason, &stripe_event_id],
         )
-        .await?
+        .await
+        .map_err(|e| {
+            // A bigint balance cannot grow past 2^63 − 1; the client asked for it, so 422.
+            if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+                ApiError::validation(
+                    "amount",
+                    "This would take the balance past the largest one an account can hold.",
+                )
+            } else {
+                ApiError::from(e)
+            }
+        })?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
     Ok(movement(&row))
 }

@@ -102,6 +102,27 @@ pub async fn usage(
         .collect())
 }
 
+/// The OpenAPI schema of what [`parse_time`] accepts: a date or an RFC 3339 date-time.
+pub fn time_param_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{
+        KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+    };
+    let string = |format| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+    };
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .description(Some(
+                "A date (`2026-11-23`, meaning midnight UTC) or an RFC 3339 time.",
+            ))
+            .item(string(KnownFormat::Date))
+            .item(string(KnownFormat::DateTime))
+            .build(),
+    )
+}
+
 /// `2026-11-23` (midnight UTC) or an RFC 3339 time.
 pub fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {

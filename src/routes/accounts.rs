@@ -20,7 +20,7 @@ use crate::startup::AppState;
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// An address like `name@example.com` (at most 254 characters).
-    #[schema(example = "ada@example.com", max_length = 254)]
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
     /// 8 to 128 characters.
     #[schema(value_type = String, format = Password, min_length = 8, max_length = 128)]

@@ -25,7 +25,7 @@ fn account_id(raw: &str) -> Result<Uuid, ApiError> {
 #[serde(deny_unknown_fields)]
 #[schema(as = AdminNewAccount)]
 pub struct CreateAccount {
-    #[schema(example = "ada@example.com", max_length = 254)]
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
     /// A configured tier (default `free`).
     tier: Option<String>,
@@ -117,8 +117,12 @@ pub async fn get_account(
 #[serde(deny_unknown_fields)]
 #[schema(as = AdminNewKey)]
 pub struct CreateKey {
-    /// 1 to 100 characters (default `default`).
-    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
+    /// 1 to 100 characters, not only spaces, no control characters (default `default`).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: Option<String>,
     /// At least one scope (default `scrape`, `read`).
     #[schema(value_type = Option<Vec<Scope>>, min_items = 1)]
@@ -306,8 +310,12 @@ pub struct Grant {
     /// below zero. Not zero.
     #[schema(example = 100)]
     amount: i64,
-    /// 1 to 500 characters, kept on the ledger entry.
-    #[schema(min_length = 1, max_length = 500, pattern = r"\S")]
+    /// 1 to 500 characters (not only spaces, no NUL), kept on the ledger entry.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\x00]*[^\s\x00][^\x00]*$"
+    )]
     reason: String,
 }
 
@@ -326,7 +334,7 @@ pub struct Grant {
         (status = 413, description = "`payload_too_large`"),
         (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a zero amount, a bad reason, an \
-            adjustment below zero, or an unknown field."),
+            adjustment below zero, a balance past 2^63 − 1, or an unknown field."),
     ),
     security(("AdminToken" = [])),
 )]

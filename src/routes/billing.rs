@@ -76,7 +76,7 @@ pub struct StripeEventData {
 fn check_url(field: &'static str, u: &str) -> Result<(), ApiError> {
     let ok = (u.starts_with("https://") || u.starts_with("http://"))
         && u.len() <= 2048
-        && !u.contains(char::is_whitespace);
+        && !u.contains(|c: char| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {

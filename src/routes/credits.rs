@@ -70,13 +70,16 @@ pub struct LedgerQuery {
     #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
     /// `next_cursor` from the previous page.
+    #[param(pattern = "^-?[0-9]{1,16}_[0-9]{1,18}$")]
     cursor: Option<String>,
     /// Only entries of this kind.
     #[param(inline, value_type = Option<Kind>)]
     kind: Option<String>,
     /// Entries at or after this time: a date (`2026-11-23`, midnight UTC) or an RFC 3339 time.
+    #[param(schema_with = report::time_param_schema)]
     from: Option<String>,
     /// Entries before this time: a date or an RFC 3339 time.
+    #[param(schema_with = report::time_param_schema)]
     to: Option<String>,
 }
 
@@ -87,7 +90,8 @@ pub struct LedgerQuery {
     operation_id = "credits_ledger",
     tag = "credits",
     summary = "The ledger, filtered",
-    description = "Every movement of the balance, newest first, cursor-paginated.",
+    description = "Every movement of the balance, newest first, cursor-paginated; `from` is \
+        inclusive, `to` exclusive.",
     params(LedgerQuery),
     responses(
         (status = 200, description = "A page of ledger entries.", body = Page<Movement>),
@@ -162,8 +166,10 @@ pub enum Granularity {
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start: a date (`2026-11-23`) or an RFC 3339 time (default: 30 days before `to`).
+    #[param(schema_with = report::time_param_schema)]
     from: Option<String>,
     /// End: a date or an RFC 3339 time (default: now).
+    #[param(schema_with = report::time_param_schema)]
     to: Option<String>,
     /// `day` (default; at most 366 days) or `hour` (at most 31 days).
     #[param(inline, value_type = Option<Granularity>)]
@@ -198,8 +204,9 @@ pub struct UsageReport {
     operation_id = "usage",
     tag = "credits",
     summary = "Usage per day or hour",
-    description = "Credits charged and refunded per bucket, with totals. Defaults to the last \
-        30 days; a range is at most 366 days (`day`) or 31 days (`hour`).",
+    description = "Credits charged and refunded per bucket, with totals. `from` defaults to \
+        30 days before `to`, `to` to now; `from` must be before `to`, and a range is at most \
+        366 days (`day`) or 31 days (`hour`).",
     params(UsageQuery),
     responses(
         (status = 200, description = "The usage report.", body = UsageReport),
@@ -269,8 +276,8 @@ struct ChargeBody {
     /// Credits to spend, 1 to 1,000,000.
     #[schema(minimum = 1, maximum = 1_000_000)]
     amount: i64,
-    /// Up to 500 characters, kept on the ledger entry.
-    #[schema(max_length = 500)]
+    /// Up to 500 characters (no NUL), kept on the ledger entry.
+    #[schema(max_length = 500, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
 }
 
@@ -319,14 +326,15 @@ pub async fn charge(
             format!("amount must be between 1 and {MAX_CHARGE}."),
         ));
     }
+    // PostgreSQL text cannot hold NUL; refused here, it cannot fail a shared group commit.
     if parsed
         .reason
         .as_ref()
-        .is_some_and(|r| r.chars().count() > 500)
+        .is_some_and(|r| r.chars().count() > 500 || r.contains('\0'))
     {
         return Err(ApiError::validation(
             "reason",
-            "reason must be at most 500 characters.",
+            "reason must be at most 500 characters, without NUL characters.",
         ));
     }
     let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {

@@ -16,8 +16,12 @@ use crate::startup::AppState;
 #[serde(deny_unknown_fields)]
 #[schema(as = NewKey)]
 pub struct CreateKey {
-    /// 1 to 100 characters (default `default`).
-    #[schema(min_length = 1, max_length = 100, pattern = r"\S")]
+    /// 1 to 100 characters, not only spaces, no control characters (default `default`).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: Option<String>,
     /// At least one scope (default `scrape`, `read`).
     #[schema(value_type = Option<Vec<Scope>>, min_items = 1)]

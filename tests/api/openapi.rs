@@ -466,6 +466,41 @@ async fn without_credentials_documented_routes_answer_as_their_security_says() {
     }
 }
 
+/// Found by fuzzing the document (schemathesis): PostgreSQL text cannot hold NUL, and these
+/// reached the database and came back as 500s (a charge's could fail a whole group commit).
+#[tokio::test]
+async fn fuzzing_findings_are_refused_as_invalid_not_server_errors() {
+    let app = spawn().await;
+    let (account, key) = app.create_account("internal", 100).await;
+    let res = app
+        .post_json("/v1/keys", &key, serde_json::json!({"name": "a\u{0}b"}))
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    let res = app
+        .post_json(
+            "/v1/credits/charge",
+            &key,
+            serde_json::json!({"amount": 1, "reason": "x\u{0}"}),
+        )
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            serde_json::json!({"amount": 1, "reason": "x\u{0}"}),
+        )
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+    // Also found by fuzzing: a grant that would overflow the bigint balance was a 500.
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            serde_json::json!({"amount": i64::MAX, "reason": "too much"}),
+        )
+        .await;
+    assert_problem(res, 422, "validation_failed").await;
+}
+
 #[test]
 fn the_router_dump_parser_reads_nested_scopes() {
     let dump = r#"ResourceMap { pattern: ResourceDef { id: 0, name: None, patterns: Single(""), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: Some([ResourceMap { pattern: ResourceDef { id: 0, name: Some("x"), patterns: Single("/v1"), is_prefix: true, pat_type: Dynamic(Regex("^/v1(?:/|$)"), ["a"]), segments: [Const("/v1")] }, named: {"x": ResourceMap { pattern: ResourceDef { id: 1, name: None, patterns: Single("/z"), is_prefix: false, pat_type: Static("/z"), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }}, parent: RefCell { value: (Weak) }, nodes: Some([ResourceMap { pattern: ResourceDef { id: 0, name: None, patterns: Single("/keys/{id}"), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }]) }, ResourceMap { pattern: ResourceDef { id: 1, name: None, patterns: List(["/a", "/b"]), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }]) }"#;
