@@ -446,10 +446,15 @@ const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
 /// Every route, registered explicitly in one place. Routes without a key sit behind the
 /// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
 /// tier's limit).
-fn routes_config(cfg: &mut web::ServiceConfig) {
+///
+/// Each route must be documented in `crate::openapi` (`tests/api/openapi.rs` reads the
+/// routes back from the router and fails on any the document lacks, or vice versa).
+pub fn routes_config(cfg: &mut web::ServiceConfig) {
     use routes::{accounts, admin, billing, credits, health, jobs, keys};
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
+        .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::openapi_json)))
+        .service(web::resource("/docs").route(web::get().to(crate::openapi::docs_page)))
         .service(
             web::resource("/v1/signup")
                 .wrap(from_fn(ratelimit::gate::public))
@@ -514,7 +519,7 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                 .service(
                     web::resource("/accounts/{id}/tier")
                         .route(web::put().to(admin::set_tier))
-                        .route(web::post().to(admin::set_tier)),
+                        .route(web::post().to(admin::set_tier_post)),
                 )
                 .service(
                     web::resource("/accounts/{id}/suspend").route(web::post().to(admin::suspend)),

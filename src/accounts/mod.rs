@@ -51,13 +51,16 @@ impl Email {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: Uuid,
+    #[schema(value_type = String, example = "account")]
     pub object: &'static str,
     pub email: String,
     pub tier: String,
     pub credit_balance: i64,
+    /// `active` or `suspended`.
+    #[schema(example = "active")]
     pub status: String,
     pub created_at: DateTime<Utc>,
     /// Which derivation of the job-webhook signing secret is current (see jobs::webhooks).

@@ -29,7 +29,7 @@ use cache::{KeyCache, KeyRecord};
 use key::KeyDigest;
 
 /// What a key may do. Stored as text in `api_keys.scopes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Scope {
     #[serde(rename = "scrape")]
     Scrape,

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Grant,
@@ -47,13 +47,16 @@ impl Kind {
 }
 
 /// One ledger row as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Movement {
     pub id: i64,
+    #[schema(value_type = String, example = "ledger_entry")]
     pub object: &'static str,
     pub account_id: Uuid,
+    /// Credits added (positive) or taken (negative).
     pub delta: i64,
     pub balance_after: i64,
+    #[schema(value_type = Kind)]
     pub kind: String,
     pub reason: Option<String>,
     pub job_id: Option<Uuid>,
@@ -116,7 +119,18 @@ pub async fn credit(
             ),
             &[&account_id, &amount, &kind.as_str(), &reason, &stripe_event_id],
         )
-        .await?
+        .await
+        .map_err(|e| {
+            // A bigint balance cannot grow past 2^63 − 1; the client asked for it, so 422.
+            if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+                ApiError::validation(
+                    "amount",
+                    "This would take the balance past the largest one an account can hold.",
+                )
+            } else {
+                ApiError::from(e)
+            }
+        })?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
     Ok(counted(movement(&row)))
 }

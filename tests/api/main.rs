@@ -11,5 +11,6 @@ mod foundation;
 mod jobs;
 mod keys;
 mod metrics;
+mod openapi;
 mod process;
 mod ratelimits;
