@@ -50,6 +50,8 @@ pub struct AppState {
     pub jobs: Arc<Jobs>,
     /// This application's metrics registry (see `crate::metrics`).
     pub metrics: Arc<Metrics>,
+    /// Concurrent `GET /v1/account` reads share one query.
+    pub account_reads: Arc<crate::accounts::reads::AccountReads>,
 }
 
 pub struct Application {
@@ -196,6 +198,7 @@ impl Application {
             },
             jobs: jobs.clone(),
             metrics: metrics.clone(),
+            account_reads: Arc::default(),
         };
         {
             // Queue depth and jobs by state, read when /metrics is scraped.

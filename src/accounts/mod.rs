@@ -3,6 +3,7 @@
 
 pub mod login;
 pub mod password;
+pub mod reads;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
@@ -68,9 +69,10 @@ pub struct Account {
     pub webhook_secret_version: i32,
 }
 
-const COLUMNS: &str = "id, email, tier, credit_balance, status, created_at, webhook_secret_version";
+pub(crate) const COLUMNS: &str =
+    "id, email, tier, credit_balance, status, created_at, webhook_secret_version";
 
-fn account(row: &tokio_postgres::Row) -> Account {
+pub(crate) fn account(row: &tokio_postgres::Row) -> Account {
     Account {
         id: row.get(0),
         object: "account",

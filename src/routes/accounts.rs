@@ -233,8 +233,9 @@ pub async fn get_account(
     caller: Authenticated,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
-    let client = state.db.get().await?;
-    let account = accounts::get(&client, caller.account_id)
+    let account = state
+        .account_reads
+        .get(&state.db, caller.account_id)
         .await?
         .ok_or_else(accounts::not_found)?;
     let limits = TierLimits::of(state.tiers.get_or_default(&account.tier));
