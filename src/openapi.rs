@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use utoipa::OpenApi;
 
 use crate::error::{ApiError, ApiResult};
-use crate::routes::{accounts, admin, billing, credits, health, keys};
+use crate::routes::{accounts, admin, billing, credits, health, jobs, keys};
 
 /// The description of the `Idempotency-Key` request header (used by the annotations).
 pub const IDEMPOTENCY_KEY: &str = "1 to 255 printable ASCII characters, no spaces. The same key \
@@ -110,6 +110,17 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
         "The key already has a successor.",
     ),
     (
+        "job_not_cancellable",
+        &[409],
+        "Only a queued job can be cancelled; this one is running or finished (`job_status`).",
+    ),
+    (
+        "job_cancelled",
+        &[409],
+        "The job `POST /v1/scrape` waited for was cancelled before it ran; refunded \
+         (`job_id`, `reason`, `refunded`, `cost`).",
+    ),
+    (
         "idempotency_conflict",
         &[409],
         "A request with this `Idempotency-Key` is still running; retry later.",
@@ -137,6 +148,20 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
         "This `Idempotency-Key` was used with a different request; use a new key.",
     ),
     (
+        "url_not_allowed",
+        &[422],
+        "A scrape or webhook URL that is not http(s), carries credentials, or points at a \
+         loopback, private, link-local, CGNAT, multicast or unique-local address (`field`). \
+         Refused before any charge; from `POST /v1/scrape` also when a redirect led there \
+         (with `job_id`, refunded).",
+    ),
+    (
+        "queue_full",
+        &[429],
+        "The account has as many queued jobs as its tier allows (`max_queued_jobs`); retry \
+         after `Retry-After`. Nothing was charged.",
+    ),
+    (
         "rate_limited",
         &[429],
         "Too many requests: the tier's limit for the key, the per-IP limit, or too many failed \
@@ -158,9 +183,24 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
         "An unexpected error; quote `request_id` when reporting it.",
     ),
     (
+        "upstream_failed",
+        &[502],
+        "The scraped site failed (5xx, 429, a block, a network, DNS or TLS error…) or its \
+         page could not be processed; the job is refunded (`job_id`, `reason`, \
+         `upstream_status`).",
+    ),
+    (
         "database_unavailable",
         &[503],
-        "The database is unavailable; retry after `Retry-After`.",
+        "The database is unavailable; retry after `Retry-After`. From `POST /v1/scrape` with \
+         `job_id`: the job was queued but its end could not be read; look it up.",
+    ),
+    (
+        "upstream_unavailable",
+        &[503],
+        "The target host's or the egress provider's circuit breaker is open (`breaker`), so \
+         nothing was charged; or it opened while the job waited (`job_id`, refunded). Retry \
+         after `Retry-After`.",
     ),
     (
         "not_ready",
@@ -187,6 +227,11 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
         "request_timeout",
         &[408, 504],
         "The request took longer than the server allows.",
+    ),
+    (
+        "job_timeout",
+        &[504],
+        "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`).",
     ),
 ];
 
@@ -242,6 +287,11 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         billing::summary,
         billing::checkout,
         billing::webhook,
+        jobs::scrape,
+        jobs::create_job,
+        jobs::list,
+        jobs::get,
+        jobs::cancel,
         admin::create_account,
         admin::get_account,
         admin::create_key,
@@ -251,6 +301,7 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::unsuspend,
         admin::grant_credits,
         admin::revoke_key,
+        jobs::breakers,
     ),
     tags(
         (name = "health", description = "Liveness and readiness, for load balancers. No key."),
@@ -258,6 +309,9 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         (name = "keys", description = "An account's API keys: create, list, revoke, rotate."),
         (name = "credits", description = "The balance, the ledger, usage, and metered charges."),
         (name = "billing", description = "Buying credits and plans through Stripe, and Stripe's webhook."),
+        (name = "jobs", description = "Scrape jobs: run one and wait for its result, or queue \
+            it and follow it by id or webhook. The cost is reserved when the job is queued and \
+            refunded unless the site gave a usable answer."),
         (name = "admin", description = "The operator's API, behind `KEYMETER_ADMIN_TOKEN`. \
             It does not exist (404) while no token is configured."),
         (name = "meta", description = "This document and its human-readable page."),
@@ -445,6 +499,7 @@ pub fn decorate(doc: &mut Value) {
 
 fn decorate_operation(op: &mut Value) {
     let auth = auth_of(op);
+    let op_id = op["operationId"].as_str().unwrap_or_default().to_owned();
     // utoipa spells an optional body (`Option<T>`) as "T or null"; the server reads an
     // optional body as absent or T, and JSON `null` is not T.
     // (`get_mut`, not indexing: indexing a missing member mutably would insert a null.)
@@ -558,6 +613,19 @@ fn decorate_operation(op: &mut Value) {
 
     for (status, response) in responses.iter_mut() {
         let code: u16 = status.parse().unwrap_or(0);
+        // Headers an annotation declares (e.g. `Location` on a 202) stay, after the shared
+        // ones. They are ones the handler always sends with that status, which utoipa's
+        // `headers(…)` cannot say.
+        let mut declared = response
+            .get("headers")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        for header in declared.values_mut() {
+            if let Some(h) = header.as_object_mut() {
+                h.entry("required").or_insert(json!(true));
+            }
+        }
         let mut headers = Map::new();
         headers.insert("X-Request-Id".into(), header_ref("X-Request-Id"));
         let limited = match auth {
@@ -593,7 +661,9 @@ fn decorate_operation(op: &mut Value) {
             401 if matches!(auth, Auth::Key | Auth::Admin) => {
                 headers.insert("WWW-Authenticate".into(), header_ref("WWW-Authenticate"));
             }
-            200..=299 if idempotent => {
+            // `POST /v1/scrape` stores the queued job under the key: a retry waits for that
+            // job and answers afresh, so its answer never says `Idempotent-Replayed`.
+            200..=299 if idempotent && op_id != "scrape" => {
                 headers.insert(
                     "Idempotent-Replayed".into(),
                     header_ref("Idempotent-Replayed"),
@@ -619,6 +689,7 @@ fn decorate_operation(op: &mut Value) {
                 }
             });
         }
+        headers.extend(declared);
         if let Some(obj) = response.as_object_mut() {
             obj.insert("headers".into(), Value::Object(headers));
         }
@@ -762,7 +833,44 @@ fn problem_schema() -> Value {
             },
             "cost": {
                 "type": "integer",
-                "description": "`insufficient_credits`: what the request costs.",
+                "description": "`insufficient_credits`, and a scrape job's problems: what the \
+                    request (the job) costs.",
+            },
+            "job_id": {
+                "type": "string",
+                "format": "uuid",
+                "description": "A `POST /v1/scrape` problem after the job was queued \
+                    (`upstream_failed`, `job_timeout`, `url_not_allowed`, \
+                    `upstream_unavailable`, `job_cancelled`, `database_unavailable`): the job; \
+                    `GET /v1/jobs/{id}` shows it.",
+            },
+            "reason": {
+                "type": "string",
+                "description": "With `job_id`: the job's `error.reason` (e.g. `server_error`, \
+                    `timeout`, `circuit_open`, `cancelled`).",
+            },
+            "refunded": {
+                "type": "boolean",
+                "description": "With `job_id`: the job's cost was given back.",
+            },
+            "upstream_status": {
+                "type": ["integer", "null"],
+                "description": "With `job_id`: the site's HTTP status when it answered, \
+                    `null` when it did not (absent from `job_cancelled`).",
+            },
+            "breaker": {
+                "type": "string",
+                "enum": ["provider", "host"],
+                "description": "`upstream_unavailable` before any charge: which circuit \
+                    breaker is open.",
+            },
+            "max_queued_jobs": {
+                "type": "integer",
+                "description": "`queue_full`: the tier's queued-jobs cap.",
+            },
+            "job_status": {
+                "type": "string",
+                "description": "`job_not_cancellable`: the job's status.",
             },
         },
         "additionalProperties": true,

@@ -16,10 +16,12 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::credits::ledger;
 use crate::error::ApiError;
+use crate::jobs::extract::{Extracted, Format};
 use crate::ratelimit::tiers::Tiers;
 
 /// NOTIFY channel: `queued` (wake workers) and `done:<job id>` (wake a waiting request).
@@ -31,10 +33,47 @@ const CLAIM_LOCK_NAMESPACE: i32 = 0x6b6d_6a62; // "kmjb"
 
 pub const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `sync`: `POST /v1/scrape`, which waits for the job; `async`: `POST /v1/jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(as = JobMode, rename_all = "lowercase")]
 pub enum Mode {
     Sync,
     Async,
+}
+
+/// A job's status: `queued` → `running` → `succeeded` or `failed`; a queued job may be
+/// `cancelled`. The last three are final.
+// Only describes the values of `Job::status` (see [`STATUSES`]).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Why a job did not succeed.
+// `Job::error` as [`finalize`] writes it; this type only describes that JSON.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobError {
+    /// Why, as a stable slug: `timeout` (the job's `timeout_ms` ran out, in the queue or
+    /// running), `server_error` (5xx), `rate_limited` (429), `blocked` (401, 403, 407, 451),
+    /// `unexpected_status` (any other status but 2xx, 404, 410), `dns`, `connect`, `tls`,
+    /// `network`, `too_many_redirects`, `not_allowed` (a redirect to a refused address),
+    /// `invalid_url`, `invalid_request`, `circuit_open` (the host's or the egress provider's
+    /// breaker opened while the job waited), `extraction_failed`, `worker_lost` (its worker
+    /// died three times), `cancelled`.
+    #[schema(examples("timeout", "server_error", "cancelled"))]
+    reason: String,
+    /// What happened, for people.
+    detail: String,
+    /// The upstream's HTTP status when it answered; `null` when it did not. Absent on a
+    /// cancelled job.
+    upstream_status: Option<u16>,
 }
 
 impl Mode {
@@ -62,37 +101,64 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
 }
 
-/// Durations of a job's phases, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+/// Durations of a job's phases, in milliseconds (`null` until the phase has ended).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = JobTimings)]
 pub struct Timings {
+    /// From creation to the first start.
+    #[schema(required = true, minimum = 0)]
     pub queued_ms: Option<i64>,
+    /// From the first start to the end.
+    #[schema(required = true, minimum = 0)]
     pub run_ms: Option<i64>,
+    /// From creation to the end.
+    #[schema(required = true, minimum = 0)]
     pub total_ms: Option<i64>,
 }
 
 /// A job as customers see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Job {
+    #[schema(value_type = String, example = "job")]
     pub object: &'static str,
     pub id: Uuid,
     #[serde(skip)]
     pub account_id: Uuid,
+    #[schema(value_type = JobStatus)]
     pub status: String,
+    #[schema(value_type = Mode)]
     pub mode: String,
+    /// The URL as given (normalized).
     pub url: String,
+    /// The requested formats, each once.
+    #[schema(value_type = Vec<Format>)]
     pub formats: Vec<String>,
+    #[schema(minimum = 100, maximum = 60000)]
     pub timeout_ms: i32,
+    /// Where the job's end is POSTed (`POST /v1/jobs` only).
+    #[schema(required = true)]
     pub webhook_url: Option<String>,
+    /// Credits: the sum of the tier's price per format.
+    #[schema(minimum = 0)]
     pub cost: i64,
     /// The cost was taken from the balance (at creation).
     pub charged: bool,
     /// …and given back (the job failed, timed out or was cancelled).
     pub refunded: bool,
+    /// How many times a worker started it (more than 1 when a worker died mid-job).
+    #[schema(minimum = 0)]
     pub attempts: i32,
+    /// The requested formats, once the job has succeeded; `null` before, after a failure,
+    /// and always in `GET /v1/jobs` (fetch the job for it).
+    #[schema(required = true, value_type = Option<Extracted>)]
     pub result: Option<Value>,
+    /// Why the job failed or was cancelled; `null` otherwise.
+    #[schema(required = true, value_type = Option<JobError>)]
     pub error: Option<Value>,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub started_at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     pub timings: Timings,
 }
