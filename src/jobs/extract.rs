@@ -102,11 +102,11 @@ pub struct Extracted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = String)]
     pub html: Option<String>,
-    /// `html` was cut at [`ExtractLimits::max_html_bytes`].
+    /// `html` was cut at the size cap (2 MiB by default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub html_truncated: bool,
-    /// The page took longer than [`ExtractLimits::parse_budget`] to parse: the other formats
-    /// cover only its beginning, and `markdown` is the readable text.
+    /// The page took longer than the parse time budget: the other formats cover only its
+    /// beginning, and `markdown` is the readable text.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
 }
