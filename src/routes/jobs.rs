@@ -153,6 +153,19 @@ async fn check(
             format!("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS}."),
         ));
     }
+    // A sync request must be able to wait for its job's whole timeout: the server's request
+    // timeout would otherwise cut it off while the job still runs (and may be charged).
+    let request_ms = i64::try_from(state.config.request_timeout.as_millis()).unwrap_or(i64::MAX);
+    let sync_max = request_ms.saturating_sub(FINISH_GRACE.as_millis() as i64 + 1_000);
+    if mode == Mode::Sync && timeout_ms > sync_max {
+        return Err(ApiError::validation(
+            "timeout_ms",
+            format!(
+                "timeout_ms must be at most {sync_max} for POST /v1/scrape on this server \
+                 (its request timeout); use POST /v1/jobs for longer jobs."
+            ),
+        ));
+    }
     let headers: Vec<(String, String)> = body.headers.unwrap_or_default().into_iter().collect();
     CustomerHeaders::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .map_err(|e| ApiError::validation("headers", e.to_string()))?;

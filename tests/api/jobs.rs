@@ -1035,3 +1035,25 @@ async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly()
     assert!(succeeded <= 20);
     assert_ledger_invariant(&app).await;
 }
+
+#[tokio::test]
+async fn a_sync_job_may_not_outlast_the_servers_request_timeout() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[("KEYMETER_REQUEST_TIMEOUT_SECS", "10")]).await;
+    let (account, key) = app.create_account("pro", 10).await;
+    let body = json!({"url": format!("{}/page", up.base), "timeout_ms": 20000});
+    let res = scrape(&app, &key, body.clone()).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["field"], "timeout_ms");
+    assert_eq!(balance(&app, account).await, 10, "refused before charging");
+    // An async job is not bound by the request timeout.
+    let res = app.post_json("/v1/jobs", &key, body).await;
+    assert_eq!(res.status(), 202);
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/page", up.base), "timeout_ms": 7000}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+}
