@@ -14,7 +14,7 @@ secs=${DURATION%s}
 export KEYMETER_ADMIN_TOKEN=${KEYMETER_ADMIN_TOKEN:-load-admin-token-0123456789abcdef0123}
 out=load/out; mkdir -p "$out"
 
-cargo build --release --bin keymeter
+cargo build --release --locked --bin keymeter --example upstream
 run_k6() { # $1 accounts, $2 coalescing
     KEYMETER_CHARGE_COALESCING=$2 ACCOUNTS=$1 DURATION=$DURATION VUS=$VUS LOAD_SKIP_BUILD=1 \
         load/run.sh deduct.js --quiet | grep '^deduct.js' | sed -E 's/.*rate=([0-9.]+).*/\1/'
@@ -36,7 +36,7 @@ SELECT gen_random_uuid(), 'b' || g || '@example.com', 'internal', 1000000000 FRO
 CREATE TABLE bench_ids (n int PRIMARY KEY, id uuid NOT NULL);
 INSERT INTO bench_ids SELECT row_number() OVER (), id FROM accounts;
 SQL
-pgb=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)/pgbench
+pgb=$(pg_bindir)/pgbench
 bare() { # $1 = number of accounts to spread over
     printf '\\set n random(1, %s)\nUPDATE accounts SET credit_balance = credit_balance - 1 WHERE id = (SELECT id FROM bench_ids WHERE n = :n) AND credit_balance >= 1;\n' "$1" >"$out/bare.sql"
     "$pgb" -n -c "$VUS" -j 2 -T "$secs" -f "$out/bare.sql" "$db_url" 2>/dev/null | sed -nE 's/^tps = ([0-9.]+).*/\1/p'
