@@ -112,10 +112,14 @@ pub async fn customer_for(
         .create_customer(&account.email, &account_id.to_string())
         .await?;
     let client = db.get().await?;
+    // Concurrent first checkouts get the same customer from Stripe (same idempotency key)
+    // and race to insert the same row. With `ON CONFLICT (account_id)` only that index
+    // arbitrates; the loser can trip the unique customer_id index instead and fail with a
+    // 500. Without a target, either conflict is a no-op and the SELECT below reads the row.
     client
         .execute(
             "INSERT INTO billing_customers (account_id, customer_id) VALUES ($1, $2)
-             ON CONFLICT (account_id) DO NOTHING",
+             ON CONFLICT DO NOTHING",
             &[&account_id, &created.id],
         )
         .await?;
