@@ -619,25 +619,28 @@ pub async fn claim(
     let id: Uuid = candidate.get(0);
     let account_id: Uuid = candidate.get(1);
     let max_running: i64 = candidate.get(2);
-    // Wait for, rather than skip, a concurrent claim for the same account: it holds the lock
-    // for a few milliseconds. A worker that gave up here went back to sleep until the next
-    // notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still queued, so a
-    // burst of jobs for one account ran one claim at a time. No deadlock: the other claimer
-    // holds a different job row (SKIP LOCKED) and never waits for ours.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-        &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
-    )
-    .await?;
-    let running: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
-            &[&account_id],
+    // An unlimited tier has no slot to race for: claims for it need no per-account lock.
+    if max_running < i64::MAX {
+        // Wait for, rather than skip, a concurrent claim for the same account: it holds the
+        // lock for a few milliseconds. A worker that gave up here went back to sleep until
+        // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still
+        // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
+        // the other claimer holds a different job row (SKIP LOCKED) and never waits for ours.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+            &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
         )
-        .await?
-        .get(0);
-    if running >= max_running {
-        return Ok(None);
+        .await?;
+        let running: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
+                &[&account_id],
+            )
+            .await?
+            .get(0);
+        if running >= max_running {
+            return Ok(None);
+        }
     }
     let row = tx
         .query_one(
