@@ -92,10 +92,10 @@ pub async fn grant_credits(
         return Err(ApiError::validation("amount", "amount must not be zero."));
     }
     let reason = reason.trim();
-    if reason.is_empty() || reason.chars().count() > 500 {
+    if reason.is_empty() || reason.chars().count() > 500 || reason.contains('\0') {
         return Err(ApiError::validation(
             "reason",
-            "reason must be 1 to 500 characters.",
+            "reason must be 1 to 500 characters, without NUL characters.",
         ));
     }
     let client = db.get().await?;

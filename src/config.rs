@@ -197,6 +197,9 @@ fn parse_plans(src: &dyn Source) -> Result<Vec<Plan>, ConfigError> {
 pub struct Config {
     pub env: Environment,
     pub bind: SocketAddr,
+    /// `KEYMETER_METRICS_BIND`: a separate listener serving only `/metrics`, without a
+    /// token. Unset: `/metrics` is on `bind`, behind the admin token.
+    pub metrics_bind: Option<SocketAddr>,
     pub log_filter: String,
     pub log_format: LogFormat,
     pub database: DatabaseSettings,
@@ -243,6 +246,8 @@ pub struct JobsSettings {
     pub workers: usize,
     pub lease: Duration,
     pub poll: Duration,
+    /// Finished jobs (with their results) are deleted this long after they end.
+    pub retention: Duration,
     /// `host:port` pairs the SSRF guard lets through (tests, development only).
     pub scrape_allow: String,
     pub proxy_url: Option<SecretString>,
@@ -320,6 +325,14 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
         workers,
         lease: secs(src, "KEYMETER_JOB_LEASE_SECS", 30)?,
         poll: millis(src, "KEYMETER_JOB_POLL_MS", 1_000)?,
+        retention: Duration::from_secs(
+            positive(
+                src,
+                "KEYMETER_JOB_RETENTION_DAYS",
+                30u64,
+                "a number of days",
+            )? * 86_400,
+        ),
         scrape_allow,
         proxy_url,
         user_agent: src.get("KEYMETER_SCRAPE_USER_AGENT").unwrap_or_else(|| {
@@ -441,6 +454,21 @@ impl Config {
             SocketAddr::from(([127, 0, 0, 1], 8080)),
             "host:port, e.g. 127.0.0.1:8080",
         )?;
+        let metrics_bind = match src.get("KEYMETER_METRICS_BIND") {
+            None => None,
+            Some(_) => Some(parsed(
+                src,
+                "KEYMETER_METRICS_BIND",
+                bind,
+                "host:port, e.g. 127.0.0.1:9090",
+            )?),
+        };
+        if metrics_bind.is_some_and(|m| m == bind && m.port() != 0) {
+            return Err(ConfigError::new(
+                "KEYMETER_METRICS_BIND",
+                format!("must differ from KEYMETER_BIND ({bind})"),
+            ));
+        }
         let log_filter = src.get("KEYMETER_LOG").unwrap_or_else(|| "info".to_owned());
         if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
             return Err(ConfigError::new(
@@ -673,6 +701,7 @@ impl Config {
         Ok(Config {
             env,
             bind,
+            metrics_bind,
             log_filter,
             log_format,
             database,
@@ -742,6 +771,22 @@ mod tests {
         assert_eq!(e.var, "KEYMETER_BODY_LIMIT");
         let e = Config::from_source(&src(&[("KEYMETER_ENV", "staging")])).unwrap_err();
         assert_eq!(e.var, "KEYMETER_ENV");
+    }
+
+    #[test]
+    fn the_metrics_bind_is_an_address_apart_from_the_main_one() {
+        let c = Config::from_source(&src(&[])).unwrap();
+        assert!(c.metrics_bind.is_none());
+        let c = Config::from_source(&src(&[("KEYMETER_METRICS_BIND", "127.0.0.1:9090")])).unwrap();
+        assert_eq!(c.metrics_bind.unwrap().to_string(), "127.0.0.1:9090");
+        let e = Config::from_source(&src(&[("KEYMETER_METRICS_BIND", "9090")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_METRICS_BIND");
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_BIND", "0.0.0.0:8080"),
+            ("KEYMETER_METRICS_BIND", "0.0.0.0:8080"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_METRICS_BIND");
     }
 
     #[test]

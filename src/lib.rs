@@ -18,6 +18,8 @@ pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
+pub mod metrics;
+pub mod openapi;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;

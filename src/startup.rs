@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use actix_cors::Cors;
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::middleware::{from_fn, Condition};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
@@ -28,6 +28,7 @@ use crate::http::{edge, extractors};
 use crate::jobs::breaker::{BreakerSettings, Breakers};
 use crate::jobs::queue::ConcurrencyLimits;
 use crate::jobs::{AllowList, ExtractLimits, Fetcher, FetcherConfig, JobSettings, Jobs};
+use crate::metrics::Metrics;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::tiers::Tiers;
 use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
@@ -47,11 +48,17 @@ pub struct AppState {
     pub stripe: Option<crate::billing::stripe_api::StripeApi>,
     /// Scrape jobs: fetcher, breakers, queue wake-ups, webhook sender.
     pub jobs: Arc<Jobs>,
+    /// This application's metrics registry (see `crate::metrics`).
+    pub metrics: Arc<Metrics>,
+    /// Concurrent `GET /v1/account` reads share one query.
+    pub account_reads: Arc<crate::accounts::reads::AccountReads>,
 }
 
 pub struct Application {
     port: u16,
     server: Server,
+    /// The `/metrics` listener when `KEYMETER_METRICS_BIND` is set, and its port.
+    metrics_server: Option<(u16, Server)>,
     state: AppState,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -102,6 +109,7 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
             workers: s.workers,
             lease: s.lease,
             poll: s.poll,
+            retention: s.retention,
             extract: ExtractLimits::default(),
         },
         webhooks,
@@ -137,6 +145,12 @@ impl Application {
         let listener =
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();
+        let metrics_listener = match config.metrics_bind {
+            Some(addr) => Some(
+                TcpListener::bind(addr).with_context(|| format!("binding metrics on {addr}"))?,
+            ),
+            None => None,
+        };
 
         let cache = KeyCache::new(
             config.key_cache_capacity,
@@ -144,6 +158,7 @@ impl Application {
             std::time::Duration::from_secs(5),
         );
         let auth = AuthService::new(pool.clone(), cache.clone());
+        let metrics = Arc::new(Metrics::new(pool.clone(), cache.clone())?);
         let mut limits = Limits::new(
             tiers.clone(),
             IpPolicy {
@@ -182,7 +197,27 @@ impl Application {
                 None => None,
             },
             jobs: jobs.clone(),
+            metrics: metrics.clone(),
+            account_reads: Arc::default(),
         };
+        {
+            // Queue depth and jobs by state, read when /metrics is scraped.
+            let pool = pool.clone();
+            metrics.on_scrape(move || {
+                let pool = pool.clone();
+                async move {
+                    let Ok(client) = pool.get().await else { return };
+                    let Ok(depth) = crate::jobs::queue::depth(&client).await else {
+                        return;
+                    };
+                    let m = crate::metrics::jobs();
+                    let count = |s: &str| depth.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+                    m.set_queue_depth(count("queued"));
+                    m.set_in_state("queued", count("queued"));
+                    m.set_in_state("running", count("running"));
+                }
+            });
+        }
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(db::listen::run(
@@ -239,9 +274,18 @@ impl Application {
         }
 
         let server = build_server(listener, state.clone())?;
+        let metrics_server = match metrics_listener {
+            Some(l) => {
+                let port = l.local_addr()?.port();
+                tracing::info!(port, "serving /metrics on its own listener");
+                Some((port, build_metrics_server(l, metrics, &state.config)?))
+            }
+            None => None,
+        };
         Ok(Application {
             port,
             server,
+            metrics_server,
             state,
             shutdown,
             tasks,
@@ -255,6 +299,11 @@ impl Application {
         self.port
     }
 
+    /// The port of the `/metrics` listener, when `KEYMETER_METRICS_BIND` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_server.as_ref().map(|(port, _)| *port)
+    }
+
     pub fn state(&self) -> &AppState {
         &self.state
     }
@@ -263,6 +312,11 @@ impl Application {
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = self.server;
+        // The metrics listener runs on its own task and stops after the main server has
+        // drained, so the drain itself can still be watched.
+        let metrics_server: Option<(ServerHandle, _)> = self
+            .metrics_server
+            .map(|(_, s)| (s.handle(), tokio::spawn(s)));
         tokio::pin!(server);
         tokio::select! {
             res = &mut server => {
@@ -279,6 +333,12 @@ impl Application {
                 // The server future must keep being polled for the stop command to run.
                 let (_, res) = tokio::join!(handle.stop(true), &mut server);
                 res.context("HTTP server failed while stopping")?;
+            }
+        }
+        if let Some((handle, task)) = metrics_server {
+            handle.stop(true).await;
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "metrics server failed");
             }
         }
         // Pooled connections opened by requests live on the HTTP workers' runtimes, which
@@ -317,6 +377,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     let data = web::Data::new(state);
     let cors_origins = config.cors_origins.clone();
     let body_limit = config.body_limit;
+    let metrics_on_main = config.metrics_bind.is_none();
     let mut server = HttpServer::new(move || {
         let mut cors = Cors::default()
             .allow_any_method()
@@ -334,6 +395,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
             .app_data(extractors::path_config())
             .app_data(extractors::query_config())
             .configure(routes_config)
+            .configure(|cfg| metrics_route(cfg, metrics_on_main))
             .default_service(web::to(not_found))
             .wrap(Condition::new(!cors_origins.is_empty(), cors))
             .wrap(from_fn(edge::edge))
@@ -347,6 +409,39 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
     Ok(server.run())
 }
 
+/// `/metrics` on the public listener, behind the admin token — unless it has a listener of
+/// its own, in which case the public one does not have the route.
+fn metrics_route(cfg: &mut web::ServiceConfig, on_main_listener: bool) {
+    if on_main_listener {
+        cfg.service(
+            web::resource("/metrics").route(web::get().to(routes::metrics::with_admin_token)),
+        );
+    }
+}
+
+/// The `KEYMETER_METRICS_BIND` listener: `GET /metrics` and nothing else, one worker.
+fn build_metrics_server(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    config: &Config,
+) -> anyhow::Result<Server> {
+    let data = web::Data::from(metrics);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(routes::metrics::on_metrics_listener)),
+            )
+            .default_service(web::to(not_found))
+    })
+    .disable_signals()
+    .workers(1)
+    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    .listen(listener)?;
+    Ok(server.run())
+}
+
 /// The edge enforces the configured webhook limit before routing; this is only the
 /// extractor's ceiling.
 const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
@@ -354,10 +449,15 @@ const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
 /// Every route, registered explicitly in one place. Routes without a key sit behind the
 /// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
 /// tier's limit).
-fn routes_config(cfg: &mut web::ServiceConfig) {
+///
+/// Each route must be documented in `crate::openapi` (`tests/api/openapi.rs` reads the
+/// routes back from the router and fails on any the document lacks, or vice versa).
+pub fn routes_config(cfg: &mut web::ServiceConfig) {
     use routes::{accounts, admin, billing, credits, health, jobs, keys};
     cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
         .service(web::resource("/health/ready").route(web::get().to(health::ready)))
+        .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::openapi_json)))
+        .service(web::resource("/docs").route(web::get().to(crate::openapi::docs_page)))
         .service(
             web::resource("/v1/signup")
                 .wrap(from_fn(ratelimit::gate::public))
@@ -422,7 +522,7 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
                 .service(
                     web::resource("/accounts/{id}/tier")
                         .route(web::put().to(admin::set_tier))
-                        .route(web::post().to(admin::set_tier)),
+                        .route(web::post().to(admin::set_tier_post)),
                 )
                 .service(
                     web::resource("/accounts/{id}/suspend").route(web::post().to(admin::suspend)),

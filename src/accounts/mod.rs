@@ -3,6 +3,7 @@
 
 pub mod login;
 pub mod password;
+pub mod reads;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
@@ -51,13 +52,16 @@ impl Email {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Account {
     pub id: Uuid,
+    #[schema(value_type = String, example = "account")]
     pub object: &'static str,
     pub email: String,
     pub tier: String,
     pub credit_balance: i64,
+    /// `active` or `suspended`.
+    #[schema(example = "active")]
     pub status: String,
     pub created_at: DateTime<Utc>,
     /// Which derivation of the job-webhook signing secret is current (see jobs::webhooks).
@@ -65,9 +69,10 @@ pub struct Account {
     pub webhook_secret_version: i32,
 }
 
-const COLUMNS: &str = "id, email, tier, credit_balance, status, created_at, webhook_secret_version";
+pub(crate) const COLUMNS: &str =
+    "id, email, tier, credit_balance, status, created_at, webhook_secret_version";
 
-fn account(row: &tokio_postgres::Row) -> Account {
+pub(crate) fn account(row: &tokio_postgres::Row) -> Account {
     Account {
         id: row.get(0),
         object: "account",

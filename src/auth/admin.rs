@@ -42,6 +42,7 @@ impl FromRequest for AdminToken {
             .client_ip(req)
             .and_then(|ip| state.limits.ip_blocked(ip))
         {
+            crate::metrics::rate_limited(crate::metrics::Limit::AuthFailures);
             return ready(Err(ApiError::RateLimited {
                 retry_after_secs: wait,
                 detail: "Too many failed authentication attempts from this address.".into(),

@@ -17,12 +17,16 @@ pub const MAX_GRACE_SECONDS: i64 = 86_400;
 pub const DEFAULT_GRACE_SECONDS: i64 = 3_600;
 
 /// A key as the API shows it: never the secret.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyView {
+    /// The key id: the public 12 characters after `km_live_`.
+    #[schema(example = "a1B2c3D4e5F6")]
     pub id: String,
+    #[schema(value_type = String, example = "api_key")]
     pub object: &'static str,
     pub account_id: Uuid,
     pub name: String,
+    #[schema(value_type = Vec<Scope>)]
     pub scopes: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -33,10 +37,12 @@ pub struct KeyView {
 }
 
 /// The creating response: the view plus the plaintext, which appears here and nowhere else.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     #[serde(flatten)]
     pub view: KeyView,
+    /// The whole key, `km_live_<id>_<secret><checksum>` (70 characters). Shown only once.
+    #[schema(example = "km_live_a1B2c3D4e5F6_…")]
     pub key: String,
 }
 
@@ -83,10 +89,11 @@ impl KeySpec {
     ) -> Result<KeySpec, ApiError> {
         let name = name.unwrap_or_else(|| "default".to_owned());
         let name = name.trim().to_owned();
-        if name.is_empty() || name.chars().count() > 100 {
+        // A name is a one-line label; PostgreSQL text cannot hold NUL at all.
+        if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
             return Err(ApiError::validation(
                 "name",
-                "name must be 1 to 100 characters.",
+                "name must be 1 to 100 characters, without control characters.",
             ));
         }
         let scopes = match scopes {

@@ -24,11 +24,12 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::metrics::{self, AuthOutcome};
 use cache::{KeyCache, KeyRecord};
 use key::KeyDigest;
 
 /// What a key may do. Stored as text in `api_keys.scopes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Scope {
     #[serde(rename = "scrape")]
     Scrape,
@@ -142,21 +143,32 @@ impl AuthService {
     /// the key was malformed, unknown, wrong, expired, revoked, past its rotation grace, or
     /// belongs to a suspended account: a caller learns nothing about which.
     pub async fn authenticate(&self, presented: Option<&str>) -> Result<Authenticated, ApiError> {
-        let raw = presented.ok_or(ApiError::InvalidApiKey)?;
-        let parsed = key::parse(raw).map_err(|_| ApiError::InvalidApiKey)?;
-        let record: Option<Arc<KeyRecord>> = self.cache.get(&parsed.id, &self.db).await?;
+        // Operators see which refusal it was (in metrics); callers never do.
+        let refuse = |outcome| {
+            metrics::auth_outcome(outcome);
+            ApiError::InvalidApiKey
+        };
+        let raw = presented.ok_or_else(|| refuse(AuthOutcome::Missing))?;
+        let parsed = key::parse(raw).map_err(|_| refuse(AuthOutcome::Malformed))?;
+        let record: Option<Arc<KeyRecord>> = self
+            .cache
+            .get(&parsed.id, &self.db)
+            .await
+            .inspect_err(|_| metrics::auth_outcome(AuthOutcome::Error))?;
         let (matches, record) = match record {
             Some(r) => (r.digest.matches(&parsed.digest), Some(r)),
             None => (NO_SUCH_DIGEST.matches(&parsed.digest), None),
         };
         let record = match (matches, record) {
             (true, Some(r)) => r,
-            _ => return Err(ApiError::InvalidApiKey),
+            (false, Some(_)) => return Err(refuse(AuthOutcome::WrongSecret)),
+            (_, None) => return Err(refuse(AuthOutcome::UnknownKey)),
         };
         let now = Utc::now();
         if !record.usable_at(now) {
-            return Err(ApiError::InvalidApiKey);
+            return Err(refuse(unusable_because(&record, now)));
         }
+        metrics::auth_outcome(AuthOutcome::Ok);
         self.last_used.touch(&parsed.id, &record, now);
         Ok(Authenticated {
             key_id: parsed.id,
@@ -164,6 +176,20 @@ impl AuthService {
             tier: record.tier.clone(),
             scopes: record.scopes,
         })
+    }
+}
+
+/// Why a key that matched is not usable, for the metrics (the caller only gets the 401).
+fn unusable_because(r: &KeyRecord, now: chrono::DateTime<Utc>) -> AuthOutcome {
+    let past = |t: Option<chrono::DateTime<Utc>>| t.is_some_and(|t| t <= now);
+    if past(r.revoked_at) {
+        AuthOutcome::Revoked
+    } else if past(r.grace_until) {
+        AuthOutcome::Rotated
+    } else if past(r.expires_at) {
+        AuthOutcome::Expired
+    } else {
+        AuthOutcome::Suspended
     }
 }
 

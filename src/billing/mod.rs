@@ -193,13 +193,16 @@ pub async fn create_checkout(
     Ok(created)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = BillingSummary)]
 pub struct Summary {
+    #[schema(value_type = String, example = "billing")]
     pub object: &'static str,
     pub tier: String,
     pub plan: Option<String>,
     pub subscription_status: Option<String>,
     pub stripe_customer: Option<String>,
+    /// The last 20 purchases and clawbacks, newest first.
     pub purchases: Vec<crate::credits::Movement>,
 }
 

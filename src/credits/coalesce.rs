@@ -153,11 +153,12 @@ async fn flush(
 ) -> Result<Vec<Result<Movement, ApiError>>, ApiError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    // Prepared once per connection: each statement is one round trip, not parse + execute.
+    let lock = tx
+        .prepare_cached("SELECT credit_balance FROM accounts WHERE id = $1 FOR UPDATE")
+        .await?;
     let row = tx
-        .query_opt(
-            "SELECT credit_balance FROM accounts WHERE id = $1 FOR UPDATE",
-            &[&account_id],
-        )
+        .query_opt(&lock, &[&account_id])
         .await?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
     let mut balance: i64 = row.get(0);
@@ -180,27 +181,24 @@ async fn flush(
     }
     let mut rows = Vec::new();
     if !deltas.is_empty() {
-        rows = tx
-            .query(
-                &format!(
-                    "INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
-                     SELECT $1, u.d, u.b, 'charge', u.r
-                       FROM unnest($2::bigint[], $3::bigint[], $4::text[]) WITH ORDINALITY AS u(d, b, r, n)
-                      ORDER BY u.n
-                     RETURNING {MOVEMENT_COLUMNS}"
-                ),
-                &[&account_id, &deltas, &afters, &reasons],
-            )
+        // The balance write and the ledger rows in one statement (one round trip).
+        let write = tx
+            .prepare_cached(&format!(
+                "WITH acct AS (UPDATE accounts SET credit_balance = $5 WHERE id = $1)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
+                 SELECT $1, u.d, u.b, 'charge', u.r
+                   FROM unnest($2::bigint[], $3::bigint[], $4::text[]) WITH ORDINALITY AS u(d, b, r, n)
+                  ORDER BY u.n
+                 RETURNING {MOVEMENT_COLUMNS}"
+            ))
             .await?;
-        tx.execute(
-            "UPDATE accounts SET credit_balance = $2 WHERE id = $1",
-            &[&account_id, &balance],
-        )
-        .await?;
+        rows = tx
+            .query(&write, &[&account_id, &deltas, &afters, &reasons, &balance])
+            .await?;
     }
     tx.commit().await?;
     // Ledger ids follow insertion order; pair them back up with the accepted requests.
-    let mut sorted: Vec<Movement> = rows.iter().map(movement).collect();
+    let mut sorted: Vec<Movement> = rows.iter().map(|r| ledger::counted(movement(r))).collect();
     sorted.sort_by_key(|m| m.id);
     let mut accepted = sorted.into_iter();
     Ok(decisions

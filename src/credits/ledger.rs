@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Grant,
@@ -47,13 +47,16 @@ impl Kind {
 }
 
 /// One ledger row as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Movement {
     pub id: i64,
+    #[schema(value_type = String, example = "ledger_entry")]
     pub object: &'static str,
     pub account_id: Uuid,
+    /// Credits added (positive) or taken (negative).
     pub delta: i64,
     pub balance_after: i64,
+    #[schema(value_type = Kind)]
     pub kind: String,
     pub reason: Option<String>,
     pub job_id: Option<Uuid>,
@@ -78,6 +81,15 @@ pub fn movement(row: &tokio_postgres::Row) -> Movement {
         stripe_event_id: row.get(8),
         created_at: row.get(9),
     }
+}
+
+/// Counts a movement that was just written in the metrics (`crate::metrics::credits_moved`
+/// says when that over-counts).
+pub(crate) fn counted(m: Movement) -> Movement {
+    if let Some(kind) = Kind::parse(&m.kind) {
+        crate::metrics::credits_moved(kind, m.delta);
+    }
+    m
 }
 
 /// Adds `amount` (> 0) credits of `kind` (grant or purchase). Returns the new balance.
@@ -107,9 +119,20 @@ pub async fn credit(
             ),
             &[&account_id, &amount, &kind.as_str(), &reason, &stripe_event_id],
         )
-        .await?
+        .await
+        .map_err(|e| {
+            // A bigint balance cannot grow past 2^63 − 1; the client asked for it, so 422.
+            if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+                ApiError::validation(
+                    "amount",
+                    "This would take the balance past the largest one an account can hold.",
+                )
+            } else {
+                ApiError::from(e)
+            }
+        })?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-    Ok(movement(&row))
+    Ok(counted(movement(&row)))
 }
 
 /// An operator's grant (amount > 0) or adjustment (amount < 0). An adjustment that would take
@@ -138,7 +161,7 @@ pub async fn adjust(
         )
         .await?;
     match row {
-        Some(r) => Ok(movement(&r)),
+        Some(r) => Ok(counted(movement(&r))),
         None => {
             let bal = db
                 .query_opt(
@@ -213,7 +236,7 @@ pub async fn charge(
         )
         .await;
     match res {
-        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(Some(row)) => Ok(Once::Done(counted(movement(&row)))),
         Ok(None) => {
             let row = db
                 .query_opt(
@@ -295,7 +318,7 @@ pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Resu
         )
         .await;
     match res {
-        Ok(Some(row)) => Ok(Once::Done(movement(&row))),
+        Ok(Some(row)) => Ok(Once::Done(counted(movement(&row)))),
         Ok(None) => Ok(Once::AlreadyDone),
         Err(e) if is_unique_violation(&e, "credit_ledger_one_refund_per_job") => {
             Ok(Once::AlreadyDone)
@@ -336,5 +359,5 @@ pub async fn clawback(
         )
         .await?
         .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-    Ok(movement(&row))
+    Ok(counted(movement(&row)))
 }

@@ -48,8 +48,9 @@ pub async fn list(
     Ok(rows.iter().map(movement).collect())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageBucket {
+    /// The start of the day or hour (UTC).
     pub start: DateTime<Utc>,
     /// Credits charged in the bucket.
     pub charged: i64,
@@ -57,7 +58,9 @@ pub struct UsageBucket {
     pub refunded: i64,
     /// charged − refunded: what the bucket really cost.
     pub net: i64,
+    /// Number of charges in the bucket.
     pub charges: i64,
+    /// Number of refunds in the bucket.
     pub refunds: i64,
 }
 
@@ -97,6 +100,27 @@ pub async fn usage(
             }
         })
         .collect())
+}
+
+/// The OpenAPI schema of what [`parse_time`] accepts: a date or an RFC 3339 date-time.
+pub fn time_param_schema() -> utoipa::openapi::schema::Schema {
+    use utoipa::openapi::schema::{
+        KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+    };
+    let string = |format| {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+    };
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .description(Some(
+                "A date (`2026-11-23`, meaning midnight UTC) or an RFC 3339 time.",
+            ))
+            .item(string(KnownFormat::Date))
+            .item(string(KnownFormat::DateTime))
+            .build(),
+    )
 }
 
 /// `2026-11-23` (midnight UTC) or an RFC 3339 time.

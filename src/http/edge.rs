@@ -152,6 +152,12 @@ pub async fn edge(
         .request()
         .match_pattern()
         .unwrap_or_else(|| "unmatched".to_owned());
+    crate::metrics::observe_request(
+        &route,
+        res.request().method(),
+        res.status(),
+        started.elapsed(),
+    );
     span.record("route", route.as_str());
     span.record("status", status);
     span.record("latency_ms", latency_ms);

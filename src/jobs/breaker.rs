@@ -28,6 +28,8 @@ use failsafe::failure_policy::{
 use failsafe::{Instrument, StateMachine};
 use serde::Serialize;
 
+use crate::metrics;
+
 /// Tuning, from configuration (`KEYMETER_BREAKER_*`).
 #[derive(Debug, Clone)]
 pub struct BreakerSettings {
@@ -105,8 +107,24 @@ struct Watch {
     state: Arc<AtomicU8>,
 }
 
+fn metric_kind(kind: Kind) -> metrics::BreakerKind {
+    match kind {
+        Kind::Provider => metrics::BreakerKind::Provider,
+        Kind::Host => metrics::BreakerKind::Host,
+    }
+}
+
 impl Watch {
     fn set(&self, state: State) {
+        metrics::set_breaker_state(
+            metric_kind(self.kind),
+            &self.name,
+            match state {
+                State::Closed => metrics::BreakerState::Closed,
+                State::HalfOpen => metrics::BreakerState::HalfOpen,
+                State::Open => metrics::BreakerState::Open,
+            },
+        );
         let before = State::from_u8(self.state.swap(state as u8, Ordering::AcqRel));
         if before != state {
             tracing::info!(
@@ -360,6 +378,7 @@ impl Breakers {
     }
 
     fn refused(&self, b: &Breaker) -> Refused {
+        metrics::breaker_rejected(metric_kind(b.kind));
         Refused {
             kind: b.kind,
             name: b.name.to_string(),

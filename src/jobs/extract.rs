@@ -36,12 +36,14 @@ use html5ever::tendril::{StrTendril, TendrilSink};
 use scraper::{ElementRef, Html, HtmlTreeSink, Node};
 use serde::{Deserialize, Serialize};
 use url::Url;
+use utoipa::ToSchema;
 
 use super::fetch::Fetched;
 
 /// The formats a job can ask for (`"formats": ["metadata", "markdown"]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = JobFormat)]
 pub enum Format {
     Metadata,
     Text,
@@ -74,29 +76,44 @@ impl Default for ExtractLimits {
 }
 
 /// A job's result: one field per requested format, the others absent from the JSON.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(
+    as = JobResult,
+    description = "A succeeded job's result: one member per requested format, the others \
+        absent (never `null`). `text` is the readable text; `markdown` the page as Markdown with \
+        absolute links; `links` the absolute http(s) links of `<a href>`/`<area href>`, without \
+        fragments, each once, in document order; `html` the raw HTML, cut at 2 MiB \
+        (`html_truncated: true` then). `partial: true`: the page took too long to parse and \
+        the formats cover only its beginning. Both flags are absent when false."
+)]
 pub struct Extracted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Metadata)]
     pub metadata: Option<Metadata>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub markdown: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Vec<String>)]
     pub links: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String)]
     pub html: Option<String>,
-    /// `html` was cut at [`ExtractLimits::max_html_bytes`].
+    /// `html` was cut at the size cap (2 MiB by default).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub html_truncated: bool,
-    /// The page took longer than [`ExtractLimits::parse_budget`] to parse: the other formats
-    /// cover only its beginning, and `markdown` is the readable text.
+    /// The page took longer than the parse time budget: the other formats cover only its
+    /// beginning, and `markdown` is the readable text.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
 }
 
 /// What the page says about itself. Absent values are `null`, so every key is always there.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(as = PageMetadata)]
 pub struct Metadata {
     /// The final URL, after redirects.
     pub url: String,
@@ -114,7 +131,7 @@ pub struct Metadata {
 }
 
 /// `<meta property="og:…">`; `image` and `url` made absolute.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OpenGraph {
     pub title: Option<String>,
     pub description: Option<String>,

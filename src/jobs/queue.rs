@@ -16,10 +16,12 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool, Transaction};
 use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::credits::ledger;
 use crate::error::ApiError;
+use crate::jobs::extract::{Extracted, Format};
 use crate::ratelimit::tiers::Tiers;
 
 /// NOTIFY channel: `queued` (wake workers) and `done:<job id>` (wake a waiting request).
@@ -31,10 +33,47 @@ const CLAIM_LOCK_NAMESPACE: i32 = 0x6b6d_6a62; // "kmjb"
 
 pub const STATUSES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `sync`: `POST /v1/scrape`, which waits for the job; `async`: `POST /v1/jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ToSchema)]
+#[schema(as = JobMode, rename_all = "lowercase")]
 pub enum Mode {
     Sync,
     Async,
+}
+
+/// A job's status: `queued` → `running` → `succeeded` or `failed`; a queued job may be
+/// `cancelled`. The last three are final.
+// Only describes the values of `Job::status` (see [`STATUSES`]).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Why a job did not succeed.
+// `Job::error` as [`finalize`] writes it; this type only describes that JSON.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct JobError {
+    /// Why, as a stable slug: `timeout` (the job's `timeout_ms` ran out, in the queue or
+    /// running), `server_error` (5xx), `rate_limited` (429), `blocked` (401, 403, 407, 451),
+    /// `unexpected_status` (any other status but 2xx, 404, 410), `dns`, `connect`, `tls`,
+    /// `network`, `too_many_redirects`, `not_allowed` (a redirect to a refused address),
+    /// `invalid_url`, `invalid_request`, `circuit_open` (the host's or the egress provider's
+    /// breaker opened while the job waited), `extraction_failed`, `worker_lost` (its worker
+    /// died three times), `cancelled`.
+    #[schema(examples("timeout", "server_error", "cancelled"))]
+    reason: String,
+    /// What happened, for people.
+    detail: String,
+    /// The upstream's HTTP status when it answered; `null` when it did not. Absent on a
+    /// cancelled job.
+    upstream_status: Option<u16>,
 }
 
 impl Mode {
@@ -62,37 +101,64 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
 }
 
-/// Durations of a job's phases, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+/// Durations of a job's phases, in milliseconds (`null` until the phase has ended).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = JobTimings)]
 pub struct Timings {
+    /// From creation to the first start.
+    #[schema(required = true, minimum = 0)]
     pub queued_ms: Option<i64>,
+    /// From the first start to the end.
+    #[schema(required = true, minimum = 0)]
     pub run_ms: Option<i64>,
+    /// From creation to the end.
+    #[schema(required = true, minimum = 0)]
     pub total_ms: Option<i64>,
 }
 
 /// A job as customers see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Job {
+    #[schema(value_type = String, example = "job")]
     pub object: &'static str,
     pub id: Uuid,
     #[serde(skip)]
     pub account_id: Uuid,
+    #[schema(value_type = JobStatus)]
     pub status: String,
+    #[schema(value_type = Mode)]
     pub mode: String,
+    /// The URL as given (normalized).
     pub url: String,
+    /// The requested formats, each once.
+    #[schema(value_type = Vec<Format>)]
     pub formats: Vec<String>,
+    #[schema(minimum = 100, maximum = 60000)]
     pub timeout_ms: i32,
+    /// Where the job's end is POSTed (`POST /v1/jobs` only).
+    #[schema(required = true)]
     pub webhook_url: Option<String>,
+    /// Credits: the sum of the tier's price per format.
+    #[schema(minimum = 0)]
     pub cost: i64,
     /// The cost was taken from the balance (at creation).
     pub charged: bool,
     /// …and given back (the job failed, timed out or was cancelled).
     pub refunded: bool,
+    /// How many times a worker started it (more than 1 when a worker died mid-job).
+    #[schema(minimum = 0)]
     pub attempts: i32,
+    /// The requested formats, once the job has succeeded; `null` before, after a failure,
+    /// and always in `GET /v1/jobs` (fetch the job for it).
+    #[schema(required = true, value_type = Option<Extracted>)]
     pub result: Option<Value>,
+    /// Why the job failed or was cancelled; `null` otherwise.
+    #[schema(required = true, value_type = Option<JobError>)]
     pub error: Option<Value>,
     pub created_at: DateTime<Utc>,
+    #[schema(required = true)]
     pub started_at: Option<DateTime<Utc>>,
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     pub timings: Timings,
 }
@@ -211,6 +277,7 @@ pub async fn create(tx: &Transaction<'_>, new: &NewJob, max_queued: i64) -> Resu
     .await?;
     tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
         .await?;
+    crate::metrics::jobs().transition("queued");
     Ok(())
 }
 
@@ -239,6 +306,7 @@ async fn get_any(db: &impl GenericClient, id: Uuid) -> Result<Option<Job>, ApiEr
 }
 
 /// An account's jobs, newest first, `limit + 1` rows (for [`crate::pagination::Page`]).
+/// Without their `result` (up to megabytes each): `GET /v1/jobs/{id}` has it.
 pub async fn list(
     db: &impl GenericClient,
     account_id: Uuid,
@@ -250,10 +318,11 @@ pub async fn list(
         Some((at, id)) => (Some(at), Some(id)),
         None => (None, None),
     };
+    let columns = JOB_COLUMNS.replace("j.result,", "NULL::jsonb AS result,");
     let rows = db
         .query(
             &format!(
-                "SELECT {JOB_COLUMNS} FROM jobs j
+                "SELECT {columns} FROM jobs j
                   WHERE j.account_id = $1
                     AND ($2::text IS NULL OR j.status = $2)
                     AND ($3::timestamptz IS NULL OR (j.created_at, j.id) < ($3, $4))
@@ -361,6 +430,7 @@ pub async fn finalize(
     let Some(row) = updated else {
         return Ok(None);
     };
+    crate::metrics::jobs().transition(end.status());
     let webhook_url: Option<String> = row.get(0);
     if !matches!(end, End::Succeeded { .. }) {
         let reason = match end {
@@ -549,25 +619,28 @@ pub async fn claim(
     let id: Uuid = candidate.get(0);
     let account_id: Uuid = candidate.get(1);
     let max_running: i64 = candidate.get(2);
-    // Wait for, rather than skip, a concurrent claim for the same account: it holds the lock
-    // for a few milliseconds. A worker that gave up here went back to sleep until the next
-    // notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still queued, so a
-    // burst of jobs for one account ran one claim at a time. No deadlock: the other claimer
-    // holds a different job row (SKIP LOCKED) and never waits for ours.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-        &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
-    )
-    .await?;
-    let running: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
-            &[&account_id],
+    // An unlimited tier has no slot to race for: claims for it need no per-account lock.
+    if max_running < i64::MAX {
+        // Wait for, rather than skip, a concurrent claim for the same account: it holds the
+        // lock for a few milliseconds. A worker that gave up here went back to sleep until
+        // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still
+        // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
+        // the other claimer holds a different job row (SKIP LOCKED) and never waits for ours.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+            &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
         )
-        .await?
-        .get(0);
-    if running >= max_running {
-        return Ok(None);
+        .await?;
+        let running: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
+                &[&account_id],
+            )
+            .await?
+            .get(0);
+        if running >= max_running {
+            return Ok(None);
+        }
     }
     let row = tx
         .query_one(
@@ -580,6 +653,7 @@ pub async fn claim(
         )
         .await?;
     tx.commit().await?;
+    crate::metrics::jobs().transition("running");
     let headers: Option<Value> = row.get(4);
     let headers: Vec<(String, String)> = headers
         .and_then(|v| serde_json::from_value(v).ok())
@@ -703,6 +777,26 @@ pub async fn reap(db: &Pool) -> Result<Reaped, ApiError> {
         finalize(&tx, id, &end, Fence::From(fence)).await?;
         tx.commit().await?;
     }
+}
+
+/// Deletes finished jobs (and their webhook deliveries) older than `retention`, a batch at
+/// a time. The ledger keeps their money movements: it refers to jobs by id only.
+pub async fn purge(db: &Pool, retention: Duration) -> Result<u64, ApiError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "WITH old AS (
+                 SELECT id FROM jobs
+                  WHERE status IN ('succeeded', 'failed', 'cancelled')
+                    AND finished_at < now() - make_interval(secs => $1)
+                  LIMIT 1000
+                  FOR UPDATE SKIP LOCKED),
+             hooks AS (DELETE FROM job_webhooks WHERE job_id IN (SELECT id FROM old))
+             DELETE FROM jobs WHERE id IN (SELECT id FROM old)",
+            &[&retention.as_secs_f64()],
+        )
+        .await?;
+    Ok(n)
 }
 
 /// Counts of jobs by status, for operators and metrics.

@@ -30,6 +30,7 @@ pub struct JobSettings {
     pub lease: Duration,
     /// How often idle workers look at the queue without being woken.
     pub poll: Duration,
+    pub retention: Duration,
     pub extract: ExtractLimits,
 }
 
@@ -157,10 +158,16 @@ impl Jobs {
                 }
             }
         }
+        let outcome = match &end {
+            End::Succeeded { .. } => "succeeded",
+            End::Failed { .. } => "failed",
+            End::Cancelled => "cancelled",
+        };
+        crate::metrics::jobs().finished(outcome, started.elapsed());
         tracing::info!(
             job_id = %job.id,
             attempt = job.attempt,
-            outcome = match &end { End::Succeeded { .. } => "succeeded", End::Failed { .. } => "failed", End::Cancelled => "cancelled" },
+            outcome,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "job finished"
         );
@@ -270,11 +277,21 @@ impl Jobs {
         }
     }
 
-    /// Re-queues expired leases and fails dead or expired jobs, every few seconds.
+    /// Re-queues expired leases and fails dead or expired jobs, every few seconds; deletes
+    /// jobs past their retention every ten minutes.
     pub async fn run_reaper(self: Arc<Self>, db: Pool, stop: CancellationToken) {
         let every =
             (self.settings.lease / 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
+        let mut last_purge = Instant::now();
         loop {
+            if last_purge.elapsed() >= Duration::from_secs(600) {
+                last_purge = Instant::now();
+                match queue::purge(&db, self.settings.retention).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(jobs = n, "deleted jobs past their retention"),
+                    Err(e) => tracing::warn!(error = %e, "job retention pass failed"),
+                }
+            }
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
                 () = stop.cancelled() => return,

@@ -13,6 +13,7 @@ use actix_web::{web, HttpMessage};
 
 use crate::auth::extractor::presented_key;
 use crate::error::ApiError;
+use crate::metrics::{self, Limit};
 use crate::startup::AppState;
 
 fn state_of(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
@@ -35,6 +36,7 @@ pub async fn keyed(
     };
     let ip = state.limits.client_ip(req.request());
     if let Some(wait) = ip.and_then(|ip| state.limits.ip_blocked(ip)) {
+        metrics::rate_limited(Limit::AuthFailures);
         return Ok(refuse(
             req,
             ApiError::RateLimited {
@@ -62,6 +64,7 @@ pub async fn keyed(
         Err(e) => return Ok(refuse(req, e)),
     };
     if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
+        metrics::rate_limited(Limit::Tier(&tier.name));
         let detail = format!(
             "The {} tier allows {} requests per minute (burst {}).",
             tier.name, tier.requests_per_minute, tier.burst
@@ -97,6 +100,7 @@ pub async fn public(
     };
     let d = state.limits.check_ip(ip);
     if !d.allowed {
+        metrics::rate_limited(Limit::Ip);
         let mut res = refuse(
             req,
             ApiError::RateLimited {

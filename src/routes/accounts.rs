@@ -1,28 +1,69 @@
 //! Self-serve accounts: signup, login, and the account a key belongs to.
 
 use actix_web::{web, HttpRequest, HttpResponse};
+use std::collections::BTreeMap;
+
 use chrono::{Duration, Utc};
 use secrecy::SecretString;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::accounts::password::{self, Password};
-use crate::accounts::{self, login, Email, NewAccount};
-use crate::auth::keys::{self, KeySpec};
+use crate::accounts::{self, login, Account, Email, NewAccount};
+use crate::auth::keys::{self, CreatedKey, KeySpec};
 use crate::auth::{Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::ratelimit::tiers::{Tier, DEFAULT_TIER};
 use crate::startup::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
+    /// An address like `name@example.com` (at most 254 characters).
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
+    /// 8 to 128 characters.
+    #[schema(value_type = String, format = Password, min_length = 8, max_length = 128)]
     password: SecretString,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct SignupResponse {
+    account: Account,
+    /// The account's first key, with every scope. Shown only here.
+    api_key: CreatedKey,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LoginResponse {
+    /// A key with `keys:manage` and `read` that expires in 12 hours.
+    api_key: CreatedKey,
 }
 
 /// `POST /v1/signup`: an account on the default tier with the configured starting credits,
 /// and its first key (all scopes) — the only time that key is shown.
+#[utoipa::path(
+    post,
+    path = "/v1/signup",
+    operation_id = "signup",
+    tag = "accounts",
+    summary = "Create an account",
+    description = "An account on the `free` tier with the server's starting credits, and its \
+        first key (all scopes) — the only time that key is shown. Limited per client IP.",
+    request_body = Credentials,
+    responses(
+        (status = 201, description = "The account and its first key.", body = SignupResponse),
+        (status = 400, description = "`invalid_json`: the body is not JSON; `invalid_request`: \
+            it could not be read."),
+        (status = 404, description = "`feature_disabled`: self-serve signup is off on this server."),
+        (status = 409, description = "`email_taken`: an account with this email exists."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`: send `Content-Type: application/json`."),
+        (status = 422, description = "`validation_failed`: a bad email or password, an unknown \
+            field, or a field of the wrong type (`field` names it when known)."),
+    ),
+    extensions(("x-rate-limit" = json!("ip"))),
+)]
 #[tracing::instrument(name = "signup", skip_all)]
 pub async fn signup(
     state: web::Data<AppState>,
@@ -53,11 +94,36 @@ pub async fn signup(
     .await?;
     tx.commit().await?;
     tracing::info!(account_id = %account.id, key_id = %key.view.id, "account created");
-    Ok(HttpResponse::Created().json(json!({ "account": account, "api_key": key })))
+    Ok(HttpResponse::Created().json(SignupResponse {
+        account,
+        api_key: key,
+    }))
 }
 
 /// `POST /v1/login`: a new 12-hour key with `keys:manage` and `read`, for the dashboard or
 /// CLI to manage the account's keys with.
+#[utoipa::path(
+    post,
+    path = "/v1/login",
+    operation_id = "login",
+    tag = "accounts",
+    summary = "Log in with email and password",
+    description = "A new key with `keys:manage` and `read` that expires in 12 hours. Five \
+        failures lock the email for 15 minutes. Limited per client IP.",
+    request_body = Credentials,
+    responses(
+        (status = 201, description = "A 12-hour key.", body = LoginResponse),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 401, description = "`invalid_credentials`: wrong email or password (the same \
+            answer for an unknown email or a suspended account)."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: a malformed email, an unknown field, \
+            or a field of the wrong type."),
+        (status = 429, description = "`rate_limited`: too many failed logins for this email."),
+    ),
+    extensions(("x-rate-limit" = json!("ip"))),
+)]
 #[tracing::instrument(name = "login", skip_all)]
 pub async fn login(
     state: web::Data<AppState>,
@@ -98,40 +164,89 @@ pub async fn login(
     };
     let key = keys::insert(&tx, account_id, &spec).await?;
     tx.commit().await?;
-    Ok(HttpResponse::Created().json(json!({ "api_key": key })))
+    Ok(HttpResponse::Created().json(LoginResponse { api_key: key }))
 }
 
-pub fn limits_json(tier: &Tier) -> serde_json::Value {
-    if tier.unlimited {
-        return json!({ "unlimited": true, "prices": tier.prices });
+/// The limits of the account's tier.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum TierLimits {
+    Limited {
+        requests_per_minute: u32,
+        burst: u32,
+        max_concurrent_jobs: u32,
+        max_queued_jobs: u32,
+        /// Credits per job format.
+        prices: BTreeMap<String, i64>,
+    },
+    /// The `internal` tier: no request or job limits at all.
+    Unlimited {
+        unlimited: bool,
+        /// Credits per job format.
+        prices: BTreeMap<String, i64>,
+    },
+}
+
+impl TierLimits {
+    pub fn of(tier: &Tier) -> TierLimits {
+        if tier.unlimited {
+            return TierLimits::Unlimited {
+                unlimited: true,
+                prices: tier.prices.clone(),
+            };
+        }
+        TierLimits::Limited {
+            requests_per_minute: tier.requests_per_minute,
+            burst: tier.burst,
+            max_concurrent_jobs: tier.max_concurrent_jobs,
+            max_queued_jobs: tier.max_queued_jobs,
+            prices: tier.prices.clone(),
+        }
     }
-    json!({
-        "requests_per_minute": tier.requests_per_minute,
-        "burst": tier.burst,
-        "max_concurrent_jobs": tier.max_concurrent_jobs,
-        "max_queued_jobs": tier.max_queued_jobs,
-        "prices": tier.prices,
-    })
+}
+
+/// The account, with its tier's limits.
+#[derive(Serialize, ToSchema)]
+pub struct AccountWithLimits {
+    #[serde(flatten)]
+    account: Account,
+    limits: TierLimits,
+    /// Verifies the `Keymeter-Signature` header of this account's job webhooks; `null`
+    /// while the server has job webhooks off.
+    webhook_secret: Option<String>,
 }
 
 /// `GET /v1/account` (`read`).
+#[utoipa::path(
+    get,
+    path = "/v1/account",
+    operation_id = "get_account",
+    tag = "accounts",
+    summary = "The account this key belongs to",
+    responses(
+        (status = 200, description = "The account and its tier's limits.", body = AccountWithLimits),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn get_account(
     state: web::Data<AppState>,
     caller: Authenticated,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
-    let client = state.db.get().await?;
-    let account = accounts::get(&client, caller.account_id)
+    let account = state
+        .account_reads
+        .get(&state.db, caller.account_id)
         .await?
         .ok_or_else(accounts::not_found)?;
-    let tier = state.tiers.get_or_default(&account.tier);
-    let mut body = serde_json::to_value(&account).map_err(anyhow::Error::from)?;
-    body["limits"] = limits_json(tier);
+    let limits = TierLimits::of(state.tiers.get_or_default(&account.tier));
     // Verifies the `Keymeter-Signature` of this account's job webhooks (null while off).
-    body["webhook_secret"] = state
+    let webhook_secret = state
         .jobs
         .webhooks
-        .secret(account.id, account.webhook_secret_version)
-        .into();
-    Ok(HttpResponse::Ok().json(body))
+        .secret(account.id, account.webhook_secret_version);
+    Ok(HttpResponse::Ok().json(AccountWithLimits {
+        account,
+        limits,
+        webhook_secret,
+    }))
 }

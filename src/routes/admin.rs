@@ -3,14 +3,16 @@
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::accounts;
+use crate::accounts::{self, Account};
 use crate::admin;
 use crate::auth::admin::AdminToken;
-use crate::auth::keys::KeySpec;
+use crate::auth::keys::{CreatedKey, KeySpec, KeyView};
+use crate::auth::Scope;
+use crate::credits::Movement;
 use crate::error::{ApiError, ApiResult};
 use crate::startup::AppState;
 
@@ -19,15 +21,50 @@ fn account_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::NotFound("No account with that id.".into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AdminNewAccount)]
 pub struct CreateAccount {
+    #[schema(example = "ada@example.com", format = Email, max_length = 254)]
     email: String,
+    /// A configured tier (default `free`).
     tier: Option<String>,
+    /// Starting credits, recorded as a `grant` (default 0).
     #[serde(default)]
+    #[schema(minimum = 0)]
     credits: i64,
 }
 
+/// What `keymeter admin create-account --json` prints, plus the account.
+#[derive(Serialize, ToSchema)]
+pub struct AdminCreatedAccount {
+    account_id: Uuid,
+    /// The account's first key (all scopes). Shown only here.
+    #[schema(example = "km_live_a1B2c3D4e5F6_…")]
+    api_key: String,
+    account: Account,
+}
+
+const ID: &str = "The account id (a UUID).";
+
+#[utoipa::path(
+    post,
+    path = "/admin/accounts",
+    operation_id = "admin_create_account",
+    tag = "admin",
+    summary = "Create an account",
+    request_body = CreateAccount,
+    responses(
+        (status = 201, description = "The account and its first key.", body = AdminCreatedAccount),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 409, description = "`email_taken`: an account with this email exists."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: a bad email, an unknown tier, \
+            negative credits, or an unknown field."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn create_account(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -43,13 +80,26 @@ pub async fn create_account(
     )
     .await?;
     tracing::info!(account_id = %account.id, "admin: account created");
-    Ok(HttpResponse::Created().json(json!({
-        "account_id": account.id,
-        "api_key": key.key,
-        "account": account,
-    })))
+    Ok(HttpResponse::Created().json(AdminCreatedAccount {
+        account_id: account.id,
+        api_key: key.key,
+        account,
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/admin/accounts/{id}",
+    operation_id = "admin_get_account",
+    tag = "admin",
+    summary = "One account",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 404, description = "`not_found`: no account with that id."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn get_account(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -63,14 +113,43 @@ pub async fn get_account(
     Ok(HttpResponse::Ok().json(account))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = AdminNewKey)]
 pub struct CreateKey {
+    /// 1 to 100 characters, not only spaces, no control characters (default `default`).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: Option<String>,
+    /// At least one scope (default `scrape`, `read`).
+    #[schema(value_type = Option<Vec<Scope>>, min_items = 1)]
     scopes: Option<Vec<String>>,
+    /// When the key stops working; must be in the future.
     expires_at: Option<DateTime<Utc>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/accounts/{id}/keys",
+    operation_id = "admin_create_key",
+    tag = "admin",
+    summary = "Create a key for an account",
+    params(("id" = String, Path, description = ID)),
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 404, description = "`not_found`: no account with that id."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
+            expiry in the past, or an unknown field."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn create_key(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -84,12 +163,33 @@ pub async fn create_key(
     Ok(HttpResponse::Created().json(key))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetTier {
+    /// A configured tier.
+    #[schema(example = "pro")]
     tier: String,
 }
 
+#[utoipa::path(
+    put,
+    path = "/admin/accounts/{id}/tier",
+    operation_id = "admin_set_tier",
+    tag = "admin",
+    summary = "Set an account's tier",
+    description = "Also accepted as `POST`. Takes effect on every instance within a second.",
+    params(("id" = String, Path, description = ID)),
+    request_body = SetTier,
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 404, description = "`not_found`: no account with that id."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: an unknown tier or field."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn set_tier(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -102,6 +202,49 @@ pub async fn set_tier(
     Ok(HttpResponse::Ok().json(a))
 }
 
+/// `POST /admin/accounts/{id}/tier`: the same as `PUT`, for clients that only `POST`.
+#[utoipa::path(
+    post,
+    path = "/admin/accounts/{id}/tier",
+    operation_id = "admin_set_tier_post",
+    tag = "admin",
+    summary = "Set an account's tier (POST form)",
+    description = "The same as `PUT /admin/accounts/{id}/tier`.",
+    params(("id" = String, Path, description = ID)),
+    request_body = SetTier,
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 404, description = "`not_found`: no account with that id."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: an unknown tier or field."),
+    ),
+    security(("AdminToken" = [])),
+)]
+pub async fn set_tier_post(
+    token: AdminToken,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<SetTier>,
+) -> ApiResult<HttpResponse> {
+    set_tier(token, state, path, body).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/admin/accounts/{id}/suspend",
+    operation_id = "admin_suspend",
+    tag = "admin",
+    summary = "Suspend an account",
+    description = "Its keys are refused (401) on every instance within a second.",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 404, description = "`not_found`: no account with that id."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn suspend(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -113,6 +256,19 @@ pub async fn suspend(
     Ok(HttpResponse::Ok().json(a))
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/accounts/{id}/unsuspend",
+    operation_id = "admin_unsuspend",
+    tag = "admin",
+    summary = "Reactivate a suspended account",
+    params(("id" = String, Path, description = ID)),
+    responses(
+        (status = 200, description = "The account.", body = Account),
+        (status = 404, description = "`not_found`: no account with that id."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn unsuspend(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -124,6 +280,19 @@ pub async fn unsuspend(
     Ok(HttpResponse::Ok().json(a))
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/keys/{id}/revoke",
+    operation_id = "admin_revoke_key",
+    tag = "admin",
+    summary = "Revoke any account's key",
+    params(("id" = String, Path, description = "The key id (12 characters).")),
+    responses(
+        (status = 200, description = "The revoked key.", body = KeyView),
+        (status = 404, description = "`not_found`: no key with that id."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn revoke_key(
     _: AdminToken,
     state: web::Data<AppState>,
@@ -134,13 +303,41 @@ pub async fn revoke_key(
     Ok(HttpResponse::Ok().json(k))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
+    /// Positive: a `grant`; negative: an `adjustment`, refused if it would take the balance
+    /// below zero. Not zero.
+    #[schema(example = 100)]
     amount: i64,
+    /// 1 to 500 characters (not only spaces, no NUL), kept on the ledger entry.
+    #[schema(
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\x00]*[^\s\x00][^\x00]*$"
+    )]
     reason: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/admin/accounts/{id}/credits",
+    operation_id = "admin_grant_credits",
+    tag = "admin",
+    summary = "Grant or adjust credits",
+    params(("id" = String, Path, description = ID)),
+    request_body = Grant,
+    responses(
+        (status = 201, description = "The ledger entry.", body = Movement),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 404, description = "`not_found`: no account with that id."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: a zero amount, a bad reason, an \
+            adjustment below zero, a balance past 2^63 − 1, or an unknown field."),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn grant_credits(
     _: AdminToken,
     state: web::Data<AppState>,

@@ -1,9 +1,9 @@
 //! `/v1/billing`: buying credits and plans through Stripe Checkout, and Stripe's webhook.
 
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
-use serde_json::json;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::auth::{Authenticated, Scope};
 use crate::billing::events::{self, Processed};
@@ -11,21 +11,73 @@ use crate::billing::signature;
 use crate::billing::{self, CheckoutRequest, Item};
 use crate::error::{ApiError, ApiResult};
 use crate::idempotency::{self, Start};
+use crate::metrics;
 use crate::startup::AppState;
 
-#[derive(Deserialize)]
+/// Name exactly one of `pack` or `plan`.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Checkout)]
 struct CheckoutBody {
+    /// A credit pack configured on this server (`KEYMETER_CREDIT_PACKS`).
     pack: Option<String>,
+    /// A plan configured on this server (`KEYMETER_PLANS`).
     plan: Option<String>,
+    /// Where Stripe sends the customer after paying: an absolute http(s) URL.
+    #[schema(max_length = 2048, example = "https://example.com/paid")]
     success_url: String,
+    /// Where Stripe sends the customer on cancel: an absolute http(s) URL.
+    #[schema(max_length = 2048, example = "https://example.com/cancelled")]
     cancel_url: String,
+}
+
+/// A Stripe Checkout Session to send the customer to.
+#[derive(Serialize, ToSchema)]
+pub struct CheckoutSession {
+    #[schema(value_type = String, example = "checkout_session")]
+    object: &'static str,
+    /// Stripe's session id.
+    id: String,
+    /// The page to send the customer to.
+    url: Option<String>,
+}
+
+/// What the webhook answers Stripe.
+#[derive(Serialize, ToSchema)]
+pub struct WebhookAck {
+    received: bool,
+    /// Present (true) when this event was already processed; nothing changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
+    /// What processing did (`credits_purchased`, `plan_period_paid`, `tier_set`, `ignored`,
+    /// `unmatched`, …), for a first delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'static str>,
+}
+
+/// A Stripe event, as Stripe sends it (only the members keymeter reads are listed).
+#[derive(ToSchema)]
+#[allow(dead_code)] // Only describes the body; the raw bytes are verified, then parsed.
+pub struct StripeEvent {
+    #[schema(example = "evt_1")]
+    id: String,
+    #[schema(rename = "type", example = "checkout.session.completed")]
+    kind: String,
+    /// Unix time of the event.
+    created: i64,
+    data: StripeEventData,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct StripeEventData {
+    object: serde_json::Map<String, serde_json::Value>,
 }
 
 fn check_url(field: &'static str, u: &str) -> Result<(), ApiError> {
     let ok = (u.starts_with("https://") || u.starts_with("http://"))
         && u.len() <= 2048
-        && !u.contains(char::is_whitespace);
+        && !u.contains(|c: char| c.is_whitespace() || c.is_control());
     if ok {
         Ok(())
     } else {
@@ -37,6 +89,31 @@ fn check_url(field: &'static str, u: &str) -> Result<(), ApiError> {
 }
 
 /// `POST /v1/billing/checkout` (`billing`) {pack | plan, success_url, cancel_url} → `{id, url}`.
+#[utoipa::path(
+    post,
+    path = "/v1/billing/checkout",
+    operation_id = "create_checkout",
+    tag = "billing",
+    summary = "Buy a credit pack or a plan",
+    description = "Opens a Stripe Checkout Session; send the customer to its `url`. Credits \
+        arrive through Stripe's webhook once paid. Honours `Idempotency-Key`.",
+    params(("Idempotency-Key" = Option<String>, Header, description = crate::openapi::IDEMPOTENCY_KEY)),
+    request_body = CheckoutBody,
+    responses(
+        (status = 201, description = "The Checkout Session.", body = CheckoutSession),
+        (status = 400, description = "`invalid_json`: the body is not JSON; \
+            `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
+            be read."),
+        (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
+        (status = 409, description = "`idempotency_conflict`: a request with this \
+            `Idempotency-Key` is still running."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 422, description = "`validation_failed`: an unknown pack or plan, both or \
+            neither, a bad URL, or an unknown field; `idempotency_key_reused`."),
+        (status = 503, description = "`payment_provider_unavailable`: Stripe did not answer; retry."),
+    ),
+    security(("ApiKey" = ["billing"]), ("ApiKeyHeader" = ["billing"])),
+)]
 pub async fn checkout(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -74,11 +151,16 @@ pub async fn checkout(
             },
         )
         .await?;
-        let body = json!({"object": "checkout_session", "id": created.id, "url": created.url});
+        let body = CheckoutSession {
+            object: "checkout_session",
+            id: created.id,
+            url: created.url,
+        };
         if let Some(g) = &guard {
+            let stored = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
             let mut client = state.db.get().await?;
             let tx = client.transaction().await?;
-            g.complete(&tx, StatusCode::CREATED, &body, None).await?;
+            g.complete(&tx, StatusCode::CREATED, &stored, None).await?;
             tx.commit().await?;
         }
         Ok::<_, ApiError>(body)
@@ -96,6 +178,17 @@ pub async fn checkout(
 }
 
 /// `GET /v1/billing` (`read`): plan, tier, Stripe customer, recent purchases.
+#[utoipa::path(
+    get,
+    path = "/v1/billing",
+    operation_id = "billing_summary",
+    tag = "billing",
+    summary = "Plan, tier and purchases",
+    responses(
+        (status = 200, description = "The account's billing state.", body = crate::billing::Summary),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
     let client = state.db.get().await?;
@@ -105,6 +198,27 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
 /// `POST /v1/billing/webhook`: the raw body is verified before anything parses it. A bad
 /// or missing signature is 400 with nothing written; a processing failure is 5xx with
 /// nothing written, so Stripe retries; a duplicate is 200 and changes nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/billing/webhook",
+    operation_id = "stripe_webhook",
+    tag = "billing",
+    summary = "Stripe's webhook",
+    description = "For Stripe, not for API clients: authenticated by `Stripe-Signature` (any \
+        `v1` under any configured secret, 300 s tolerance), not by key. Each event is applied \
+        exactly once; a redelivery answers 200 and changes nothing; a processing failure \
+        answers 5xx so Stripe retries.",
+    params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256>`, as Stripe signs.")),
+    request_body = StripeEvent,
+    responses(
+        (status = 200, description = "Received (and applied, or recognised as a duplicate).", body = WebhookAck),
+        (status = 400, description = "`invalid_signature`: missing, malformed, stale or wrong \
+            signature (nothing is written); `invalid_json`, `invalid_request`: a signed body \
+            that is not a usable event; `bad_request`: the body could not be read."),
+        (status = 404, description = "`feature_disabled`: no webhook secret is configured."),
+        (status = 413, description = "`payload_too_large`"),
+    ),
+)]
 pub async fn webhook(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -124,16 +238,36 @@ pub async fn webhook(
     let now = chrono::Utc::now().timestamp();
     if let Err(e) = signature::verify(header, &body, secrets, now) {
         tracing::warn!(reason = %e, "refused a webhook delivery");
+        metrics::webhook_event("unverified", "bad_signature");
         return Err(ApiError::InvalidSignature);
     }
-    let event: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    match events::process(&state.db, &state.config.billing, &state.tiers, &event).await? {
-        Processed::Duplicate => {
-            Ok(HttpResponse::Ok().json(json!({"received": true, "duplicate": true})))
-        }
-        Processed::Applied(outcome) => {
-            Ok(HttpResponse::Ok().json(json!({"received": true, "outcome": outcome})))
-        }
+    let event: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        metrics::webhook_event("unknown", "invalid");
+        ApiError::InvalidJson(e.to_string())
+    })?;
+    let processed = events::process(&state.db, &state.config.billing, &state.tiers, &event).await;
+    metrics::webhook_event(
+        event
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("unknown"),
+        match &processed {
+            Ok(Processed::Duplicate) => "duplicate",
+            Ok(Processed::Applied(outcome)) => outcome,
+            Err(e) if e.status_code().is_client_error() => "invalid",
+            Err(_) => "error",
+        },
+    );
+    match processed? {
+        Processed::Duplicate => Ok(HttpResponse::Ok().json(WebhookAck {
+            received: true,
+            duplicate: Some(true),
+            outcome: None,
+        })),
+        Processed::Applied(outcome) => Ok(HttpResponse::Ok().json(WebhookAck {
+            received: true,
+            duplicate: None,
+            outcome: Some(outcome),
+        })),
     }
 }

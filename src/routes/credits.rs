@@ -3,20 +3,40 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{Duration, Utc};
-use serde::Deserialize;
-use serde_json::json;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::accounts;
 use crate::auth::{Authenticated, Scope};
-use crate::credits::ledger::{self, ChargeContext, Kind, Once};
-use crate::credits::report::{self, LedgerFilter};
+use crate::credits::ledger::{self, ChargeContext, Kind, Movement, Once};
+use crate::credits::report::{self, LedgerFilter, UsageBucket};
 use crate::error::{ApiError, ApiResult};
 use crate::idempotency::{self, IdempotencyKey, Start};
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
+#[derive(Serialize, ToSchema)]
+pub struct CreditsSummary {
+    #[schema(value_type = String, example = "credits")]
+    object: &'static str,
+    balance: i64,
+    /// The most recent ledger entries, newest first.
+    recent: Vec<Movement>,
+}
+
 /// `GET /v1/credits` (`read`): the balance and the last ten movements.
+#[utoipa::path(
+    get,
+    path = "/v1/credits",
+    operation_id = "credits_summary",
+    tag = "credits",
+    summary = "Balance and recent movements",
+    responses(
+        (status = 200, description = "The balance and the latest ledger entries.", body = CreditsSummary),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
     let client = state.db.get().await?;
@@ -35,24 +55,53 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
         9,
     )
     .await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "credits",
-        "balance": account.credit_balance,
-        "recent": recent,
-    })))
+    Ok(HttpResponse::Ok().json(CreditsSummary {
+        object: "credits",
+        balance: account.credit_balance,
+        recent,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
+    /// Entries per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
+    /// `next_cursor` from the previous page.
+    #[param(pattern = "^-?[0-9]{1,16}_[0-9]{1,18}$")]
     cursor: Option<String>,
+    /// Only entries of this kind.
+    #[param(inline, value_type = Option<Kind>)]
     kind: Option<String>,
+    /// Entries at or after this time: a date (`2026-11-23`, midnight UTC) or an RFC 3339 time.
+    #[param(schema_with = report::time_param_schema)]
     from: Option<String>,
+    /// Entries before this time: a date or an RFC 3339 time.
+    #[param(schema_with = report::time_param_schema)]
     to: Option<String>,
 }
 
 /// `GET /v1/credits/ledger` (`read`): newest first, filtered by kind and time.
+#[utoipa::path(
+    get,
+    path = "/v1/credits/ledger",
+    operation_id = "credits_ledger",
+    tag = "credits",
+    summary = "The ledger, filtered",
+    description = "Every movement of the balance, newest first, cursor-paginated; `from` is \
+        inclusive, `to` exclusive.",
+    params(LedgerQuery),
+    responses(
+        (status = 200, description = "A page of ledger entries.", body = Page<Movement>),
+        (status = 400, description = "`invalid_request`: a malformed query string, an unknown \
+            parameter or a cursor this API did not return."),
+        (status = 422, description = "`validation_failed`: `limit`, `kind`, `from` or `to` is \
+            not acceptable."),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn ledger_page(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -103,16 +152,70 @@ pub async fn ledger_page(
     )
 }
 
-#[derive(Deserialize)]
+/// The width of a usage bucket.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only describes the accepted values of `granularity`.
+pub enum Granularity {
+    Day,
+    Hour,
+}
+
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
+    /// Start: a date (`2026-11-23`) or an RFC 3339 time (default: 30 days before `to`).
+    #[param(schema_with = report::time_param_schema)]
     from: Option<String>,
+    /// End: a date or an RFC 3339 time (default: now).
+    #[param(schema_with = report::time_param_schema)]
     to: Option<String>,
+    /// `day` (default; at most 366 days) or `hour` (at most 31 days).
+    #[param(inline, value_type = Option<Granularity>)]
     granularity: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageTotal {
+    charged: i64,
+    refunded: i64,
+    net: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct UsageReport {
+    #[schema(value_type = String, example = "usage")]
+    object: &'static str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    #[schema(value_type = Granularity)]
+    granularity: String,
+    /// Buckets with any charge or refund, oldest first.
+    data: Vec<UsageBucket>,
+    total: UsageTotal,
 }
 
 /// `GET /v1/usage?from=&to=&granularity=day|hour` (`read`): charges and refunds per bucket.
 /// Defaults to the last 30 days; a range is at most 366 days (day) or 31 days (hour).
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    operation_id = "usage",
+    tag = "credits",
+    summary = "Usage per day or hour",
+    description = "Credits charged and refunded per bucket, with totals. `from` defaults to \
+        30 days before `to`, `to` to now; `from` must be before `to`, and a range is at most \
+        366 days (`day`) or 31 days (`hour`).",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "The usage report.", body = UsageReport),
+        (status = 400, description = "`invalid_request`: a malformed query string or an unknown \
+            parameter."),
+        (status = 422, description = "`validation_failed`: a bad time, granularity or range."),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn usage(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -152,20 +255,29 @@ pub async fn usage(
     let totals = buckets.iter().fold((0i64, 0i64), |acc, b| {
         (acc.0 + b.charged, acc.1 + b.refunded)
     });
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "usage",
-        "from": from,
-        "to": to,
-        "granularity": granularity,
-        "data": buckets,
-        "total": {"charged": totals.0, "refunded": totals.1, "net": totals.0 - totals.1},
-    })))
+    Ok(HttpResponse::Ok().json(UsageReport {
+        object: "usage",
+        from,
+        to,
+        granularity: granularity.to_owned(),
+        data: buckets,
+        total: UsageTotal {
+            charged: totals.0,
+            refunded: totals.1,
+            net: totals.0 - totals.1,
+        },
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Charge)]
 struct ChargeBody {
+    /// Credits to spend, 1 to 1,000,000.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     amount: i64,
+    /// Up to 500 characters (no NUL), kept on the ledger entry.
+    #[schema(max_length = 500, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
 }
 
@@ -174,6 +286,32 @@ pub const MAX_CHARGE: i64 = 1_000_000;
 /// `POST /v1/credits/charge` (`scrape`) {amount, reason?}: spends credits for metered usage.
 /// One statement moves the balance and writes the ledger row; 402 when short. Honours
 /// `Idempotency-Key`: the charge and its stored response commit together.
+#[utoipa::path(
+    post,
+    path = "/v1/credits/charge",
+    operation_id = "charge_credits",
+    tag = "credits",
+    summary = "Spend credits",
+    description = "Spends credits for usage you meter yourself: the balance and the ledger \
+        move together, or not at all. Honours `Idempotency-Key`.",
+    params(("Idempotency-Key" = Option<String>, Header, description = crate::openapi::IDEMPOTENCY_KEY)),
+    request_body = ChargeBody,
+    responses(
+        (status = 201, description = "The ledger entry of the charge.", body = Movement),
+        (status = 400, description = "`invalid_json`: the body is not JSON; \
+            `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
+            be read."),
+        (status = 402, description = "`insufficient_credits`: the balance is below `amount` \
+            (`balance` and `cost` say by how much)."),
+        (status = 409, description = "`idempotency_conflict`: a request with this \
+            `Idempotency-Key` is still running."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 422, description = "`validation_failed`: `amount` or `reason` out of range, \
+            or an unknown field; `idempotency_key_reused`: this `Idempotency-Key` came with \
+            another request."),
+    ),
+    security(("ApiKey" = ["scrape"]), ("ApiKeyHeader" = ["scrape"])),
+)]
 pub async fn charge(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -188,14 +326,15 @@ pub async fn charge(
             format!("amount must be between 1 and {MAX_CHARGE}."),
         ));
     }
+    // PostgreSQL text cannot hold NUL; refused here, it cannot fail a shared group commit.
     if parsed
         .reason
         .as_ref()
-        .is_some_and(|r| r.chars().count() > 500)
+        .is_some_and(|r| r.chars().count() > 500 || r.contains('\0'))
     {
         return Err(ApiError::validation(
             "reason",
-            "reason must be at most 500 characters.",
+            "reason must be at most 500 characters, without NUL characters.",
         ));
     }
     let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {

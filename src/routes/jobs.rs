@@ -17,15 +17,17 @@ use actix_web::http::header::LOCATION;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::Utc;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::idempotency::{self, IdempotencyKey, Start};
+use crate::jobs::breaker::Snapshot;
+use crate::jobs::extract::Format;
 use crate::jobs::fetch::FetchError;
-use crate::jobs::queue::{self, Job, Mode, NewJob};
+use crate::jobs::queue::{self, Job, JobStatus, Mode, NewJob};
 use crate::jobs::CustomerHeaders;
 use crate::pagination::{Page, PageQuery};
 use crate::ratelimit::tiers::JOB_FORMATS;
@@ -37,14 +39,58 @@ pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
 /// How long a waiting request gives the worker past the job's own timeout to record it.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
-#[derive(Deserialize)]
+/// A scrape job to queue.
+// `POST /v1/scrape` reads the same type, and refuses `webhook_url` (see `ScrapeBody`).
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct JobBody {
+#[schema(as = JobRequest)]
+pub struct JobBody {
+    /// The page: an http(s) URL of at most 8 KiB, without `user:password@`. One that
+    /// resolves to a loopback, private, link-local, CGNAT, multicast or unique-local address
+    /// is refused (`422 url_not_allowed`).
+    #[schema(max_length = 8192, format = "uri", examples("https://example.com/"))]
     url: String,
+    /// What to extract (default `["metadata"]`); a repeated format counts once. The job costs
+    /// the sum of the tier's price per format.
+    #[schema(value_type = Option<Vec<Format>>, min_items = 1)]
     formats: Option<Vec<String>>,
+    /// Milliseconds the whole job may take, counted from the request (queue wait included).
+    #[schema(minimum = 100, maximum = 60000, default = 30000)]
     timeout_ms: Option<i64>,
+    /// Request headers for the upstream: only `Accept`, `Accept-Language`, `Cookie` and
+    /// `Referer` (any case); at most 16 and 8 KiB in all, values without control characters.
     headers: Option<BTreeMap<String, String>>,
+    /// `POST /v1/jobs` only: an http(s) URL (at most 2048 characters, not at a refused
+    /// address) the job's end is POSTed to as a `job.succeeded`, `job.failed` or
+    /// `job.cancelled` event, signed in `Keymeter-Signature` with the account's
+    /// `webhook_secret`. `422 validation_failed` while the server has job webhooks off.
+    #[schema(max_length = 2048, format = "uri")]
     webhook_url: Option<String>,
+}
+
+/// A scrape job to run and wait for.
+// The body of `POST /v1/scrape`, for the document only: `JobBody` without `webhook_url`
+// (the handler reads a `JobBody` and refuses `webhook_url` with 422 `validation_failed`).
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ScrapeRequest)]
+#[allow(dead_code)]
+struct ScrapeBody {
+    /// The page: an http(s) URL of at most 8 KiB, without `user:password@`. One that
+    /// resolves to a loopback, private, link-local, CGNAT, multicast or unique-local address
+    /// is refused (`422 url_not_allowed`).
+    #[schema(max_length = 8192, format = "uri", examples("https://example.com/"))]
+    url: String,
+    /// What to extract (default `["metadata"]`); a repeated format counts once. The job costs
+    /// the sum of the tier's price per format.
+    #[schema(value_type = Option<Vec<Format>>, min_items = 1)]
+    formats: Option<Vec<String>>,
+    /// Milliseconds the whole job may take, counted from the request (queue wait included).
+    #[schema(minimum = 100, maximum = 60000, default = 30000)]
+    timeout_ms: Option<i64>,
+    /// Request headers for the upstream: only `Accept`, `Accept-Language`, `Cookie` and
+    /// `Referer` (any case); at most 16 and 8 KiB in all, values without control characters.
+    headers: Option<BTreeMap<String, String>>,
 }
 
 /// A checked request, ready to be queued.
@@ -105,6 +151,19 @@ async fn check(
         return Err(ApiError::validation(
             "timeout_ms",
             format!("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS}."),
+        ));
+    }
+    // A sync request must be able to wait for its job's whole timeout: the server's request
+    // timeout would otherwise cut it off while the job still runs (and may be charged).
+    let request_ms = i64::try_from(state.config.request_timeout.as_millis()).unwrap_or(i64::MAX);
+    let sync_max = request_ms.saturating_sub(FINISH_GRACE.as_millis() as i64 + 1_000);
+    if mode == Mode::Sync && timeout_ms > sync_max {
+        return Err(ApiError::validation(
+            "timeout_ms",
+            format!(
+                "timeout_ms must be at most {sync_max} for POST /v1/scrape on this server \
+                 (its request timeout); use POST /v1/jobs for longer jobs."
+            ),
         ));
     }
     let headers: Vec<(String, String)> = body.headers.unwrap_or_default().into_iter().collect();
@@ -245,6 +304,44 @@ enum Created {
 }
 
 /// `POST /v1/jobs` (`scrape`): queues a job → 202 with the job and its `Location`.
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "create_job",
+    tag = "jobs",
+    summary = "Queue a scrape job",
+    description = "Checks the request (every `422` comes before any charge), refuses while the \
+        target's circuit breaker is open (`503`, nothing charged), then reserves the cost and \
+        queues the job in one transaction, and answers at once. Follow it with \
+        `GET /v1/jobs/{id}` (the `Location`) or a `webhook_url`. The cost is kept only when \
+        the site gave a usable answer (2xx, 404, 410); any other end is refunded. Honours \
+        `Idempotency-Key`: a retry answers with the same job.",
+    params(("Idempotency-Key" = Option<String>, Header, description = crate::openapi::IDEMPOTENCY_KEY)),
+    request_body = JobBody,
+    responses(
+        (status = 202, description = "The queued job.", body = Job,
+            headers(("Location" = String, description = "The job: `/v1/jobs/{id}`."))),
+        (status = 400, description = "`invalid_json`: the body is not JSON; \
+            `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
+            be read."),
+        (status = 402, description = "`insufficient_credits`: the balance is below the job's \
+            cost (`balance` and `cost`); nothing is queued."),
+        (status = 409, description = "`idempotency_conflict`: a request with this \
+            `Idempotency-Key` is still running."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
+            `timeout_ms`, `headers` or `webhook_url` (`field` names it), `webhook_url` while job \
+            webhooks are off, or an unknown field; `url_not_allowed`: `url` or `webhook_url` \
+            (`field`) is not http(s), has credentials, or points at a refused address; \
+            `idempotency_key_reused`: this `Idempotency-Key` came with another request."),
+        (status = 429, description = "`queue_full`: the account already has the most queued \
+            jobs its tier allows (`max_queued_jobs`); retry after `Retry-After`."),
+        (status = 503, description = "`upstream_unavailable`: the target host's or the egress \
+            provider's circuit breaker is open (`breaker`: `host` or `provider`); nothing is \
+            charged; retry after `Retry-After`."),
+    ),
+    security(("ApiKey" = ["scrape"]), ("ApiKeyHeader" = ["scrape"])),
+)]
 pub async fn create_job(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -260,6 +357,56 @@ pub async fn create_job(
 }
 
 /// `POST /v1/scrape` (`scrape`): queues the job, waits for it, answers with its result.
+#[utoipa::path(
+    post,
+    path = "/v1/scrape",
+    operation_id = "scrape",
+    tag = "jobs",
+    summary = "Scrape a page and wait for the result",
+    description = "Runs a scrape job and answers when it ends: the same checks and charge as \
+        `POST /v1/jobs`, then the request waits for the job (at most its `timeout_ms` plus two \
+        seconds, after which the job is ended as timed out). The job is durable and listed \
+        like any other. A job that did not succeed is refunded and answered with a problem \
+        carrying `job_id`, `reason` (the job's `error.reason`), `refunded`, `cost` and, when \
+        the site answered or the job failed, `upstream_status`. Honours `Idempotency-Key`: a \
+        retry with the same key waits for the same job and answers as it ended (without \
+        `Idempotent-Replayed`; nothing runs or is charged again).",
+    params(("Idempotency-Key" = Option<String>, Header, description = crate::openapi::IDEMPOTENCY_KEY)),
+    request_body = ScrapeBody,
+    responses(
+        (status = 200, description = "The succeeded job, with its `result`.", body = Job),
+        (status = 400, description = "`invalid_json`: the body is not JSON; \
+            `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
+            be read."),
+        (status = 402, description = "`insufficient_credits`: the balance is below the job's \
+            cost (`balance` and `cost`); nothing is queued."),
+        (status = 404, description = "`not_found`: a retry with an `Idempotency-Key` whose job \
+            has since been deleted (past the job retention)."),
+        (status = 409, description = "`idempotency_conflict`: a request with this \
+            `Idempotency-Key` is still running; `job_cancelled`: the job was cancelled \
+            (`DELETE /v1/jobs/{id}`) before it ran, and refunded."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
+            `timeout_ms` or `headers` (`field` names it), any `webhook_url` (it is for \
+            `POST /v1/jobs`), or an unknown field; `url_not_allowed`: `url` is not http(s), has \
+            credentials, or points at a refused address — before anything is charged, or \
+            (with `job_id`, refunded) when a redirect led to one; `idempotency_key_reused`: this \
+            `Idempotency-Key` came with another request."),
+        (status = 429, description = "`queue_full`: the account already has the most queued \
+            jobs its tier allows (`max_queued_jobs`); retry after `Retry-After`."),
+        (status = 502, description = "`upstream_failed`: the site failed (5xx, 429, a block, \
+            another status than 2xx/404/410, a network, DNS or TLS error, too many redirects) or \
+            its page could not be processed; refunded (`job_id`, `reason`, `upstream_status`)."),
+        (status = 503, description = "`upstream_unavailable`: the target host's or the egress \
+            provider's circuit breaker is open — before anything is charged (`breaker`: `host` or \
+            `provider`), or while the job waited (`job_id`, `reason: circuit_open`, refunded); \
+            retry after `Retry-After`. `database_unavailable` with `job_id`: the job was queued \
+            but its end could not be read; look it up with `GET /v1/jobs/{id}`."),
+        (status = 504, description = "`job_timeout`: the job did not finish within its \
+            `timeout_ms`; refunded (`job_id`)."),
+    ),
+    security(("ApiKey" = ["scrape"]), ("ApiKeyHeader" = ["scrape"])),
+)]
 pub async fn scrape(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -286,8 +433,29 @@ pub async fn scrape(
         }
     };
     let waiter = waiter.unwrap_or_else(|| state.jobs.hub.register(job.id));
-    let done = wait(&state, &caller, &job, &waiter).await?;
+    let done = wait(&state, &caller, &job, &waiter)
+        .await
+        .map_err(|e| lost_track(e, job.id))?;
     answer_sync(done)
+}
+
+/// The job is queued and durable, but this request could not follow it to its end (the
+/// database went away meanwhile): say which job it was, so the client can look it up
+/// instead of guessing whether it ran.
+fn lost_track(e: ApiError, id: Uuid) -> ApiError {
+    match e {
+        ApiError::DatabaseUnavailable => ApiError::problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            "Database unavailable",
+            format!(
+                "The job was queued but its result could not be read; look it up with GET /v1/jobs/{id}."
+            ),
+        )
+        .with("job_id", id.to_string())
+        .retry_after(1),
+        other => other,
+    }
 }
 
 fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
@@ -399,6 +567,25 @@ fn require_read(caller: &Authenticated) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/jobs/{id}` (`read` or `scrape`).
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "get_job",
+    tag = "jobs",
+    summary = "One job",
+    description = "The job's status, `result` (once succeeded) or `error`, cost, whether it was \
+        charged and refunded, and timings. Needs `read` or `scrape`.",
+    params(("id" = Uuid, Path, description = "The job id.")),
+    responses(
+        (status = 200, description = "The job.", body = Job),
+        (status = 404, description = "`not_found`: no job with that id on this account (or the \
+            id is not a UUID)."),
+    ),
+    security(
+        ("ApiKey" = ["read"]), ("ApiKey" = ["scrape"]),
+        ("ApiKeyHeader" = ["read"]), ("ApiKeyHeader" = ["scrape"]),
+    ),
+)]
 pub async fn get(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -412,15 +599,46 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(job))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Jobs per page, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<i64>,
+    /// `next_cursor` from the previous page.
+    #[param(
+        pattern = "^-?[0-9]{1,16}_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+    )]
     cursor: Option<String>,
+    /// Only jobs with this status.
+    #[param(inline, value_type = Option<JobStatus>)]
     status: Option<String>,
 }
 
 /// `GET /v1/jobs?status=&limit=&cursor=` (`read` or `scrape`): newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    operation_id = "list_jobs",
+    tag = "jobs",
+    summary = "List jobs",
+    description = "This account's jobs, newest first, cursor-paginated, optionally of one \
+        status. Without their `result` (always `null` here): `GET /v1/jobs/{id}` has it. \
+        Needs `read` or `scrape`.",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of jobs.", body = Page<Job>),
+        (status = 400, description = "`invalid_request`: a malformed query string, an unknown \
+            parameter or a cursor this API did not return."),
+        (status = 422, description = "`validation_failed`: `limit` out of range or an unknown \
+            `status`."),
+    ),
+    security(
+        ("ApiKey" = ["read"]), ("ApiKey" = ["scrape"]),
+        ("ApiKeyHeader" = ["read"]), ("ApiKeyHeader" = ["scrape"]),
+    ),
+)]
 pub async fn list(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -467,6 +685,26 @@ pub async fn list(
 }
 
 /// `DELETE /v1/jobs/{id}` (`scrape`): cancels a queued job; its cost is refunded.
+#[utoipa::path(
+    delete,
+    path = "/v1/jobs/{id}",
+    operation_id = "cancel_job",
+    tag = "jobs",
+    summary = "Cancel a queued job",
+    description = "Ends a job that has not started (`cancelled`, `error.reason: cancelled`) and \
+        refunds its cost; its webhook, if any, gets `job.cancelled`, and a `POST /v1/scrape` \
+        waiting for it answers `409 job_cancelled`. A running or finished job cannot be \
+        cancelled.",
+    params(("id" = Uuid, Path, description = "The job id.")),
+    responses(
+        (status = 200, description = "The cancelled job (`refunded: true`).", body = Job),
+        (status = 404, description = "`not_found`: no job with that id on this account (or the \
+            id is not a UUID)."),
+        (status = 409, description = "`job_not_cancellable`: the job is running or finished \
+            (`job_status` says which, unless it started during the request)."),
+    ),
+    security(("ApiKey" = ["scrape"]), ("ApiKeyHeader" = ["scrape"])),
+)]
 pub async fn cancel(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -477,17 +715,89 @@ pub async fn cancel(
     Ok(HttpResponse::Ok().json(job))
 }
 
+/// What `GET /admin/breakers` answers.
+#[derive(Serialize, ToSchema)]
+pub struct BreakersReport {
+    #[schema(value_type = String, example = "breakers")]
+    object: &'static str,
+    /// The egress provider's breaker first, then every host breaker that is not closed, by
+    /// host name.
+    #[schema(value_type = Vec<BreakerView>)]
+    data: Vec<Snapshot>,
+    /// Host breakers this instance holds (hosts unused for an hour are forgotten).
+    tracked_hosts: u64,
+    /// Jobs `queued` and `running` on all instances; a status with none is absent.
+    #[schema(value_type = QueueDepth)]
+    queue: BTreeMap<String, i64>,
+}
+
+/// A circuit breaker.
+// `breaker::Snapshot`, for the document only.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct BreakerView {
+    #[schema(inline)]
+    kind: BreakerKind,
+    /// The provider's name, or the host.
+    name: String,
+    #[schema(inline)]
+    state: BreakerState,
+}
+
+/// `provider`: the egress provider every job goes through; `host`: one target host.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum BreakerKind {
+    Provider,
+    Host,
+}
+
+/// `open`: requests are refused; `half_open`: a probe is let through to test recovery.
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum BreakerState {
+    Closed,
+    HalfOpen,
+    Open,
+}
+
+/// Jobs per unfinished status, across instances.
+#[derive(ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct QueueDepth {
+    #[schema(value_type = i64, required = false, minimum = 1)]
+    queued: Option<i64>,
+    #[schema(value_type = i64, required = false, minimum = 1)]
+    running: Option<i64>,
+}
+
 /// `GET /admin/breakers`: the provider's breaker and every host breaker not closed.
+#[utoipa::path(
+    get,
+    path = "/admin/breakers",
+    operation_id = "admin_breakers",
+    tag = "admin",
+    summary = "Circuit breakers and queue depth",
+    description = "This instance's circuit breakers (the egress provider's, and every target \
+        host's that is open or half-open) and the number of queued and running jobs.",
+    responses(
+        (status = 200, description = "The breakers and the queue.", body = BreakersReport),
+    ),
+    security(("AdminToken" = [])),
+)]
 pub async fn breakers(
     state: web::Data<AppState>,
     _admin: crate::auth::admin::AdminToken,
 ) -> ApiResult<HttpResponse> {
     let jobs = &state.jobs;
     let depth = queue::depth(&state.db.get().await?).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "breakers",
-        "data": jobs.breakers.snapshot(),
-        "tracked_hosts": jobs.breakers.tracked_hosts(),
-        "queue": depth.into_iter().collect::<BTreeMap<_, _>>(),
-    })))
+    Ok(HttpResponse::Ok().json(BreakersReport {
+        object: "breakers",
+        data: jobs.breakers.snapshot(),
+        tracked_hosts: jobs.breakers.tracked_hosts(),
+        queue: depth.into_iter().collect(),
+    }))
 }

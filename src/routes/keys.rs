@@ -4,21 +4,51 @@
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
-use crate::auth::keys::{self, KeySpec, DEFAULT_GRACE_SECONDS};
+use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView, DEFAULT_GRACE_SECONDS};
 use crate::auth::{key, Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewKey)]
 pub struct CreateKey {
+    /// 1 to 100 characters, not only spaces, no control characters (default `default`).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     name: Option<String>,
+    /// At least one scope (default `scrape`, `read`).
+    #[schema(value_type = Option<Vec<Scope>>, min_items = 1)]
     scopes: Option<Vec<String>>,
+    /// When the key stops working; must be in the future. Never, when absent.
     expires_at: Option<DateTime<Utc>>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    operation_id = "create_key",
+    tag = "keys",
+    summary = "Create a key",
+    description = "A new key for this account. The response's `key` is the only time the \
+        whole key is shown.",
+    request_body = CreateKey,
+    responses(
+        (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
+        (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 415, description = "`unsupported_media_type`"),
+        (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
+            expiry in the past, or an unknown field."),
+    ),
+    security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
+)]
 pub async fn create(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -35,6 +65,21 @@ pub async fn create(
     Ok(HttpResponse::Created().json(created))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    operation_id = "list_keys",
+    tag = "keys",
+    summary = "List this account's keys",
+    description = "Newest first, cursor-paginated. Never shows a secret.",
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of keys.", body = Page<KeyView>),
+        (status = 400, description = "`invalid_request`: a malformed query string or cursor."),
+        (status = 422, description = "`validation_failed`: `limit` out of range."),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn list(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -52,6 +97,19 @@ pub async fn list(
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/keys/{id}",
+    operation_id = "get_key",
+    tag = "keys",
+    summary = "One key",
+    params(("id" = String, Path, description = "The key id (12 characters).")),
+    responses(
+        (status = 200, description = "The key.", body = KeyView),
+        (status = 404, description = "`not_found`: no key with that id on this account."),
+    ),
+    security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
+)]
 pub async fn get(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -71,6 +129,21 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(k))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{id}",
+    operation_id = "revoke_key",
+    tag = "keys",
+    summary = "Revoke a key",
+    description = "Idempotent. A key may revoke itself. Every instance refuses the key within \
+        a second.",
+    params(("id" = String, Path, description = "The key id (12 characters).")),
+    responses(
+        (status = 200, description = "The revoked key.", body = KeyView),
+        (status = 404, description = "`not_found`: no key with that id on this account."),
+    ),
+    security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
+)]
 pub async fn revoke(
     state: web::Data<AppState>,
     caller: Authenticated,
@@ -88,12 +161,37 @@ pub async fn revoke(
     Ok(HttpResponse::Ok().json(k))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rotate {
+    /// How long the old key keeps working, 0 to 86400 seconds (default 3600).
+    #[schema(minimum = 0, maximum = 86400)]
     grace_seconds: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys/{id}/rotate",
+    operation_id = "rotate_key",
+    tag = "keys",
+    summary = "Rotate a key",
+    description = "Issues a successor with the same name, scopes and expiry; the old key works \
+        until its grace period ends. The body is optional.",
+    params(("id" = String, Path, description = "The key id (12 characters).")),
+    request_body(content = Option<Rotate>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The successor key, with its plaintext.", body = CreatedKey),
+        (status = 400, description = "`invalid_json`: the body is not JSON; `bad_request`: it \
+            could not be read."),
+        (status = 404, description = "`not_found`: no key with that id on this account."),
+        (status = 409, description = "`key_revoked`: the key is revoked; \
+            `key_already_rotated`: it already has a successor."),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 422, description = "`validation_failed`: `grace_seconds` out of range or an \
+            unknown field."),
+    ),
+    security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
+)]
 pub async fn rotate(
     state: web::Data<AppState>,
     caller: Authenticated,

@@ -8,3 +8,4 @@ pub mod credits;
 pub mod health;
 pub mod jobs;
 pub mod keys;
+pub mod metrics;

@@ -353,3 +353,44 @@ async fn operators_manage_accounts_over_the_admin_api() {
         .await;
     assert_problem(res, 404, "not_found").await;
 }
+
+#[tokio::test]
+async fn concurrent_account_reads_each_get_their_own_fresh_account() {
+    let app = spawn_app().await;
+    let mut accounts = Vec::new();
+    for i in 0..8 {
+        accounts.push(app.create_account("internal", 100 + i).await);
+    }
+    let reads = (0..64).map(|n| {
+        let (id, key) = accounts[n % accounts.len()].clone();
+        let app = &app;
+        async move {
+            let body: serde_json::Value = app
+                .get_with_key("/v1/account", &key)
+                .await
+                .json()
+                .await
+                .unwrap();
+            (id, body)
+        }
+    });
+    for (id, body) in futures_util::future::join_all(reads).await {
+        assert_eq!(body["id"], id.to_string());
+        let i = accounts.iter().position(|(a, _)| *a == id).unwrap() as i64;
+        assert_eq!(body["credit_balance"], 100 + i);
+    }
+    // A charge is visible to the very next read.
+    let (id, key) = accounts[0].clone();
+    let res = app
+        .post_json("/v1/credits/charge", &key, serde_json::json!({"amount": 7}))
+        .await;
+    assert_eq!(res.status(), 201);
+    let body: serde_json::Value = app
+        .get_with_key("/v1/account", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["id"], id.to_string());
+    assert_eq!(body["credit_balance"], 93);
+}

@@ -72,6 +72,8 @@ pub fn drop_database_blocking(name: &str) {
 pub struct TestApp {
     pub address: String,
     pub port: u16,
+    /// The `/metrics` listener's port when `KEYMETER_METRICS_BIND` is set.
+    pub metrics_port: Option<u16>,
     pub db_name: String,
     pub client: reqwest::Client,
     pub db: tokio_postgres::Client,
@@ -113,6 +115,7 @@ pub async fn spawn_app_on(
     let config = Config::from_source(&env).expect("test configuration parses");
     let app = Application::build(config).await.expect("app builds");
     let port = app.port();
+    let metrics_port = app.metrics_port();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = rx.await;
@@ -124,6 +127,7 @@ pub async fn spawn_app_on(
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
+        metrics_port,
         db_name,
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -305,6 +305,17 @@ async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
         .await
         .unwrap();
     assert_eq!(listed["data"][0]["id"], job["id"]);
+    assert!(
+        listed["data"][0]["result"].is_null(),
+        "lists leave results out"
+    );
+    let one: Value = app
+        .get_with_key(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["result"], job["result"]);
     // Default format is metadata only, costing 1.
     let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
     let job: Value = res.json().await.unwrap();
@@ -490,6 +501,25 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         .expect("the host breaker is listed");
     assert_eq!(open["state"], "open");
     assert_eq!(open["name"], "127.0.0.1");
+    // …and so does Prometheus (counters are process-wide, so only presence is checked).
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "keymeter_breaker_rejections_total{kind=\"host\"}",
+        "keymeter_job_transitions_total{state=\"failed\"}",
+        "keymeter_jobs_queue_depth ",
+        "keymeter_job_duration_seconds_count{outcome=\"failed\"}",
+    ] {
+        assert!(text.contains(series), "{series} in /metrics");
+    }
     // The breaker is per host: the same server under another name still answers.
     let res = scrape(
         &app,
@@ -893,4 +923,137 @@ async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
     assert_eq!(balance(&b, account).await, 9);
     assert_eq!(up.hits("/slow/2500"), 2);
     assert_ledger_invariant(&b).await;
+}
+
+#[tokio::test]
+async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[]).await;
+    let (account, key) = app.create_account("pro", 10).await;
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/status/500", up.base)}),
+    )
+    .await;
+    let id: Uuid = assert_problem(res, 502, "upstream_failed").await["job_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
+    assert_eq!(res.status(), 200);
+    app.db
+        .execute(
+            "UPDATE jobs SET finished_at = now() - interval '31 days' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let config = keymeter::config::Config::from_source(&base_env(&app.db_name)).unwrap();
+    let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
+    let pool = keymeter::db::build_pool(pg, &config.database).unwrap();
+    let deleted = keymeter::jobs::queue::purge(&pool, Duration::from_secs(30 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let left: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+    assert_eq!(
+        movements(&app, &id.to_string()).await,
+        (1, 1),
+        "the ledger keeps them"
+    );
+    assert_eq!(balance(&app, account).await, 9);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[("KEYMETER_BREAKER_FAILURES", "1000")]).await;
+    let (account, key) = app.create_account("business", 20).await;
+    let requests = (0..40).map(|i| {
+        let path = if i % 2 == 0 { "/page" } else { "/status/500" };
+        let body = json!({"url": format!("{}{path}", up.base)});
+        let (app, key) = (&app, &key);
+        async move {
+            if i % 4 < 2 {
+                scrape(app, key, body).await.status().as_u16()
+            } else {
+                app.post_json("/v1/jobs", key, body).await.status().as_u16()
+            }
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(
+        statuses.iter().all(|s| [200, 202, 402, 502].contains(s)),
+        "{statuses:?}"
+    );
+    // Wait for the async ones.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE status IN ('queued', 'running')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if open == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let row = app
+        .db
+        .query_one(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE status = 'succeeded'),
+                    count(*) FILTER (WHERE status = 'failed'),
+                    (SELECT count(*) FROM credit_ledger WHERE kind = 'charge'),
+                    (SELECT count(*) FROM credit_ledger WHERE kind = 'refund')
+               FROM jobs",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (jobs, succeeded, failed, charges, refunds): (i64, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(jobs, succeeded + failed);
+    assert_eq!(charges, jobs, "every job charged once");
+    assert_eq!(refunds, failed, "every failed job refunded once");
+    assert_eq!(balance(&app, account).await, 20 - succeeded);
+    assert!(succeeded <= 20);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_sync_job_may_not_outlast_the_servers_request_timeout() {
+    let up = upstream().await;
+    let app = jobs_app(&up, &[("KEYMETER_REQUEST_TIMEOUT_SECS", "10")]).await;
+    let (account, key) = app.create_account("pro", 10).await;
+    let body = json!({"url": format!("{}/page", up.base), "timeout_ms": 20000});
+    let res = scrape(&app, &key, body.clone()).await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["field"], "timeout_ms");
+    assert_eq!(balance(&app, account).await, 10, "refused before charging");
+    // An async job is not bound by the request timeout.
+    let res = app.post_json("/v1/jobs", &key, body).await;
+    assert_eq!(res.status(), 202);
+    let res = scrape(
+        &app,
+        &key,
+        json!({"url": format!("{}/page", up.base), "timeout_ms": 7000}),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
 }

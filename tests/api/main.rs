@@ -10,5 +10,7 @@ mod credits;
 mod foundation;
 mod jobs;
 mod keys;
+mod metrics;
+mod openapi;
 mod process;
 mod ratelimits;

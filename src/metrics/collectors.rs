@@ -1,0 +1,118 @@
+//! Scrape-time collectors: values read from one application's resources when Prometheus
+//! asks, not pushed by a loop — a scrape always sees the pool and the cache as they are.
+
+use std::sync::Mutex;
+
+use deadpool_postgres::Pool;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+
+use crate::auth::cache::KeyCache;
+
+/// deadpool's `Pool::status()` as gauges.
+pub(super) struct PoolCollector {
+    pool: Pool,
+    size: IntGauge,
+    max: IntGauge,
+    available: IntGauge,
+    waiting: IntGauge,
+}
+
+impl PoolCollector {
+    pub(super) fn new(pool: Pool) -> prometheus::Result<PoolCollector> {
+        Ok(PoolCollector {
+            pool,
+            size: IntGauge::new(
+                "keymeter_db_pool_connections",
+                "Database connections the pool holds (in use and idle).",
+            )?,
+            max: IntGauge::new(
+                "keymeter_db_pool_max_connections",
+                "The pool's configured maximum (KEYMETER_DB_POOL_SIZE).",
+            )?,
+            available: IntGauge::new(
+                "keymeter_db_pool_available_connections",
+                "Idle connections ready to be handed out.",
+            )?,
+            waiting: IntGauge::new(
+                "keymeter_db_pool_waiting_tasks",
+                "Tasks waiting for a connection (each gives up after KEYMETER_DB_POOL_TIMEOUT_MS).",
+            )?,
+        })
+    }
+
+    fn gauges(&self) -> [&IntGauge; 4] {
+        [&self.size, &self.max, &self.available, &self.waiting]
+    }
+}
+
+fn as_i64(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauges().into_iter().flat_map(|g| g.desc()).collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = self.pool.status();
+        self.size.set(as_i64(s.size));
+        self.max.set(as_i64(s.max_size));
+        self.available.set(as_i64(s.available));
+        self.waiting.set(as_i64(s.waiting));
+        self.gauges()
+            .into_iter()
+            .flat_map(|g| g.collect())
+            .collect()
+    }
+}
+
+/// The key cache's own hit and miss counts (atomics it keeps anyway) as one counter family,
+/// so `hit / (hit + miss)` is the hit ratio.
+pub(super) struct KeyCacheCollector {
+    cache: KeyCache,
+    lookups: IntCounterVec,
+    hits: IntCounter,
+    misses: IntCounter,
+    /// What has been added to the counters so far: each scrape adds the difference. The lock
+    /// keeps two concurrent scrapes from adding the same difference twice.
+    exported: Mutex<(u64, u64)>,
+}
+
+impl KeyCacheCollector {
+    pub(super) fn new(cache: KeyCache) -> prometheus::Result<KeyCacheCollector> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "keymeter_key_cache_lookups_total",
+                "Key cache lookups by result (hit, miss); a miss costs one indexed query.",
+            ),
+            &["result"],
+        )?;
+        Ok(KeyCacheCollector {
+            cache,
+            hits: lookups.get_metric_with_label_values(&["hit"])?,
+            misses: lookups.get_metric_with_label_values(&["miss"])?,
+            lookups,
+            exported: Mutex::new((0, 0)),
+        })
+    }
+}
+
+impl Collector for KeyCacheCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.lookups.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut exported = self.exported.lock().unwrap_or_else(|p| p.into_inner());
+        let stats = self.cache.stats();
+        let (hits, misses) = (stats.hits.load(Relaxed), stats.misses.load(Relaxed));
+        self.hits.inc_by(hits.saturating_sub(exported.0));
+        self.misses.inc_by(misses.saturating_sub(exported.1));
+        *exported = (hits.max(exported.0), misses.max(exported.1));
+        self.lookups.collect()
+    }
+}

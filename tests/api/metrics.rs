@@ -1,0 +1,635 @@
+//! `/metrics`: scraped after real traffic and parsed as the Prometheus text format by a
+//! strict parser written here (independent of the exporter), so a malformed line, an
+//! untyped sample or an inconsistent histogram fails the test.
+//!
+//! Event counters are process-wide and the tests run in parallel in one process, so they
+//! assert that a counter grew by at least what the test did; the pool and key-cache values
+//! belong to one application and are asserted exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use hmac::{Hmac, Mac};
+use serde_json::json;
+use sha2::Sha256;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with, TestApp, ADMIN_TOKEN};
+
+// ---------------------------------------------------------------------------------------
+// A Prometheus text format (0.0.4) parser.
+
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+#[derive(Debug)]
+struct Exposition {
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+fn valid_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn valid_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn parse_value(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        "NaN" => Some(f64::NAN),
+        _ => s.parse().ok(),
+    }
+}
+
+/// `{a="x",b="y\"z"}` → labels; the rest of the line after the closing brace.
+fn parse_labels(s: &str, line: &str) -> (BTreeMap<String, String>, String) {
+    let mut labels = BTreeMap::new();
+    let mut chars = s.chars().peekable();
+    assert_eq!(chars.next(), Some('{'), "line {line:?}");
+    loop {
+        while chars.peek() == Some(&' ') {
+            chars.next();
+        }
+        if chars.peek() == Some(&'}') {
+            chars.next();
+            break;
+        }
+        let name: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        assert!(valid_label_name(&name), "label name {name:?} in {line:?}");
+        assert_eq!(chars.next(), Some('='), "line {line:?}");
+        assert_eq!(chars.next(), Some('"'), "line {line:?}");
+        let mut value = String::new();
+        loop {
+            match chars.next() {
+                Some('\\') => match chars.next() {
+                    Some('\\') => value.push('\\'),
+                    Some('"') => value.push('"'),
+                    Some('n') => value.push('\n'),
+                    other => panic!("bad escape {other:?} in {line:?}"),
+                },
+                Some('"') => break,
+                Some(c) => value.push(c),
+                None => panic!("unterminated label value in {line:?}"),
+            }
+        }
+        assert!(
+            labels.insert(name.clone(), value).is_none(),
+            "label {name} twice in {line:?}"
+        );
+        match chars.next() {
+            Some(',') => continue,
+            Some('}') => break,
+            other => panic!("expected , or }} but got {other:?} in {line:?}"),
+        }
+    }
+    (labels, chars.collect())
+}
+
+/// The family a sample belongs to: its own name, or a histogram's/summary's base name.
+fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            if matches!(
+                types.get(base).map(String::as_str),
+                Some("histogram" | "summary")
+            ) {
+                return base;
+            }
+        }
+    }
+    name
+}
+
+fn parse(text: &str) -> Exposition {
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helps: HashMap<String, String> = HashMap::new();
+    let mut samples = Vec::new();
+    let mut seen_samples_of: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            assert!(valid_metric_name(name), "HELP name in {line:?}");
+            assert!(
+                helps.insert(name.into(), help.into()).is_none(),
+                "second HELP for {name}"
+            );
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a name and a type");
+            assert!(valid_metric_name(name), "TYPE name in {line:?}");
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "type in {line:?}"
+            );
+            assert!(
+                !seen_samples_of.iter().any(|n| n == name),
+                "TYPE for {name} after its samples"
+            );
+            assert!(
+                types.insert(name.into(), kind.into()).is_none(),
+                "second TYPE for {name}"
+            );
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let name = &line[..name_end];
+        assert!(valid_metric_name(name), "sample name in {line:?}");
+        let (labels, rest) = if line[name_end..].starts_with('{') {
+            parse_labels(&line[name_end..], line)
+        } else {
+            (BTreeMap::new(), line[name_end..].to_owned())
+        };
+        let mut fields = rest.split_whitespace();
+        let value = fields
+            .next()
+            .and_then(parse_value)
+            .unwrap_or_else(|| panic!("bad value in {line:?}"));
+        if let Some(ts) = fields.next() {
+            ts.parse::<i64>()
+                .unwrap_or_else(|_| panic!("bad timestamp in {line:?}"));
+        }
+        assert!(fields.next().is_none(), "trailing text in {line:?}");
+        let family = family_of(name, &types).to_owned();
+        let kind = types
+            .get(&family)
+            .unwrap_or_else(|| panic!("sample {name} has no TYPE line before it"));
+        if kind == "counter" {
+            assert!(value >= 0.0, "negative counter in {line:?}");
+        }
+        seen_samples_of.push(family);
+        samples.push(Sample {
+            name: name.into(),
+            labels,
+            value,
+        });
+    }
+    let exposition = Exposition { types, samples };
+    exposition.check_histograms();
+    exposition
+}
+
+impl Exposition {
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// The sum of the samples named `name` carrying all of `labels` (0 when none).
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    /// The one sample named `name` with exactly these labels.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let found: Vec<&Sample> = self
+            .matching(name, labels)
+            .filter(|s| s.labels.len() == labels.len())
+            .collect();
+        assert!(found.len() <= 1, "{name} {labels:?} is not unique");
+        found.first().map(|s| s.value)
+    }
+
+    /// Every histogram series: buckets cumulative, `+Inf` present and equal to `_count`.
+    fn check_histograms(&self) {
+        for (family, _) in self.types.iter().filter(|(_, t)| *t == "histogram") {
+            let bucket_name = format!("{family}_bucket");
+            let mut series: HashMap<BTreeMap<String, String>, Vec<(f64, f64)>> = HashMap::new();
+            for s in self.samples.iter().filter(|s| s.name == bucket_name) {
+                let mut labels = s.labels.clone();
+                let le = labels.remove("le").expect("bucket has le");
+                let le = parse_value(&le).expect("le is a number");
+                series.entry(labels).or_default().push((le, s.value));
+            }
+            for (labels, mut buckets) in series {
+                buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+                assert!(
+                    buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+                    "{family} {labels:?}: buckets not cumulative"
+                );
+                let inf = buckets.last().expect("buckets");
+                assert!(inf.0.is_infinite(), "{family} {labels:?}: no +Inf bucket");
+                let pairs: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let count = self
+                    .get(&format!("{family}_count"), &pairs)
+                    .expect("histogram _count");
+                assert_eq!(inf.1, count, "{family} {labels:?}: +Inf != _count");
+                assert!(
+                    self.get(&format!("{family}_sum"), &pairs).is_some(),
+                    "{family} {labels:?}: no _sum"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_parser_rejects_what_prometheus_would() {
+    let ok = parse(
+        "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"q\\\"\\\\\\n\"} 3\n\
+         # TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_bucket{le=\"+Inf\"} 2\nh_sum 3.5\nh_count 2\n",
+    );
+    assert_eq!(ok.get("a_total", &[("x", "q\"\\\n")]), Some(3.0));
+    for bad in [
+        "a_total 1\n",                                                       // no TYPE
+        "# TYPE a counter\na_total 1\n", // OpenMetrics-style counter naming
+        "# TYPE a gauge\na{x=\"1} 1\n",  // unterminated label
+        "# TYPE a gauge\na 1 2 3\n",     // trailing text
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 3\n", // +Inf != count
+    ] {
+        assert!(
+            std::panic::catch_unwind(|| parse(bad)).is_err(),
+            "accepted {bad:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+async fn scrape_url(client: &reqwest::Client, url: &str, token: Option<&str>) -> Exposition {
+    let mut req = client.get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let res = req.send().await.expect("scrape");
+    assert_eq!(res.status(), 200, "scrape status");
+    let ct = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ct.starts_with(PROMETHEUS_TEXT), "content-type {ct}");
+    parse(&res.text().await.unwrap())
+}
+
+async fn scrape(app: &TestApp) -> Exposition {
+    scrape_url(&app.client, &app.url("/metrics"), Some(ADMIN_TOKEN)).await
+}
+
+/// A well-formed key for `key_id` with a random secret (a valid checksum, a wrong secret).
+fn key_with_wrong_secret(key_id: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let other = keymeter::auth::key::generate().plaintext;
+    let secret = &other[21..64];
+    let body = format!("km_live_{key_id}_{secret}");
+    let mut n = crc32fast::hash(body.as_bytes()) as u64;
+    let mut sum = [b'0'; 6];
+    for slot in sum.iter_mut().rev() {
+        *slot = ALPHABET[(n % 62) as usize];
+        n /= 62;
+    }
+    let key = format!("{body}{}", std::str::from_utf8(&sum).unwrap());
+    assert!(keymeter::auth::key::parse(&key).is_ok());
+    key
+}
+
+// ---------------------------------------------------------------------------------------
+// Access.
+
+#[tokio::test]
+async fn metrics_need_the_admin_token_and_are_prometheus_text() {
+    let app = spawn_app().await;
+    let res = app.get("/metrics").await;
+    assert_problem(res, 401, "invalid_admin_token").await;
+    let res = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth("not-the-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 401, "invalid_admin_token").await;
+
+    let m = scrape(&app).await;
+    assert_eq!(
+        m.get(
+            "keymeter_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    for (family, kind) in [
+        ("keymeter_http_requests_total", "counter"),
+        ("keymeter_http_request_duration_seconds", "histogram"),
+        ("keymeter_auth_attempts_total", "counter"),
+        ("keymeter_key_cache_lookups_total", "counter"),
+        ("keymeter_db_pool_connections", "gauge"),
+        ("keymeter_jobs_queue_depth", "gauge"),
+    ] {
+        assert_eq!(
+            m.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_an_admin_token_or_a_metrics_bind_there_are_no_metrics() {
+    let app = spawn_app_with(|env| {
+        env.remove("KEYMETER_ADMIN_TOKEN");
+    })
+    .await;
+    assert_problem(app.get("/metrics").await, 404, "feature_disabled").await;
+}
+
+#[tokio::test]
+async fn a_metrics_bind_serves_them_apart_and_the_public_listener_does_not() {
+    let mut app = spawn_app_with(|env| {
+        env.insert("KEYMETER_METRICS_BIND".into(), "127.0.0.1:0".into());
+    })
+    .await;
+    let port = app.metrics_port.expect("a metrics listener");
+    assert_ne!(port, app.port);
+    let res = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 404, "not_found").await;
+
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let m = scrape_url(&app.client, &url, None).await;
+    assert_eq!(m.get("keymeter_db_pool_max_connections", &[]), Some(8.0));
+    let res = app
+        .client
+        .get(format!("http://127.0.0.1:{port}/v1/account"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        res.status(),
+        404,
+        "the metrics listener serves nothing else"
+    );
+
+    app.stop().await;
+    assert!(
+        app.client.get(&url).send().await.is_err(),
+        "the metrics listener stops with the application"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// What is counted.
+
+#[tokio::test]
+async fn requests_are_counted_by_route_pattern_method_and_status() {
+    let app = spawn_app().await;
+    let (_, key) = app.create_account("internal", 0).await;
+    let key_id = &key[8..20];
+    let labels = [
+        ("route", "/v1/keys/{id}"),
+        ("method", "GET"),
+        ("status", "200"),
+    ];
+    let unmatched = [("route", "unmatched"), ("method", "GET"), ("status", "404")];
+    let before = scrape(&app).await;
+    for _ in 0..3 {
+        let res = app.get_with_key(&format!("/v1/keys/{key_id}"), &key).await;
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(app.get("/no/such/path-1234").await.status(), 404);
+    let after = scrape(&app).await;
+
+    let grew = |name: &str, l: &[(&str, &str)]| after.sum(name, l) - before.sum(name, l);
+    assert!(grew("keymeter_http_requests_total", &labels) >= 3.0);
+    assert!(grew("keymeter_http_request_duration_seconds_count", &labels) >= 3.0);
+    assert!(after
+        .get(
+            "keymeter_http_request_duration_seconds_bucket",
+            &[labels[0], labels[1], labels[2], ("le", "+Inf")]
+        )
+        .is_some());
+    assert!(grew("keymeter_http_requests_total", &unmatched) >= 1.0);
+    // Raw paths never become labels.
+    for s in &after.samples {
+        for v in s.labels.values() {
+            assert!(
+                !v.contains(key_id) && !v.contains("path-1234"),
+                "raw path in {s:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn authentication_outcomes_and_key_cache_lookups_are_counted() {
+    let app = spawn_app().await;
+    let (_, good) = app.create_account("internal", 0).await;
+    let (revoked_account, _) = app.create_account("internal", 0).await;
+    let (revoked_id, revoked) = app.create_key(revoked_account, &["read"]).await;
+    let res = app
+        .admin_post(&format!("/admin/keys/{revoked_id}/revoke"), json!({}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let (suspended_account, suspended) = app.create_account("internal", 0).await;
+    let res = app
+        .admin_post(
+            &format!("/admin/accounts/{suspended_account}/suspend"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let before = scrape(&app).await;
+
+    assert_eq!(app.get("/v1/account").await.status(), 401);
+    for (key, outcome) in [
+        ("km_live_not-a-key".to_owned(), "malformed"),
+        (keymeter::auth::key::generate().plaintext, "unknown_key"),
+        (key_with_wrong_secret(&good[8..20]), "wrong_secret"),
+        (revoked.clone(), "revoked"),
+        (suspended.clone(), "suspended"),
+    ] {
+        let res = app.get_with_key("/v1/account", &key).await;
+        assert_eq!(res.status(), 401, "{outcome}");
+    }
+    for _ in 0..2 {
+        assert_eq!(app.get_with_key("/v1/account", &good).await.status(), 200);
+    }
+    let after = scrape(&app).await;
+
+    for outcome in [
+        "missing",
+        "malformed",
+        "unknown_key",
+        "wrong_secret",
+        "revoked",
+        "suspended",
+    ] {
+        let l = [("outcome", outcome)];
+        let grew = after.sum("keymeter_auth_attempts_total", &l)
+            - before.sum("keymeter_auth_attempts_total", &l);
+        assert!(grew >= 1.0, "{outcome} grew by {grew}");
+    }
+    let l = [("outcome", "ok")];
+    assert!(
+        after.sum("keymeter_auth_attempts_total", &l)
+            - before.sum("keymeter_auth_attempts_total", &l)
+            >= 2.0
+    );
+    // The cache is this application's own: exact. The good key: one miss (the wrong-secret
+    // attempt loaded its id), then two hits; unknown, revoked and suspended: one miss each.
+    let lookups = |m: &Exposition, r: &str| {
+        m.get("keymeter_key_cache_lookups_total", &[("result", r)])
+            .expect("lookup counter")
+    };
+    assert_eq!(lookups(&after, "hit") - lookups(&before, "hit"), 2.0);
+    assert_eq!(lookups(&after, "miss") - lookups(&before, "miss"), 4.0);
+}
+
+#[tokio::test]
+async fn a_429_is_counted_by_tier() {
+    let app = spawn_app().await;
+    let (_, key) = app.create_account("free", 0).await;
+    let labels = [("limit", "key"), ("tier", "free")];
+    let before = scrape(&app).await;
+    let mut refused = 0;
+    for _ in 0..6 {
+        if app.get_with_key("/v1/account", &key).await.status() == 429 {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "the free tier's burst is 5");
+    let after = scrape(&app).await;
+    let name = "keymeter_rate_limited_requests_total";
+    assert!(after.sum(name, &labels) - before.sum(name, &labels) >= 1.0);
+    let status = [("status", "429")];
+    assert!(
+        after.sum("keymeter_http_requests_total", &status)
+            - before.sum("keymeter_http_requests_total", &status)
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn grants_and_charges_are_counted_in_credits() {
+    let app = spawn_app().await;
+    let before = scrape(&app).await;
+    let (_, key) = app.create_account("internal", 1000).await;
+    let charge = |amount: i64| {
+        app.client
+            .post(app.url("/v1/credits/charge"))
+            .bearer_auth(&key)
+            .json(&json!({"amount": amount}))
+            .send()
+    };
+    assert_eq!(charge(7).await.unwrap().status(), 201);
+    // Concurrent charges to one account are group-committed (credits::coalesce): counted
+    // there too.
+    for res in join_all((0..10).map(|_| charge(3))).await {
+        assert_eq!(res.unwrap().status(), 201);
+    }
+    let after = scrape(&app).await;
+    let grew = |name: &str, kind: &str| {
+        after.sum(name, &[("kind", kind)]) - before.sum(name, &[("kind", kind)])
+    };
+    assert!(grew("keymeter_credits_total", "grant") >= 1000.0);
+    assert!(grew("keymeter_credits_total", "charge") >= 37.0);
+    assert!(grew("keymeter_credit_movements_total", "charge") >= 11.0);
+}
+
+#[tokio::test]
+async fn pool_gauges_are_read_at_scrape_time() {
+    let app = spawn_app().await;
+    let m = scrape(&app).await;
+    let max = m.get("keymeter_db_pool_max_connections", &[]).unwrap();
+    assert_eq!(max, 8.0, "KEYMETER_DB_POOL_SIZE of the tests");
+    let size = m.get("keymeter_db_pool_connections", &[]).unwrap();
+    let available = m
+        .get("keymeter_db_pool_available_connections", &[])
+        .unwrap();
+    let waiting = m.get("keymeter_db_pool_waiting_tasks", &[]).unwrap();
+    assert!((1.0..=max).contains(&size), "size {size}");
+    assert!(available <= size, "available {available}");
+    assert!(waiting >= 0.0);
+}
+
+const WEBHOOK_SECRET: &str = "whsec_metrics_test_0123456789";
+
+async fn deliver(app: &TestApp, body: &[u8], signed: bool) -> reqwest::Response {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    let mut sig = hex::encode(mac.finalize().into_bytes());
+    if !signed {
+        sig = sig.replace(|c: char| c.is_ascii_digit(), "0");
+    }
+    app.client
+        .post(app.url("/v1/billing/webhook"))
+        .header("content-type", "application/json")
+        .header("Stripe-Signature", format!("t={t},v1={sig}"))
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn webhook_events_are_counted_by_type_and_outcome() {
+    let app = spawn_app_with(|env| {
+        env.insert("STRIPE_WEBHOOK_SECRET".into(), WEBHOOK_SECRET.into());
+    })
+    .await;
+    let event = json!({
+        "id": format!("evt_{}", uuid::Uuid::new_v4().simple()),
+        "object": "event",
+        "type": "customer.created",
+        "created": 1_700_000_000,
+        "data": {"object": {"id": "cus_metrics", "object": "customer"}},
+    });
+    let body = serde_json::to_vec(&event).unwrap();
+    let before = scrape(&app).await;
+    assert_eq!(deliver(&app, &body, false).await.status(), 400);
+    assert_eq!(deliver(&app, &body, true).await.status(), 200);
+    assert_eq!(deliver(&app, &body, true).await.status(), 200);
+    let after = scrape(&app).await;
+    let name = "keymeter_stripe_webhook_events_total";
+    for labels in [
+        [("type", "unverified"), ("outcome", "bad_signature")],
+        [("type", "other"), ("outcome", "ignored")],
+        [("type", "other"), ("outcome", "duplicate")],
+    ] {
+        assert!(
+            after.sum(name, &labels) - before.sum(name, &labels) >= 1.0,
+            "{labels:?}"
+        );
+    }
+    assert_eq!(after.sum(name, &[("type", "customer.created")]), 0.0);
+}
