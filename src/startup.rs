@@ -325,6 +325,15 @@ impl Application {
             () = signal => {
                 // Workers keep running this instance's waiting sync jobs while requests drain.
                 self.drain_jobs.cancel();
+                // actix closes whatever is still open when the drain times out; just before,
+                // sync scrapes still waiting answer 202 with their job (which stays queued or
+                // is put back, and ends on another instance) rather than losing the client.
+                let hub = self.state.jobs.hub.clone();
+                let handoff_at = handoff_delay(self.state.config.shutdown_timeout);
+                tokio::spawn(async move {
+                    tokio::time::sleep(handoff_at).await;
+                    hub.hand_off();
+                });
                 tracing::info!(
                     timeout_s = self.state.config.shutdown_timeout.as_secs(),
                     "shutdown requested; draining in-flight requests"
@@ -364,6 +373,13 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// When, after the shutdown signal, waiting sync scrapes hand their jobs off: a second before
+/// the drain timeout (half of it for very short timeouts), time enough to write the answers.
+fn handoff_delay(shutdown_timeout: std::time::Duration) -> std::time::Duration {
+    let margin = std::time::Duration::from_secs(1).min(shutdown_timeout / 2);
+    shutdown_timeout.saturating_sub(margin)
 }
 
 fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server> {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::queue::CHANNEL;
@@ -17,6 +18,9 @@ use crate::db::listen::Subscription;
 pub struct Hub {
     work: Notify,
     waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Fired shortly before a shutdown's HTTP drain times out: requests still waiting for a
+    /// job answer with where to find it instead of being cut off with the connection.
+    handoff: CancellationToken,
 }
 
 /// A registered waiter; unregisters itself when dropped.
@@ -69,6 +73,16 @@ impl Hub {
         if let Some(n) = notify {
             n.notify_one();
         }
+    }
+
+    /// Tells every waiting request (now and later) to stop waiting and hand its job off.
+    pub fn hand_off(&self) {
+        self.handoff.cancel();
+    }
+
+    /// Completes once `hand_off` has been called.
+    pub async fn handed_off(&self) {
+        self.handoff.cancelled().await;
     }
 
     /// After a reconnect: anything may have happened meanwhile.

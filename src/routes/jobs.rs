@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use actix_web::http::header::LOCATION;
+use actix_web::http::header::{LOCATION, RETRY_AFTER};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::Utc;
@@ -375,6 +375,11 @@ pub async fn create_job(
     request_body = ScrapeBody,
     responses(
         (status = 200, description = "The succeeded job, with its `result`.", body = Job),
+        (status = 202, description = "The instance is shutting down before the job ended: the \
+            job (still `queued` or `running`) goes on and ends on another instance; follow it \
+            with `GET /v1/jobs/{id}` (the `Location`), or retry with the same \
+            `Idempotency-Key`, which waits for the same job.", body = Job,
+            headers(("Location" = String, description = "The job: `/v1/jobs/{id}`."))),
         (status = 400, description = "`invalid_json`: the body is not JSON; \
             `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
             be read."),
@@ -433,10 +438,27 @@ pub async fn scrape(
         }
     };
     let waiter = waiter.unwrap_or_else(|| state.jobs.hub.register(job.id));
-    let done = wait(&state, &caller, &job, &waiter)
+    match wait(&state, &caller, &job, &waiter)
         .await
-        .map_err(|e| lost_track(e, job.id))?;
-    answer_sync(done)
+        .map_err(|e| lost_track(e, job.id))?
+    {
+        Waited::Ended(done) => answer_sync(done),
+        // This instance is shutting down: the job goes on (here, or back in the queue for
+        // another instance), and the client learns where to follow it — as `POST /v1/jobs`
+        // would have answered.
+        Waited::HandedOff(job) => Ok(HttpResponse::Accepted()
+            .insert_header((LOCATION, job.location()))
+            .insert_header((RETRY_AFTER, "1"))
+            .json(job)),
+    }
+}
+
+/// How a sync request's wait for its job ended.
+enum Waited {
+    /// The job finished (or was ended as timed out).
+    Ended(Job),
+    /// The instance is shutting down; the job had not finished yet.
+    HandedOff(Job),
 }
 
 /// The job is queued and durable, but this request could not follow it to its end (the
@@ -467,16 +489,18 @@ fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
 }
 
 /// Waits until the job ends (woken by the hub, with a one-second look at the database as a
-/// backstop) or its deadline passes, when it is ended as timed out (and refunded).
+/// backstop) or its deadline passes, when it is ended as timed out (and refunded) — or until
+/// the instance hands waiting requests off at shutdown.
 async fn wait(
     state: &AppState,
     caller: &Authenticated,
     job: &Job,
     waiter: &crate::jobs::hub::Waiter,
-) -> Result<Job, ApiError> {
+) -> Result<Waited, ApiError> {
     let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
     let elapsed = (Utc::now() - job.created_at).to_std().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed) + FINISH_GRACE;
+    let mut handed_off = false;
     loop {
         let current = {
             let client = state.db.get().await?;
@@ -484,7 +508,10 @@ async fn wait(
         }
         .ok_or_else(|| ApiError::NotFound("No job with that id.".into()))?;
         if current.is_finished() {
-            return Ok(current);
+            return Ok(Waited::Ended(current));
+        }
+        if handed_off {
+            return Ok(Waited::HandedOff(current));
         }
         if tokio::time::Instant::now() >= deadline {
             if let Some(ended) = queue::time_out(
@@ -494,7 +521,7 @@ async fn wait(
             )
             .await?
             {
-                return Ok(ended);
+                return Ok(Waited::Ended(ended));
             }
             continue; // It ended just now: read it again.
         }
@@ -502,6 +529,8 @@ async fn wait(
             () = waiter.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             () = tokio::time::sleep_until(deadline) => {}
+            // Read the job once more, so the answer shows its latest state.
+            () = state.jobs.hub.handed_off() => handed_off = true,
         }
     }
 }

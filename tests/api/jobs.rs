@@ -860,6 +860,76 @@ async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
 }
 
 #[tokio::test]
+async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
+    let up = upstream().await;
+    // One worker, busy with a long job: the sync scrape queues behind it and cannot end
+    // before the drain times out.
+    let mut a = jobs_app(
+        &up,
+        &[
+            ("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "2"),
+            ("KEYMETER_JOB_WORKERS", "1"),
+        ],
+    )
+    .await;
+    let (account, key) = a.create_account("pro", 100).await;
+    let long: Value = a
+        .post_json(
+            "/v1/jobs",
+            &key,
+            json!({"url": format!("{}/slow/8000", up.base), "timeout_ms": 30000}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let long_id = long["id"].as_str().unwrap().to_owned();
+    wait_for_status(&a, &key, &long_id, &["running"]).await;
+    let request = {
+        let (client, url, key) = (a.client.clone(), a.url("/v1/scrape"), key.clone());
+        let body = json!({"url": format!("{}/slow/200", up.base), "timeout_ms": 30000});
+        tokio::spawn(async move { client.post(url).bearer_auth(key).json(&body).send().await })
+    };
+    // Until the scrape's job is queued.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a
+        .db
+        .query_one("SELECT count(*) FROM jobs WHERE mode = 'sync'", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the sync job was never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    a.stop().await;
+    let res = request.await.unwrap().expect("answered, not cut off");
+    assert_eq!(res.status(), 202);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    let job: Value = res.json().await.unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(location, format!("/v1/jobs/{id}"));
+    assert_eq!(job["status"], "queued");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "stopped in {:?}",
+        started.elapsed()
+    );
+    // Another instance runs both to their ends, each charged once.
+    let ports = [up.port, up.reset_port];
+    let b = spawn_app_on(a.db_name.clone(), move |env| allow(env, &ports)).await;
+    let done = wait_for_status(&b, &key, &id, &["succeeded"]).await;
+    assert_eq!(done["refunded"], false);
+    wait_for_status(&b, &key, &long_id, &["succeeded"]).await;
+    assert_eq!(movements(&b, &id).await, (1, 0));
+    assert_eq!(movements(&b, &long_id).await, (1, 0));
+    assert_eq!(balance(&b, account).await, 98);
+    assert_ledger_invariant(&b).await;
+}
+
+#[tokio::test]
 async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
     let up = upstream().await;
     let db = create_database().await;
