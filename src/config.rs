@@ -232,7 +232,7 @@ pub struct Config {
     pub rate_limit_refuse_without_redis: bool,
     pub redis_timeout: Duration,
     pub billing: BillingSettings,
-    /// Group-commit concurrent charges to one account (see `credits::coalesce`).
+    /// Group-commit concurrent charges (see `credits::coalesce`).
     pub charge_coalescing: bool,
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,

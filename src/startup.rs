@@ -42,7 +42,7 @@ pub struct AppState {
     pub tiers: Tiers,
     pub auth: Arc<AuthService>,
     pub limits: Arc<Limits>,
-    /// Group commit for concurrent charges to one account.
+    /// Group commit for concurrent charges (see `credits::coalesce`).
     pub charges: Arc<crate::credits::coalesce::Coalescer>,
     /// The Stripe API client, when `STRIPE_SECRET_KEY` is set.
     pub stripe: Option<crate::billing::stripe_api::StripeApi>,
@@ -259,17 +259,6 @@ impl Application {
         }
         {
             let (limits, stop) = (limits.clone(), shutdown.clone());
-            let charges = state.charges.clone();
-            tasks.spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-                loop {
-                    tokio::select! {
-                        _ = tick.tick() => charges.housekeeping(),
-                        () = stop.cancelled() => return,
-                    }
-                }
-            });
-            let stop = shutdown.clone();
             tasks.spawn(async move { limits.run_housekeeping(stop).await });
         }
 

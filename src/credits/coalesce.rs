@@ -1,18 +1,28 @@
-//! Group commit for charges to one hot account.
+//! Group commit for charges.
 //!
-//! Charges to one account serialize on its row lock, and each one-statement charge is its own
-//! commit: a single busy account is capped by commits per second, not by CPU. Here, charges
-//! for an account queue in a lane; one leader at a time drains the lane. A batch of one uses
-//! the ordinary one-statement charge (no extra round trips when there is no contention); a
-//! larger batch is one transaction — lock the row, decide each charge in arrival order
-//! against the running balance, insert all ledger rows with one INSERT, write the balance
-//! once, commit — and only then is every request in it answered. Each ledger row still
-//! carries its own `balance_after`, so the ledger reads exactly as if the charges had been
-//! made one by one; overspending is impossible because every decision is made under the lock.
+//! A one-statement charge is its own commit, and commits — a WAL flush each, a round trip
+//! each — are what bounds charges per second: one hot account by commits in a row on its
+//! row lock, charges spread over many accounts by the commit and round trips per request.
+//! Here, concurrent charges queue in one lane; one leader at a time drains it. A batch of
+//! one uses the ordinary one-statement charge (no extra round trip when there is no
+//! contention); a larger batch, over any mix of accounts, is one transaction in two round
+//! trips — lock the batch's account rows in id order (so batches of two instances can never
+//! deadlock), decide each charge in arrival order against its account's running balance,
+//! write every balance with one UPDATE and every ledger row with one INSERT, commit — and
+//! only then is every request in it answered. Each ledger row still carries its own
+//! `balance_after`, so the ledger reads exactly as if the charges had been made one by one;
+//! overspending is impossible because every decision is made under the row locks.
+//!
+//! One lane, not one per account or a few sharded by account: measured on the 2-core
+//! machine (`load/deduct.sh`, 32 clients over 1000 accounts), one lane made 12,500
+//! charges/s, two 10,800, four 8,200 — while a batch commits, the next one fills up, so a
+//! single lane makes the biggest batches. The price is that a batch waiting for a row lock
+//! (another transaction on one of its accounts: a job's reservation, a grant, a purchase,
+//! all a few milliseconds) delays the charges queued behind it by as long.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use deadpool_postgres::Pool;
 use tokio::sync::oneshot;
@@ -21,9 +31,13 @@ use uuid::Uuid;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use crate::error::ApiError;
 
+/// The most charges in one transaction; the rest wait for the next one.
+const MAX_BATCH: usize = 512;
+
 type Reply = oneshot::Sender<Result<Movement, ApiError>>;
 
 struct Pending {
+    account_id: Uuid,
     cost: i64,
     reason: Option<String>,
     reply: Reply,
@@ -37,15 +51,10 @@ struct Lane {
 
 #[derive(Default)]
 pub struct Coalescer {
-    lanes: Mutex<HashMap<Uuid, Arc<Lane>>>,
+    lane: Arc<Lane>,
 }
 
 impl Coalescer {
-    fn lane(&self, account_id: Uuid) -> Arc<Lane> {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.entry(account_id).or_default().clone()
-    }
-
     /// Charges `cost`; answers after the charge has committed (or was refused).
     pub async fn charge(
         &self,
@@ -54,12 +63,13 @@ impl Coalescer {
         cost: i64,
         reason: Option<String>,
     ) -> Result<Movement, ApiError> {
-        let lane = self.lane(account_id);
+        let lane = self.lane.clone();
         let (reply, answer) = oneshot::channel();
         lane.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Pending {
+                account_id,
                 cost,
                 reason,
                 reply,
@@ -67,29 +77,22 @@ impl Coalescer {
         if !lane.running.swap(true, Ordering::AcqRel) {
             // The drain runs in its own task: a client hanging up must not abandon the others.
             let db = db.clone();
-            tokio::spawn(async move { drain(lane, db, account_id).await });
+            tokio::spawn(async move { drain(lane, db).await });
         }
         answer
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("charge lane dropped a request")))?
     }
-
-    /// Forgets idle lanes (called periodically) so the map does not grow with every account
-    /// ever charged.
-    pub fn housekeeping(&self) {
-        let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
-        lanes.retain(|_, lane| {
-            Arc::strong_count(lane) > 1
-                || lane.running.load(Ordering::Acquire)
-                || !lane.pending.lock().map(|p| p.is_empty()).unwrap_or(true)
-        });
-    }
 }
 
-async fn drain(lane: Arc<Lane>, db: Pool, account_id: Uuid) {
+async fn drain(lane: Arc<Lane>, db: Pool) {
     loop {
-        let batch: Vec<Pending> =
-            std::mem::take(&mut *lane.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let batch: Vec<Pending> = {
+            let mut pending = lane.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let cut = pending.len().min(MAX_BATCH);
+            let rest = pending.split_off(cut);
+            std::mem::replace(&mut *pending, rest)
+        };
         if batch.is_empty() {
             lane.running.store(false, Ordering::Release);
             // A charge may have been queued between the take and the store: if so, and
@@ -104,25 +107,11 @@ async fn drain(lane: Arc<Lane>, db: Pool, account_id: Uuid) {
             let Some(p) = batch.into_iter().next() else {
                 continue;
             };
-            let ctx = ChargeContext {
-                job_id: None,
-                reason: p.reason.as_deref(),
-                idempotency_key: None,
-            };
-            let result = async {
-                let client = db.get().await?;
-                match ledger::charge(&client, account_id, p.cost, &ctx).await? {
-                    Once::Done(m) => Ok(m),
-                    Once::AlreadyDone => Err(ApiError::Internal(anyhow::anyhow!(
-                        "duplicate charge without a job"
-                    ))),
-                }
-            }
-            .await;
-            let _ = p.reply.send(result);
+            let outcome = charge_one(&db, &p).await;
+            let _ = p.reply.send(outcome);
             continue;
         }
-        match flush(&db, account_id, &batch).await {
+        match flush(&db, &batch).await {
             Ok(outcomes) => {
                 for (p, o) in batch.into_iter().zip(outcomes) {
                     let _ = p.reply.send(o);
@@ -145,58 +134,126 @@ async fn drain(lane: Arc<Lane>, db: Pool, account_id: Uuid) {
     }
 }
 
+/// A lone charge: the ordinary one-statement charge, one round trip.
+async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, ApiError> {
+    let ctx = ChargeContext {
+        job_id: None,
+        reason: p.reason.as_deref(),
+        idempotency_key: None,
+    };
+    let client = db.get().await?;
+    match ledger::charge(&client, p.account_id, p.cost, &ctx).await? {
+        Once::Done(m) => Ok(m),
+        Once::AlreadyDone => Err(ApiError::Internal(anyhow::anyhow!(
+            "duplicate charge without a job"
+        ))),
+    }
+}
+
+/// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE).
+const LOCK: &str =
+    "SELECT id, credit_balance FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+
+/// Each touched account's final balance, then all ledger rows, in one statement.
+static WRITE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH acct AS (
+             UPDATE accounts a SET credit_balance = f.b
+               FROM unnest($1::uuid[], $2::bigint[]) AS f(id, b)
+              WHERE a.id = f.id)
+         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
+         SELECT u.a, u.d, u.b, 'charge', u.r
+           FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[])
+                WITH ORDINALITY AS u(a, d, b, r, n)
+          ORDER BY u.n
+         RETURNING {MOVEMENT_COLUMNS}"
+    )
+});
+
 /// One transaction for the whole batch; returns each request's outcome in order.
-async fn flush(
-    db: &Pool,
-    account_id: Uuid,
+///
+/// Two round trips: BEGIN and the locking SELECT are sent together, then the write and
+/// COMMIT together (tokio-postgres pipelines requests polled concurrently). Should the write
+/// fail, PostgreSQL turns that COMMIT into a rollback, so nothing is half-written.
+async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, ApiError>>, ApiError> {
+    let client = db.get().await?;
+    // Prepared once per connection: each statement is one message, not parse + execute.
+    let lock = client.prepare_cached(LOCK).await?;
+    let write = client.prepare_cached(&WRITE).await?;
+    let outcome = flush_on(&client, &lock, &write, batch).await;
+    if outcome.is_err() {
+        // Whatever failed, end the transaction before the connection goes back to the pool;
+        // one that cannot even do that is discarded.
+        if client.batch_execute("ROLLBACK").await.is_err() {
+            let _ = deadpool_postgres::Object::take(client);
+        }
+    }
+    outcome
+}
+
+async fn flush_on(
+    client: &deadpool_postgres::Client,
+    lock: &tokio_postgres::Statement,
+    write: &tokio_postgres::Statement,
     batch: &[Pending],
 ) -> Result<Vec<Result<Movement, ApiError>>, ApiError> {
-    let mut client = db.get().await?;
-    let tx = client.transaction().await?;
-    // Prepared once per connection: each statement is one round trip, not parse + execute.
-    let lock = tx
-        .prepare_cached("SELECT credit_balance FROM accounts WHERE id = $1 FOR UPDATE")
-        .await?;
-    let row = tx
-        .query_opt(&lock, &[&account_id])
-        .await?
-        .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-    let mut balance: i64 = row.get(0);
-    let (mut deltas, mut afters, mut reasons) =
-        (Vec::new(), Vec::new(), Vec::<Option<String>>::new());
+    let mut ids: Vec<Uuid> = batch.iter().map(|p| p.account_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+    let ((), locked) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        client.query(lock, &lock_params)
+    )?;
+    let mut balances: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let (mut accounts, mut deltas, mut afters, mut reasons) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::<Option<String>>::new(),
+    );
     let mut decisions = Vec::with_capacity(batch.len());
     for p in batch {
-        if p.cost > 0 && balance >= p.cost {
-            balance -= p.cost;
+        let Some(balance) = balances.get_mut(&p.account_id) else {
+            decisions.push(Some(ApiError::NotFound("No account with that id.".into())));
+            continue;
+        };
+        if p.cost > 0 && *balance >= p.cost {
+            *balance -= p.cost;
+            accounts.push(p.account_id);
             deltas.push(-p.cost);
-            afters.push(balance);
+            afters.push(*balance);
             reasons.push(p.reason.clone());
             decisions.push(None);
         } else {
             decisions.push(Some(ApiError::InsufficientCredits {
-                balance,
+                balance: *balance,
                 cost: p.cost,
             }));
         }
     }
-    let mut rows = Vec::new();
-    if !deltas.is_empty() {
-        // The balance write and the ledger rows in one statement (one round trip).
-        let write = tx
-            .prepare_cached(&format!(
-                "WITH acct AS (UPDATE accounts SET credit_balance = $5 WHERE id = $1)
-                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
-                 SELECT $1, u.d, u.b, 'charge', u.r
-                   FROM unnest($2::bigint[], $3::bigint[], $4::text[]) WITH ORDINALITY AS u(d, b, r, n)
-                  ORDER BY u.n
-                 RETURNING {MOVEMENT_COLUMNS}"
-            ))
-            .await?;
-        rows = tx
-            .query(&write, &[&account_id, &deltas, &afters, &reasons, &balance])
-            .await?;
-    }
-    tx.commit().await?;
+    let rows = if deltas.is_empty() {
+        client.batch_execute("COMMIT").await?;
+        Vec::new()
+    } else {
+        // The balances written are the running balances after each account's last charge.
+        let mut finals: HashMap<Uuid, i64> = HashMap::new();
+        for (a, b) in accounts.iter().zip(&afters) {
+            finals.insert(*a, *b);
+        }
+        let (final_ids, final_balances): (Vec<Uuid>, Vec<i64>) = finals.into_iter().unzip();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &final_ids,
+            &final_balances,
+            &accounts,
+            &deltas,
+            &afters,
+            &reasons,
+        ];
+        let (rows, ()) =
+            tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;
+        rows
+    };
     // Ledger ids follow insertion order; pair them back up with the accepted requests.
     let mut sorted: Vec<Movement> = rows.iter().map(|r| ledger::counted(movement(r))).collect();
     sorted.sort_by_key(|m| m.id);

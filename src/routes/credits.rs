@@ -355,8 +355,8 @@ pub async fn charge(
             }
             None => {
                 drop(client);
-                // Without an idempotency record to complete, concurrent charges to one account
-                // can share a commit (see credits::coalesce).
+                // Without an idempotency record to complete, concurrent charges (to any
+                // accounts) can share a commit (see credits::coalesce).
                 let m = state
                     .charges
                     .charge(

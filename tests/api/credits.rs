@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, TestApp};
+use crate::helpers::{assert_problem, database_url, spawn_app, spawn_app_with, TestApp};
 
 /// balance = Σ deltas for every account, and no balance below zero.
 pub async fn assert_ledger_invariant(app: &TestApp) {
@@ -340,5 +340,124 @@ async fn concurrent_charges_to_one_account_share_commits_and_the_ledger_still_ch
         rows.len(),
         txids.len()
     );
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn concurrent_charges_over_many_accounts_share_commits_without_overspending() {
+    let app = spawn_app().await;
+    let mut accounts = Vec::new();
+    for _ in 0..40 {
+        accounts.push(app.create_account("internal", 5).await);
+    }
+    // Ten charges of 1 per account, all at once and interleaved: five succeed on each.
+    let calls: Vec<&(uuid::Uuid, String)> = (0..10).flat_map(|_| accounts.iter()).collect();
+    let results = join_all(calls.iter().map(|(_, key)| charge(&app, key, 1, None))).await;
+    let mut ok: HashMap<uuid::Uuid, usize> = HashMap::new();
+    for (r, (account, _)) in results.into_iter().zip(&calls) {
+        match r.status().as_u16() {
+            201 => *ok.entry(*account).or_default() += 1,
+            402 => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    for (account, _) in &accounts {
+        assert_eq!(ok.get(account), Some(&5), "account {account}");
+        let balance: i64 = app
+            .db
+            .query_one(
+                "SELECT credit_balance FROM accounts WHERE id = $1",
+                &[account],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(balance, 0);
+    }
+    // Every account's ledger still chains row by row.
+    let rows = app
+        .db
+        .query(
+            "SELECT account_id, delta, balance_after FROM credit_ledger ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut running: HashMap<uuid::Uuid, i64> = HashMap::new();
+    for r in &rows {
+        let b = running.entry(r.get(0)).or_default();
+        *b += r.get::<_, i64>(1);
+        assert_eq!(r.get::<_, i64>(2), *b);
+    }
+    // Some transaction charged more than one account.
+    let shared: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM (SELECT xmin::text FROM credit_ledger WHERE kind = 'charge'
+                GROUP BY 1 HAVING count(DISTINCT account_id) > 1) t",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(shared > 0, "no commit was shared between accounts");
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_writes_nothing_and_leaves_its_connection_usable() {
+    // Two connections, so a connection left inside a failed transaction would be met again.
+    let app = spawn_app_with(|env| {
+        env.insert("KEYMETER_DB_STATEMENT_TIMEOUT_MS".into(), "500".into());
+        env.insert("KEYMETER_DB_POOL_SIZE".into(), "2".into());
+    })
+    .await;
+    let (held, held_key) = app.create_account("internal", 100).await;
+    let (other, other_key) = app.create_account("internal", 100).await;
+    // Another transaction holds one account's row: every charge batched with it times out.
+    let (mut locker, conn) =
+        tokio_postgres::connect(&database_url(&app.db_name), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let tx = locker.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", &[&held])
+        .await
+        .unwrap();
+    let keys: Vec<&String> = (0..10).flat_map(|_| [&held_key, &other_key]).collect();
+    let first = join_all(keys.iter().map(|k| charge(&app, k, 1, None))).await;
+    let statuses: Vec<u16> = first.iter().map(|r| r.status().as_u16()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s >= 500),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().any(|s| *s >= 500),
+        "the held account's charges failed: {statuses:?}"
+    );
+    tx.rollback().await.unwrap();
+    // Every connection is usable again, and everything charged from now on counts.
+    let second = join_all(keys.iter().map(|k| charge(&app, k, 1, None))).await;
+    assert!(second.iter().all(|r| r.status() == 201));
+    let ok_first = |key: &String| {
+        keys.iter()
+            .zip(&statuses)
+            .filter(|(k, s)| **k == key && **s == 201)
+            .count() as i64
+    };
+    for (account, key) in [(held, &held_key), (other, &other_key)] {
+        let row = app
+            .db
+            .query_one(
+                "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
+                   FROM accounts WHERE id = $1",
+                &[&account],
+            )
+            .await
+            .unwrap();
+        let charged = ok_first(key) + 10;
+        assert_eq!(row.get::<_, i64>(1), charged, "one ledger row per 201");
+        assert_eq!(row.get::<_, i64>(0), 100 - charged);
+    }
     assert_ledger_invariant(&app).await;
 }
