@@ -26,6 +26,20 @@ pub async fn assert_ledger_invariant(app: &TestApp) {
     );
 }
 
+/// An account's balance and how many charge rows its ledger holds.
+async fn balance_and_charges(app: &TestApp, account: uuid::Uuid) -> (i64, i64) {
+    let row = app
+        .db
+        .query_one(
+            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
+               FROM accounts WHERE id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 async fn charge(app: &TestApp, key: &str, amount: i64, idem: Option<&str>) -> reqwest::Response {
     let mut req = app
         .client
@@ -56,17 +70,7 @@ async fn two_hundred_concurrent_charges_against_ten_credits() {
     }
     assert_eq!(by_status.get(&201), Some(&10), "{by_status:?}");
     assert_eq!(by_status.get(&402), Some(&190), "{by_status:?}");
-    let row = app
-        .db
-        .query_one(
-            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
-               FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 0);
-    assert_eq!(row.get::<_, i64>(1), 10);
+    assert_eq!(balance_and_charges(&app, account).await, (0, 10));
     assert_ledger_invariant(&app).await;
 }
 
@@ -176,17 +180,11 @@ async fn concurrent_duplicates_of_one_idempotent_request_charge_once() {
         }
         assert!(created >= 1);
     }
-    let row = app
-        .db
-        .query_one(
-            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
-               FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap();
-    assert_eq!(row.get::<_, i64>(1), 5, "one charge per idempotency key");
-    assert_eq!(row.get::<_, i64>(0), 1000 - 15);
+    assert_eq!(
+        balance_and_charges(&app, account).await,
+        (1000 - 15, 5),
+        "one charge per idempotency key"
+    );
     assert_ledger_invariant(&app).await;
 }
 
@@ -363,16 +361,7 @@ async fn concurrent_charges_over_many_accounts_share_commits_without_overspendin
     }
     for (account, _) in &accounts {
         assert_eq!(ok.get(account), Some(&5), "account {account}");
-        let balance: i64 = app
-            .db
-            .query_one(
-                "SELECT credit_balance FROM accounts WHERE id = $1",
-                &[account],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(balance, 0);
+        assert_eq!(balance_and_charges(&app, *account).await, (0, 5));
     }
     // Every account's ledger still chains row by row.
     let rows = app
@@ -446,18 +435,12 @@ async fn a_batch_that_fails_writes_nothing_and_leaves_its_connection_usable() {
             .count() as i64
     };
     for (account, key) in [(held, &held_key), (other, &other_key)] {
-        let row = app
-            .db
-            .query_one(
-                "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
-                   FROM accounts WHERE id = $1",
-                &[&account],
-            )
-            .await
-            .unwrap();
         let charged = ok_first(key) + 10;
-        assert_eq!(row.get::<_, i64>(1), charged, "one ledger row per 201");
-        assert_eq!(row.get::<_, i64>(0), 100 - charged);
+        assert_eq!(
+            balance_and_charges(&app, account).await,
+            (100 - charged, charged),
+            "one ledger row per 201"
+        );
     }
     assert_ledger_invariant(&app).await;
 }
