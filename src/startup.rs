@@ -188,7 +188,9 @@ impl Application {
             tiers,
             auth: auth.clone(),
             limits: limits.clone(),
-            charges: Arc::default(),
+            charges: Arc::new(crate::credits::coalesce::Coalescer::new(
+                tokio::runtime::Handle::current(),
+            )),
             stripe: match &config.billing.secret_key {
                 Some(k) => Some(crate::billing::stripe_api::StripeApi::new(
                     &config.billing.api_base,
@@ -198,7 +200,9 @@ impl Application {
             },
             jobs: jobs.clone(),
             metrics: metrics.clone(),
-            account_reads: Arc::default(),
+            account_reads: Arc::new(crate::accounts::reads::AccountReads::new(
+                tokio::runtime::Handle::current(),
+            )),
         };
         {
             // Queue depth and jobs by state, read when /metrics is scraped.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -20,13 +21,23 @@ use crate::error::ApiError;
 
 type Reply = oneshot::Sender<Result<Option<Account>, ApiError>>;
 
-#[derive(Default)]
 pub struct AccountReads {
     pending: Mutex<Vec<(Uuid, Reply)>>,
     running: AtomicBool,
+    /// Where batches run: the service's own runtime, which outlives the HTTP workers' (see
+    /// `credits::coalesce`).
+    runtime: Handle,
 }
 
 impl AccountReads {
+    pub fn new(runtime: Handle) -> Self {
+        Self {
+            pending: Mutex::default(),
+            running: AtomicBool::new(false),
+            runtime,
+        }
+    }
+
     /// The account as it is now (read after this call began).
     pub async fn get(self: &Arc<Self>, db: &Pool, id: Uuid) -> Result<Option<Account>, ApiError> {
         let (reply, answer) = oneshot::channel();
@@ -37,7 +48,7 @@ impl AccountReads {
         if !self.running.swap(true, Ordering::AcqRel) {
             // Its own task: a client hanging up must not strand the reads batched with it.
             let (me, db) = (self.clone(), db.clone());
-            tokio::spawn(async move { me.drain(db).await });
+            self.runtime.spawn(async move { me.drain(db).await });
         }
         answer
             .await

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 
 use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -49,12 +50,22 @@ struct Lane {
     running: AtomicBool,
 }
 
-#[derive(Default)]
 pub struct Coalescer {
     lane: Arc<Lane>,
+    /// Where batches run: the service's own runtime, not the HTTP worker's that happens to
+    /// queue a charge first. On shutdown actix stops an idle worker's runtime at once, and a
+    /// batch running there would be dropped half-way, its requests on other workers unanswered.
+    runtime: Handle,
 }
 
 impl Coalescer {
+    pub fn new(runtime: Handle) -> Self {
+        Self {
+            lane: Arc::default(),
+            runtime,
+        }
+    }
+
     /// Charges `cost`; answers after the charge has committed (or was refused).
     pub async fn charge(
         &self,
@@ -77,7 +88,7 @@ impl Coalescer {
         if !lane.running.swap(true, Ordering::AcqRel) {
             // The drain runs in its own task: a client hanging up must not abandon the others.
             let db = db.clone();
-            tokio::spawn(async move { drain(lane, db).await });
+            self.runtime.spawn(async move { drain(lane, db).await });
         }
         answer
             .await
