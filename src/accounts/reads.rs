@@ -8,8 +8,7 @@
 //! a balance is never older than the request asking for it — nothing is cached.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use tokio::runtime::Handle;
@@ -17,75 +16,52 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{account, Account, COLUMNS};
+use crate::db::batch::Batcher;
 use crate::error::ApiError;
 
 type Reply = oneshot::Sender<Result<Option<Account>, ApiError>>;
 
 pub struct AccountReads {
-    pending: Mutex<Vec<(Uuid, Reply)>>,
-    running: AtomicBool,
-    /// Where batches run: the service's own runtime, which outlives the HTTP workers' (see
-    /// `credits::coalesce`).
-    runtime: Handle,
+    queue: Arc<Batcher<(Uuid, Reply)>>,
 }
 
 impl AccountReads {
+    /// `runtime`: the service's runtime, where the batches run (see `db::batch`).
     pub fn new(runtime: Handle) -> Self {
         Self {
-            pending: Mutex::default(),
-            running: AtomicBool::new(false),
-            runtime,
+            queue: Arc::new(Batcher::new(runtime)),
         }
     }
 
     /// The account as it is now (read after this call began).
-    pub async fn get(self: &Arc<Self>, db: &Pool, id: Uuid) -> Result<Option<Account>, ApiError> {
+    pub async fn get(&self, db: &Pool, id: Uuid) -> Result<Option<Account>, ApiError> {
         let (reply, answer) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, reply));
-        if !self.running.swap(true, Ordering::AcqRel) {
-            // Its own task: a client hanging up must not strand the reads batched with it.
-            let (me, db) = (self.clone(), db.clone());
-            self.runtime.spawn(async move { me.drain(db).await });
-        }
+        self.queue
+            .push((id, reply), |queue| drain(queue, db.clone()));
         answer
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("account read dropped")))?
     }
+}
 
-    async fn drain(&self, db: Pool) {
-        loop {
-            let batch =
-                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-            if batch.is_empty() {
-                self.running.store(false, Ordering::Release);
-                // A read may have queued between the take and the store: if nobody else took
-                // the lead since, keep leading.
-                let more = !self.pending.lock().map(|p| p.is_empty()).unwrap_or(true);
-                if more && !self.running.swap(true, Ordering::AcqRel) {
-                    continue;
+async fn drain(queue: Arc<Batcher<(Uuid, Reply)>>, db: Pool) {
+    while let Some(batch) = queue.next_batch(usize::MAX) {
+        let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+        match read(&db, &ids).await {
+            Ok(mut found) => {
+                for (id, reply) in batch {
+                    let _ = reply.send(Ok(found.get(&id).cloned()));
                 }
-                return;
+                found.clear();
             }
-            let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
-            match read(&db, &ids).await {
-                Ok(mut found) => {
-                    for (id, reply) in batch {
-                        let _ = reply.send(Ok(found.get(&id).cloned()));
-                    }
-                    found.clear();
-                }
-                Err(e) => {
-                    let unavailable = matches!(e, ApiError::DatabaseUnavailable);
-                    for (_, reply) in batch {
-                        let _ = reply.send(Err(if unavailable {
-                            ApiError::DatabaseUnavailable
-                        } else {
-                            ApiError::Internal(anyhow::anyhow!("batched account read failed"))
-                        }));
-                    }
+            Err(e) => {
+                let unavailable = matches!(e, ApiError::DatabaseUnavailable);
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(if unavailable {
+                        ApiError::DatabaseUnavailable
+                    } else {
+                        ApiError::Internal(anyhow::anyhow!("batched account read failed"))
+                    }));
                 }
             }
         }

@@ -21,8 +21,7 @@
 //! all a few milliseconds) delays the charges queued behind it by as long.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 
 use deadpool_postgres::Pool;
 use tokio::runtime::Handle;
@@ -30,6 +29,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
+use crate::db::batch::Batcher;
 use crate::error::ApiError;
 
 /// The most charges in one transaction; the rest wait for the next one.
@@ -44,25 +44,15 @@ struct Pending {
     reply: Reply,
 }
 
-#[derive(Default)]
-struct Lane {
-    pending: Mutex<Vec<Pending>>,
-    running: AtomicBool,
-}
-
 pub struct Coalescer {
-    lane: Arc<Lane>,
-    /// Where batches run: the service's own runtime, not the HTTP worker's that happens to
-    /// queue a charge first. On shutdown actix stops an idle worker's runtime at once, and a
-    /// batch running there would be dropped half-way, its requests on other workers unanswered.
-    runtime: Handle,
+    lane: Arc<Batcher<Pending>>,
 }
 
 impl Coalescer {
+    /// `runtime`: the service's runtime, where the batches run (see `db::batch`).
     pub fn new(runtime: Handle) -> Self {
         Self {
-            lane: Arc::default(),
-            runtime,
+            lane: Arc::new(Batcher::new(runtime)),
         }
     }
 
@@ -74,46 +64,22 @@ impl Coalescer {
         cost: i64,
         reason: Option<String>,
     ) -> Result<Movement, ApiError> {
-        let lane = self.lane.clone();
         let (reply, answer) = oneshot::channel();
-        lane.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Pending {
-                account_id,
-                cost,
-                reason,
-                reply,
-            });
-        if !lane.running.swap(true, Ordering::AcqRel) {
-            // The drain runs in its own task: a client hanging up must not abandon the others.
-            let db = db.clone();
-            self.runtime.spawn(async move { drain(lane, db).await });
-        }
+        let pending = Pending {
+            account_id,
+            cost,
+            reason,
+            reply,
+        };
+        self.lane.push(pending, |lane| drain(lane, db.clone()));
         answer
             .await
             .map_err(|_| ApiError::Internal(anyhow::anyhow!("charge lane dropped a request")))?
     }
 }
 
-async fn drain(lane: Arc<Lane>, db: Pool) {
-    loop {
-        let batch: Vec<Pending> = {
-            let mut pending = lane.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let cut = pending.len().min(MAX_BATCH);
-            let rest = pending.split_off(cut);
-            std::mem::replace(&mut *pending, rest)
-        };
-        if batch.is_empty() {
-            lane.running.store(false, Ordering::Release);
-            // A charge may have been queued between the take and the store: if so, and
-            // nobody else picked it up, keep leading.
-            let more = !lane.pending.lock().map(|p| p.is_empty()).unwrap_or(true);
-            if more && !lane.running.swap(true, Ordering::AcqRel) {
-                continue;
-            }
-            return;
-        }
+async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
+    while let Some(batch) = lane.next_batch(MAX_BATCH) {
         if batch.len() == 1 {
             let Some(p) = batch.into_iter().next() else {
                 continue;
@@ -130,14 +96,13 @@ async fn drain(lane: Arc<Lane>, db: Pool) {
             }
             Err(e) => {
                 // Nothing committed: every request in the batch gets the same failure.
-                let status = actix_web::ResponseError::status_code(&e);
+                let unavailable = matches!(e, ApiError::DatabaseUnavailable);
                 for p in batch {
-                    let err = if status == actix_web::http::StatusCode::SERVICE_UNAVAILABLE {
+                    let _ = p.reply.send(Err(if unavailable {
                         ApiError::DatabaseUnavailable
                     } else {
                         ApiError::Internal(anyhow::anyhow!("batched charge failed"))
-                    };
-                    let _ = p.reply.send(Err(err));
+                    }));
                 }
                 tracing::warn!(error = %e, "batched charge failed; nothing was written");
             }

@@ -15,6 +15,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::DatabaseSettings;
 
+pub mod batch;
 pub mod listen;
 pub mod migrations;
 
