@@ -14,35 +14,15 @@
 
 import http from 'k6/http';
 import { check } from 'k6';
+import { API_KEY, BASE_URL, requireLoopback, seconds } from './lib.js';
 
-const BASE_URL = __ENV.BASE_URL || 'http://127.0.0.1:8080';
-const API_KEY = __ENV.API_KEY || '';
 const DURATION = __ENV.DURATION || '15s';
 const VUS = parseInt(__ENV.VUS || '32', 10);
 const P95_MS = parseFloat(__ENV.P95_MS || '50');
 const GAP = '3s'; // between the two scenarios: lets the first one's last requests drain
 const RATIO_TARGET = 0.7;
 
-if (!/^https?:\/\/(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(\/|$)/.test(BASE_URL)) {
-  throw new Error(`BASE_URL must point at this machine (loopback), got ${BASE_URL}`);
-}
-
-// "1m30s" -> 90; k6-style durations (h, m, s, ms).
-function seconds(d) {
-  const re = /(\d+(?:\.\d+)?)(ms|h|m|s)/g;
-  const unit = { h: 3600, m: 60, s: 1, ms: 0.001 };
-  let total = 0;
-  let matched = '';
-  let m;
-  while ((m = re.exec(d)) !== null) {
-    total += parseFloat(m[1]) * unit[m[2]];
-    matched += m[0];
-  }
-  if (matched !== d || total <= 0) {
-    throw new Error(`DURATION must look like 15s, 1m or 1m30s, got ${d}`);
-  }
-  return total;
-}
+requireLoopback('BASE_URL', BASE_URL);
 
 const durationS = seconds(DURATION);
 const gapS = seconds(GAP);

@@ -1,13 +1,13 @@
-// Deductions through HTTP: many VUs charging 1 credit per request with POST /v1/credits/charge.
-// ACCOUNTS=1000 spreads them over 1000 internal-tier accounts (created in setup through the
-// admin API); ACCOUNTS=1 is the hot-account case. Run it with load/deduct.sh, which also
-// measures the bare single-statement UPDATE with pgbench in the same run.
+// Deductions through HTTP, with k6: many VUs charging 1 credit per request with
+// POST /v1/credits/charge. ACCOUNTS=1000 spreads them over 1000 internal-tier accounts
+// (created in setup through the admin API); ACCOUNTS=1 is the hot-account case. Run it with
+// `load/run.sh deduct.js`; load/deduct.sh measures the same with wrk, next to the bare
+// single-statement UPDATE (pgbench) in the same run.
 import http from 'k6/http';
 import { check } from 'k6';
 import { Counter } from 'k6/metrics';
+import { BASE_URL, createAccounts, seconds } from './lib.js';
 
-const BASE = __ENV.BASE_URL;
-const ADMIN = __ENV.KEYMETER_ADMIN_TOKEN;
 const N = parseInt(__ENV.ACCOUNTS || '1000', 10);
 const DURATION = __ENV.DURATION || '15s';
 const VUS = parseInt(__ENV.VUS || '32', 10);
@@ -20,36 +20,16 @@ export const options = {
 };
 
 export function setup() {
-  const keys = [];
-  for (let i = 0; i < N; i += 50) {
-    const reqs = [];
-    for (let j = i; j < Math.min(N, i + 50); j++) {
-      reqs.push(['POST', `${BASE}/admin/accounts`,
-        JSON.stringify({ email: `bench${j}-${Date.now()}@example.com`, tier: 'internal', credits: 1000000000 }),
-        { headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${ADMIN}` } }]);
-    }
-    for (const r of http.batch(reqs)) {
-      if (r.status !== 201) throw new Error(`account creation failed: ${r.status} ${r.body}`);
-      keys.push(r.json('api_key'));
-    }
-  }
-  return { keys };
+  return { keys: createAccounts(N, 'internal', 1000000000).map((a) => a.key) };
 }
 
 export default function (data) {
   const key = data.keys[Math.floor(Math.random() * data.keys.length)];
-  const r = http.post(`${BASE}/v1/credits/charge`, '{"amount":1}', {
+  const r = http.post(`${BASE_URL}/v1/credits/charge`, '{"amount":1}', {
     headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${key}` },
     tags: { name: 'charge' },
   });
   if (check(r, { 'charged (201)': (x) => x.status === 201 })) charges.add(1);
-}
-
-function seconds(d) {
-  const m = /^(\d+)(ms|s|m)$/.exec(d);
-  if (!m) return 15;
-  const v = parseInt(m[1], 10);
-  return m[2] === 'ms' ? v / 1000 : m[2] === 'm' ? v * 60 : v;
 }
 
 export function handleSummary(data) {
