@@ -8,6 +8,7 @@ mod accounts;
 mod billing;
 mod credits;
 mod foundation;
+mod isolation;
 mod jobs;
 mod keys;
 mod metrics;
