@@ -1,8 +1,8 @@
 //! keymeter: a credit-metered API-key platform.
 //!
 //! The crate is a library with a thin binary on top (`main.rs`), so integration tests can
-//! start the real application in-process on a random port. See `DESIGN.md` in the shared
-//! folder and the README for the shape; each module's doc comment says why it is the way
+//! start the real application in-process on a random port. The README describes the shape
+//! (the API, the configuration, the layout); each module's doc comment says why it is the way
 //! it is.
 
 pub mod accounts;

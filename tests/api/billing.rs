@@ -20,7 +20,7 @@ const NEW_SECRET: &str = "whsec_test_new_9876543210";
 
 fn fixture(name: &str) -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/stripe-fixtures")
+        .join("tests/fixtures/stripe")
         .join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(&path).expect("stripe fixture"))
         .expect("fixture JSON")
