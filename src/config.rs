@@ -216,8 +216,11 @@ pub struct Config {
     pub signup_credits: i64,
     /// Path of the tiers TOML file (`KEYMETER_TIERS`); `None` uses the built-in tiers.
     pub tiers_path: Option<String>,
-    /// Use `Forwarded`/`X-Forwarded-For` for the client IP (only behind a trusted proxy).
+    /// Take the client IP from `X-Forwarded-For` (only behind a proxy that sets it).
     pub trust_forwarded: bool,
+    /// `KEYMETER_TRUSTED_PROXIES`: our own proxies' addresses; the client is the rightmost
+    /// `X-Forwarded-For` hop outside them. Empty: the TCP peer is the one proxy.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Per-IP limit for routes without a key (signup, login).
     pub ip_rate_per_minute: u32,
     pub ip_burst: u32,
@@ -417,6 +420,32 @@ fn secs(src: &dyn Source, var: &'static str, default_s: u64) -> Result<Duration,
     positive(src, var, default_s, "a whole number of seconds").map(Duration::from_secs)
 }
 
+/// `KEYMETER_TRUSTED_PROXIES`: comma-separated CIDRs (`10.0.0.0/8`, `fd00::/8`) or single
+/// addresses.
+fn trusted_proxies(src: &dyn Source) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    const VAR: &str = "KEYMETER_TRUSTED_PROXIES";
+    let Some(raw) = src.get(VAR) else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    ConfigError::new(
+                        VAR,
+                        format!(
+                            "invalid entry {s:?}, expected a CIDR like 10.0.0.0/8 or an address"
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
 fn boolean(src: &dyn Source, var: &'static str, default: bool) -> Result<bool, ConfigError> {
     match src.get(var).map(|s| s.trim().to_ascii_lowercase()) {
         None => Ok(default),
@@ -570,6 +599,13 @@ impl Config {
         }
         let tiers_path = src.get("KEYMETER_TIERS");
         let trust_forwarded = boolean(src, "KEYMETER_TRUST_FORWARDED", false)?;
+        let trusted_proxies = trusted_proxies(src)?;
+        if !trusted_proxies.is_empty() && !trust_forwarded {
+            return Err(ConfigError::new(
+                "KEYMETER_TRUSTED_PROXIES",
+                "has no effect unless KEYMETER_TRUST_FORWARDED=true",
+            ));
+        }
         let ip_rate_per_minute = positive(
             src,
             "KEYMETER_IP_RATE_PER_MINUTE",
@@ -715,6 +751,7 @@ impl Config {
             signup_credits,
             tiers_path,
             trust_forwarded,
+            trusted_proxies,
             ip_rate_per_minute,
             ip_burst,
             auth_failures_per_minute,
@@ -836,6 +873,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "STRIPE_WEBHOOK_SECRET");
+    }
+
+    #[test]
+    fn trusted_proxies_parse_and_need_trust_forwarded() {
+        let c = Config::from_source(&src(&[
+            ("KEYMETER_TRUST_FORWARDED", "true"),
+            (
+                "KEYMETER_TRUSTED_PROXIES",
+                "10.0.0.0/8, 192.0.2.7, fd00::/8",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(c.trusted_proxies.len(), 3);
+        assert!(c.trusted_proxies[1].contains(&"192.0.2.7".parse::<std::net::IpAddr>().unwrap()));
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_TRUST_FORWARDED", "true"),
+            ("KEYMETER_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_TRUSTED_PROXIES");
+        let e =
+            Config::from_source(&src(&[("KEYMETER_TRUSTED_PROXIES", "10.0.0.0/8")])).unwrap_err();
+        assert_eq!(e.var, "KEYMETER_TRUSTED_PROXIES");
     }
 
     #[test]

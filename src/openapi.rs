@@ -81,7 +81,9 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
     (
         "insufficient_scope",
         &[403],
-        "The key lacks the scope the operation needs; `required_scope` names it.",
+        "The key lacks the scope the operation needs; `required_scope` names it. Also when a \
+         key would create or rotate a key with more than it has: `missing_scopes` lists the \
+         scopes it lacks (empty when the new key would outlive it or have a higher rate limit).",
     ),
     (
         "not_found",
@@ -104,6 +106,11 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
         "An account with this email already exists.",
     ),
     ("key_revoked", &[409], "A revoked key cannot be rotated."),
+    (
+        "key_limit_reached",
+        &[409],
+        "The account already holds its tier's `max_keys` active keys; revoke one first.",
+    ),
     (
         "key_already_rotated",
         &[409],
@@ -164,8 +171,9 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
     (
         "rate_limited",
         &[429],
-        "Too many requests: the tier's limit for the key, the per-IP limit, or too many failed \
-         authentications. Wait `Retry-After` seconds (also in `retry_after`).",
+        "Too many requests: the tier's limit for the account (shared by all its keys), the \
+         key's own `rate_limit`, the per-IP limit, or too many failed authentications. Wait \
+         `Retry-After` seconds (also in `retry_after`).",
     ),
     (
         "headers_too_large",
@@ -248,8 +256,10 @@ security requirement. `/admin/*` takes the operator's token (`KEYMETER_ADMIN_TOK
 `status`, `detail` and `request_id` (see the `Problem` and `ProblemType` schemas). Client code \
 should match on `type`, never on `detail`.
 
-**Rate limits.** Responses carry `RateLimit-Policy`, `RateLimit` (IETF httpapi draft) and \
-`X-RateLimit-Limit/Remaining/Reset`; a refusal is `429 rate_limited` with `Retry-After`.
+**Rate limits.** The tier's limit counts per account, across all its keys; a key may carry a \
+lower `rate_limit` of its own. Responses carry `RateLimit-Policy`, `RateLimit` (IETF httpapi \
+draft) and `X-RateLimit-Limit/Remaining/Reset` for whichever limit binds (the policy is the \
+tier's name, or `key`); a refusal is `429 rate_limited` with `Retry-After`.
 
 **Idempotency.** Operations that charge or create money-moving state accept \
 `Idempotency-Key`.
@@ -567,8 +577,9 @@ fn decorate_operation(op: &mut Value) {
             ));
             extra.push((
                 429,
-                "`rate_limited`: the tier's limit for this key, or too many failed \
-                 authentications from this address.",
+                "`rate_limited`: the tier's limit for this account (shared by all its keys), \
+                 the key's own `rate_limit`, or too many failed authentications from this \
+                 address.",
             ));
             extra.push((
                 503,
@@ -821,6 +832,16 @@ fn problem_schema() -> Value {
             "required_scope": {
                 "type": "string",
                 "description": "`insufficient_scope`: the scope the operation needs.",
+            },
+            "missing_scopes": {
+                "type": "array",
+                "items": { "type": "string" },
+                "description": "`insufficient_scope` from creating or rotating a key: the \
+                    scopes the new key would carry that the calling key lacks.",
+            },
+            "max_keys": {
+                "type": "integer",
+                "description": "`key_limit_reached`: the tier's cap on active keys.",
             },
             "retry_after": {
                 "type": "integer",

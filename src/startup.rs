@@ -29,6 +29,7 @@ use crate::jobs::breaker::{BreakerSettings, Breakers};
 use crate::jobs::queue::ConcurrencyLimits;
 use crate::jobs::{AllowList, ExtractLimits, Fetcher, FetcherConfig, JobSettings, Jobs};
 use crate::metrics::Metrics;
+use crate::ratelimit::client_ip::ClientIpPolicy;
 use crate::ratelimit::redis::RedisLimiter;
 use crate::ratelimit::tiers::Tiers;
 use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
@@ -169,7 +170,10 @@ impl Application {
                 per_minute: config.auth_failures_per_minute,
                 burst: config.auth_failures_per_minute,
             },
-            config.trust_forwarded,
+            ClientIpPolicy {
+                trust_forwarded: config.trust_forwarded,
+                trusted_proxies: config.trusted_proxies.clone(),
+            },
         );
         if config.redis_url.is_some() {
             let on_failure = if config.rate_limit_refuse_without_redis {

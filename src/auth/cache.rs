@@ -31,6 +31,8 @@ pub struct KeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub grace_until: Option<DateTime<Utc>>,
+    /// The key's own requests per minute, on top of its account's tier limit.
+    pub rate_limit: Option<u32>,
     pub tier: String,
     pub account_active: bool,
     /// Unix seconds of the last `last_used_at` mark queued for this key (see `last_used`).
@@ -163,7 +165,7 @@ async fn load(db: &Pool, key_id: &str) -> Result<Entry, LoadError> {
     let stmt = client
         .prepare_cached(
             "SELECT k.account_id, k.digest, k.scopes, k.expires_at, k.revoked_at, k.grace_until,
-                    a.tier, a.status
+                    a.tier, a.status, k.rate_limit
                FROM api_keys k JOIN accounts a ON a.id = k.account_id
               WHERE k.id = $1",
         )
@@ -182,6 +184,7 @@ async fn load(db: &Pool, key_id: &str) -> Result<Entry, LoadError> {
     };
     let scopes: Vec<String> = row.get(2);
     let status: String = row.get(7);
+    let rate_limit: Option<i32> = row.get(8);
     Ok(Some(Arc::new(KeyRecord {
         account_id: row.get(0),
         digest: KeyDigest(digest),
@@ -189,6 +192,8 @@ async fn load(db: &Pool, key_id: &str) -> Result<Entry, LoadError> {
         expires_at: row.get(3),
         revoked_at: row.get(4),
         grace_until: row.get(5),
+        // The column's CHECK keeps it positive; a negative could only mean "no limit of its own".
+        rate_limit: rate_limit.and_then(|r| u32::try_from(r).ok()),
         tier: row.get(6),
         account_active: status == "active",
         last_used_mark: AtomicI64::new(0),

@@ -1,6 +1,14 @@
 //! The `api_keys` table: creating, listing, revoking and rotating keys. This module is the
 //! only writer of that table; every change that affects verification NOTIFYs the caches in
 //! the same transaction.
+//!
+//! Two fences stand around key creation by a customer's key:
+//! - a key never creates more power than it has ([`KeySpec::bounded_by`]): no scope it lacks,
+//!   no lifetime past its own, no rate limit above its own — otherwise a 12-hour login key
+//!   (`keys:manage` + `read`) could mint a never-expiring key with `billing` and `scrape`,
+//!   and rotating a stronger key would hand over that key's successor;
+//! - an account holds at most its tier's `max_keys` active keys ([`insert_capped`]), counted
+//!   under the account's row lock so two creates at the cap cannot both see room.
 
 use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
@@ -9,9 +17,10 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::key::{self, NewKey};
-use super::{notify_key_changed, Scope};
+use super::{notify_key_changed, Authenticated, Scope, Scopes};
 use crate::error::ApiError;
 use crate::pagination::Cursor;
+use crate::ratelimit::tiers::Tiers;
 
 pub const MAX_GRACE_SECONDS: i64 = 86_400;
 pub const DEFAULT_GRACE_SECONDS: i64 = 3_600;
@@ -34,6 +43,10 @@ pub struct KeyView {
     pub last_used_at: Option<DateTime<Utc>>,
     pub rotated_to: Option<String>,
     pub grace_until: Option<DateTime<Utc>>,
+    /// The key's own limit in requests per minute, enforced on top of the account's tier
+    /// limit (which all the account's keys share); `null`: only the tier's.
+    #[schema(minimum = 1)]
+    pub rate_limit: Option<u32>,
 }
 
 /// The creating response: the view plus the plaintext, which appears here and nowhere else.
@@ -55,7 +68,7 @@ impl std::fmt::Debug for CreatedKey {
     }
 }
 
-const COLUMNS: &str = "id, account_id, name, scopes, created_at, expires_at, revoked_at, last_used_at, rotated_to, grace_until";
+const COLUMNS: &str = "id, account_id, name, scopes, created_at, expires_at, revoked_at, last_used_at, rotated_to, grace_until, rate_limit";
 
 fn view(row: &Row) -> KeyView {
     KeyView {
@@ -70,6 +83,9 @@ fn view(row: &Row) -> KeyView {
         last_used_at: row.get(7),
         rotated_to: row.get(8),
         grace_until: row.get(9),
+        rate_limit: row
+            .get::<_, Option<i32>>(10)
+            .and_then(|r| u32::try_from(r).ok()),
     }
 }
 
@@ -79,6 +95,44 @@ pub struct KeySpec {
     pub name: String,
     pub scopes: Vec<Scope>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own requests per minute (at most its tier's).
+    pub rate_limit: Option<u32>,
+}
+
+/// What a key may hand on to a key it creates or rotates: its scopes, its lifetime and its
+/// own rate limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Power {
+    pub scopes: Scopes,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub rate_limit: Option<u32>,
+}
+
+impl From<&Authenticated> for Power {
+    fn from(a: &Authenticated) -> Power {
+        Power {
+            scopes: a.scopes,
+            expires_at: a.expires_at,
+            rate_limit: a.rate_limit,
+        }
+    }
+}
+
+/// 403 `insufficient_scope` for a key that would carry more than its creator: the scopes it
+/// lacks in `missing_scopes` (with the first as `required_scope`, as every
+/// `insufficient_scope` carries one), or why else in the detail.
+fn beyond_power(detail: String, missing: &[&'static str]) -> ApiError {
+    let mut e = ApiError::problem(
+        actix_web::http::StatusCode::FORBIDDEN,
+        "insufficient_scope",
+        "Insufficient scope",
+        detail,
+    )
+    .with("missing_scopes", missing.to_vec());
+    if let Some(first) = missing.first() {
+        e = e.with("required_scope", *first);
+    }
+    e
 }
 
 impl KeySpec {
@@ -134,7 +188,29 @@ impl KeySpec {
             name,
             scopes,
             expires_at,
+            rate_limit: None,
         })
+    }
+
+    /// Adds a key's own rate limit: 1 up to the tier's requests per minute.
+    pub fn with_rate_limit(
+        mut self,
+        rate_limit: Option<i64>,
+        tier_rpm: u32,
+    ) -> Result<KeySpec, ApiError> {
+        let Some(r) = rate_limit else {
+            return Ok(self);
+        };
+        // The column is a PostgreSQL integer; an unlimited tier's u32::MAX does not fit.
+        let max = i64::from(tier_rpm).min(i64::from(i32::MAX));
+        if !(1..=max).contains(&r) {
+            return Err(ApiError::validation(
+                "rate_limit",
+                format!("rate_limit must be between 1 and {max} (the tier's requests per minute)."),
+            ));
+        }
+        self.rate_limit = u32::try_from(r).ok();
+        Ok(self)
     }
 
     pub fn full_access(name: &str) -> KeySpec {
@@ -142,7 +218,63 @@ impl KeySpec {
             name: name.to_owned(),
             scopes: Scope::ALL.to_vec(),
             expires_at: None,
+            rate_limit: None,
         }
+    }
+
+    /// A key created by `creator`: what the request left out is inherited from the creator
+    /// (its expiry, its rate limit), and anything beyond the creator's own power is refused.
+    pub fn bounded_by(mut self, creator: &Power) -> Result<KeySpec, ApiError> {
+        if self.expires_at.is_none() {
+            self.expires_at = creator.expires_at;
+        }
+        if self.rate_limit.is_none() {
+            self.rate_limit = creator.rate_limit;
+        }
+        self.check_within(creator, "create")?;
+        Ok(self)
+    }
+
+    /// Refuses a key that would carry a scope, a lifetime or a rate the creator lacks.
+    fn check_within(&self, creator: &Power, verb: &str) -> Result<(), ApiError> {
+        let missing: Vec<&'static str> = self
+            .scopes
+            .iter()
+            .filter(|s| !creator.scopes.contains(**s))
+            .map(|s| s.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(beyond_power(
+                format!(
+                    "This key cannot {verb} a key with scopes it lacks itself: {}.",
+                    missing.join(", ")
+                ),
+                &missing,
+            ));
+        }
+        if let Some(end) = creator.expires_at {
+            if self.expires_at.is_none_or(|t| t > end) {
+                return Err(beyond_power(
+                    format!(
+                        "This key stops working at {}; it cannot {verb} a key that outlives it.",
+                        end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    ),
+                    &[],
+                ));
+            }
+        }
+        if let Some(rate) = creator.rate_limit {
+            if self.rate_limit.is_none_or(|r| r > rate) {
+                return Err(beyond_power(
+                    format!(
+                        "This key is limited to {rate} requests per minute; it cannot {verb} a \
+                         key with a higher limit."
+                    ),
+                    &[],
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -153,11 +285,12 @@ pub async fn insert(
 ) -> Result<CreatedKey, ApiError> {
     let new: NewKey = key::generate();
     let scopes: Vec<&str> = spec.scopes.iter().map(|s| s.as_str()).collect();
+    let rate_limit: Option<i32> = spec.rate_limit.and_then(|r| i32::try_from(r).ok());
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO api_keys (id, account_id, name, digest, scopes, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
+                "INSERT INTO api_keys (id, account_id, name, digest, scopes, expires_at, rate_limit)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
             ),
             &[
                 &new.id,
@@ -166,6 +299,7 @@ pub async fn insert(
                 &&new.digest.0[..],
                 &scopes,
                 &spec.expires_at,
+                &rate_limit,
             ],
         )
         .await?;
@@ -175,6 +309,48 @@ pub async fn insert(
         view: view(&row),
         key: new.plaintext,
     })
+}
+
+/// Inserts a key unless the account already holds its tier's `max_keys` active keys
+/// (unrevoked, unexpired and not rotated away — a rotated key is counted by its successor):
+/// then `409 key_limit_reached`. The account's row is locked first, so concurrent creates for
+/// one account count one after the other and two at the cap cannot both succeed; the tier is
+/// read from that row, so a tier change is seen at once.
+pub async fn insert_capped(
+    tx: &Transaction<'_>,
+    tiers: &Tiers,
+    account_id: Uuid,
+    spec: &KeySpec,
+) -> Result<CreatedKey, ApiError> {
+    let tier: String = tx
+        .query_opt(
+            "SELECT tier FROM accounts WHERE id = $1 FOR UPDATE",
+            &[&account_id],
+        )
+        .await?
+        .ok_or_else(|| ApiError::NotFound("No such account.".into()))?
+        .get(0);
+    if let Some(max) = tiers.get_or_default(&tier).max_keys {
+        let active: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM api_keys
+                  WHERE account_id = $1 AND revoked_at IS NULL AND rotated_to IS NULL
+                    AND (expires_at IS NULL OR expires_at > now())",
+                &[&account_id],
+            )
+            .await?
+            .get(0);
+        if active >= i64::from(max) {
+            return Err(ApiError::problem(
+                actix_web::http::StatusCode::CONFLICT,
+                "key_limit_reached",
+                "Key limit reached",
+                format!("The {tier} tier allows {max} active keys per account; revoke one first."),
+            )
+            .with("max_keys", max));
+        }
+    }
+    insert(tx, account_id, spec).await
 }
 
 pub async fn list(
@@ -244,13 +420,17 @@ pub async fn revoke(
     Ok(view(&row))
 }
 
-/// Issues a successor with the same name, scopes and expiry; the old key keeps working for
-/// `grace_seconds`, then is refused.
+/// Issues a successor with the same name, scopes, expiry and rate limit, whatever the caller
+/// asks; the old key keeps working for `grace_seconds`, then is refused. The successor's
+/// plaintext goes to the caller, so a caller may only rotate a key it could have created
+/// itself (`403 insufficient_scope` otherwise). The active-key count does not change (the old
+/// key leaves it as its successor enters), so the tier's `max_keys` never refuses a rotation.
 pub async fn rotate(
     tx: &Transaction<'_>,
     account_id: Uuid,
     key_id: &str,
     grace_seconds: i64,
+    caller: &Power,
 ) -> Result<CreatedKey, ApiError> {
     if !(0..=MAX_GRACE_SECONDS).contains(&grace_seconds) {
         return Err(ApiError::validation(
@@ -285,7 +465,9 @@ pub async fn rotate(
         name: old.name.clone(),
         scopes: old.scopes.iter().filter_map(|s| Scope::parse(s)).collect(),
         expires_at: old.expires_at,
+        rate_limit: old.rate_limit,
     };
+    spec.check_within(caller, "rotate")?;
     let created = insert(tx, account_id, &spec).await?;
     let grace_until = Utc::now() + Duration::seconds(grace_seconds);
     tx.execute(

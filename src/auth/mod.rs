@@ -105,6 +105,11 @@ pub struct Authenticated {
     pub account_id: Uuid,
     pub tier: String,
     pub scopes: Scopes,
+    /// When this key stops working: the earlier of its expiry and the end of its rotation
+    /// grace. A key it creates may not outlive it.
+    pub expires_at: Option<chrono::DateTime<Utc>>,
+    /// The key's own requests per minute, if it has a limit below its tier's.
+    pub rate_limit: Option<u32>,
 }
 
 impl Authenticated {
@@ -175,6 +180,11 @@ impl AuthService {
             account_id: record.account_id,
             tier: record.tier.clone(),
             scopes: record.scopes,
+            expires_at: match (record.expires_at, record.grace_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            rate_limit: record.rate_limit,
         })
     }
 }

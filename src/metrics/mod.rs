@@ -123,7 +123,7 @@ impl AuthOutcome {
 /// Which limit refused a request with 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit<'a> {
-    /// The per-key limit of this tier.
+    /// A keyed request over its account's tier limit or its key's own.
     Tier(&'a str),
     /// The per-address limit of the routes without a key.
     Ip,

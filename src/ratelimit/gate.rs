@@ -1,7 +1,8 @@
 //! The gates in front of `/v1`: the hot path after the edge, top to bottom.
 //!
-//! `keyed`: failed-auth throttle for the client IP → verify the key (see `auth`) → the
-//! per-key limit of the account's tier → the handler, with the verified caller in the
+//! `keyed`: failed-auth throttle for the client IP → verify the key (see `auth`) → the key's
+//! own limit, if it has one, and the account's tier limit (shared by all its keys) → the
+//! handler, with the verified caller in the
 //! request's extensions → rate-limit headers on whatever the handler answered.
 //!
 //! `public`: the per-IP limit, for routes that take no key (signup, login).
@@ -14,6 +15,7 @@ use actix_web::{web, HttpMessage};
 use crate::auth::extractor::presented_key;
 use crate::error::ApiError;
 use crate::metrics::{self, Limit};
+use crate::ratelimit::{Subject, KEY_POLICY};
 use crate::startup::AppState;
 
 fn state_of(req: &ServiceRequest) -> Result<web::Data<AppState>, ApiError> {
@@ -59,16 +61,26 @@ pub async fn keyed(
     };
     tracing::Span::current().record("key_id", caller.key_id.as_str());
     let tier = state.tiers.get_or_default(&caller.tier);
-    let decision = match state.limits.check_key(&caller.key_id, tier).await {
+    let who = Subject {
+        account_id: caller.account_id,
+        key_id: &caller.key_id,
+        key_rate_limit: caller.rate_limit,
+    };
+    let decision = match state.limits.check(who, tier).await {
         Ok(d) => d,
         Err(e) => return Ok(refuse(req, e)),
     };
     if let Some(d) = decision.as_ref().filter(|d| !d.allowed) {
         metrics::rate_limited(Limit::Tier(&tier.name));
-        let detail = format!(
-            "The {} tier allows {} requests per minute (burst {}).",
-            tier.name, tier.requests_per_minute, tier.burst
-        );
+        let detail = if d.policy == KEY_POLICY {
+            format!("This key allows {} requests per minute.", d.limit)
+        } else {
+            format!(
+                "The {} tier allows {} requests per minute (burst {}) for the whole account, \
+                 across all its keys.",
+                tier.name, tier.requests_per_minute, tier.burst
+            )
+        };
         let mut res = refuse(
             req,
             ApiError::RateLimited {

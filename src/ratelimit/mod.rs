@@ -1,11 +1,18 @@
-//! Rate limits: per API key by the account's tier (GCRA), per client IP for unauthenticated
-//! routes, and per client IP for failed authentications — so key guessing is throttled
-//! before it costs a cache lookup or a query.
+//! Rate limits: per account by its tier (GCRA), across all the account's keys, plus a key's
+//! own lower limit when it carries one; per client IP for unauthenticated routes, and per
+//! client IP for failed authentications — so key guessing is throttled before it costs a
+//! cache lookup or a query.
 //!
-//! GCRA (governor) keeps one timestamp per key: no counters to reset, no window edges to
+//! Why per account and not per key: keys are free to make, so a per-key limit would give an
+//! account N times its tier with N keys. A key's own limit (`rate_limit`) is checked *before*
+//! the account's, so a key that runs into its own limit never spends the budget the account's
+//! other keys share.
+//!
+//! GCRA (governor) keeps one timestamp per account: no counters to reset, no window edges to
 //! burst through. Keyed state never expires by itself, so a background task calls
-//! `retain_recent()` and memory stays bounded by the keys seen in the last minute or so.
+//! `retain_recent()` and memory stays bounded by the accounts seen in the last minute or so.
 
+pub mod client_ip;
 pub mod gate;
 pub mod redis;
 pub mod tiers;
@@ -19,13 +26,38 @@ use std::time::{Duration, Instant};
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::HttpRequest;
 use governor::clock::{Clock, DefaultClock};
-use governor::middleware::StateInformationMiddleware;
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
 use governor::state::keyed::DefaultKeyedStateStore;
-use governor::{Quota, RateLimiter};
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{NotUntil, Quota, RateLimiter};
+use uuid::Uuid;
 
+use client_ip::{limit_key, ClientIpPolicy};
 use tiers::{Tier, Tiers};
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
+type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+type ClockInstant = <DefaultClock as Clock>::Instant;
+
+/// The policy name a key's own limit is reported under in the rate-limit headers.
+pub const KEY_POLICY: &str = "key";
+
+/// Who a request counts against: its account (the tier's limit) and its key (the key's own
+/// limit, when it has one).
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub account_id: Uuid,
+    pub key_id: &'a str,
+    /// Requests per minute of the key's own limit.
+    pub key_rate_limit: Option<u32>,
+}
+
+/// A key's own limit: its requests per minute, with a burst no larger than the tier's nor
+/// than a minute's worth — so an idle key's bucket is full again within a minute.
+pub fn key_quota(rate_limit: u32, tier: &Tier) -> (u32, u32) {
+    let rpm = rate_limit.max(1);
+    (rpm, tier.burst.min(rpm).max(1))
+}
 
 /// The outcome of one check, with what the response headers report.
 #[derive(Debug, Clone)]
@@ -78,14 +110,12 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn decide<K: std::hash::Hash + Eq + Clone>(
-    limiter: &Keyed<K>,
-    key: &K,
+fn decision(
+    outcome: Result<StateSnapshot, NotUntil<ClockInstant>>,
     policy: &str,
     per_minute: u32,
 ) -> Decision {
-    let clock = DefaultClock::default();
-    match limiter.check_key(key) {
+    match outcome {
         Ok(snapshot) => {
             let q = snapshot.quota();
             let remaining = snapshot.remaining_burst_capacity();
@@ -100,7 +130,7 @@ fn decide<K: std::hash::Hash + Eq + Clone>(
             }
         }
         Err(not_until) => {
-            let wait = not_until.wait_time_from(clock.now());
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
             let q = not_until.quota();
             Decision {
                 allowed: false,
@@ -111,6 +141,28 @@ fn decide<K: std::hash::Hash + Eq + Clone>(
                 retry_after_secs: ceil_secs(wait).max(1),
             }
         }
+    }
+}
+
+fn decide<K: std::hash::Hash + Eq + Clone>(
+    limiter: &Keyed<K>,
+    key: &K,
+    policy: &str,
+    per_minute: u32,
+) -> Decision {
+    decision(limiter.check_key(key), policy, per_minute)
+}
+
+/// Of two checks of one request, the one its headers report: a refusal over an allowance
+/// (the longer wait of two refusals), else the one with less left.
+pub fn binding(a: Decision, b: Decision) -> Decision {
+    match (a.allowed, b.allowed) {
+        (true, false) => b,
+        (false, true) => a,
+        (false, false) if b.retry_after_secs > a.retry_after_secs => b,
+        (false, false) => a,
+        (true, true) if b.remaining < a.remaining => b,
+        (true, true) => a,
     }
 }
 
@@ -134,13 +186,17 @@ pub struct Limits {
     tiers: Tiers,
     shared: Option<(redis::RedisLimiter, OnSharedFailure)>,
     degraded: AtomicBool,
-    per_tier: HashMap<String, Keyed<String>>,
+    /// One limiter per tier, keyed by account.
+    per_tier: HashMap<String, Keyed<Uuid>>,
+    /// Keys' own limits, by (key id, requests per minute, burst). An entry idle for two
+    /// minutes is dropped: its bucket would be full again anyway (see [`key_quota`]).
+    per_key: moka::sync::Cache<(String, u32, u32), std::sync::Arc<Direct>>,
     per_ip: Keyed<IpAddr>,
     ip_policy: IpPolicy,
     auth_failures: Keyed<IpAddr>,
     /// IPs whose failed-authentication budget ran out, and until when.
     blocked: moka::sync::Cache<IpAddr, Instant>,
-    trust_forwarded: bool,
+    client_ip: ClientIpPolicy,
 }
 
 impl Limits {
@@ -148,7 +204,7 @@ impl Limits {
         tiers: Tiers,
         ip: IpPolicy,
         auth_failures: IpPolicy,
-        trust_forwarded: bool,
+        client_ip: ClientIpPolicy,
     ) -> Limits {
         let per_tier = tiers
             .names()
@@ -167,6 +223,10 @@ impl Limits {
             shared: None,
             degraded: AtomicBool::new(false),
             per_tier,
+            per_key: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(120))
+                .build(),
             per_ip: RateLimiter::keyed(quota(ip.per_minute, ip.burst))
                 .with_middleware::<StateInformationMiddleware>(),
             ip_policy: ip,
@@ -176,7 +236,7 @@ impl Limits {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
-            trust_forwarded,
+            client_ip,
         }
     }
 
@@ -184,7 +244,7 @@ impl Limits {
         &self.tiers
     }
 
-    /// Makes the per-key limits global through Redis.
+    /// Makes the account and key limits global through Redis.
     pub fn with_shared(
         mut self,
         limiter: redis::RedisLimiter,
@@ -198,24 +258,26 @@ impl Limits {
         self.shared.as_ref().map(|(l, _)| l)
     }
 
-    /// The per-key check: shared through Redis when configured (falling back as configured
-    /// when it cannot answer), else in memory. `Ok(None)` for an unlimited tier; `Err` only
-    /// when Redis is down and the operator chose to refuse.
-    pub async fn check_key(
+    /// The request's checks: the key's own limit (if any), then the account's tier limit —
+    /// shared through Redis when configured (falling back as configured when it cannot
+    /// answer), else in memory. Returns the binding decision; `Ok(None)` when nothing limits
+    /// this request (an unlimited tier and no key limit); `Err` only when Redis is down and
+    /// the operator chose to refuse.
+    pub async fn check(
         &self,
-        key_id: &str,
+        who: Subject<'_>,
         tier: &Tier,
     ) -> Result<Option<Decision>, crate::error::ApiError> {
-        if tier.unlimited {
+        if tier.unlimited && who.key_rate_limit.is_none() {
             return Ok(None);
         }
         if let Some((shared, on_failure)) = &self.shared {
-            match shared.check(key_id, tier).await {
+            match shared.check(who, tier).await {
                 Ok(d) => {
                     if self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("Redis rate limiter answering again");
                     }
-                    return Ok(Some(d));
+                    return Ok(d);
                 }
                 Err(e) => {
                     if !self.degraded.swap(true, Ordering::Relaxed) {
@@ -231,41 +293,69 @@ impl Limits {
                 }
             }
         }
-        Ok(self.check_key_local(key_id, tier))
+        Ok(self.check_local(who, tier))
     }
 
-    /// The in-memory per-key check.
-    pub fn check_key_local(&self, key_id: &str, tier: &Tier) -> Option<Decision> {
-        if tier.unlimited {
-            return None;
+    /// The in-memory checks. The key's own limit goes first: a request it refuses never
+    /// reaches (nor spends) the account's budget.
+    pub fn check_local(&self, who: Subject<'_>, tier: &Tier) -> Option<Decision> {
+        let key = who.key_rate_limit.map(|rl| {
+            let (rpm, burst) = key_quota(rl, tier);
+            let limiter = self
+                .per_key
+                .get_with((who.key_id.to_owned(), rpm, burst), || {
+                    std::sync::Arc::new(
+                        RateLimiter::direct(quota(rpm, burst))
+                            .with_middleware::<StateInformationMiddleware>(),
+                    )
+                });
+            decision(limiter.check(), KEY_POLICY, rpm)
+        });
+        if let Some(k) = key.as_ref().filter(|k| !k.allowed) {
+            return Some(k.clone());
         }
-        let limiter = self
-            .per_tier
-            .get(&tier.name)
-            .or_else(|| self.per_tier.get(tiers::DEFAULT_TIER))?;
-        Some(decide(
-            limiter,
-            &key_id.to_owned(),
-            &tier.name,
-            tier.requests_per_minute,
-        ))
+        let account = (!tier.unlimited)
+            .then(|| {
+                self.per_tier
+                    .get(&tier.name)
+                    .or_else(|| self.per_tier.get(tiers::DEFAULT_TIER))
+            })
+            .flatten()
+            .map(|limiter| {
+                decide(
+                    limiter,
+                    &who.account_id,
+                    &tier.name,
+                    tier.requests_per_minute,
+                )
+            });
+        match (key, account) {
+            (Some(k), Some(a)) => Some(binding(a, k)),
+            (k, a) => k.or(a),
+        }
     }
 
     pub fn check_ip(&self, ip: IpAddr) -> Decision {
-        decide(&self.per_ip, &ip, "ip", self.ip_policy.per_minute)
+        decide(
+            &self.per_ip,
+            &limit_key(ip),
+            "ip",
+            self.ip_policy.per_minute,
+        )
     }
 
     /// Seconds to wait if this IP has used up its failed-authentication budget.
     pub fn ip_blocked(&self, ip: IpAddr) -> Option<u64> {
-        let until = self.blocked.get(&ip)?;
+        let until = self.blocked.get(&limit_key(ip))?;
         let now = Instant::now();
         (until > now).then(|| ceil_secs(until - now).max(1))
     }
 
     pub fn note_auth_failure_from(&self, ip: IpAddr) {
-        if let Err(not_until) = self.auth_failures.check_key(&ip) {
+        let key = limit_key(ip);
+        if let Err(not_until) = self.auth_failures.check_key(&key) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            self.blocked.insert(ip, Instant::now() + wait);
+            self.blocked.insert(key, Instant::now() + wait);
             tracing::warn!(client_ip = %ip, wait_s = wait.as_secs(), "too many failed authentications; throttling this address");
         }
     }
@@ -276,19 +366,15 @@ impl Limits {
         }
     }
 
-    /// The client's address: the TCP peer, or the first `Forwarded`/`X-Forwarded-For` hop
-    /// when `KEYMETER_TRUST_FORWARDED=true` (only behind a proxy that sets it).
+    /// The client's address: the TCP peer, or — with `KEYMETER_TRUST_FORWARDED=true` — the
+    /// rightmost `X-Forwarded-For` hop that is not one of our proxies (see [`client_ip`]).
     pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
-        if self.trust_forwarded {
-            if let Some(ip) = req.connection_info().realip_remote_addr().and_then(|s| {
-                s.parse::<IpAddr>()
-                    .ok()
-                    .or_else(|| s.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
-            }) {
-                return Some(ip);
-            }
-        }
-        req.peer_addr().map(|a| a.ip())
+        let peer = req.peer_addr()?.ip();
+        let xff = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok());
+        Some(self.client_ip.resolve(peer, xff))
     }
 
     /// Drops limiter state of keys and addresses not seen recently.
@@ -297,6 +383,7 @@ impl Limits {
             l.retain_recent();
             l.shrink_to_fit();
         }
+        self.per_key.run_pending_tasks();
         self.per_ip.retain_recent();
         self.per_ip.shrink_to_fit();
         self.auth_failures.retain_recent();
@@ -330,8 +417,16 @@ mod tests {
                 per_minute: 6,
                 burst: 2,
             },
-            false,
+            ClientIpPolicy::default(),
         )
+    }
+
+    fn who(account: u128, key_id: &str, key_rate_limit: Option<u32>) -> Subject<'_> {
+        Subject {
+            account_id: Uuid::from_u128(account),
+            key_id,
+            key_rate_limit,
+        }
     }
 
     #[test]
@@ -339,15 +434,35 @@ mod tests {
         let l = limits();
         let free = l.tiers().get("free").unwrap().clone();
         for i in 0..5 {
-            let d = l.check_key_local("k1", &free).unwrap();
+            let d = l.check_local(who(1, "k1", None), &free).unwrap();
             assert!(d.allowed, "request {i}");
             assert_eq!(d.remaining, 4 - i);
         }
-        let d = l.check_key_local("k1", &free).unwrap();
+        let d = l.check_local(who(1, "k1", None), &free).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.retry_after_secs, 6, "10/min = one every 6 s");
-        // Another key has its own budget.
-        assert!(l.check_key_local("k2", &free).unwrap().allowed);
+        // Another key of the same account shares its budget; another account has its own.
+        assert!(!l.check_local(who(1, "k2", None), &free).unwrap().allowed);
+        assert!(l.check_local(who(2, "k3", None), &free).unwrap().allowed);
+    }
+
+    #[test]
+    fn a_keys_own_limit_binds_first_and_spares_the_accounts_budget() {
+        let l = limits();
+        let pro = l.tiers().get("pro").unwrap().clone();
+        for i in 0..3 {
+            let d = l.check_local(who(1, "slow", Some(3)), &pro).unwrap();
+            assert!(d.allowed, "request {i}");
+            assert_eq!((d.policy.as_str(), d.limit), (KEY_POLICY, 3));
+        }
+        let d = l.check_local(who(1, "slow", Some(3)), &pro).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.policy, KEY_POLICY);
+        assert_eq!(d.retry_after_secs, 20, "3/min = one every 20 s");
+        // The refused fourth request did not spend the account's burst of 30: the three
+        // allowed ones and this one leave 26.
+        let d = l.check_local(who(1, "other", None), &pro).unwrap();
+        assert_eq!((d.policy.as_str(), d.remaining), ("pro", 26));
     }
 
     #[test]
@@ -355,8 +470,19 @@ mod tests {
         let l = limits();
         let internal = l.tiers().get("internal").unwrap().clone();
         for _ in 0..10_000 {
-            assert!(l.check_key_local("k", &internal).is_none());
+            assert!(l.check_local(who(1, "k", None), &internal).is_none());
         }
+        // …unless a key carries its own limit.
+        assert!(
+            l.check_local(who(1, "k", Some(1)), &internal)
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            !l.check_local(who(1, "k", Some(1)), &internal)
+                .unwrap()
+                .allowed
+        );
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! The shared per-key limit: GCRA in Redis, one round trip per check (a Lua script run
-//! atomically by the server), so several keymeter instances enforce one limit together.
+//! The shared limits: GCRA in Redis, one round trip per request (a Lua script run atomically
+//! by the server), so several keymeter instances enforce one limit together.
+//!
+//! One script checks every limit of a request — the account's tier limit and the key's own —
+//! and spends from them only if all allow it, so a refusal by one never spends another's
+//! budget. Both keys carry the account id as a hash tag (`{…}`), so they live in one slot and
+//! the script stays valid on a Redis Cluster.
 //!
 //! The script reads Redis's own clock (`TIME`), so instances with skewed clocks still agree.
-//! State is one integer per key — its theoretical arrival time — with a TTL of when it would
-//! be back to full, so idle keys vanish by themselves and memory stays bounded.
+//! State is one integer per limit — its theoretical arrival time — with a TTL of when it would
+//! be back to full, so idle accounts and keys vanish by themselves and memory stays bounded.
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -14,23 +19,44 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
 use super::tiers::Tier;
-use super::Decision;
+use super::{binding, key_quota, Decision, Subject, KEY_POLICY};
 
+/// KEYS[i] with ARGV[2i-1] (emission interval, µs) and ARGV[2i] (burst). Returns
+/// `allowed` then, per limit, `allowed, remaining, retry_after_us, reset_us`.
 const GCRA: &str = r#"
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local tolerance = interval * burst
-local new_tat = tat + interval
-local allow_at = new_tat - tolerance
-if now < allow_at then
-  return {0, 0, math.floor(allow_at - now), math.floor(tat - now)}
+local all = 1
+local out = {0}
+local tats = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local burst = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - interval * burst
+  tats[i] = new_tat
+  if now < allow_at then
+    all = 0
+    table.insert(out, 0)
+    table.insert(out, 0)
+    table.insert(out, math.floor(allow_at - now))
+    table.insert(out, math.floor(tat - now))
+  else
+    table.insert(out, 1)
+    table.insert(out, math.floor((now - allow_at) / interval))
+    table.insert(out, 0)
+    table.insert(out, math.floor(new_tat - now))
+  end
 end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
-return {1, math.floor((now - allow_at) / interval), 0, math.floor(new_tat - now)}
+if all == 1 then
+  for i = 1, #KEYS do
+    redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.floor((tats[i] - now) / 1000) + 1)
+  end
+end
+out[1] = all
+return out
 "#;
 
 pub struct RedisLimiter {
@@ -94,35 +120,68 @@ impl RedisLimiter {
     }
 
     /// `Err` when Redis cannot answer in time; the caller decides between the fallback and
-    /// refusing.
-    pub async fn check(&self, key_id: &str, tier: &Tier) -> Result<Decision, String> {
+    /// refusing. `Ok(None)` when nothing limits the request.
+    pub async fn check(&self, who: Subject<'_>, tier: &Tier) -> Result<Option<Decision>, String> {
+        // (Redis key, policy, requests per minute, burst) of each limit that applies.
+        let mut limits: Vec<(String, &str, u32, u32)> = Vec::with_capacity(2);
+        if !tier.unlimited {
+            limits.push((
+                format!("km:rl:{{{}}}:tier:{}", who.account_id, tier.name),
+                &tier.name,
+                tier.requests_per_minute,
+                tier.burst,
+            ));
+        }
+        if let Some(rl) = who.key_rate_limit {
+            let (rpm, burst) = key_quota(rl, tier);
+            limits.push((
+                format!(
+                    "km:rl:{{{}}}:key:{}:{rpm}:{burst}",
+                    who.account_id, who.key_id
+                ),
+                KEY_POLICY,
+                rpm,
+                burst,
+            ));
+        }
+        if limits.is_empty() {
+            return Ok(None);
+        }
         let Some(mut conn) = self.conn.read().ok().and_then(|c| c.clone()) else {
             return Err("not connected".into());
         };
-        let interval_us = 60_000_000i64 / i64::from(tier.requests_per_minute.max(1));
         let mut inv = self.script.prepare_invoke();
-        inv.key(format!("km:rl:{}:{}", tier.name, key_id))
-            .arg(interval_us)
-            .arg(tier.burst.max(1));
+        for (key, _, rpm, burst) in &limits {
+            inv.key(key)
+                .arg(60_000_000i64 / i64::from((*rpm).max(1)))
+                .arg((*burst).max(1));
+        }
         let call = inv.invoke_async::<Vec<i64>>(&mut conn);
         let out = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(v)) if v.len() == 4 => v,
+            Ok(Ok(v)) if v.len() == 1 + 4 * limits.len() => v,
             Ok(Ok(_)) => return Err("unexpected script reply".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Err(_) => return Err("timed out".into()),
         };
-        let allowed = out[0] == 1;
-        Ok(Decision {
-            allowed,
-            policy: tier.name.clone(),
-            limit: tier.requests_per_minute,
-            remaining: out[1].clamp(0, i64::from(u32::MAX)) as u32,
-            reset_secs: ceil_secs_micros(out[3]),
-            retry_after_secs: if allowed {
-                0
-            } else {
-                ceil_secs_micros(out[2]).max(1)
-            },
-        })
+        let decisions =
+            limits
+                .iter()
+                .zip(out[1..].chunks_exact(4))
+                .map(|((_, policy, rpm, _), r)| {
+                    let allowed = r[0] == 1;
+                    Decision {
+                        allowed,
+                        policy: (*policy).to_owned(),
+                        limit: *rpm,
+                        remaining: r[1].clamp(0, i64::from(u32::MAX)) as u32,
+                        reset_secs: ceil_secs_micros(r[3]),
+                        retry_after_secs: if allowed {
+                            0
+                        } else {
+                            ceil_secs_micros(r[2]).max(1)
+                        },
+                    }
+                });
+        Ok(decisions.reduce(binding))
     }
 }

@@ -1,4 +1,5 @@
-//! Pricing tiers: requests per minute with a burst, job concurrency and queue caps, and the
+//! Pricing tiers: requests per minute with a burst (for the whole account, across all its
+//! keys), how many active keys an account may hold, job concurrency and queue caps, and the
 //! credit price of each job format.
 //!
 //! Built-in defaults follow the market (Firecrawl's free plan is 10 scrapes a minute and 2
@@ -15,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub const JOB_FORMATS: [&str; 5] = ["metadata", "text", "markdown", "links", "html"];
 pub const DEFAULT_TIER: &str = "free";
 pub const INTERNAL_TIER: &str = "internal";
+/// The key cap of a tier a tiers file adds without one (the free tier's).
+pub const DEFAULT_MAX_KEYS: u32 = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +28,12 @@ pub struct Tier {
     pub burst: u32,
     pub max_concurrent_jobs: u32,
     pub max_queued_jobs: u32,
+    /// Active (unrevoked, unexpired, not rotated away) keys an account may hold. Without a
+    /// cap, every key would be another row, cache entry and limiter state an account could
+    /// make the server keep. `None` only for unlimited tiers; a file that leaves it out keeps
+    /// the built-in tier's value, or [`DEFAULT_MAX_KEYS`] for a new tier.
+    #[serde(default)]
+    pub max_keys: Option<u32>,
     /// Credits per requested format; a job costs the sum of its formats.
     #[serde(default = "default_prices")]
     pub prices: BTreeMap<String, i64>,
@@ -37,13 +46,14 @@ fn default_prices() -> BTreeMap<String, i64> {
     JOB_FORMATS.iter().map(|f| ((*f).to_owned(), 1)).collect()
 }
 
-fn tier(name: &str, rpm: u32, burst: u32, running: u32, queued: u32) -> Tier {
+fn tier(name: &str, rpm: u32, burst: u32, running: u32, queued: u32, keys: u32) -> Tier {
     Tier {
         name: name.to_owned(),
         requests_per_minute: rpm,
         burst,
         max_concurrent_jobs: running,
         max_queued_jobs: queued,
+        max_keys: Some(keys),
         prices: default_prices(),
         unlimited: false,
     }
@@ -66,14 +76,15 @@ impl Tiers {
     pub fn builtin() -> Tiers {
         let mut m = BTreeMap::new();
         for t in [
-            tier("free", 10, 5, 2, 10),
-            tier("pro", 120, 30, 10, 1000),
-            tier("business", 1200, 200, 50, 10000),
+            tier("free", 10, 5, 2, 10, 10),
+            tier("pro", 120, 30, 10, 1000, 100),
+            tier("business", 1200, 200, 50, 10000, 1000),
         ] {
             m.insert(t.name.clone(), t);
         }
-        let mut internal = tier(INTERNAL_TIER, u32::MAX, u32::MAX, u32::MAX, u32::MAX);
+        let mut internal = tier(INTERNAL_TIER, u32::MAX, u32::MAX, u32::MAX, u32::MAX, 0);
         internal.unlimited = true;
+        internal.max_keys = None;
         m.insert(INTERNAL_TIER.to_owned(), internal);
         Tiers {
             by_name: Arc::new(m),
@@ -87,6 +98,11 @@ impl Tiers {
         for (name, mut t) in file.tiers {
             if name == INTERNAL_TIER {
                 bail!("tier `internal` is built in and cannot be redefined");
+            }
+            if name == super::KEY_POLICY {
+                // The rate-limit headers name a key's own limit `key`; a tier of that name
+                // would make the two indistinguishable.
+                bail!("tier name `key` is reserved");
             }
             if name.is_empty()
                 || !name
@@ -111,6 +127,17 @@ impl Tiers {
             }
             if t.prices.values().any(|p| *p < 0) {
                 bail!("tier {name}: prices must not be negative");
+            }
+            match t.max_keys {
+                Some(0) => bail!("tier {name}: max_keys must be at least 1"),
+                Some(_) => {}
+                None => {
+                    t.max_keys = Some(
+                        m.get(&name)
+                            .and_then(|b: &Tier| b.max_keys)
+                            .unwrap_or(DEFAULT_MAX_KEYS),
+                    );
+                }
             }
             t.name = name.clone();
             m.insert(name, t);
@@ -156,7 +183,7 @@ impl Tiers {
 fn unreachable_default() -> &'static Tier {
     // `from_toml` guarantees the default tier exists; this keeps the signature total.
     static FALLBACK: std::sync::OnceLock<Tier> = std::sync::OnceLock::new();
-    FALLBACK.get_or_init(|| tier(DEFAULT_TIER, 10, 5, 2, 10))
+    FALLBACK.get_or_init(|| tier(DEFAULT_TIER, 10, 5, 2, 10, DEFAULT_MAX_KEYS))
 }
 
 #[cfg(test)]
@@ -190,6 +217,12 @@ mod tests {
             (1200, 200, 50, 10000)
         );
         assert!(t.get("internal").unwrap().unlimited);
+        let max_keys = |n| t.get(n).unwrap().max_keys;
+        assert_eq!(
+            [max_keys("free"), max_keys("pro"), max_keys("business")],
+            [Some(10), Some(100), Some(1000)]
+        );
+        assert_eq!(max_keys("internal"), None, "internal: unlimited keys");
     }
 
     #[test]
@@ -216,6 +249,20 @@ mod tests {
         assert_eq!(t.get("free").unwrap().prices["text"], 1);
         assert!(t.get("enterprise").is_some());
         assert!(t.get("pro").is_some());
+        assert_eq!(
+            t.get("free").unwrap().max_keys,
+            Some(10),
+            "kept from the built-in"
+        );
+        assert_eq!(
+            t.get("enterprise").unwrap().max_keys,
+            Some(DEFAULT_MAX_KEYS)
+        );
+        let t = Tiers::from_toml(
+            "[tiers.pro]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\nmax_keys=3",
+        )
+        .unwrap();
+        assert_eq!(t.get("pro").unwrap().max_keys, Some(3));
     }
 
     #[test]
@@ -227,5 +274,9 @@ mod tests {
         .is_err());
         assert!(Tiers::from_toml("[tiers.x]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\nprices={pdf=1}").is_err());
         assert!(Tiers::from_toml("[tiers.x]\nrpm=1").is_err());
+        assert!(Tiers::from_toml(
+            "[tiers.x]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\nmax_keys=0"
+        )
+        .is_err());
     }
 }

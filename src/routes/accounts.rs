@@ -161,7 +161,12 @@ pub async fn login(
         name: format!("login {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
         scopes: vec![Scope::KeysManage, Scope::Read],
         expires_at: Some(Utc::now() + Duration::hours(12)),
+        rate_limit: None,
     };
+    // Not held to the tier's `max_keys`: logging in with the password must never lock the
+    // owner out of their own account. Login keys expire in 12 hours and are throttled per
+    // email and per address, so they cannot pile up; they do count towards the cap for keys
+    // created with `POST /v1/keys`.
     let key = keys::insert(&tx, account_id, &spec).await?;
     tx.commit().await?;
     Ok(HttpResponse::Created().json(LoginResponse { api_key: key }))
@@ -176,6 +181,8 @@ pub enum TierLimits {
         burst: u32,
         max_concurrent_jobs: u32,
         max_queued_jobs: u32,
+        /// Active keys the account may hold.
+        max_keys: u32,
         /// Credits per job format.
         prices: BTreeMap<String, i64>,
     },
@@ -200,6 +207,7 @@ impl TierLimits {
             burst: tier.burst,
             max_concurrent_jobs: tier.max_concurrent_jobs,
             max_queued_jobs: tier.max_queued_jobs,
+            max_keys: tier.max_keys.unwrap_or(u32::MAX),
             prices: tier.prices.clone(),
         }
     }
@@ -212,8 +220,12 @@ pub struct AccountWithLimits {
     account: Account,
     limits: TierLimits,
     /// Verifies the `Keymeter-Signature` header of this account's job webhooks; `null`
-    /// while the server has job webhooks off.
-    webhook_secret: Option<String>,
+    /// while the server has job webhooks off. Shown only to keys with `keys:manage` (absent
+    /// otherwise): whoever holds the secret can forge this account's webhooks, so a
+    /// read-only key handed to a dashboard or a partner must not reveal it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, required = false)]
+    webhook_secret: Option<Option<String>>,
 }
 
 /// `GET /v1/account` (`read`).
@@ -223,6 +235,8 @@ pub struct AccountWithLimits {
     operation_id = "get_account",
     tag = "accounts",
     summary = "The account this key belongs to",
+    description = "The account and its tier's limits; the job-webhook signing secret only \
+        for a key with `keys:manage`.",
     responses(
         (status = 200, description = "The account and its tier's limits.", body = AccountWithLimits),
     ),
@@ -239,11 +253,14 @@ pub async fn get_account(
         .await?
         .ok_or_else(accounts::not_found)?;
     let limits = TierLimits::of(state.tiers.get_or_default(&account.tier));
-    // Verifies the `Keymeter-Signature` of this account's job webhooks (null while off).
-    let webhook_secret = state
-        .jobs
-        .webhooks
-        .secret(account.id, account.webhook_secret_version);
+    // Verifies the `Keymeter-Signature` of this account's job webhooks (null while off);
+    // only for keys that manage keys.
+    let webhook_secret = caller.scopes.contains(Scope::KeysManage).then(|| {
+        state
+            .jobs
+            .webhooks
+            .secret(account.id, account.webhook_secret_version)
+    });
     Ok(HttpResponse::Ok().json(AccountWithLimits {
         account,
         limits,

@@ -1,12 +1,14 @@
 //! `/v1/keys`: an account manages its own keys. A key only ever sees its own account's keys;
-//! another account's key id is simply not found.
+//! another account's key id is simply not found. A key never creates (or rotates into
+//! existence) a key with more power than its own, and an account holds at most its tier's
+//! `max_keys` active keys (see `auth::keys`).
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView, DEFAULT_GRACE_SECONDS};
+use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_GRACE_SECONDS};
 use crate::auth::{key, Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
 use crate::pagination::{Page, PageQuery};
@@ -23,11 +25,17 @@ pub struct CreateKey {
         pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
     )]
     name: Option<String>,
-    /// At least one scope (default `scrape`, `read`).
+    /// At least one scope (default `scrape`, `read`), each one the calling key has.
     #[schema(value_type = Option<Vec<Scope>>, min_items = 1)]
     scopes: Option<Vec<String>>,
-    /// When the key stops working; must be in the future. Never, when absent.
+    /// When the key stops working; must be in the future and, if the calling key expires, no
+    /// later than it. When absent: the calling key's expiry (never, if it has none).
     expires_at: Option<DateTime<Utc>>,
+    /// The key's own limit in requests per minute, from 1 to the tier's; enforced on top of
+    /// the account's tier limit, which all its keys share. When absent: the calling key's own
+    /// limit, if it has one.
+    #[schema(minimum = 1)]
+    rate_limit: Option<i64>,
 }
 
 #[utoipa::path(
@@ -37,15 +45,24 @@ pub struct CreateKey {
     tag = "keys",
     summary = "Create a key",
     description = "A new key for this account. The response's `key` is the only time the \
-        whole key is shown.",
+        whole key is shown. The new key carries no more than the calling key: only scopes it \
+        has, an expiry no later than its own (inherited when absent), a rate limit no higher \
+        than its own (inherited when absent). An account holds at most its tier's `max_keys` \
+        active keys.",
     request_body = CreateKey,
     responses(
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
         (status = 400, description = "`invalid_json`, `invalid_request`"),
+        (status = 403, description = "`insufficient_scope`: also when the new key would carry \
+            more than the calling key: scopes it lacks (`missing_scopes`), a later expiry, or a \
+            higher rate limit."),
+        (status = 409, description = "`key_limit_reached`: the account already holds its \
+            tier's `max_keys` active keys (`max_keys`)."),
         (status = 413, description = "`payload_too_large`"),
         (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
-            expiry in the past, or an unknown field."),
+            expiry in the past, a `rate_limit` outside 1 to the tier's requests per minute, or \
+            an unknown field."),
     ),
     security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
 )]
@@ -56,10 +73,13 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::KeysManage)?;
     let b = body.into_inner();
-    let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
+    let tier = state.tiers.get_or_default(&caller.tier);
+    let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?
+        .with_rate_limit(b.rate_limit, tier.requests_per_minute)?
+        .bounded_by(&Power::from(&caller))?;
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let created = keys::insert(&tx, caller.account_id, &spec).await?;
+    let created = keys::insert_capped(&tx, &state.tiers, caller.account_id, &spec).await?;
     tx.commit().await?;
     tracing::info!(new_key_id = %created.view.id, "key created");
     Ok(HttpResponse::Created().json(created))
@@ -175,14 +195,20 @@ pub struct Rotate {
     operation_id = "rotate_key",
     tag = "keys",
     summary = "Rotate a key",
-    description = "Issues a successor with the same name, scopes and expiry; the old key works \
-        until its grace period ends. The body is optional.",
+    description = "Issues a successor with the same name, scopes, expiry and rate limit \
+        (whatever the request asks); the old key works until its grace period ends. The calling \
+        key may only rotate a key it could have created: none with scopes it lacks, a later \
+        expiry or a higher rate limit. A rotation never counts against `max_keys` (the old key \
+        leaves the count). The body is optional.",
     params(("id" = String, Path, description = "The key id (12 characters).")),
     request_body(content = Option<Rotate>, content_type = "application/json"),
     responses(
         (status = 201, description = "The successor key, with its plaintext.", body = CreatedKey),
         (status = 400, description = "`invalid_json`: the body is not JSON; `bad_request`: it \
             could not be read."),
+        (status = 403, description = "`insufficient_scope`: also when the key to rotate \
+            carries more than the calling key: scopes it lacks (`missing_scopes`), a later \
+            expiry, or a higher rate limit."),
         (status = 404, description = "`not_found`: no key with that id on this account."),
         (status = 409, description = "`key_revoked`: the key is revoked; \
             `key_already_rotated`: it already has a successor."),
@@ -204,7 +230,7 @@ pub async fn rotate(
     let grace = body.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let created = keys::rotate(&tx, caller.account_id, &id, grace).await?;
+    let created = keys::rotate(&tx, caller.account_id, &id, grace, &Power::from(&caller)).await?;
     tx.commit().await?;
     state.auth.cache.invalidate_key(&id).await;
     tracing::info!(old_key_id = %id, new_key_id = %created.view.id, grace_seconds = grace, "key rotated");

@@ -59,16 +59,21 @@ async fn each_default_tier_refuses_exactly_after_its_burst() {
 }
 
 #[tokio::test]
-async fn limits_are_per_key_and_headers_ride_on_errors_too() {
+async fn limits_are_per_account_and_headers_ride_on_errors_too() {
     let app = spawn_app().await;
     let (account, key1) = app.create_account("free", 0).await;
     let (_, key2) = app.create_key(account, &["scrape"]).await;
+    let (other_account, _) = app.create_account("free", 0).await;
+    let (_, other) = app.create_key(other_account, &["scrape"]).await;
     for _ in 0..5 {
         assert_eq!(app.get_with_key("/v1/account", &key1).await.status(), 200);
     }
     assert_eq!(app.get_with_key("/v1/account", &key1).await.status(), 429);
-    // A handler's own refusal (403) still carries the limit headers.
-    let res = app.get_with_key("/v1/account", &key2).await;
+    // The account's other key shares its budget.
+    assert_eq!(app.get_with_key("/v1/account", &key2).await.status(), 429);
+    // Another account has its own, and a handler's own refusal (403) still carries the
+    // limit headers.
+    let res = app.get_with_key("/v1/account", &other).await;
     assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
     assert_problem(res, 403, "insufficient_scope").await;
 }
