@@ -145,12 +145,11 @@ impl Passwords {
             .clone()
             .try_acquire_owned()
             .map_err(|_| refused())?;
-        let running = match tokio::time::timeout(MAX_WAIT, self.running.clone().acquire_owned())
-            .await
-        {
-            Ok(Ok(permit)) => permit,
-            _ => return Err(refused()),
-        };
+        let running =
+            match tokio::time::timeout(MAX_WAIT, self.running.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => return Err(refused()),
+            };
         Ok(Slot {
             permits: (admitted, running),
             counters: self.counters.clone(),
@@ -188,7 +187,11 @@ impl Slot {
 
     /// Whether `candidate` matches `stored`; with no stored hash, the same work on a dummy
     /// one and `false`, so timing does not tell whether the email exists.
-    pub async fn verify(self, candidate: SecretString, stored: Option<String>) -> anyhow::Result<bool> {
+    pub async fn verify(
+        self,
+        candidate: SecretString,
+        stored: Option<String>,
+    ) -> anyhow::Result<bool> {
         self.counters.verifications.inc();
         let permits = self.permits;
         spawn_blocking_with_span(move || {
@@ -231,12 +234,25 @@ mod tests {
     async fn a_hash_verifies_only_its_own_password() {
         let p = Passwords::new(2, 0).unwrap();
         let pw = |s: &str| Password::parse(s.to_owned().into()).unwrap();
-        let h = p.slot_for_hash().await.unwrap().hash(pw("correct horse")).await.unwrap();
+        let h = p
+            .slot_for_hash()
+            .await
+            .unwrap()
+            .hash(pw("correct horse"))
+            .await
+            .unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
         let verify = |c: &str, stored: Option<String>| {
             let c = SecretString::from(c.to_owned());
             let p = &p;
-            async move { p.slot_for_verify().await.unwrap().verify(c, stored).await.unwrap() }
+            async move {
+                p.slot_for_verify()
+                    .await
+                    .unwrap()
+                    .verify(c, stored)
+                    .await
+                    .unwrap()
+            }
         };
         assert!(verify("correct horse", Some(h.clone())).await);
         assert!(!verify("wrong horse", Some(h)).await);
@@ -249,10 +265,17 @@ mod tests {
     async fn a_full_line_is_refused_at_once() {
         let p = Passwords::new(1, 0).unwrap();
         let held = p.slot_for_verify().await.unwrap();
-        let refused = p.slot_for_hash().await.err().expect("the only slot is taken");
+        let refused = p
+            .slot_for_hash()
+            .await
+            .err()
+            .expect("the only slot is taken");
         assert!(matches!(
             refused,
-            ApiError::Unavailable { kind: "password_hashing_busy", .. }
+            ApiError::Unavailable {
+                kind: "password_hashing_busy",
+                ..
+            }
         ));
         assert_eq!(p.counters.hashes_refused.get(), 1);
         drop(held);

@@ -426,14 +426,7 @@ impl Sender {
                   WHERE w.job_id = p.job_id AND a.id = w.account_id
               RETURNING w.job_id, w.account_id, w.url, w.origin, w.event_id, w.payload,
                         w.attempts, a.webhook_secret_version",
-                &[
-                    &after,
-                    &scan,
-                    &busy_accounts,
-                    &busy_origins,
-                    &limit,
-                    &lease,
-                ],
+                &[&after, &scan, &busy_accounts, &busy_origins, &limit, &lease],
             )
             .await?;
         Ok(rows

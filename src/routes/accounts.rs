@@ -80,7 +80,12 @@ pub async fn signup(
     let Credentials { email, password } = body.into_inner();
     let email = Email::parse(&email)?;
     let password = Password::parse(password)?;
-    let hash = state.passwords.slot_for_hash().await?.hash(password).await?;
+    let hash = state
+        .passwords
+        .slot_for_hash()
+        .await?
+        .hash(password)
+        .await?;
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let (account, key) = accounts::create(

@@ -300,12 +300,18 @@ async fn concurrent_wrong_guesses_verify_at_most_five_passwords() {
         verified <= 5.0,
         "{verified} passwords were verified for 20 parallel guesses ({statuses:?})"
     );
-    assert!(verified >= 1.0, "no guess was checked at all ({statuses:?})");
+    assert!(
+        verified >= 1.0,
+        "no guess was checked at all ({statuses:?})"
+    );
     assert!(
         statuses.keys().all(|s| *s == 401 || *s == 429),
         "only 401s and 429s: {statuses:?}"
     );
-    assert!(statuses.get(&401).copied().unwrap_or(0) <= 5, "{statuses:?}");
+    assert!(
+        statuses.get(&401).copied().unwrap_or(0) <= 5,
+        "{statuses:?}"
+    );
     // The email is locked now, even for the right password, and without a check.
     let res = login(&app, "target@example.com", "the right password").await;
     assert!(res.headers().contains_key("retry-after"));
@@ -346,7 +352,11 @@ async fn login_failures_are_purged_when_their_window_ends() {
         "rate_limited",
     )
     .await;
-    assert_eq!(rows(&app).await, 4, "each failing email has its row while its window runs");
+    assert_eq!(
+        rows(&app).await,
+        4,
+        "each failing email has its row while its window runs"
+    );
     // The window is 8 s and the lock another 8 s at most: soon after, nothing is left.
     let deadline = Instant::now() + Duration::from_secs(40);
     while rows(&app).await > 0 {
