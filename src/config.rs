@@ -226,6 +226,12 @@ pub struct Config {
     pub ip_burst: u32,
     /// Failed authentications an IP may make per minute before it is throttled.
     pub auth_failures_per_minute: u32,
+    /// Five failed logins within this window lock the email for as long again.
+    pub login_lockout: Duration,
+    /// Argon2 hashes and verifications at a time (default: one per core), and attempts that
+    /// may wait for one; beyond them signup and login answer 503 `password_hashing_busy`.
+    pub password_hash_concurrency: usize,
+    pub password_hash_queue: usize,
     /// Key cache: entry lifetime (the backstop for a lost invalidation) and size.
     pub key_cache_ttl: Duration,
     pub key_cache_capacity: u64,
@@ -265,6 +271,10 @@ pub struct JobsSettings {
     pub webhook_signing_key: Option<SecretString>,
     pub webhook_attempts: i32,
     pub webhook_retry_base: Duration,
+    /// Job webhooks in flight per instance: in all, per account, per destination origin.
+    pub webhook_concurrency: usize,
+    pub webhook_per_account: usize,
+    pub webhook_per_destination: usize,
 }
 
 /// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`; never used in production.
@@ -354,6 +364,24 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
         webhook_signing_key,
         webhook_attempts,
         webhook_retry_base: millis(src, "KEYMETER_JOB_WEBHOOK_RETRY_MS", 10_000)?,
+        webhook_concurrency: positive(
+            src,
+            "KEYMETER_JOB_WEBHOOK_CONCURRENCY",
+            64usize,
+            "a count of deliveries",
+        )?,
+        webhook_per_account: positive(
+            src,
+            "KEYMETER_JOB_WEBHOOK_PER_ACCOUNT",
+            8usize,
+            "a count of deliveries",
+        )?,
+        webhook_per_destination: positive(
+            src,
+            "KEYMETER_JOB_WEBHOOK_PER_DESTINATION",
+            8usize,
+            "a count of deliveries",
+        )?,
     })
 }
 
@@ -619,6 +647,20 @@ impl Config {
             20u32,
             "failures per minute",
         )?;
+        let login_lockout = secs(src, "KEYMETER_LOGIN_LOCKOUT_SECS", 900)?;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let password_hash_concurrency = positive(
+            src,
+            "KEYMETER_PASSWORD_HASH_CONCURRENCY",
+            cores,
+            "a count of hashes at a time",
+        )?;
+        let password_hash_queue = parsed(
+            src,
+            "KEYMETER_PASSWORD_HASH_QUEUE",
+            password_hash_concurrency.saturating_mul(4),
+            "a count of waiting attempts (0 or more)",
+        )?;
         let key_cache_ttl = secs(src, "KEYMETER_KEY_CACHE_TTL_SECS", 30)?;
         if key_cache_ttl > Duration::from_secs(60) {
             return Err(ConfigError::new(
@@ -755,6 +797,9 @@ impl Config {
             ip_rate_per_minute,
             ip_burst,
             auth_failures_per_minute,
+            login_lockout,
+            password_hash_concurrency,
+            password_hash_queue,
             key_cache_ttl,
             key_cache_capacity,
             redis_url,

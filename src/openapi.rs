@@ -211,6 +211,14 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
          after `Retry-After`.",
     ),
     (
+        "password_hashing_busy",
+        &[503],
+        "Signup or login: the server is hashing as many passwords as it allows at once (a \
+         bounded number per instance, with a short line behind it); retry after \
+         `Retry-After`. Nothing was created, and a refused login is not counted against its \
+         email.",
+    ),
+    (
         "not_ready",
         &[503],
         "The instance is not ready (its database did not answer).",

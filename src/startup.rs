@@ -53,6 +53,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Concurrent `GET /v1/account` reads share one query.
     pub account_reads: Arc<crate::accounts::reads::AccountReads>,
+    /// Bounds the Argon2 work of signups and logins.
+    pub passwords: Arc<crate::accounts::password::Passwords>,
 }
 
 pub struct Application {
@@ -98,6 +100,9 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
             max_attempts: s.webhook_attempts,
             retry_base: s.webhook_retry_base,
             timeout: std::time::Duration::from_secs(10),
+            max_in_flight: s.webhook_concurrency,
+            per_account: s.webhook_per_account,
+            per_destination: s.webhook_per_destination,
         },
     )?;
     Ok(Jobs {
@@ -184,6 +189,13 @@ impl Application {
             limits = limits.with_shared(RedisLimiter::new(config.redis_timeout), on_failure);
         }
         let limits = Arc::new(limits);
+        let passwords = Arc::new(crate::accounts::password::Passwords::new(
+            config.password_hash_concurrency,
+            config.password_hash_queue,
+        )?);
+        for c in passwords.collectors() {
+            metrics.register(c)?;
+        }
         let jobs = Arc::new(build_jobs(&config, &tiers)?);
         let config = Arc::new(config);
         let state = AppState {
@@ -207,6 +219,7 @@ impl Application {
             account_reads: Arc::new(crate::accounts::reads::AccountReads::new(
                 tokio::runtime::Handle::current(),
             )),
+            passwords,
         };
         {
             // Queue depth and jobs by state, read when /metrics is scraped.
@@ -255,6 +268,11 @@ impl Application {
         }
         tasks.spawn(crate::idempotency::run_purge(
             pool.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(crate::accounts::login::run_purge(
+            pool.clone(),
+            config.login_lockout,
             shutdown.clone(),
         ));
         if let Some(url) = state.config.redis_url.clone() {

@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::accounts::password::{self, Password};
+use crate::accounts::password::Password;
 use crate::accounts::{self, login, Account, Email, NewAccount};
 use crate::auth::keys::{self, CreatedKey, KeySpec};
 use crate::auth::{Authenticated, Scope};
@@ -61,6 +61,9 @@ pub struct LoginResponse {
         (status = 415, description = "`unsupported_media_type`: send `Content-Type: application/json`."),
         (status = 422, description = "`validation_failed`: a bad email or password, an unknown \
             field, or a field of the wrong type (`field` names it when known)."),
+        (status = 503, description = "`password_hashing_busy`: this server is hashing as many \
+            passwords as it allows at once; retry after `Retry-After` seconds. Nothing was \
+            created."),
     ),
     extensions(("x-rate-limit" = json!("ip"))),
 )]
@@ -77,7 +80,12 @@ pub async fn signup(
     let Credentials { email, password } = body.into_inner();
     let email = Email::parse(&email)?;
     let password = Password::parse(password)?;
-    let hash = password::hash(password).await?;
+    let hash = state
+        .passwords
+        .slot_for_hash()
+        .await?
+        .hash(password)
+        .await?;
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let (account, key) = accounts::create(
@@ -109,7 +117,9 @@ pub async fn signup(
     tag = "accounts",
     summary = "Log in with email and password",
     description = "A new key with `keys:manage` and `read` that expires in 12 hours. Five \
-        failures lock the email for 15 minutes. Limited per client IP.",
+        failures within the lockout window (15 minutes by default) lock the email for as long \
+        again; attempts sent at once are counted before their passwords are checked, so no \
+        more than five are ever checked. Limited per client IP.",
     request_body = Credentials,
     responses(
         (status = 201, description = "A 12-hour key.", body = LoginResponse),
@@ -120,7 +130,11 @@ pub async fn signup(
         (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a malformed email, an unknown field, \
             or a field of the wrong type."),
-        (status = 429, description = "`rate_limited`: too many failed logins for this email."),
+        (status = 429, description = "`rate_limited`: too many failed logins for this email \
+            (`Retry-After` says for how long)."),
+        (status = 503, description = "`password_hashing_busy`: this server is checking as many \
+            passwords as it allows at once; retry after `Retry-After` seconds. The attempt was \
+            not counted against the email."),
     ),
     extensions(("x-rate-limit" = json!("ip"))),
 )]
@@ -133,13 +147,16 @@ pub async fn login(
     let Credentials { email, password } = body.into_inner();
     let email = Email::parse(&email)?;
     let email_key = email.key();
+    let locked = |secs| ApiError::RateLimited {
+        retry_after_secs: secs,
+        detail: "Too many failed logins for this email; try again later.".into(),
+    };
+    let window = state.config.login_lockout;
     let found = {
         let client = state.db.get().await?;
+        // A locked email is refused before it can take a hashing slot.
         if let Some(secs) = login::locked_for(&client, &email_key).await? {
-            return Err(ApiError::RateLimited {
-                retry_after_secs: secs,
-                detail: "Too many failed logins for this email; try again later.".into(),
-            });
+            return Err(locked(secs));
         }
         accounts::password_hash_for(&client, &email).await?
     };
@@ -147,11 +164,23 @@ pub async fn login(
         Some((id, hash, status)) => (Some(id), hash, status),
         None => (None, None, String::new()),
     };
+    // The slot first: an attempt refused for lack of one is not counted against the email.
+    let slot = state.passwords.slot_for_verify().await?;
+    {
+        let client = state.db.get().await?;
+        // Counted before the check, so parallel guesses cannot all be checked (see
+        // `accounts::login`).
+        if let login::Attempt::Locked(secs) =
+            login::reserve_attempt(&client, &email_key, window).await?
+        {
+            return Err(locked(secs));
+        }
+    }
     // No pooled connection is held during the deliberately slow hash.
-    let ok = password::verify(password, stored).await? && status == "active";
+    let ok = slot.verify(password, stored).await? && status == "active";
     let mut client = state.db.get().await?;
     let Some(account_id) = account_id.filter(|_| ok) else {
-        login::record_failure(&client, &email_key).await?;
+        // The failure was counted when the attempt was reserved.
         state.limits.note_auth_failure(&req);
         return Err(ApiError::InvalidCredentials);
     };
