@@ -206,13 +206,13 @@ impl Application {
         };
         {
             // Queue depth, jobs by state and the backlog's age, read when /metrics is scraped.
-            let (pool, backlog) = (pool.clone(), metrics.backlog());
+            let (pool, backlog, jobs) = (pool.clone(), metrics.backlog(), jobs.clone());
             metrics.on_scrape(move || {
-                let (pool, backlog) = (pool.clone(), backlog.clone());
+                let (pool, backlog, jobs) = (pool.clone(), backlog.clone(), jobs.clone());
                 async move {
                     let Ok(client) = pool.get().await else { return };
-                    if let Ok(b) = crate::jobs::queue::backlog(&client).await {
-                        backlog.set_oldest_queued(b.oldest_queued_secs);
+                    if let Ok(b) = crate::jobs::queue::backlog(&client, &jobs.limits).await {
+                        backlog.set_oldest_claimable(b.oldest_claimable_secs);
                         backlog.set_webhooks(
                             b.webhooks_pending,
                             b.webhooks_retrying,

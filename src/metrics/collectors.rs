@@ -117,7 +117,7 @@ impl Collector for KeyCacheCollector {
     }
 }
 
-/// The backlog of work waiting in the database: how long the oldest queued job has waited,
+/// The backlog of work waiting in the database: how long the oldest claimable job has waited,
 /// and the job-webhook outbox. Set by an `on_scrape` hook that reads the tables (every
 /// instance sees the same shared queue, so every instance reports the same values: alert
 /// on `max`, not `sum`), and kept in this application's own registry so one application's
@@ -127,7 +127,7 @@ impl Collector for KeyCacheCollector {
 /// failing, whichever instance's sender tried them — without touching the sending code.
 #[derive(Clone)]
 pub struct Backlog {
-    oldest_queued: Gauge,
+    oldest_claimable: Gauge,
     webhooks_pending: IntGauge,
     webhooks_retrying: IntGauge,
     webhooks_failing_accounts: IntGauge,
@@ -137,9 +137,9 @@ pub struct Backlog {
 impl Backlog {
     pub(super) fn new() -> prometheus::Result<Backlog> {
         Ok(Backlog {
-            oldest_queued: Gauge::new(
-                "keymeter_jobs_oldest_queued_age_seconds",
-                "How long the oldest queued scrape job has waited (0 when none is queued).",
+            oldest_claimable: Gauge::new(
+                "keymeter_jobs_oldest_claimable_age_seconds",
+                "How long the oldest queued scrape job a worker could take now (its account below its running-job limit) has waited; 0 when none.",
             )?,
             webhooks_pending: IntGauge::new(
                 "keymeter_job_webhooks_pending",
@@ -160,9 +160,9 @@ impl Backlog {
         })
     }
 
-    /// The age of the oldest queued job, seconds.
-    pub fn set_oldest_queued(&self, secs: f64) {
-        self.oldest_queued.set(secs.max(0.0));
+    /// The age of the oldest claimable job, seconds.
+    pub fn set_oldest_claimable(&self, secs: f64) {
+        self.oldest_claimable.set(secs.max(0.0));
     }
 
     /// The outbox: pending deliveries, those whose last attempt failed, the accounts they
@@ -176,7 +176,7 @@ impl Backlog {
 
     fn collectors(&self) -> [&dyn Collector; 5] {
         [
-            &self.oldest_queued,
+            &self.oldest_claimable,
             &self.webhooks_pending,
             &self.webhooks_retrying,
             &self.webhooks_failing_accounts,

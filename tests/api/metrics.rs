@@ -577,16 +577,21 @@ async fn pool_gauges_are_read_at_scrape_time() {
     assert!(waiting >= 0.0);
 }
 
-/// The backlog gauges are read from the tables at each scrape: how long the oldest queued
-/// job has waited, and the job-webhook outbox (pending, retrying after a failure, the
+/// The backlog gauges are read from the tables at each scrape: how long the oldest job a
+/// worker could take has waited, and the job-webhook outbox (pending, retrying after a failure, the
 /// accounts those belong to, how overdue the most overdue delivery is). Rows are written
 /// straight into this test's database, since real ones take an hour of retries to get there.
 #[tokio::test]
 async fn backlog_gauges_read_the_queue_and_the_webhook_outbox() {
-    let app = spawn_app().await;
+    // b's job is claimable: idle workers look at the queue only every ten minutes here (an
+    // INSERT sends no wake-up), so it is still queued when the test scrapes.
+    let app = spawn_app_with(|env| {
+        env.insert("KEYMETER_JOB_POLL_MS".into(), "600000".into());
+    })
+    .await;
     let m = scrape(&app).await;
     for name in [
-        "keymeter_jobs_oldest_queued_age_seconds",
+        "keymeter_jobs_oldest_claimable_age_seconds",
         "keymeter_job_webhooks_pending",
         "keymeter_job_webhooks_retrying",
         "keymeter_job_webhooks_failing_accounts",
@@ -602,20 +607,25 @@ async fn backlog_gauges_read_the_queue_and_the_webhook_outbox() {
 
     let (a, _) = app.create_account("free", 0).await;
     let (b, _) = app.create_account("free", 0).await;
-    // `free` runs 2 jobs at a time: two running jobs on long leases keep a's queued job
-    // (queued ten minutes ago, with a timeout long enough that the reaper leaves it) waiting.
+    // `free` runs 2 jobs at a time: a has two running (on long leases), so its job queued ten
+    // minutes ago waits on a's own limit and does not count; b's, queued five minutes ago, is
+    // the oldest a worker could take. (Timeouts long enough that the reaper leaves them.)
+    let queue = "INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
+                                   attempts, lease_owner, lease_expires_at, created_at)
+                 SELECT gen_random_uuid(), $1, s.status, 'async', 'https://example.com/',
+                        '{html}', 3600000, 1, s.attempts, s.owner, s.lease,
+                        now() - $2::text::interval
+                   FROM (VALUES ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
+                                ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
+                                ('queued', 0, NULL::uuid, NULL::timestamptz))
+                        AS s(status, attempts, owner, lease)
+                  WHERE s.status = 'queued' OR $3";
     app.db
-        .execute(
-            "INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
-                               attempts, lease_owner, lease_expires_at, created_at)
-             SELECT gen_random_uuid(), $1, s.status, 'async', 'https://example.com/', '{html}',
-                    3600000, 1, s.attempts, s.owner, s.lease, now() - interval '10 minutes'
-               FROM (VALUES ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
-                            ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
-                            ('queued', 0, NULL::uuid, NULL::timestamptz))
-                    AS s(status, attempts, owner, lease)",
-            &[&a],
-        )
+        .execute(queue, &[&a, &"10 minutes", &true])
+        .await
+        .unwrap();
+    app.db
+        .execute(queue, &[&b, &"5 minutes", &false])
         .await
         .unwrap();
     // Finished jobs with deliveries: for a, two failing and one about to be due; for b, one
@@ -673,9 +683,9 @@ async fn backlog_gauges_read_the_queue_and_the_webhook_outbox() {
     let m = scrape(&app).await;
     app.db.batch_execute("COMMIT").await.unwrap();
     let age = m
-        .get("keymeter_jobs_oldest_queued_age_seconds", &[])
+        .get("keymeter_jobs_oldest_claimable_age_seconds", &[])
         .unwrap();
-    assert!((600.0..900.0).contains(&age), "oldest queued age {age}");
+    assert!((300.0..600.0).contains(&age), "oldest claimable age {age}");
     assert_eq!(m.get("keymeter_job_webhooks_pending", &[]), Some(4.0));
     assert_eq!(m.get("keymeter_job_webhooks_retrying", &[]), Some(3.0));
     assert_eq!(
