@@ -6,6 +6,8 @@
 // One log line per request on the console (the drills send it to a file with
 // --console-output):  REQ <t0 ms> <t1 ms> <status> <kind> <problem type|-> <k6 error code|->
 // Status 0 means no HTTP response at all (refused, reset, timed out).
+// With ACKS=1, every charge answered 201 also logs  ACK <t0 ms> <t1 ms> <ledger id> <account id>
+// (load/drill-restore.sh checks that the charges acknowledged before a backup are in it).
 //
 // Environment: BASE_URL, UPSTREAM_URL (run by the drills), KEYS (comma-separated API keys,
 // default API_KEY), MIX (comma-separated kinds, default account,charge), DURATION (20s),
@@ -28,6 +30,7 @@ const REQ_TIMEOUT = __ENV.REQ_TIMEOUT || '30s';
 const SCRAPE_MS = int('SCRAPE_MS', 500);
 const JOB_SHORT_MS = int('JOB_SHORT_MS', 1000);
 const JOB_LONG_MS = int('JOB_LONG_MS', 8000);
+const ACKS = __ENV.ACKS === '1';
 
 requireLoopback('BASE_URL', BASE_URL);
 if (KEYS.length === 0) throw new Error('KEYS (or API_KEY) is not set');
@@ -77,6 +80,17 @@ export default function () {
     if (type !== 'not-json' && !ct.startsWith('application/problem+json')) type = `${type}(ct:${ct || 'none'})`;
   }
   console.log(`REQ ${t0} ${t1} ${r.status} ${kind} ${type} ${r.error_code || '-'}`);
+  if (ACKS && kind === 'charge' && r.status === 201) {
+    let id = '-';
+    let account = '-';
+    try {
+      id = r.json('id');
+      account = r.json('account_id');
+    } catch (_) {
+      // logged as '-': the drill counts it as an acknowledgement it cannot check
+    }
+    console.log(`ACK ${t0} ${t1} ${id} ${account}`);
+  }
   if (PACE_MS > 0) sleep(PACE_MS / 1000);
 }
 

@@ -222,12 +222,21 @@ impl Application {
             passwords,
         };
         {
-            // Queue depth and jobs by state, read when /metrics is scraped.
-            let pool = pool.clone();
+            // Queue depth, jobs by state and the backlog's age, read when /metrics is scraped.
+            let (pool, backlog, jobs) = (pool.clone(), metrics.backlog(), jobs.clone());
             metrics.on_scrape(move || {
-                let pool = pool.clone();
+                let (pool, backlog, jobs) = (pool.clone(), backlog.clone(), jobs.clone());
                 async move {
                     let Ok(client) = pool.get().await else { return };
+                    if let Ok(b) = crate::jobs::queue::backlog(&client, &jobs.limits).await {
+                        backlog.set_oldest_claimable(b.oldest_claimable_secs);
+                        backlog.set_webhooks(
+                            b.webhooks_pending,
+                            b.webhooks_retrying,
+                            b.webhooks_failing_accounts,
+                            b.webhooks_overdue_secs,
+                        );
+                    }
                     let Ok(depth) = crate::jobs::queue::depth(&client).await else {
                         return;
                     };

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use deadpool_postgres::Pool;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::auth::cache::KeyCache;
 
@@ -114,5 +114,89 @@ impl Collector for KeyCacheCollector {
         self.misses.inc_by(misses.saturating_sub(exported.1));
         *exported = (hits.max(exported.0), misses.max(exported.1));
         self.lookups.collect()
+    }
+}
+
+/// The backlog of work waiting in the database: how long the oldest claimable job has waited,
+/// and the job-webhook outbox. Set by an `on_scrape` hook that reads the tables (every
+/// instance sees the same shared queue, so every instance reports the same values: alert
+/// on `max`, not `sum`), and kept in this application's own registry so one application's
+/// values never overwrite another's.
+///
+/// These answer what counters cannot: a queue that stopped moving, and deliveries that keep
+/// failing, whichever instance's sender tried them — without touching the sending code.
+#[derive(Clone)]
+pub struct Backlog {
+    oldest_claimable: Gauge,
+    webhooks_pending: IntGauge,
+    webhooks_retrying: IntGauge,
+    webhooks_failing_accounts: IntGauge,
+    webhooks_overdue: Gauge,
+}
+
+impl Backlog {
+    pub(super) fn new() -> prometheus::Result<Backlog> {
+        Ok(Backlog {
+            oldest_claimable: Gauge::new(
+                "keymeter_jobs_oldest_claimable_age_seconds",
+                "How long the oldest queued scrape job a worker could take now (its account below its running-job limit) has waited; 0 when none.",
+            )?,
+            webhooks_pending: IntGauge::new(
+                "keymeter_job_webhooks_pending",
+                "Job webhook deliveries neither delivered nor given up.",
+            )?,
+            webhooks_retrying: IntGauge::new(
+                "keymeter_job_webhooks_retrying",
+                "Pending job webhook deliveries whose last attempt failed (they will be retried).",
+            )?,
+            webhooks_failing_accounts: IntGauge::new(
+                "keymeter_job_webhooks_failing_accounts",
+                "Accounts with at least one retrying job webhook delivery.",
+            )?,
+            webhooks_overdue: Gauge::new(
+                "keymeter_job_webhooks_overdue_seconds",
+                "How far past its due time the most overdue pending job webhook delivery is (0 when none is due).",
+            )?,
+        })
+    }
+
+    /// The age of the oldest claimable job, seconds.
+    pub fn set_oldest_claimable(&self, secs: f64) {
+        self.oldest_claimable.set(secs.max(0.0));
+    }
+
+    /// The outbox: pending deliveries, those whose last attempt failed, the accounts they
+    /// belong to, and how late the most overdue one is (seconds).
+    pub fn set_webhooks(&self, pending: i64, retrying: i64, failing_accounts: i64, overdue: f64) {
+        self.webhooks_pending.set(pending);
+        self.webhooks_retrying.set(retrying);
+        self.webhooks_failing_accounts.set(failing_accounts);
+        self.webhooks_overdue.set(overdue.max(0.0));
+    }
+
+    fn collectors(&self) -> [&dyn Collector; 5] {
+        [
+            &self.oldest_claimable,
+            &self.webhooks_pending,
+            &self.webhooks_retrying,
+            &self.webhooks_failing_accounts,
+            &self.webhooks_overdue,
+        ]
+    }
+}
+
+impl Collector for Backlog {
+    fn desc(&self) -> Vec<&Desc> {
+        self.collectors()
+            .into_iter()
+            .flat_map(|c| c.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.collectors()
+            .into_iter()
+            .flat_map(|c| c.collect())
+            .collect()
     }
 }

@@ -47,6 +47,7 @@ use prometheus::{
 use crate::auth::cache::KeyCache;
 use crate::credits::ledger::Kind;
 
+pub use collectors::Backlog;
 pub use jobs::{breaker_rejected, forget_breaker, jobs, set_breaker_state};
 pub use jobs::{BreakerKind, BreakerState, Jobs};
 
@@ -395,6 +396,7 @@ type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sy
 pub struct Metrics {
     registry: Registry,
     hooks: Mutex<Vec<Hook>>,
+    backlog: Backlog,
 }
 
 impl Metrics {
@@ -413,10 +415,20 @@ impl Metrics {
         registry
             .register(Box::new(collectors::KeyCacheCollector::new(cache)?))
             .context("registering the key cache metrics")?;
+        let backlog = Backlog::new()?;
+        registry
+            .register(Box::new(backlog.clone()))
+            .context("registering the backlog metrics")?;
         Ok(Metrics {
             registry,
             hooks: Mutex::new(Vec::new()),
+            backlog,
         })
+    }
+
+    /// This application's queue-age and job-webhook gauges, for its `on_scrape` hook to set.
+    pub fn backlog(&self) -> Backlog {
+        self.backlog.clone()
     }
 
     /// Adds a collector of this application's own (read at scrape time, like the pool's).

@@ -577,6 +577,125 @@ async fn pool_gauges_are_read_at_scrape_time() {
     assert!(waiting >= 0.0);
 }
 
+/// The backlog gauges are read from the tables at each scrape: how long the oldest job a
+/// worker could take has waited, and the job-webhook outbox (pending, retrying after a failure, the
+/// accounts those belong to, how overdue the most overdue delivery is). Rows are written
+/// straight into this test's database, since real ones take an hour of retries to get there.
+#[tokio::test]
+async fn backlog_gauges_read_the_queue_and_the_webhook_outbox() {
+    // b's job is claimable: idle workers look at the queue only every ten minutes here (an
+    // INSERT sends no wake-up), so it is still queued when the test scrapes.
+    let app = spawn_app_with(|env| {
+        env.insert("KEYMETER_JOB_POLL_MS".into(), "600000".into());
+    })
+    .await;
+    let m = scrape(&app).await;
+    for name in [
+        "keymeter_jobs_oldest_claimable_age_seconds",
+        "keymeter_job_webhooks_pending",
+        "keymeter_job_webhooks_retrying",
+        "keymeter_job_webhooks_failing_accounts",
+        "keymeter_job_webhooks_overdue_seconds",
+    ] {
+        assert_eq!(
+            m.types.get(name).map(String::as_str),
+            Some("gauge"),
+            "{name}"
+        );
+        assert_eq!(m.get(name, &[]), Some(0.0), "{name} with nothing waiting");
+    }
+
+    let (a, _) = app.create_account("free", 0).await;
+    let (b, _) = app.create_account("free", 0).await;
+    // `free` runs 2 jobs at a time: a has two running (on long leases), so its job queued ten
+    // minutes ago waits on a's own limit and does not count; b's, queued five minutes ago, is
+    // the oldest a worker could take. (Timeouts long enough that the reaper leaves them.)
+    let queue = "INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
+                                   attempts, lease_owner, lease_expires_at, created_at)
+                 SELECT gen_random_uuid(), $1, s.status, 'async', 'https://example.com/',
+                        '{html}', 3600000, 1, s.attempts, s.owner, s.lease,
+                        now() - $2::text::interval
+                   FROM (VALUES ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
+                                ('running', 1, gen_random_uuid(), now() + interval '1 hour'),
+                                ('queued', 0, NULL::uuid, NULL::timestamptz))
+                        AS s(status, attempts, owner, lease)
+                  WHERE s.status = 'queued' OR $3";
+    app.db
+        .execute(queue, &[&a, &"10 minutes", &true])
+        .await
+        .unwrap();
+    app.db
+        .execute(queue, &[&b, &"5 minutes", &false])
+        .await
+        .unwrap();
+    // Finished jobs with deliveries: for a, two failing and one about to be due; for b, one
+    // failing, one delivered, one given up (neither of the last two counts).
+    let hooks = [
+        (a, "failing", "1 hour"),
+        (a, "failing", "1 hour"),
+        (a, "due", "1 second"),
+        (b, "failing", "1 hour"),
+        (b, "delivered", "1 hour"),
+        (b, "failed", "1 hour"),
+    ];
+    let mut due = None;
+    for (account, state, next) in hooks {
+        let job = uuid::Uuid::new_v4();
+        app.db
+            .execute(
+                "INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
+                                   webhook_url, finished_at)
+                 VALUES ($1, $2, 'succeeded', 'async', 'https://example.com/', '{html}', 1000,
+                         1, 'https://hooks.example.com/', now())",
+                &[&job, &account],
+            )
+            .await
+            .unwrap();
+        app.db
+            .execute(
+                "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload,
+                                           attempts, next_attempt_at, last_error,
+                                           delivered_at, failed_at)
+                 VALUES ($1, $2, 'https://hooks.example.com/', gen_random_uuid(), 'job.succeeded',
+                         '{}', $3, now() + $4::text::interval,
+                         CASE WHEN $5 IN ('failing', 'failed') THEN 'connection refused' END,
+                         CASE WHEN $5 = 'delivered' THEN now() END,
+                         CASE WHEN $5 = 'failed' THEN now() END)",
+                &[&job, &account, &i32::from(state != "due"), &next, &state],
+            )
+            .await
+            .unwrap();
+        if state == "due" {
+            due = Some(job);
+        }
+    }
+    // Hold the due delivery's row lock, so the server's sender (which skips locked rows)
+    // cannot take it, and let it become overdue.
+    app.db
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM job_webhooks WHERE job_id = '{}' FOR UPDATE",
+            due.unwrap()
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+
+    let m = scrape(&app).await;
+    app.db.batch_execute("COMMIT").await.unwrap();
+    let age = m
+        .get("keymeter_jobs_oldest_claimable_age_seconds", &[])
+        .unwrap();
+    assert!((300.0..600.0).contains(&age), "oldest claimable age {age}");
+    assert_eq!(m.get("keymeter_job_webhooks_pending", &[]), Some(4.0));
+    assert_eq!(m.get("keymeter_job_webhooks_retrying", &[]), Some(3.0));
+    assert_eq!(
+        m.get("keymeter_job_webhooks_failing_accounts", &[]),
+        Some(2.0)
+    );
+    let overdue = m.get("keymeter_job_webhooks_overdue_seconds", &[]).unwrap();
+    assert!((1.0..60.0).contains(&overdue), "overdue {overdue}");
+}
+
 const WEBHOOK_SECRET: &str = "whsec_metrics_test_0123456789";
 
 async fn deliver(app: &TestApp, body: &[u8], signed: bool) -> reqwest::Response {
