@@ -415,15 +415,19 @@ async fn charge_with_key(app: &TestApp, key: &str, idem: &str) -> reqwest::Respo
 }
 
 /// Two instances on one database, as during a rolling change of the request timeout: A
-/// (timeout 60 s) takes a first attempt that the test slows down by holding the account's
-/// row lock from its own connection, so the charge waits. B (timeout 3 s) gets the retry; once
-/// the first attempt's claim is older than B's abandonment window, B takes the key over and
-/// its charge queues behind the same lock. Then the lock goes: the first attempt's charge
-/// runs first, and must not commit — only the retry, which holds the claim, may charge.
+/// (timeout 60 s, so its claims count as abandoned after 72 s) takes a first attempt that the
+/// test slows down by holding the account's row lock from its own connection, so the charge
+/// waits. B (timeout 3 s: abandoned after 4 s) gets the retry; once the first attempt's claim
+/// is older than that, B takes the key over and its charge queues behind the same lock. Then
+/// the lock goes: the first attempt's charge runs first, and must not commit — only the
+/// retry, which holds the claim, may charge.
 #[tokio::test]
 async fn a_slow_first_attempt_and_its_retry_never_both_charge() {
     let a = spawn_app_with(|env| {
         env.insert("KEYMETER_REQUEST_TIMEOUT_SECS".into(), "60".into());
+        // The first attempt's charge waits on the lock for seconds: the statement timeout
+        // must not end it first (then it would simply fail, and prove nothing).
+        env.insert("KEYMETER_DB_STATEMENT_TIMEOUT_MS".into(), "60000".into());
     })
     .await;
     let b = spawn_app_on(a.db_name.clone(), |env| {
