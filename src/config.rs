@@ -277,10 +277,17 @@ pub struct JobsSettings {
     pub webhook_per_destination: usize,
 }
 
-/// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`; never used in production.
+/// The development default of `KEYMETER_WEBHOOK_SIGNING_KEY`. It is in the source, so anyone
+/// can derive every account's job-webhook secret from it and forge deliveries: it is used only
+/// in development on a loopback address, and refused (even when set explicitly) in production
+/// or when `KEYMETER_BIND` is reachable from other machines.
 const DEV_WEBHOOK_SIGNING_KEY: &str = "keymeter-development-webhook-signing-key";
 
-fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, ConfigError> {
+fn jobs_settings(
+    src: &dyn Source,
+    env: Environment,
+    bind: SocketAddr,
+) -> Result<JobsSettings, ConfigError> {
     let scrape_allow = src.get("KEYMETER_SCRAPE_ALLOW").unwrap_or_default();
     if !scrape_allow.trim().is_empty() {
         if env.is_production() {
@@ -305,7 +312,14 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
             ));
         }
     }
+    let public = env.is_production() || !bind.ip().is_loopback();
     let webhook_signing_key = match src.get("KEYMETER_WEBHOOK_SIGNING_KEY") {
+        Some(k) if k == DEV_WEBHOOK_SIGNING_KEY && public => {
+            return Err(ConfigError::new(
+                "KEYMETER_WEBHOOK_SIGNING_KEY",
+                "must not be the published development key in production or when KEYMETER_BIND is not a loopback address",
+            ))
+        }
         Some(k) if k.len() >= 32 => Some(SecretString::from(k)),
         Some(_) => {
             return Err(ConfigError::new(
@@ -315,6 +329,14 @@ fn jobs_settings(src: &dyn Source, env: Environment) -> Result<JobsSettings, Con
         }
         // Production without a key: job webhooks are off (a job asking for one gets a 422).
         None if env.is_production() => None,
+        None if public => {
+            return Err(ConfigError::new(
+                "KEYMETER_WEBHOOK_SIGNING_KEY",
+                format!(
+                    "must be set (32+ random characters) when KEYMETER_BIND ({bind}) is not a loopback address: the built-in development key is public"
+                ),
+            ))
+        }
         None => Some(SecretString::from(DEV_WEBHOOK_SIGNING_KEY)),
     };
     // failsafe's backoff counts whole seconds (and refuses less than one).
@@ -808,7 +830,7 @@ impl Config {
             billing,
             charge_coalescing,
             webhook_body_limit,
-            jobs: jobs_settings(src, env)?,
+            jobs: jobs_settings(src, env, bind)?,
         })
     }
 
@@ -988,5 +1010,41 @@ mod tests {
         let c = Config::from_source(&src(&[])).expect("defaults parse");
         assert_eq!(c.jobs.workers, 16);
         assert!(c.jobs.webhook_signing_key.is_some(), "development default");
+    }
+
+    #[test]
+    fn the_development_webhook_key_stays_on_loopback() {
+        for bind in ["127.0.0.1:8080", "[::1]:8080"] {
+            let c = Config::from_source(&src(&[("KEYMETER_BIND", bind)])).expect(bind);
+            assert!(c.jobs.webhook_signing_key.is_some(), "{bind}");
+        }
+        for bind in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:8080"] {
+            let e = Config::from_source(&src(&[("KEYMETER_BIND", bind)])).unwrap_err();
+            assert_eq!(e.var, "KEYMETER_WEBHOOK_SIGNING_KEY", "{bind}");
+            let e = Config::from_source(&src(&[
+                ("KEYMETER_BIND", bind),
+                ("KEYMETER_WEBHOOK_SIGNING_KEY", DEV_WEBHOOK_SIGNING_KEY),
+            ]))
+            .unwrap_err();
+            assert_eq!(
+                e.var, "KEYMETER_WEBHOOK_SIGNING_KEY",
+                "{bind}, set explicitly"
+            );
+            let c = Config::from_source(&src(&[
+                ("KEYMETER_BIND", bind),
+                (
+                    "KEYMETER_WEBHOOK_SIGNING_KEY",
+                    "an-operator-chosen-key-0123456789abcdef",
+                ),
+            ]))
+            .expect("an own key is fine anywhere");
+            assert!(c.jobs.webhook_signing_key.is_some());
+        }
+        let e = Config::from_source(&src(&[
+            ("KEYMETER_ENV", "production"),
+            ("KEYMETER_WEBHOOK_SIGNING_KEY", DEV_WEBHOOK_SIGNING_KEY),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.var, "KEYMETER_WEBHOOK_SIGNING_KEY");
     }
 }

@@ -11,8 +11,18 @@
 //!
 //! The claim is its own statement (visible to duplicates at once); the completion is
 //! written in the caller's transaction, together with the work itself, so a crash can never
-//! leave a charge without its stored response. A claim whose request died is reclaimable
-//! after [`ABANDONED_AFTER`].
+//! leave a charge without its stored response.
+//!
+//! A claim whose request died is reclaimable after [`abandoned_after`] the request timeout
+//! (`KEYMETER_REQUEST_TIMEOUT_SECS`), a little longer than it: by then the request that made
+//! it has been cut off and its transaction rolled back. That alone would not be enough —
+//! another instance may run with a longer timeout (during a rolling change of it), a process
+//! may stall past the window — so every claim also carries a fresh token, and
+//! [`Guard::complete`] and [`Guard::release`] touch the record only while it still holds this
+//! request's token. A slow first attempt whose claim a retry took over therefore finds no row
+//! to complete: its transaction fails before it commits, the charge in it is rolled back,
+//! and the first attempt answers `409 idempotency_conflict`. The first attempt and its retry
+//! can never both charge.
 
 use std::time::Duration;
 
@@ -28,8 +38,12 @@ use crate::error::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
-/// A claim older than this with no result is taken to be from a request that died.
-pub const ABANDONED_AFTER: Duration = Duration::from_secs(90);
+/// How old a claim with no result must be before it is taken to be from a request that died:
+/// the request timeout plus a fifth of it (at least a second), so the request that made it
+/// has certainly been cut off by then. The default timeout of 75 s gives 90 s.
+pub fn abandoned_after(request_timeout: Duration) -> Duration {
+    request_timeout + (request_timeout / 5).max(Duration::from_secs(1))
+}
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 /// A validated `Idempotency-Key` header value.
@@ -98,8 +112,11 @@ pub enum Start {
     Replay(HttpResponse),
 }
 
+/// `request_timeout` is the server's (`KEYMETER_REQUEST_TIMEOUT_SECS`): it sets when a claim
+/// counts as abandoned (see [`abandoned_after`]).
 pub async fn start(
     db: &Pool,
+    request_timeout: Duration,
     account_id: Uuid,
     req: &actix_web::HttpRequest,
     body: &Value,
@@ -108,31 +125,39 @@ pub async fn start(
         return Ok((None, Start::Run(None)));
     };
     let hash = request_hash(req.method().as_str(), req.path(), body);
-    let start = match claim(db, account_id, &key, &hash).await? {
+    let window = abandoned_after(request_timeout);
+    let start = match claim(db, account_id, &key, &hash, window).await? {
         Claim::Owned(g) => Start::Run(Some(g)),
         Claim::Replay(res) => Start::Replay(res),
     };
     Ok((Some(key), start))
 }
 
+/// This request's hold on a key: the record is its only while it carries `token`.
 pub struct Guard {
     account_id: Uuid,
     key: String,
+    token: Uuid,
 }
 
+/// Claims `key` for this request (a new record, or one abandoned for longer than `window`),
+/// or says what an earlier request with it became.
 pub async fn claim(
     db: &Pool,
     account_id: Uuid,
     key: &IdempotencyKey,
     hash: &[u8],
+    window: Duration,
 ) -> Result<Claim, ApiError> {
     let client = db.get().await?;
+    let token = Uuid::new_v4();
     let claimed = client
         .query_opt(
-            "INSERT INTO idempotency_keys AS i (account_id, key, request_hash)
-             VALUES ($1, $2, $3)
+            "INSERT INTO idempotency_keys AS i (account_id, key, request_hash, token)
+             VALUES ($1, $2, $3, $5)
              ON CONFLICT (account_id, key) DO UPDATE
-                SET claimed_at = now(), request_hash = EXCLUDED.request_hash, created_at = now()
+                SET claimed_at = now(), request_hash = EXCLUDED.request_hash, created_at = now(),
+                    token = EXCLUDED.token
               WHERE i.status IS NULL
                 AND i.claimed_at < now() - make_interval(secs => $4)
                 AND i.request_hash = EXCLUDED.request_hash
@@ -141,7 +166,8 @@ pub async fn claim(
                 &account_id,
                 &key.as_str(),
                 &hash,
-                &(ABANDONED_AFTER.as_secs_f64()),
+                &window.as_secs_f64(),
+                &token,
             ],
         )
         .await?;
@@ -149,6 +175,7 @@ pub async fn claim(
         return Ok(Claim::Owned(Guard {
             account_id,
             key: key.as_str().to_owned(),
+            token,
         }));
     }
     let row = client
@@ -189,7 +216,12 @@ pub async fn claim(
 }
 
 impl Guard {
-    /// Stores the outcome, in the transaction that did the work.
+    /// Stores the outcome, in the transaction that did the work — only while this request
+    /// still holds the claim. When a retry has taken the key over, nothing is stored and the
+    /// error (`409 idempotency_conflict`) must make the caller drop the transaction without
+    /// committing it, so the work in it (a charge, a reserved job) is rolled back: only the
+    /// claim's holder may commit its work. The UPDATE also locks the record until the commit,
+    /// so a takeover cannot slip in between this check and the commit.
     pub async fn complete(
         &self,
         tx: &Transaction<'_>,
@@ -197,29 +229,45 @@ impl Guard {
         body: &Value,
         location: Option<&str>,
     ) -> Result<(), ApiError> {
-        tx.execute(
-            "UPDATE idempotency_keys SET status = $3, response_body = $4, location = $5
-              WHERE account_id = $1 AND key = $2",
-            &[
-                &self.account_id,
-                &self.key,
-                &(status.as_u16() as i16),
-                &body.to_string().into_bytes(),
-                &location,
-            ],
-        )
-        .await?;
+        let stored = tx
+            .execute(
+                "UPDATE idempotency_keys SET status = $3, response_body = $4, location = $5
+                  WHERE account_id = $1 AND key = $2 AND token = $6 AND status IS NULL",
+                &[
+                    &self.account_id,
+                    &self.key,
+                    &(status.as_u16() as i16),
+                    &body.to_string().into_bytes(),
+                    &location,
+                    &self.token,
+                ],
+            )
+            .await?;
+        if stored == 0 {
+            tracing::warn!(
+                "an idempotent request outlived its claim and was taken over; its work is rolled back"
+            );
+            return Err(ApiError::Conflict {
+                kind: "idempotency_conflict",
+                detail: "This request took so long that a retry with the same Idempotency-Key \
+                         took it over; this attempt was undone. Retry with the same key to get \
+                         the outcome."
+                    .into(),
+            });
+        }
         Ok(())
     }
 
-    /// Frees the key after a failed request (nothing was stored, so a retry may run).
+    /// Frees the key after a failed request (nothing was stored, so a retry may run) — unless
+    /// a retry has taken it over meanwhile: then the key is the retry's, not ours to free.
     pub async fn release(self, db: &Pool) {
         let result = async {
             let client = db.get().await?;
             client
                 .execute(
-                    "DELETE FROM idempotency_keys WHERE account_id = $1 AND key = $2 AND status IS NULL",
-                    &[&self.account_id, &self.key],
+                    "DELETE FROM idempotency_keys
+                      WHERE account_id = $1 AND key = $2 AND token = $3 AND status IS NULL",
+                    &[&self.account_id, &self.key, &self.token],
                 )
                 .await?;
             Ok::<_, ApiError>(())
@@ -264,6 +312,16 @@ async fn purge_with(client: &impl GenericClient) -> Result<u64, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_claim_is_abandoned_only_after_the_request_timeout() {
+        let t = Duration::from_secs(75);
+        assert_eq!(abandoned_after(t), Duration::from_secs(90));
+        for secs in [1, 2, 5, 30, 75, 600] {
+            let t = Duration::from_secs(secs);
+            assert!(abandoned_after(t) >= t + Duration::from_secs(1), "{secs}");
+        }
+    }
 
     #[test]
     fn key_order_does_not_change_the_hash_but_values_do() {

@@ -38,7 +38,9 @@ use crate::routes::{accounts, admin, billing, credits, health, jobs, keys};
 pub const IDEMPOTENCY_KEY: &str = "1 to 255 printable ASCII characters, no spaces. The same key \
     and body within 24 h replays the stored response (`Idempotent-Replayed: true`) and charges \
     nothing; the same key with another body is `422 idempotency_key_reused`; a duplicate while \
-    the first is running is `409 idempotency_conflict`. Only successful outcomes are stored.";
+    the first is running is `409 idempotency_conflict`. Only successful outcomes are stored. A \
+    claim left by a request that died is taken over by a retry once it is older than the \
+    server's request timeout plus a fifth; an attempt that outlives its claim is undone.";
 
 /// Every problem `type` the server sends, with its status(es) and what it means. The docs page
 /// renders this table; [`decorate`] narrows each documented error response to the ones its
@@ -130,7 +132,9 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
     (
         "idempotency_conflict",
         &[409],
-        "A request with this `Idempotency-Key` is still running; retry later.",
+        "A request with this `Idempotency-Key` is still running; retry later. Also the answer \
+         of an attempt that outlived its claim (a retry took the key over): that attempt was \
+         undone, and a retry with the same key gets the outcome.",
     ),
     (
         "payload_too_large",

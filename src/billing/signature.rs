@@ -66,7 +66,9 @@ pub fn verify(
     if candidates.is_empty() || secrets.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now - ts).abs() > TOLERANCE_SECS {
+    // `abs_diff` cannot overflow: `t` is the sender's, so `now - ts` could (t=i64::MIN), and
+    // an overflow panics in a debug build and wraps into "fresh" in a release one.
+    if now.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::Stale);
     }
     let mut ok = subtle::Choice::from(0u8);
@@ -148,5 +150,22 @@ mod tests {
             verify("v1=00", body, &s, 1000),
             Err(SignatureError::Malformed)
         );
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_an_overflow() {
+        let body = br#"{"id":"evt_1"}"#;
+        let s = secrets(&["whsec_a"]);
+        for t in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let header = sign("whsec_a", t, body);
+            for now in [0, 1_700_000_000, -1_700_000_000] {
+                assert_eq!(
+                    verify(&header, body, &s, now),
+                    Err(SignatureError::Stale),
+                    "t={t} now={now}"
+                );
+            }
+            assert_eq!(verify(&header, body, &s, t), Ok(t), "t={t} at its own time");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Reading the ledger: recent movements, filtered pages, and usage per day or hour.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
@@ -100,42 +100,4 @@ pub async fn usage(
             }
         })
         .collect())
-}
-
-/// The OpenAPI schema of what [`parse_time`] accepts: a date or an RFC 3339 date-time.
-pub fn time_param_schema() -> utoipa::openapi::schema::Schema {
-    use utoipa::openapi::schema::{
-        KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
-    };
-    let string = |format| {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .format(Some(SchemaFormat::KnownFormat(format)))
-    };
-    Schema::OneOf(
-        OneOfBuilder::new()
-            .description(Some(
-                "A date (`2026-11-23`, meaning midnight UTC) or an RFC 3339 time.",
-            ))
-            .item(string(KnownFormat::Date))
-            .item(string(KnownFormat::DateTime))
-            .build(),
-    )
-}
-
-/// `2026-11-23` (midnight UTC) or an RFC 3339 time.
-pub fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    NaiveDate::parse_from_str(s, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc())
-        .ok_or_else(|| {
-            ApiError::validation(
-                field,
-                format!("{field} must be a date (2026-11-23) or an RFC 3339 time."),
-            )
-        })
 }

@@ -106,7 +106,8 @@ fn check_url(field: &'static str, u: &str) -> Result<(), ApiError> {
             be read."),
         (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
-            `Idempotency-Key` is still running."),
+            `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
+            it over (this attempt was undone)."),
         (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: an unknown pack or plan, both or \
             neither, a bad URL, or an unknown field; `idempotency_key_reused`."),
@@ -130,7 +131,15 @@ pub async fn checkout(
     check_url("success_url", &b.success_url)?;
     check_url("cancel_url", &b.cancel_url)?;
 
-    let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {
+    let (key, guard) = match idempotency::start(
+        &state.db,
+        state.config.request_timeout,
+        caller.account_id,
+        &req,
+        &raw,
+    )
+    .await?
+    {
         (_, Start::Replay(res)) => return Ok(res),
         (key, Start::Run(guard)) => (key, guard),
     };

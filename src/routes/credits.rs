@@ -13,7 +13,7 @@ use crate::credits::ledger::{self, ChargeContext, Kind, Movement, Once};
 use crate::credits::report::{self, LedgerFilter, UsageBucket};
 use crate::error::{ApiError, ApiResult};
 use crate::idempotency::{self, IdempotencyKey, Start};
-use crate::pagination::{Page, PageQuery};
+use crate::pagination::{Page, PageQuery, TimeRange};
 use crate::startup::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -67,8 +67,8 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
 #[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     /// Entries per page, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100)]
-    limit: Option<i64>,
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
+    limit: Option<String>,
     /// `next_cursor` from the previous page.
     #[param(pattern = "^-?[0-9]{1,16}_[0-9]{1,18}$")]
     cursor: Option<String>,
@@ -76,10 +76,10 @@ pub struct LedgerQuery {
     #[param(inline, value_type = Option<Kind>)]
     kind: Option<String>,
     /// Entries at or after this time: a date (`2026-11-23`, midnight UTC) or an RFC 3339 time.
-    #[param(schema_with = report::time_param_schema)]
+    #[param(schema_with = crate::pagination::time_param_schema)]
     from: Option<String>,
     /// Entries before this time: a date or an RFC 3339 time.
-    #[param(schema_with = report::time_param_schema)]
+    #[param(schema_with = crate::pagination::time_param_schema)]
     to: Option<String>,
 }
 
@@ -97,8 +97,8 @@ pub struct LedgerQuery {
         (status = 200, description = "A page of ledger entries.", body = Page<Movement>),
         (status = 400, description = "`invalid_request`: a malformed query string, an unknown \
             parameter or a cursor this API did not return."),
-        (status = 422, description = "`validation_failed`: `limit`, `kind`, `from` or `to` is \
-            not acceptable."),
+        (status = 422, description = "`validation_failed`: `limit`, `kind`, `from`, `to` or \
+            the time in `cursor` is not acceptable (times must lie in the years 0000–9999)."),
     ),
     security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
 )]
@@ -129,18 +129,11 @@ pub async fn ledger_page(
             )
         })?),
     };
+    let range = TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
     let filter = LedgerFilter {
         kind,
-        from: q
-            .from
-            .as_deref()
-            .map(|s| report::parse_time("from", s))
-            .transpose()?,
-        to: q
-            .to
-            .as_deref()
-            .map(|s| report::parse_time("to", s))
-            .transpose()?,
+        from: range.from,
+        to: range.to,
         before_id,
     };
     let client = state.db.get().await?;
@@ -166,10 +159,10 @@ pub enum Granularity {
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start: a date (`2026-11-23`) or an RFC 3339 time (default: 30 days before `to`).
-    #[param(schema_with = report::time_param_schema)]
+    #[param(schema_with = crate::pagination::time_param_schema)]
     from: Option<String>,
     /// End: a date or an RFC 3339 time (default: now).
-    #[param(schema_with = report::time_param_schema)]
+    #[param(schema_with = crate::pagination::time_param_schema)]
     to: Option<String>,
     /// `day` (default; at most 366 days) or `hour` (at most 31 days).
     #[param(inline, value_type = Option<Granularity>)]
@@ -212,7 +205,8 @@ pub struct UsageReport {
         (status = 200, description = "The usage report.", body = UsageReport),
         (status = 400, description = "`invalid_request`: a malformed query string or an unknown \
             parameter."),
-        (status = 422, description = "`validation_failed`: a bad time, granularity or range."),
+        (status = 422, description = "`validation_failed`: a bad or out-of-range time (years \
+            0000–9999), granularity or range."),
     ),
     security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
 )]
@@ -233,14 +227,10 @@ pub async fn usage(
             ))
         }
     };
-    let to = match &q.to {
-        Some(s) => report::parse_time("to", s)?,
-        None => Utc::now(),
-    };
-    let from = match &q.from {
-        Some(s) => report::parse_time("from", s)?,
-        None => to - Duration::days(30),
-    };
+    // In range (years 0000–9999), so the default and the span below cannot overflow.
+    let range = TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
+    let to = range.to.unwrap_or_else(Utc::now);
+    let from = range.from.unwrap_or(to - Duration::days(30));
     if from >= to {
         return Err(ApiError::validation("from", "from must be before to."));
     }
@@ -304,7 +294,8 @@ pub const MAX_CHARGE: i64 = 1_000_000;
         (status = 402, description = "`insufficient_credits`: the balance is below `amount` \
             (`balance` and `cost` say by how much)."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
-            `Idempotency-Key` is still running."),
+            `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
+            it over (this attempt was undone)."),
         (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: `amount` or `reason` out of range, \
             or an unknown field; `idempotency_key_reused`: this `Idempotency-Key` came with \
@@ -337,7 +328,15 @@ pub async fn charge(
             "reason must be at most 500 characters, without NUL characters.",
         ));
     }
-    let (key, guard) = match idempotency::start(&state.db, caller.account_id, &req, &raw).await? {
+    let (key, guard) = match idempotency::start(
+        &state.db,
+        state.config.request_timeout,
+        caller.account_id,
+        &req,
+        &raw,
+    )
+    .await?
+    {
         (_, Start::Replay(res)) => return Ok(res),
         (key, Start::Run(guard)) => (key, guard),
     };

@@ -267,7 +267,15 @@ async fn create(
 ) -> Result<Created, ApiError> {
     caller.require(Scope::Scrape)?;
     let (raw, parsed): (serde_json::Value, JobBody) = crate::http::extractors::json_body(body)?;
-    let (key, guard) = match idempotency::start(&state.db, caller.account_id, req, &raw).await? {
+    let (key, guard) = match idempotency::start(
+        &state.db,
+        state.config.request_timeout,
+        caller.account_id,
+        req,
+        &raw,
+    )
+    .await?
+    {
         (_, Start::Replay(res)) => return Ok(Created::Replay(res)),
         (key, Start::Run(guard)) => (key, guard),
     };
@@ -327,7 +335,8 @@ enum Created {
         (status = 402, description = "`insufficient_credits`: the balance is below the job's \
             cost (`balance` and `cost`); nothing is queued."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
-            `Idempotency-Key` is still running."),
+            `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
+            it over (this attempt was undone)."),
         (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
             `timeout_ms`, `headers` or `webhook_url` (`field` names it), `webhook_url` while job \
@@ -388,7 +397,8 @@ pub async fn create_job(
         (status = 404, description = "`not_found`: a retry with an `Idempotency-Key` whose job \
             has since been deleted (past the job retention)."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
-            `Idempotency-Key` is still running; `job_cancelled`: the job was cancelled \
+            `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
+            it over (this attempt was undone); `job_cancelled`: the job was cancelled \
             (`DELETE /v1/jobs/{id}`) before it ran, and refunded."),
         (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
@@ -633,8 +643,8 @@ pub async fn get(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Jobs per page, 1 to 100 (default 20).
-    #[param(minimum = 1, maximum = 100)]
-    limit: Option<i64>,
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
+    limit: Option<String>,
     /// `next_cursor` from the previous page.
     #[param(
         pattern = "^-?[0-9]{1,16}_[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
@@ -660,8 +670,8 @@ pub struct ListQuery {
         (status = 200, description = "A page of jobs.", body = Page<Job>),
         (status = 400, description = "`invalid_request`: a malformed query string, an unknown \
             parameter or a cursor this API did not return."),
-        (status = 422, description = "`validation_failed`: `limit` out of range or an unknown \
-            `status`."),
+        (status = 422, description = "`validation_failed`: `limit` out of range, a `cursor` \
+            whose time is out of range, or an unknown `status`."),
     ),
     security(
         ("ApiKey" = ["read"]), ("ApiKey" = ["scrape"]),

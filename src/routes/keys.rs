@@ -96,7 +96,8 @@ pub async fn create(
     responses(
         (status = 200, description = "A page of keys.", body = Page<KeyView>),
         (status = 400, description = "`invalid_request`: a malformed query string or cursor."),
-        (status = 422, description = "`validation_failed`: `limit` out of range."),
+        (status = 422, description = "`validation_failed`: `limit` out of range, or a \
+            `cursor` whose time is out of range."),
     ),
     security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
 )]
