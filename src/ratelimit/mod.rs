@@ -198,6 +198,13 @@ impl Limits {
         self.shared.as_ref().map(|(l, _)| l)
     }
 
+    /// For readiness: `None` without a shared store; else whether Redis answers now, and what
+    /// the checks do while it does not.
+    pub async fn shared_health(&self) -> Option<(bool, OnSharedFailure)> {
+        let (limiter, on_failure) = self.shared.as_ref()?;
+        Some((limiter.ping().await, *on_failure))
+    }
+
     /// The per-key check: shared through Redis when configured (falling back as configured
     /// when it cannot answer), else in memory. `Ok(None)` for an unlimited tier; `Err` only
     /// when Redis is down and the operator chose to refuse.
