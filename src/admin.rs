@@ -1,10 +1,13 @@
 //! Operator actions, shared by the `keymeter admin …` CLI and the `/admin` HTTP API so the
-//! two cannot drift apart. Each is one transaction.
+//! two cannot drift apart. Each is one transaction, and each writes its audit row in that
+//! transaction: an action that commits is on the record, one that fails leaves no trace.
 
 use deadpool_postgres::Pool;
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::accounts::{self, Account, Email, NewAccount};
+use crate::audit::{self, Action, Actor};
 use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView};
 use crate::credits::{self, Movement};
 use crate::error::ApiError;
@@ -13,6 +16,7 @@ use crate::ratelimit::tiers::{Tiers, DEFAULT_TIER};
 pub async fn create_account(
     db: &Pool,
     tiers: &Tiers,
+    actor: &Actor,
     email: &str,
     tier: Option<&str>,
     credits: i64,
@@ -32,12 +36,28 @@ pub async fn create_account(
         &KeySpec::full_access("default"),
     )
     .await?;
+    let (account, key) = &out;
+    audit::record(
+        &tx,
+        actor,
+        Action::AccountCreate,
+        Some(account.id),
+        None,
+        json!({
+            "email": account.email,
+            "tier": account.tier,
+            "credits": credits,
+            "first_key_id": key.view.id,
+        }),
+    )
+    .await?;
     tx.commit().await?;
     Ok(out)
 }
 
 pub async fn create_key(
     db: &Pool,
+    actor: &Actor,
     account_id: Uuid,
     spec: &KeySpec,
 ) -> Result<CreatedKey, ApiError> {
@@ -47,6 +67,15 @@ pub async fn create_key(
         return Err(accounts::not_found());
     }
     let k = keys::insert(&tx, account_id, spec).await?;
+    audit::record(
+        &tx,
+        actor,
+        Action::KeyCreate,
+        Some(account_id),
+        Some(&k.view.id),
+        json!({"name": k.view.name, "scopes": k.view.scopes, "expires_at": k.view.expires_at}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(k)
 }
@@ -54,28 +83,72 @@ pub async fn create_key(
 pub async fn set_tier(
     db: &Pool,
     tiers: &Tiers,
+    actor: &Actor,
     account_id: Uuid,
     tier: &str,
 ) -> Result<Account, ApiError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    let before = accounts::get(&tx, account_id)
+        .await?
+        .ok_or_else(accounts::not_found)?;
     let a = accounts::set_tier(&tx, tiers, account_id, tier).await?;
+    audit::record(
+        &tx,
+        actor,
+        Action::AccountSetTier,
+        Some(account_id),
+        None,
+        json!({"from": before.tier, "to": a.tier}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(a)
 }
 
-pub async fn set_active(db: &Pool, account_id: Uuid, active: bool) -> Result<Account, ApiError> {
+pub async fn set_active(
+    db: &Pool,
+    actor: &Actor,
+    account_id: Uuid,
+    active: bool,
+) -> Result<Account, ApiError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    let before = accounts::get(&tx, account_id)
+        .await?
+        .ok_or_else(accounts::not_found)?;
     let a = accounts::set_status(&tx, account_id, active).await?;
+    let action = if active {
+        Action::AccountUnsuspend
+    } else {
+        Action::AccountSuspend
+    };
+    audit::record(
+        &tx,
+        actor,
+        action,
+        Some(account_id),
+        None,
+        json!({"from": before.status, "to": a.status}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(a)
 }
 
-pub async fn revoke_key(db: &Pool, key_id: &str) -> Result<KeyView, ApiError> {
+pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyView, ApiError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let k = keys::revoke(&tx, None, key_id).await?;
+    audit::record(
+        &tx,
+        actor,
+        Action::KeyRevoke,
+        Some(k.account_id),
+        Some(&k.id),
+        json!({}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(k)
 }
@@ -84,6 +157,7 @@ pub async fn revoke_key(db: &Pool, key_id: &str) -> Result<KeyView, ApiError> {
 /// balance below zero.
 pub async fn grant_credits(
     db: &Pool,
+    actor: &Actor,
     account_id: Uuid,
     amount: i64,
     reason: &str,
@@ -98,6 +172,28 @@ pub async fn grant_credits(
             "reason must be 1 to 500 characters, without NUL characters.",
         ));
     }
-    let client = db.get().await?;
-    credits::ledger::adjust(&client, account_id, amount, reason).await
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    let m = credits::ledger::adjust(&tx, account_id, amount, reason).await?;
+    let action = if amount > 0 {
+        Action::CreditsGrant
+    } else {
+        Action::CreditsAdjust
+    };
+    audit::record(
+        &tx,
+        actor,
+        action,
+        Some(account_id),
+        None,
+        json!({
+            "amount": amount,
+            "reason": reason,
+            "balance_after": m.balance_after,
+            "ledger_entry_id": m.id,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(m)
 }

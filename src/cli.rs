@@ -6,6 +6,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::admin as ops;
+use crate::audit::{self, Actor};
 use crate::auth::keys::KeySpec;
 use crate::config::Config;
 use crate::db;
@@ -69,6 +70,21 @@ pub enum AdminCommand {
         amount: i64,
         #[arg(long)]
         reason: String,
+    },
+    /// The audit trail, newest first: operator actions and security events.
+    Audit {
+        /// Only events about this account.
+        #[arg(long)]
+        account: Option<Uuid>,
+        /// Only events of this action (e.g. key.revoke, account.set_tier, login.lockout).
+        #[arg(long)]
+        action: Option<String>,
+        /// How many events, 1 to 100.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -167,6 +183,7 @@ fn cli_error(e: ApiError) -> anyhow::Error {
 pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
     let tiers = Tiers::load(config.tiers_path.as_deref())?;
     let pool = admin_pool(&config).await?;
+    let actor = Actor::cli();
     match cmd {
         AdminCommand::CreateAccount {
             email,
@@ -175,7 +192,7 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             json,
         } => {
             let (account, key) =
-                ops::create_account(&pool, &tiers, &email, tier.as_deref(), credits)
+                ops::create_account(&pool, &tiers, &actor, &email, tier.as_deref(), credits)
                     .await
                     .map_err(cli_error)?;
             if json {
@@ -195,7 +212,7 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             json,
         } => {
             let spec = KeySpec::parse(name, scopes, None).map_err(cli_error)?;
-            let key = ops::create_key(&pool, account, &spec)
+            let key = ops::create_key(&pool, &actor, account, &spec)
                 .await
                 .map_err(cli_error)?;
             if json {
@@ -210,25 +227,27 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::SetTier { account, tier } => {
-            let a = ops::set_tier(&pool, &tiers, account, &tier)
+            let a = ops::set_tier(&pool, &tiers, &actor, account, &tier)
                 .await
                 .map_err(cli_error)?;
             println!("account {} is now on tier {}", a.id, a.tier);
         }
         AdminCommand::Suspend { account } => {
-            let a = ops::set_active(&pool, account, false)
+            let a = ops::set_active(&pool, &actor, account, false)
                 .await
                 .map_err(cli_error)?;
             println!("account {} is {}", a.id, a.status);
         }
         AdminCommand::Unsuspend { account } => {
-            let a = ops::set_active(&pool, account, true)
+            let a = ops::set_active(&pool, &actor, account, true)
                 .await
                 .map_err(cli_error)?;
             println!("account {} is {}", a.id, a.status);
         }
         AdminCommand::RevokeKey { key } => {
-            let k = ops::revoke_key(&pool, &key).await.map_err(cli_error)?;
+            let k = ops::revoke_key(&pool, &actor, &key)
+                .await
+                .map_err(cli_error)?;
             println!("key {} revoked", k.id);
         }
         AdminCommand::GrantCredits {
@@ -236,7 +255,7 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             amount,
             reason,
         } => {
-            let m = ops::grant_credits(&pool, account, amount, &reason)
+            let m = ops::grant_credits(&pool, &actor, account, amount, &reason)
                 .await
                 .map_err(cli_error)?;
             println!(
@@ -244,8 +263,76 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
                 m.kind, m.delta, m.balance_after
             );
         }
+        AdminCommand::Audit {
+            account,
+            action,
+            limit,
+            json,
+        } => print_audit(&pool, account, action.as_deref(), limit, json).await?,
     }
     pool.close();
+    Ok(())
+}
+
+/// `keymeter admin audit`: the newest events, as a table or as JSON lines (the same objects
+/// `GET /admin/audit` returns).
+async fn print_audit(
+    pool: &Pool,
+    account: Option<Uuid>,
+    action: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !(1..=crate::pagination::MAX_LIMIT).contains(&limit) {
+        anyhow::bail!(
+            "--limit must be between 1 and {}",
+            crate::pagination::MAX_LIMIT
+        );
+    }
+    let action = match action {
+        None => None,
+        Some(a) => Some(audit::Action::parse(a).ok_or_else(|| {
+            let known: Vec<&str> = audit::Action::ALL.iter().map(|a| a.as_str()).collect();
+            anyhow::anyhow!("--action must be one of {}", known.join(", "))
+        })?),
+    };
+    let filter = audit::Filter {
+        account_id: account,
+        action,
+        ..audit::Filter::default()
+    };
+    let client = pool.get().await?;
+    let mut events = audit::list(&client, &filter, limit, None)
+        .await
+        .map_err(cli_error)?;
+    events.truncate(limit as usize);
+    if json {
+        for e in &events {
+            println!("{}", serde_json::to_string(e)?);
+        }
+        return Ok(());
+    }
+    if events.is_empty() {
+        println!("no audit events");
+        return Ok(());
+    }
+    println!(
+        "{:<24}  {:<18}  {:<24}  {:<36}  {:<12}  request id",
+        "time", "action", "actor", "account", "target"
+    );
+    for e in &events {
+        println!(
+            "{:<24}  {:<18}  {:<24}  {:<36}  {:<12}  {}",
+            e.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            e.action,
+            format!("{}:{}", e.actor_type, e.actor),
+            e.account_id
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.target.as_deref().unwrap_or("-"),
+            e.request_id.as_deref().unwrap_or("-"),
+        );
+    }
     Ok(())
 }
 
@@ -273,17 +360,29 @@ async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String
     drop(client);
     let key = match existing {
         Some(id) => {
-            ops::create_key(&state.db, id, &KeySpec::full_access("dev demo"))
-                .await
-                .map_err(cli_error)?
-                .key
+            ops::create_key(
+                &state.db,
+                &Actor::cli(),
+                id,
+                &KeySpec::full_access("dev demo"),
+            )
+            .await
+            .map_err(cli_error)?
+            .key
         }
         None => {
-            ops::create_account(&state.db, &state.tiers, DEMO_EMAIL, Some("pro"), 1000)
-                .await
-                .map_err(cli_error)?
-                .1
-                .key
+            ops::create_account(
+                &state.db,
+                &state.tiers,
+                &Actor::cli(),
+                DEMO_EMAIL,
+                Some("pro"),
+                1000,
+            )
+            .await
+            .map_err(cli_error)?
+            .1
+            .key
         }
     };
     let _ = std::fs::create_dir_all(".keymeter");

@@ -193,6 +193,11 @@ fn parse_plans(src: &dyn Source) -> Result<Vec<Plan>, ConfigError> {
         .collect())
 }
 
+/// How long, after the jobs' grace, putting unfinished jobs back in the queue may take.
+pub const SHUTDOWN_RELEASE_BOUND: Duration = Duration::from_secs(1);
+/// How long the background tasks get to finish once the jobs are settled.
+pub const SHUTDOWN_TAIL_BOUND: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub env: Environment,
@@ -206,7 +211,14 @@ pub struct Config {
     /// Largest request body accepted on any route, in bytes.
     pub body_limit: usize,
     pub request_timeout: Duration,
+    /// On SIGTERM: how long in-flight requests may drain (`KEYMETER_SHUTDOWN_TIMEOUT_SECS`).
     pub shutdown_timeout: Duration,
+    /// Then how long running jobs may still finish before they go back to the queue
+    /// (`KEYMETER_SHUTDOWN_JOB_GRACE_SECS`). See [`Config::shutdown_budget`].
+    pub shutdown_job_grace: Duration,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: where to export traces (OTLP over HTTP, protobuf);
+    /// `None` exports nothing.
+    pub otel_endpoint: Option<String>,
     /// HTTP worker threads; `None` lets actix pick one per core.
     pub http_workers: Option<usize>,
     /// Origins allowed by CORS; empty means CORS stays off.
@@ -597,7 +609,34 @@ impl Config {
             "a size in bytes",
         )?;
         let request_timeout = secs(src, "KEYMETER_REQUEST_TIMEOUT_SECS", 75)?;
-        let shutdown_timeout = secs(src, "KEYMETER_SHUTDOWN_TIMEOUT_SECS", 30)?;
+        // 20 s of drain + 5 s for running jobs + the fixed tail fits an orchestrator's usual
+        // 30-second grace period (Kubernetes' default) before SIGKILL.
+        let shutdown_timeout = secs(src, "KEYMETER_SHUTDOWN_TIMEOUT_SECS", 20)?;
+        let shutdown_job_grace = secs(
+            src,
+            "KEYMETER_SHUTDOWN_JOB_GRACE_SECS",
+            shutdown_timeout.as_secs().min(5),
+        )?;
+        let otel_raw = src.get("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let otel_endpoint = match otel_raw.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(raw) => {
+                // No credentials in the URL: the whole configuration is logged at start-up.
+                let ok = url::Url::parse(raw).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.host_str().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                });
+                if !ok {
+                    return Err(ConfigError::new(
+                        "OTEL_EXPORTER_OTLP_ENDPOINT",
+                        "must be an http:// or https:// URL without credentials, e.g. http://127.0.0.1:4318",
+                    ));
+                }
+                Some(raw.trim_end_matches('/').to_owned())
+            }
+        };
         let http_workers = match src.get("KEYMETER_HTTP_WORKERS") {
             None => None,
             Some(_) => Some(positive(
@@ -808,6 +847,8 @@ impl Config {
             body_limit,
             request_timeout,
             shutdown_timeout,
+            shutdown_job_grace,
+            otel_endpoint,
             http_workers,
             cors_origins,
             admin_token,
@@ -834,6 +875,17 @@ impl Config {
         })
     }
 
+    /// The longest a graceful shutdown can take, from SIGTERM to exit: the drain, then the
+    /// running jobs' grace, then [`SHUTDOWN_RELEASE_BOUND`] to put unfinished jobs back in the
+    /// queue, then [`SHUTDOWN_TAIL_BOUND`] for the background tasks' last work (the final
+    /// `last_used` flush). `Application::run_until` bounds each step by exactly these.
+    pub fn shutdown_budget(&self) -> Duration {
+        self.shutdown_timeout
+            + self.shutdown_job_grace
+            + SHUTDOWN_RELEASE_BOUND
+            + SHUTDOWN_TAIL_BOUND
+    }
+
     /// The database URL, or the error `serve` reports when it is missing.
     pub fn database_url(&self) -> Result<&SecretString, ConfigError> {
         self.database.url.as_ref().ok_or_else(|| {
@@ -854,6 +906,43 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_default_shutdown_fits_a_30_second_grace_period() {
+        let c = Config::from_source(&src(&[])).expect("defaults parse");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(c.shutdown_job_grace, Duration::from_secs(5));
+        assert!(
+            c.shutdown_budget() <= Duration::from_secs(30),
+            "{:?}",
+            c.shutdown_budget()
+        );
+        // A short drain keeps the jobs' grace no longer than itself…
+        let c = Config::from_source(&src(&[("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "2")])).unwrap();
+        assert_eq!(c.shutdown_job_grace, Duration::from_secs(2));
+        // …unless it is set.
+        let c = Config::from_source(&src(&[
+            ("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "2"),
+            ("KEYMETER_SHUTDOWN_JOB_GRACE_SECS", "7"),
+        ]))
+        .unwrap();
+        assert_eq!(c.shutdown_job_grace, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_optional_and_checked() {
+        let c = Config::from_source(&src(&[])).unwrap();
+        assert_eq!(c.otel_endpoint, None);
+        let c = Config::from_source(&src(&[(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://127.0.0.1:4318/",
+        )]))
+        .unwrap();
+        assert_eq!(c.otel_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+        let e = Config::from_source(&src(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
     }
 
     #[test]

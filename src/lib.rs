@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod billing;
 pub mod cli;

@@ -47,7 +47,18 @@ fn main() -> ExitCode {
         (Command::Admin(_), false) => "warn".to_owned(),
         _ => config.log_filter.clone(),
     };
-    telemetry::init(&filter, config.log_format);
+    // Held to the end of `main`: dropping it flushes the spans still batched.
+    let _traces = match telemetry::init_with_traces(
+        &filter,
+        config.log_format,
+        config.otel_endpoint.as_deref(),
+    ) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("keymeter: configuration error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     keymeter::http::edge::install_panic_hook();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -323,6 +323,7 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::unsuspend,
         admin::grant_credits,
         admin::revoke_key,
+        admin::audit_trail,
         jobs::breakers,
     ),
     tags(

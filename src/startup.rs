@@ -260,7 +260,7 @@ impl Application {
             pool.clone(),
             drain_jobs.clone(),
             stop_jobs.clone(),
-            config.shutdown_timeout,
+            config.shutdown_job_grace,
         ));
         tasks.spawn(jobs.clone().run_reaper(pool.clone(), shutdown.clone()));
         {
@@ -302,7 +302,7 @@ impl Application {
             Some(l) => {
                 let port = l.local_addr()?.port();
                 tracing::info!(port, "serving /metrics on its own listener");
-                Some((port, build_metrics_server(l, metrics, &state.config)?))
+                Some((port, build_metrics_server(l, metrics)?))
             }
             None => None,
         };
@@ -368,30 +368,41 @@ impl Application {
                 res.context("HTTP server failed while stopping")?;
             }
         }
-        if let Some((handle, task)) = metrics_server {
-            handle.stop(true).await;
-            if let Ok(Err(e)) = task.await {
-                tracing::warn!(error = %e, "metrics server failed");
-            }
-        }
+        // Every step after the drain is bounded so the whole shutdown stays within
+        // `Config::shutdown_budget` (SIGTERM → exit ≤ 28 s with the defaults).
+        let config = self.state.config.clone();
         // Pooled connections opened by requests live on the HTTP workers' runtimes, which
         // have just stopped; drop them so the background tasks' last work (the final
         // last_used flush) opens fresh ones on this runtime.
         self.state.db.retain(|_, _| false);
-        // No more claims; running jobs get the shutdown timeout, then go back to the queue.
+        // No more claims; running jobs get the jobs' grace, then go back to the queue. The
+        // metrics listener stops meanwhile (its own drain is 1 s), so the drain itself could
+        // still be watched.
         self.drain_jobs.cancel();
         self.stop_jobs.cancel();
-        let grace = self.state.config.shutdown_timeout + std::time::Duration::from_secs(5);
-        if tokio::time::timeout(grace, self.workers).await.is_err() {
+        let workers_bound = config.shutdown_job_grace + crate::config::SHUTDOWN_RELEASE_BOUND;
+        let stop_metrics = async {
+            if let Some((handle, task)) = metrics_server {
+                handle.stop(true).await;
+                if let Ok(Err(e)) = task.await {
+                    tracing::warn!(error = %e, "metrics server failed");
+                }
+            }
+        };
+        let (workers, ()) = tokio::join!(
+            tokio::time::timeout(workers_bound, self.workers),
+            stop_metrics
+        );
+        if workers.is_err() {
             tracing::warn!("job workers did not stop in time; their leases will expire");
         }
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(self.state.config.shutdown_timeout, self.tasks.wait())
+        if tokio::time::timeout(crate::config::SHUTDOWN_TAIL_BOUND, self.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("background tasks did not stop within the shutdown timeout");
+            tracing::warn!("background tasks did not stop in time");
         }
         self.state.db.close();
         tracing::info!("stopped");
@@ -437,6 +448,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
             .configure(routes_config)
             .configure(|cfg| metrics_route(cfg, metrics_on_main))
             .default_service(web::to(not_found))
+            .wrap(from_fn(crate::http::compress::compress))
             .wrap(Condition::new(!cors_origins.is_empty(), cors))
             .wrap(from_fn(edge::edge))
     })
@@ -460,11 +472,7 @@ fn metrics_route(cfg: &mut web::ServiceConfig, on_main_listener: bool) {
 }
 
 /// The `KEYMETER_METRICS_BIND` listener: `GET /metrics` and nothing else, one worker.
-fn build_metrics_server(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    config: &Config,
-) -> anyhow::Result<Server> {
+fn build_metrics_server(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow::Result<Server> {
     let data = web::Data::from(metrics);
     let server = HttpServer::new(move || {
         App::new()
@@ -477,7 +485,8 @@ fn build_metrics_server(
     })
     .disable_signals()
     .workers(1)
-    .shutdown_timeout(config.shutdown_timeout.as_secs())
+    // A scrape is quick; the shutdown budget leaves it a second after the main drain.
+    .shutdown_timeout(1)
     .listen(listener)?;
     Ok(server.run())
 }
@@ -578,7 +587,8 @@ pub fn routes_config(cfg: &mut web::ServiceConfig) {
                 .service(
                     web::resource("/keys/{id}/revoke").route(web::post().to(admin::revoke_key)),
                 )
-                .service(web::resource("/breakers").route(web::get().to(jobs::breakers))),
+                .service(web::resource("/breakers").route(web::get().to(jobs::breakers)))
+                .service(web::resource("/audit").route(web::get().to(admin::audit_trail))),
         );
 }
 

@@ -74,6 +74,7 @@ pub async fn edge(
         status = tracing::field::Empty,
         latency_ms = tracing::field::Empty,
     );
+    crate::telemetry::adopt_remote_parent(&span, req.headers());
     let started = Instant::now();
     let inner_span = span.clone();
 

@@ -1,7 +1,9 @@
 //! HTTP plumbing shared by every route: the edge middleware (request id, span, limits,
 //! timeout, panic guard, problem rendering, security headers) and the extractor
-//! configuration that turns bad input into problem+json instead of actix's plain text.
+//! configuration that turns bad input into problem+json instead of actix's plain text, and
+//! gzip for large responses.
 
+pub mod compress;
 pub mod edge;
 pub mod extractors;
 pub mod request_id;

@@ -258,6 +258,13 @@ impl Limits {
         self.shared.as_ref().map(|(l, _)| l)
     }
 
+    /// For readiness: `None` without a shared store; else whether Redis answers now, and what
+    /// the checks do while it does not.
+    pub async fn shared_health(&self) -> Option<(bool, OnSharedFailure)> {
+        let (limiter, on_failure) = self.shared.as_ref()?;
+        Some((limiter.ping().await, *on_failure))
+    }
+
     /// The request's checks: the key's own limit (if any), then the account's tier limit —
     /// shared through Redis when configured (falling back as configured when it cannot
     /// answer), else in memory. Returns the binding decision; `Ok(None)` when nothing limits

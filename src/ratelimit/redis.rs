@@ -119,6 +119,17 @@ impl RedisLimiter {
         }
     }
 
+    /// Whether Redis answers a `PING` within the limit check's own timeout — the same bound
+    /// under which a check would count Redis as unavailable, so readiness and the checks agree.
+    pub async fn ping(&self) -> bool {
+        let Some(mut conn) = self.conn.read().ok().and_then(|c| c.clone()) else {
+            return false;
+        };
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))
+    }
+
     /// `Err` when Redis cannot answer in time; the caller decides between the fallback and
     /// refusing. `Ok(None)` when nothing limits the request.
     pub async fn check(&self, who: Subject<'_>, tier: &Tier) -> Result<Option<Decision>, String> {

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::accounts::password::Password;
 use crate::accounts::{self, login, Account, Email, NewAccount};
+use crate::audit::{self, Action};
 use crate::auth::keys::{self, CreatedKey, KeySpec};
 use crate::auth::{Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
@@ -179,8 +180,14 @@ pub async fn login(
     // No pooled connection is held during the deliberately slow hash.
     let ok = slot.verify(password, stored).await? && status == "active";
     let mut client = state.db.get().await?;
+    let who = audit::Actor::login(state.limits.client_ip(&req));
     let Some(account_id) = account_id.filter(|_| ok) else {
-        // The failure was counted when the attempt was reserved.
+        // The failure was counted when the attempt was reserved; the trail records it, and
+        // the lockout when this attempt's reservation (or a concurrent one) set it.
+        let tx = client.transaction().await?;
+        let locked = login::locked_for(&tx, &email_key).await?.is_some();
+        audit::login_failed(&tx, &who, account_id, locked).await?;
+        tx.commit().await?;
         state.limits.note_auth_failure(&req);
         return Err(ApiError::InvalidCredentials);
     };
@@ -197,6 +204,16 @@ pub async fn login(
     // email and per address, so they cannot pile up; they do count towards the cap for keys
     // created with `POST /v1/keys`.
     let key = keys::insert(&tx, account_id, &spec).await?;
+    let detail = serde_json::json!({"expires_at": key.view.expires_at});
+    audit::record(
+        &tx,
+        &who,
+        Action::LoginSuccess,
+        Some(account_id),
+        Some(&key.view.id),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     Ok(HttpResponse::Created().json(LoginResponse { api_key: key }))
 }

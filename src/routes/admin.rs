@@ -4,16 +4,18 @@
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::accounts::{self, Account};
 use crate::admin;
+use crate::audit::{self, Actor, AuditEvent};
 use crate::auth::admin::AdminToken;
 use crate::auth::keys::{CreatedKey, KeySpec, KeyView};
 use crate::auth::Scope;
 use crate::credits::Movement;
 use crate::error::{ApiError, ApiResult};
+use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
 fn account_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -74,6 +76,7 @@ pub async fn create_account(
     let (account, key) = admin::create_account(
         &state.db,
         &state.tiers,
+        &Actor::AdminToken,
         &b.email,
         b.tier.as_deref(),
         b.credits,
@@ -159,7 +162,7 @@ pub async fn create_key(
     let id = account_id(&path)?;
     let b = body.into_inner();
     let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
-    let key = admin::create_key(&state.db, id, &spec).await?;
+    let key = admin::create_key(&state.db, &Actor::AdminToken, id, &spec).await?;
     Ok(HttpResponse::Created().json(key))
 }
 
@@ -197,7 +200,7 @@ pub async fn set_tier(
     body: web::Json<SetTier>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_tier(&state.db, &state.tiers, id, &body.tier).await?;
+    let a = admin::set_tier(&state.db, &state.tiers, &Actor::AdminToken, id, &body.tier).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -251,7 +254,7 @@ pub async fn suspend(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_active(&state.db, id, false).await?;
+    let a = admin::set_active(&state.db, &Actor::AdminToken, id, false).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -275,7 +278,7 @@ pub async fn unsuspend(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_active(&state.db, id, true).await?;
+    let a = admin::set_active(&state.db, &Actor::AdminToken, id, true).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -298,7 +301,7 @@ pub async fn revoke_key(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    let k = admin::revoke_key(&state.db, &path).await?;
+    let k = admin::revoke_key(&state.db, &Actor::AdminToken, &path).await?;
     state.auth.cache.invalidate_key(&k.id).await;
     Ok(HttpResponse::Ok().json(k))
 }
@@ -345,6 +348,112 @@ pub async fn grant_credits(
     body: web::Json<Grant>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let m = admin::grant_credits(&state.db, id, body.amount, &body.reason).await?;
+    let m =
+        admin::grant_credits(&state.db, &Actor::AdminToken, id, body.amount, &body.reason).await?;
     Ok(HttpResponse::Created().json(m))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct AuditQuery {
+    /// Events per page, 1 to 100 (default 20).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 100)]
+    limit: Option<String>,
+    /// `next_cursor` from the previous page.
+    #[param(pattern = "^-?[0-9]{1,16}_[A-Za-z0-9-]{1,64}$")]
+    cursor: Option<String>,
+    /// Only events about this account (a UUID).
+    #[param(value_type = Option<String>, format = Uuid)]
+    account: Option<String>,
+    /// Only events of this action.
+    #[param(inline, value_type = Option<audit::Action>)]
+    action: Option<String>,
+    /// Only events by this actor: `admin_token`, an OS user (CLI), a key id, or a client
+    /// address (logins).
+    #[param(max_length = 200)]
+    actor: Option<String>,
+    /// Events at or after this time: a date (`2026-11-23`, midnight UTC) or an RFC 3339 time.
+    #[param(schema_with = crate::pagination::time_param_schema)]
+    from: Option<String>,
+    /// Events before this time: a date or an RFC 3339 time.
+    #[param(schema_with = crate::pagination::time_param_schema)]
+    to: Option<String>,
+}
+
+/// `GET /admin/audit`: the audit trail, newest first.
+#[utoipa::path(
+    get,
+    path = "/admin/audit",
+    operation_id = "admin_audit",
+    tag = "admin",
+    summary = "The audit trail",
+    description = "Every operator action (this API and `keymeter admin …`) and every \
+        security-relevant customer action (keys created, revoked, rotated; logins, failed \
+        logins, lockouts): who, what, which account, when, and the request id. Newest first, \
+        cursor-paginated; `from` is inclusive, `to` exclusive. The trail is append-only.",
+    params(AuditQuery),
+    responses(
+        (status = 200, description = "A page of audit events.", body = Page<AuditEvent>),
+        (status = 400, description = "`invalid_request`: a malformed query string, an unknown \
+            parameter or a cursor this API did not return."),
+        (status = 422, description = "`validation_failed`: `limit`, `account`, `action`, \
+            `actor`, `from` or `to` is not acceptable."),
+    ),
+    security(("AdminToken" = [])),
+)]
+pub async fn audit_trail(
+    _: AdminToken,
+    state: web::Data<AppState>,
+    q: web::Query<AuditQuery>,
+) -> ApiResult<HttpResponse> {
+    let q = q.into_inner();
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    };
+    let limit = page.limit()?;
+    let cursor = page.cursor()?;
+    let range = crate::pagination::TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
+    let filter = audit::Filter {
+        account_id: q
+            .account
+            .as_deref()
+            .map(|s| {
+                s.parse::<Uuid>()
+                    .map_err(|_| ApiError::validation("account", "account must be a UUID."))
+            })
+            .transpose()?,
+        action: q
+            .action
+            .as_deref()
+            .map(|s| {
+                audit::Action::parse(s).ok_or_else(|| {
+                    let known: Vec<&str> = audit::Action::ALL.iter().map(|a| a.as_str()).collect();
+                    ApiError::validation(
+                        "action",
+                        format!("action must be one of {}.", known.join(", ")),
+                    )
+                })
+            })
+            .transpose()?,
+        actor: match q.actor {
+            Some(a) if a.is_empty() || a.chars().count() > 200 || a.contains('\0') => {
+                return Err(ApiError::validation(
+                    "actor",
+                    "actor must be 1 to 200 characters, without NUL characters.",
+                ))
+            }
+            other => other,
+        },
+        from: range.from,
+        to: range.to,
+    };
+    let client = state.db.get().await?;
+    let rows = audit::list(&client, &filter, limit, cursor).await?;
+    Ok(
+        HttpResponse::Ok().json(Page::from_overfetch(rows, limit, |e| {
+            (e.at, e.id.to_string())
+        })),
+    )
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
+use crate::ratelimit::OnSharedFailure;
 use crate::startup::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -17,10 +18,16 @@ pub struct Live {
 
 #[derive(Serialize, ToSchema)]
 pub struct Ready {
+    /// `ready`, or `degraded` while the instance serves with a fallback (the Redis rate-limit
+    /// store is unreachable and limits are counted in this instance's memory meanwhile).
     #[schema(value_type = String, example = "ready")]
     status: &'static str,
     #[schema(value_type = String, example = "ok")]
     database: &'static str,
+    /// `memory` (no shared store configured), `redis` (the shared store answers) or
+    /// `unreachable` (configured, not answering).
+    #[schema(value_type = String, example = "memory")]
+    rate_limiter: &'static str,
 }
 
 /// 200 while the process can answer at all; it touches nothing else, so a database outage
@@ -39,17 +46,23 @@ pub async fn live() -> HttpResponse {
 }
 
 /// 200 when the database answers a ping within 1 s, else 503: take this instance out of
-/// rotation until it recovers.
+/// rotation until it recovers. With the Redis rate-limit store configured, an unreachable
+/// Redis is 503 too when the policy is `refuse` (every keyed request would be refused, so the
+/// instance cannot serve); with the `memory` fallback it still serves, and says `degraded`.
 #[utoipa::path(
     get,
     path = "/health/ready",
     operation_id = "health_ready",
     tag = "health",
     summary = "Readiness",
-    description = "200 when the database answers a ping within 1 s, else 503.",
+    description = "200 when the database answers a ping within 1 s, else 503. With the Redis \
+        rate-limit store configured and unreachable: 503 when \
+        `KEYMETER_RATE_LIMIT_ON_REDIS_ERROR=refuse`, else 200 with `status: degraded` and \
+        `rate_limiter: unreachable`.",
     responses(
-        (status = 200, description = "Ready to serve.", body = Ready),
-        (status = 503, description = "`not_ready`: the database did not answer."),
+        (status = 200, description = "Ready to serve (`status` is `ready` or `degraded`).", body = Ready),
+        (status = 503, description = "`not_ready`: the database did not answer, or the Redis \
+            rate-limit store did not and the server refuses requests without it."),
     ),
 )]
 pub async fn ready(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
@@ -61,20 +74,37 @@ pub async fn ready(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
             .map_err(|e| e.to_string())?;
         Ok::<(), String>(())
     };
-    match tokio::time::timeout(Duration::from_secs(1), ping).await {
-        Ok(Ok(())) => Ok(HttpResponse::Ok().json(Ready {
-            status: "ready",
-            database: "ok",
-        })),
+    let (db, shared) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(1), ping),
+        state.limits.shared_health()
+    );
+    match db {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: database ping failed");
-            Err(ApiError::NotReady("The database did not answer.".into()))
+            return Err(ApiError::NotReady("The database did not answer.".into()));
         }
         Err(_) => {
             tracing::warn!("readiness: database ping timed out");
-            Err(ApiError::NotReady(
+            return Err(ApiError::NotReady(
                 "The database did not answer within 1 s.".into(),
-            ))
+            ));
         }
     }
+    let (status, rate_limiter) = match shared {
+        None => ("ready", "memory"),
+        Some((true, _)) => ("ready", "redis"),
+        Some((false, OnSharedFailure::Refuse)) => {
+            tracing::warn!("readiness: the Redis rate-limit store is unreachable (policy: refuse)");
+            return Err(ApiError::NotReady(
+                "The shared rate-limit store did not answer.".into(),
+            ));
+        }
+        Some((false, OnSharedFailure::Memory)) => ("degraded", "unreachable"),
+    };
+    Ok(HttpResponse::Ok().json(Ready {
+        status,
+        database: "ok",
+        rate_limiter,
+    }))
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::audit::{self, Action, Actor};
 use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_GRACE_SECONDS};
 use crate::auth::{key, Authenticated, Scope};
 use crate::error::{ApiError, ApiResult};
@@ -80,6 +81,18 @@ pub async fn create(
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let created = keys::insert_capped(&tx, &state.tiers, caller.account_id, &spec).await?;
+    let v = &created.view;
+    let detail =
+        serde_json::json!({"name": v.name, "scopes": v.scopes, "expires_at": v.expires_at});
+    audit::record(
+        &tx,
+        &Actor::Key(caller.key_id.clone()),
+        Action::KeyCreate,
+        Some(caller.account_id),
+        Some(&v.id),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(new_key_id = %created.view.id, "key created");
     Ok(HttpResponse::Created().json(created))
@@ -175,6 +188,15 @@ pub async fn revoke(
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let k = keys::revoke(&tx, Some(caller.account_id), &id).await?;
+    audit::record(
+        &tx,
+        &Actor::Key(caller.key_id.clone()),
+        Action::KeyRevoke,
+        Some(caller.account_id),
+        Some(&id),
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     // This instance need not wait for its own NOTIFY to come back.
     state.auth.cache.invalidate_key(&id).await;
@@ -232,6 +254,16 @@ pub async fn rotate(
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
     let created = keys::rotate(&tx, caller.account_id, &id, grace, &Power::from(&caller)).await?;
+    let detail = serde_json::json!({"new_key_id": created.view.id, "grace_seconds": grace});
+    audit::record(
+        &tx,
+        &Actor::Key(caller.key_id.clone()),
+        Action::KeyRotate,
+        Some(caller.account_id),
+        Some(&id),
+        detail,
+    )
+    .await?;
     tx.commit().await?;
     state.auth.cache.invalidate_key(&id).await;
     tracing::info!(old_key_id = %id, new_key_id = %created.view.id, grace_seconds = grace, "key rotated");

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod accounts;
+mod audit;
 mod billing;
 mod credits;
 mod foundation;
@@ -13,5 +14,6 @@ mod jobs;
 mod keys;
 mod metrics;
 mod openapi;
+mod operations;
 mod process;
 mod ratelimits;
