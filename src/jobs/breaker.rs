@@ -444,6 +444,9 @@ impl OriginEntry {
     }
 }
 
+/// A recent egress failure, for the provider's distinct counts: (when, origin, account).
+type EgressFailure = (Instant, Arc<str>, Uuid);
+
 /// Every permission a job needs, and what to record its outcome on.
 pub struct Tickets {
     breakers: Breakers,
@@ -539,8 +542,7 @@ pub struct Snapshot {
 pub struct Breakers {
     settings: Arc<BreakerSettings>,
     provider: Arc<Breaker>,
-    /// (when, origin, account) of recent egress failures.
-    provider_recent: Arc<Mutex<VecDeque<(Instant, Arc<str>, Uuid)>>>,
+    provider_recent: Arc<Mutex<VecDeque<EgressFailure>>>,
     origins: moka::sync::Cache<Arc<str>, Arc<OriginEntry>>,
     accounts: moka::sync::Cache<(Uuid, Arc<str>), Arc<Breaker>>,
 }
