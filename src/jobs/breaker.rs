@@ -933,6 +933,20 @@ mod tests {
         }
     }
 
+    /// A provider breaker past its first (1 s) window: failsafe's rate policy judges only then,
+    /// so a closed provider below means "not counted", not "too early".
+    fn provider(min_accounts: u32) -> Breakers {
+        let b = Breakers::new(
+            "direct",
+            BreakerSettings {
+                window: Duration::from_secs(1),
+                ..provider_settings(min_accounts)
+            },
+        );
+        std::thread::sleep(Duration::from_millis(1100));
+        b
+    }
+
     /// Takes every permission first, then records the outcomes: what opens meanwhile does
     /// not stop the rest from being recorded.
     fn outcomes(b: &Breakers, calls: &[(Uuid, String, Signal)]) {
@@ -949,12 +963,12 @@ mod tests {
     fn the_provider_counts_only_egress_failures_across_origins_and_accounts() {
         let port = |n: usize| format!("http://127.0.0.1:{}", 1000 + n);
         // One account's failures across many origins (dead ports): never the provider.
-        let b = Breakers::new("direct", provider_settings(2));
+        let b = provider(2);
         let a = Uuid::new_v4();
         outcomes(&b, &(0..30).map(|n| (a, port(n), FAIL)).collect::<Vec<_>>());
         assert_eq!(b.provider.state(), State::Closed);
         // Many accounts failing on one origin: that origin's breaker, not the provider.
-        let b = Breakers::new("direct", provider_settings(2));
+        let b = provider(2);
         let one: Vec<_> = (0..30)
             .map(|_| (Uuid::new_v4(), "http://one.example".to_owned(), FAIL))
             .collect();
@@ -962,7 +976,7 @@ mod tests {
         assert_eq!(b.provider.state(), State::Closed);
         assert_eq!(shared_state(&b, "http://one.example"), Some(State::Open));
         // Failures that are not the egress path's (DNS, HTTP answers), however spread.
-        let b = Breakers::new("direct", provider_settings(2));
+        let b = provider(2);
         let dns = Signal::SiteFailure { egress: false };
         outcomes(
             &b,
@@ -971,8 +985,9 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert_eq!(b.provider.state(), State::Closed);
-        // Egress failing for many accounts and origins: the provider opens.
-        let b = Breakers::new("direct", provider_settings(2));
+        // Egress failing for many accounts and origins: the provider opens (failsafe's rate
+        // policy judges only once its first window has passed).
+        let b = provider(2);
         outcomes(
             &b,
             &(0..30)
