@@ -278,6 +278,12 @@ pub struct JobsSettings {
     pub breaker_failures: u32,
     pub breaker_open: Duration,
     pub breaker_max_open: Duration,
+    /// Distinct accounts whose failures an origin's shared breaker needs
+    /// (`KEYMETER_BREAKER_MIN_ACCOUNTS`): fewer only open their own account-scoped breakers.
+    pub breaker_min_accounts: u32,
+    /// A job timeout counts against the site only when the job gave it at least this long
+    /// (`KEYMETER_BREAKER_TIMEOUT_FLOOR_MS`).
+    pub breaker_timeout_floor: Duration,
     /// Derives every account's job-webhook signing secret; `None` (production without
     /// `KEYMETER_WEBHOOK_SIGNING_KEY`) turns job webhooks off.
     pub webhook_signing_key: Option<SecretString>,
@@ -360,6 +366,14 @@ fn jobs_settings(
             "must be at least KEYMETER_BREAKER_OPEN_SECS",
         ));
     }
+    let breaker_timeout_floor = millis(src, "KEYMETER_BREAKER_TIMEOUT_FLOOR_MS", 5_000)?;
+    // Above the longest job timeout no timeout would ever count, hiding sites that hang.
+    if breaker_timeout_floor > Duration::from_millis(60_000) {
+        return Err(ConfigError::new(
+            "KEYMETER_BREAKER_TIMEOUT_FLOOR_MS",
+            "must be at most 60000 (the longest job timeout)",
+        ));
+    }
     let webhook_attempts = positive(src, "KEYMETER_JOB_WEBHOOK_ATTEMPTS", 6i32, "a count")?;
     let workers = positive(src, "KEYMETER_JOB_WORKERS", 16usize, "a worker count")?;
     if workers > 1024 {
@@ -395,6 +409,13 @@ fn jobs_settings(
         breaker_failures: positive(src, "KEYMETER_BREAKER_FAILURES", 5u32, "a count")?,
         breaker_open,
         breaker_max_open,
+        breaker_min_accounts: positive(
+            src,
+            "KEYMETER_BREAKER_MIN_ACCOUNTS",
+            3u32,
+            "a number of accounts",
+        )?,
+        breaker_timeout_floor,
         webhook_signing_key,
         webhook_attempts,
         webhook_retry_base: millis(src, "KEYMETER_JOB_WEBHOOK_RETRY_MS", 10_000)?,
@@ -1093,6 +1114,18 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(e.var, "KEYMETER_BREAKER_MAX_OPEN_SECS");
+        for (var, value) in [
+            ("KEYMETER_BREAKER_MIN_ACCOUNTS", "0"),
+            ("KEYMETER_BREAKER_MIN_ACCOUNTS", "many"),
+            ("KEYMETER_BREAKER_TIMEOUT_FLOOR_MS", "0"),
+            ("KEYMETER_BREAKER_TIMEOUT_FLOOR_MS", "60001"),
+        ] {
+            let e = Config::from_source(&src(&[(var, value)])).unwrap_err();
+            assert_eq!(e.var, var, "{value}");
+        }
+        let c = Config::from_source(&src(&[])).expect("defaults parse");
+        assert_eq!(c.jobs.breaker_min_accounts, 3);
+        assert_eq!(c.jobs.breaker_timeout_floor, Duration::from_secs(5));
         let e =
             Config::from_source(&src(&[("KEYMETER_WEBHOOK_SIGNING_KEY", "short")])).unwrap_err();
         assert_eq!(e.var, "KEYMETER_WEBHOOK_SIGNING_KEY");

@@ -210,9 +210,9 @@ pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
     (
         "upstream_unavailable",
         &[503],
-        "The target host's or the egress provider's circuit breaker is open (`breaker`), so \
-         nothing was charged; or it opened while the job waited (`job_id`, refunded). Retry \
-         after `Retry-After`.",
+        "The target origin's or the egress provider's circuit breaker is open (`breaker`, \
+         `scope`), so nothing was charged; or it opened while the job waited (`job_id`, \
+         refunded). Retry after `Retry-After`.",
     ),
     (
         "password_hashing_busy",
@@ -897,6 +897,13 @@ fn problem_schema() -> Value {
                 "enum": ["provider", "host"],
                 "description": "`upstream_unavailable` before any charge: which circuit \
                     breaker is open.",
+            },
+            "scope": {
+                "type": "string",
+                "enum": ["shared", "account"],
+                "description": "`upstream_unavailable` before any charge: `shared` when the \
+                    breaker refuses every account's jobs to that origin, `account` when only \
+                    this account's (its own recent jobs there failed).",
             },
             "max_queued_jobs": {
                 "type": "integer",

@@ -90,6 +90,8 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
             consecutive_failures: s.breaker_failures,
             open_for: s.breaker_open,
             max_open: s.breaker_max_open,
+            min_accounts: s.breaker_min_accounts,
+            timeout_floor: s.breaker_timeout_floor,
             ..BreakerSettings::default()
         },
     );

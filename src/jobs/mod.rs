@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! validate input ─ Guard::check_syntax / CustomerHeaders::new   (a 422 before any charge)
-//! run the job    ─ Fetcher::fetch(url, timeout, &headers)       (behind the upstream's breaker)
+//! run the job    ─ Fetcher::fetch(url, timeout, &headers)       (behind the origin's breakers)
 //! settle         ─ classify(&result) → Outcome::Usable keeps the charge, Failed refunds;
-//!                  Failed { counts_as_breaker_failure } tells the breaker
+//!                  Breakers::signal(&result, budget) tells the breakers
 //! answer         ─ extract(&fetched, &formats, &limits)         (CPU-bound: spawn_blocking)
 //! ```
 //!
@@ -16,7 +16,8 @@
 //! - [`queue`]: the `jobs` table — create (cost reserved in the same transaction), claim
 //!   (SKIP LOCKED, per-account concurrency), lease, finish (refund and webhook in the same
 //!   transaction), reap.
-//! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider and host;
+//! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider, origin,
+//!   and account and origin;
 //!   [`hub`]: in-process wake-ups; [`webhooks`]: signed job webhooks with retries.
 
 pub mod breaker;

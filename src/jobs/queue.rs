@@ -141,7 +141,7 @@ pub struct Job {
     /// Credits: the sum of the tier's price per format.
     #[schema(minimum = 0)]
     pub cost: i64,
-    /// The cost was taken from the balance (at creation).
+    /// The cost was taken from the balance (at creation); `false` for a free job (cost 0).
     pub charged: bool,
     /// …and given back (the job failed, timed out or was cancelled).
     pub refunded: bool,
@@ -222,13 +222,30 @@ fn job(row: &tokio_postgres::Row) -> Job {
 /// locks the account row first, so concurrent creations for one account are counted
 /// against the queue cap one after the other. 402 when the balance is short, 429
 /// `queue_full` beyond the tier's queued-jobs cap: either way nothing is written.
+///
+/// A job whose formats are all free (a tier price of 0) reserves nothing: the ledger holds
+/// credit movements, and a zero-delta row would be none. Its end then has nothing to refund
+/// (`ledger::refund` finds no charge and writes nothing), so it settles like any other job.
+/// The account row is still locked first, so the queue cap is counted the same way.
 pub async fn create(tx: &Transaction<'_>, new: &NewJob, max_queued: i64) -> Result<(), ApiError> {
-    match ledger::reserve(tx, new.account_id, new.cost, new.id).await? {
-        ledger::Once::Done(_) => {}
-        ledger::Once::AlreadyDone => {
-            return Err(ApiError::Internal(anyhow::anyhow!(
-                "a new job's id already has a charge"
-            )))
+    if new.cost == 0 {
+        let locked = tx
+            .query_opt(
+                "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                &[&new.account_id],
+            )
+            .await?;
+        if locked.is_none() {
+            return Err(ApiError::NotFound("No account with that id.".into()));
+        }
+    } else {
+        match ledger::reserve(tx, new.account_id, new.cost, new.id).await? {
+            ledger::Once::Done(_) => {}
+            ledger::Once::AlreadyDone => {
+                return Err(ApiError::Internal(anyhow::anyhow!(
+                    "a new job's id already has a charge"
+                )))
+            }
         }
     }
     let queued: i64 = tx

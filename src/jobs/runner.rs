@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 use uuid::Uuid;
 
-use super::breaker::Breakers;
+use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
 use super::hub::Hub;
@@ -231,20 +231,15 @@ impl Jobs {
                 Ok(h) => h,
                 Err(e) => return End::failed("invalid_request", e.to_string()),
             };
-        let host = url.host_str().unwrap_or_default().to_owned();
-        let tickets = match self.breakers.acquire(&host) {
+        let tickets = match self.breakers.acquire(job.account_id, &origin_of(&url)) {
             Ok(t) => t,
             Err(refused) => return End::failed("circuit_open", refused.to_string()),
         };
         let result = self.fetcher.fetch(&url, budget, &headers).await;
+        // What counts against the site depends on the time this job gave it, not only on
+        // how it failed: see `breaker`.
+        tickets.record(self.breakers.signal(&result, budget));
         let outcome = classify(&result);
-        tickets.record(matches!(
-            outcome,
-            Outcome::Failed {
-                counts_as_breaker_failure: true,
-                ..
-            }
-        ));
         match (outcome, result) {
             (Outcome::Usable, Ok(page)) => {
                 let status = page.status;

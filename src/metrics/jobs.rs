@@ -2,10 +2,13 @@
 //! job code calls these functions as it moves jobs and breakers between states.
 //!
 //! Every label value here must come from a small fixed set (job states and outcomes are the
-//! code's own constants, provider names come from configuration). Host names are the
-//! exception the breaker gauge handles itself: customers choose the hosts, so a host's
-//! series exists only while its breaker is not closed.
+//! code's own constants, provider names come from configuration). Origins are the exception
+//! the breaker gauge handles itself: customers choose them, so an origin's series exists only
+//! while its shared breaker is not closed (removed when it closes or is evicted), and at most
+//! [`MAX_HOST_SERIES`] of them at once, whatever origins customers send.
 
+use std::collections::BTreeSet;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::families;
@@ -64,7 +67,9 @@ impl Jobs {
     }
 }
 
-/// Which breaker: the egress provider's (direct path or proxy) or a target host's.
+/// Which breaker: the egress provider's (direct path or proxy) or a target origin's. An
+/// account-scoped origin breaker counts its rejections as `host` and has no state series
+/// (its label would carry an account id, and there may be one per account and origin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerKind {
     Provider,
@@ -80,6 +85,14 @@ impl BreakerKind {
     }
 }
 
+/// Origin (host) state series exported at most at once, per process. Beyond it a breaker
+/// still works and `GET /admin/breakers` lists it; only its series is left out.
+pub const MAX_HOST_SERIES: usize = 100;
+
+/// The origins that have a state series now: what bounds them, and what a close or an
+/// eviction removes. A short critical section, never held across an await.
+static HOST_SERIES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
 /// A breaker's state; the gauge's value is the discriminant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -92,15 +105,34 @@ pub enum BreakerState {
 /// `keymeter_breaker_state{kind, name}` = 0 closed, 1 half-open, 2 open. Call it from the
 /// breaker's state-change hook (or set every breaker from an `on_scrape` hook).
 ///
-/// A closed **host** breaker's series is removed instead of set to 0: hosts are chosen by
-/// customers, and keeping a series per host ever fetched would grow without bound. An absent
-/// host series therefore means closed. Provider breakers are few and always present.
+/// A closed **host** breaker's series is removed instead of set to 0: origins are chosen by
+/// customers, and keeping a series per origin ever fetched would grow without bound. An
+/// absent host series therefore means closed (or beyond [`MAX_HOST_SERIES`]). Provider
+/// breakers are few and always present.
 pub fn set_breaker_state(kind: BreakerKind, name: &str, state: BreakerState) {
     let Some(f) = families() else { return };
     let labels = [kind.as_str(), name];
-    if kind == BreakerKind::Host && state == BreakerState::Closed {
-        let _ = f.breaker_state.remove_label_values(&labels);
-        return;
+    match kind {
+        BreakerKind::Provider => {}
+        BreakerKind::Host => {
+            let mut exported = HOST_SERIES.lock().unwrap_or_else(PoisonError::into_inner);
+            if state == BreakerState::Closed {
+                exported.remove(name);
+                let _ = f.breaker_state.remove_label_values(&labels);
+                return;
+            }
+            if !exported.contains(name) {
+                if exported.len() >= MAX_HOST_SERIES {
+                    return;
+                }
+                exported.insert(name.to_owned());
+            }
+            // Set under the lock, so a concurrent close cannot leave a series behind.
+            if let Ok(g) = f.breaker_state.get_metric_with_label_values(&labels) {
+                g.set(state as i64);
+            }
+            return;
+        }
     }
     if let Ok(g) = f.breaker_state.get_metric_with_label_values(&labels) {
         g.set(state as i64);
@@ -109,14 +141,32 @@ pub fn set_breaker_state(kind: BreakerKind, name: &str, state: BreakerState) {
 
 /// Drops a breaker's series, e.g. when the breaker itself is evicted from its registry.
 pub fn forget_breaker(kind: BreakerKind, name: &str) {
-    if let Some(f) = families() {
+    let Some(f) = families() else { return };
+    if kind == BreakerKind::Host {
+        let mut exported = HOST_SERIES.lock().unwrap_or_else(PoisonError::into_inner);
+        exported.remove(name);
         let _ = f.breaker_state.remove_label_values(&[kind.as_str(), name]);
+        return;
     }
+    let _ = f.breaker_state.remove_label_values(&[kind.as_str(), name]);
+}
+
+/// The value of a host breaker's state series, if it has one (for tests).
+#[cfg(test)]
+pub(crate) fn host_breaker_series(name: &str) -> Option<i64> {
+    let f = families()?;
+    let exported = HOST_SERIES.lock().unwrap_or_else(PoisonError::into_inner);
+    exported.contains(name).then(|| {
+        f.breaker_state
+            .get_metric_with_label_values(&["host", name])
+            .map(|g| g.get())
+            .unwrap_or_default()
+    })
 }
 
 /// A job was refused because a breaker of `kind` was open (or its half-open probe slot was
-/// taken): `keymeter_breaker_rejections_total{kind}`. By kind only — per host it would be
-/// unbounded; `keymeter_breaker_state` says which breakers are open.
+/// taken): `keymeter_breaker_rejections_total{kind}`. By kind only — per origin it would be
+/// unbounded; `keymeter_breaker_state` says which shared breakers are open.
 pub fn breaker_rejected(kind: BreakerKind) {
     if let Some(c) = families().and_then(|f| {
         f.breaker_rejections

@@ -48,7 +48,9 @@ use crate::auth::cache::KeyCache;
 use crate::credits::ledger::Kind;
 
 pub use collectors::Backlog;
-pub use jobs::{breaker_rejected, forget_breaker, jobs, set_breaker_state};
+#[cfg(test)]
+pub(crate) use jobs::host_breaker_series;
+pub use jobs::{breaker_rejected, forget_breaker, jobs, set_breaker_state, MAX_HOST_SERIES};
 pub use jobs::{BreakerKind, BreakerState, Jobs};
 
 /// The Prometheus text exposition format.
@@ -249,7 +251,7 @@ impl Families {
             )?,
             breaker_state: gauge(
                 "keymeter_breaker_state",
-                "Circuit breaker state: 0 closed, 1 half-open, 2 open (host breakers appear only while not closed).",
+                "Circuit breaker state: 0 closed, 1 half-open, 2 open (an origin appears only while its shared breaker is not closed, at most 100 at once).",
                 &["kind", "name"],
             )?,
             breaker_rejections: counter(

@@ -190,17 +190,20 @@ async fn check(
         .sum();
     // Resolve now: a host that points at a private address is refused before any charge.
     jobs.fetcher.precheck(&url).await.map_err(url_not_allowed)?;
-    let host = url.host_str().unwrap_or_default();
-    jobs.breakers.check(host).map_err(|refused| {
-        ApiError::problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream_unavailable",
-            "Upstream unavailable",
-            refused.to_string(),
-        )
-        .with("breaker", refused.kind.as_str())
-        .retry_after(refused.retry_after.as_secs().max(1))
-    })?;
+    let origin = crate::jobs::breaker::origin_of(&url);
+    jobs.breakers
+        .check(caller.account_id, &origin)
+        .map_err(|refused| {
+            ApiError::problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                "Upstream unavailable",
+                refused.to_string(),
+            )
+            .with("breaker", refused.kind.as_str())
+            .with("scope", refused.scope.as_str())
+            .retry_after(refused.retry_after.as_secs().max(1))
+        })?;
     Ok(Checked {
         url: url.to_string(),
         formats,
@@ -345,9 +348,10 @@ enum Created {
             `idempotency_key_reused`: this `Idempotency-Key` came with another request."),
         (status = 429, description = "`queue_full`: the account already has the most queued \
             jobs its tier allows (`max_queued_jobs`); retry after `Retry-After`."),
-        (status = 503, description = "`upstream_unavailable`: the target host's or the egress \
-            provider's circuit breaker is open (`breaker`: `host` or `provider`); nothing is \
-            charged; retry after `Retry-After`."),
+        (status = 503, description = "`upstream_unavailable`: the target origin's or the egress \
+            provider's circuit breaker is open (`breaker`: `host` or `provider`; `scope`: \
+            `shared`, or `account` when only this account's own failing jobs to that origin \
+            paused it); nothing is charged; retry after `Retry-After`."),
     ),
     security(("ApiKey" = ["scrape"]), ("ApiKeyHeader" = ["scrape"])),
 )]
@@ -412,9 +416,10 @@ pub async fn create_job(
         (status = 502, description = "`upstream_failed`: the site failed (5xx, 429, a block, \
             another status than 2xx/404/410, a network, DNS or TLS error, too many redirects) or \
             its page could not be processed; refunded (`job_id`, `reason`, `upstream_status`)."),
-        (status = 503, description = "`upstream_unavailable`: the target host's or the egress \
+        (status = 503, description = "`upstream_unavailable`: the target origin's or the egress \
             provider's circuit breaker is open — before anything is charged (`breaker`: `host` or \
-            `provider`), or while the job waited (`job_id`, `reason: circuit_open`, refunded); \
+            `provider`; `scope`: `shared`, or `account` when only this account's own failing \
+            jobs to that origin paused it), or while the job waited (`job_id`, `reason: circuit_open`, refunded); \
             retry after `Retry-After`. `database_unavailable` with `job_id`: the job was queued \
             but its end could not be read; look it up with `GET /v1/jobs/{id}`."),
         (status = 504, description = "`job_timeout`: the job did not finish within its \
@@ -759,12 +764,16 @@ pub async fn cancel(
 pub struct BreakersReport {
     #[schema(value_type = String, example = "breakers")]
     object: &'static str,
-    /// The egress provider's breaker first, then every host breaker that is not closed, by
-    /// host name.
+    /// The egress provider's breaker first, then every origin's shared breaker that is not
+    /// closed, then every account-scoped one that is not closed, each by origin (at most
+    /// 1000 of each).
     #[schema(value_type = Vec<BreakerView>)]
     data: Vec<Snapshot>,
-    /// Host breakers this instance holds (hosts unused for an hour are forgotten).
+    /// Origin breakers this instance holds: an origin gets one on its first failure, and
+    /// one unused for ten minutes is forgotten.
     tracked_hosts: u64,
+    /// Account-scoped breakers this instance holds (same rules).
+    tracked_account_breakers: u64,
     /// Jobs `queued` and `running` on all instances; a status with none is absent.
     #[schema(value_type = QueueDepth)]
     queue: BTreeMap<String, i64>,
@@ -777,13 +786,28 @@ pub struct BreakersReport {
 struct BreakerView {
     #[schema(inline)]
     kind: BreakerKind,
-    /// The provider's name, or the host.
+    #[schema(inline)]
+    scope: BreakerScope,
+    /// The provider's name, or the origin (`scheme://host[:port]`).
     name: String,
+    /// `scope: account`: the account whose jobs it refuses.
+    #[schema(required = false)]
+    account_id: Option<Uuid>,
     #[schema(inline)]
     state: BreakerState,
 }
 
-/// `provider`: the egress provider every job goes through; `host`: one target host.
+/// `shared`: refuses every account's jobs; `account`: only one account's jobs to that origin
+/// (its own failures opened it).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum BreakerScope {
+    Shared,
+    Account,
+}
+
+/// `provider`: the egress provider every job goes through; `host`: one target origin.
 #[derive(ToSchema)]
 #[schema(rename_all = "snake_case")]
 #[allow(dead_code)]
@@ -820,8 +844,9 @@ struct QueueDepth {
     operation_id = "admin_breakers",
     tag = "admin",
     summary = "Circuit breakers and queue depth",
-    description = "This instance's circuit breakers (the egress provider's, and every target \
-        host's that is open or half-open) and the number of queued and running jobs.",
+    description = "This instance's circuit breakers (the egress provider's, every target \
+        origin's shared one and every account-scoped one that is open or half-open) and the \
+        number of queued and running jobs.",
     responses(
         (status = 200, description = "The breakers and the queue.", body = BreakersReport),
     ),
@@ -836,7 +861,8 @@ pub async fn breakers(
     Ok(HttpResponse::Ok().json(BreakersReport {
         object: "breakers",
         data: jobs.breakers.snapshot(),
-        tracked_hosts: jobs.breakers.tracked_hosts(),
+        tracked_hosts: jobs.breakers.tracked_origins(),
+        tracked_account_breakers: jobs.breakers.tracked_account_breakers(),
         queue: depth.into_iter().collect(),
     }))
 }

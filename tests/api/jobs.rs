@@ -500,7 +500,11 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         .find(|b| b["kind"] == "host")
         .expect("the host breaker is listed");
     assert_eq!(open["state"], "open");
-    assert_eq!(open["name"], "127.0.0.1");
+    // Per origin (scheme, host, port); one account's failures open a breaker for that
+    // account only.
+    assert_eq!(open["name"], up.base);
+    assert_eq!(open["scope"], "account");
+    assert_eq!(p["scope"], "account");
     // …and so does Prometheus (counters are process-wide, so only presence is checked).
     let text = app
         .client
