@@ -7,6 +7,7 @@ mod helpers;
 mod accounts;
 mod billing;
 mod credits;
+mod db_tls;
 mod foundation;
 mod isolation;
 mod jobs;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::{create_database, database_url, drop_database_blocking};
 
-fn keymeter() -> Command {
+pub fn keymeter() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_keymeter"));
     // Start from a clean slate: nothing inherited from the developer's shell.
     for (k, _) in std::env::vars() {
@@ -20,7 +20,7 @@ fn keymeter() -> Command {
     c
 }
 
-fn run_to_end(mut c: Command, limit: Duration) -> (i32, String, String) {
+pub fn run_to_end(mut c: Command, limit: Duration) -> (i32, String, String) {
     let mut child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
