@@ -148,7 +148,7 @@ async fn fixture(db_url: &str) -> Fixture {
     keymeter::db::migrations::run(&pg_cfg)
         .await
         .expect("migrations");
-    let pool = keymeter::db::build_pool(pg_cfg, &config.database).expect("pool");
+    let pool = keymeter::db::build_pool(&pg_cfg, &config.database).expect("pool");
 
     let account_id = Uuid::new_v4();
     let new_key = key::generate();

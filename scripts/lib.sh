@@ -80,3 +80,50 @@ ensure_test_redis_url() {
     fi
     echo "redis://127.0.0.1:6379/"
 }
+
+# The TLS tests (tests/api/db_tls.rs) need the test server to offer TLS. Debian's server is
+# set up with ssl = on and the "snakeoil" certificate of the ssl-cert package; a cluster made
+# without it, or with ssl turned off, gets it switched on here: ALTER SYSTEM + reload, no
+# restart (PostgreSQL reloads its ssl settings since 10). Only for a server on this machine
+# (its data directory is here): the certificate files must be where the server runs.
+# Idempotent: a server that already offers TLS is left as it is.
+ensure_test_postgres_ssl() {
+    local url=$1 ssl datadir owner
+    command -v psql >/dev/null || { log "psql not found; not checking the server's ssl setting"; return 0; }
+    ssl=$(PGCONNECT_TIMEOUT=5 psql "$url" -Atqc 'SHOW ssl' 2>/dev/null) || {
+        log "cannot ask the test server whether ssl is on; the TLS tests may fail"; return 0; }
+    [ "$ssl" = on ] && return 0
+    datadir=$(psql "$url" -Atqc 'SHOW data_directory')
+    if ! as_root test -d "$datadir"; then
+        log "the test server has ssl = off and is not on this machine: turn ssl on there for the TLS tests"
+        return 0
+    fi
+    local cert=/etc/ssl/certs/ssl-cert-snakeoil.pem key=/etc/ssl/private/ssl-cert-snakeoil.key
+    if [ ! -r "$cert" ] || ! as_root test -r "$key"; then
+        if ! command -v make-ssl-cert >/dev/null; then
+            log "installing Debian's ssl-cert (the snakeoil certificate)"
+            as_root apt-get update -qq >&2
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq ssl-cert >&2
+        fi
+        as_root make-ssl-cert generate-default-snakeoil >&2
+    fi
+    # The server reads its key as its own user and refuses a key others can read. Debian's
+    # postgres user reads the snakeoil key through the ssl-cert group, but a server set up
+    # otherwise may not be in it (and a new group needs a restart), so the server gets its
+    # own copy, owned by it, mode 0600, in its data directory. The certificate stays where it
+    # is: it is public, and the tests read it to learn the name and CA to verify.
+    owner=$(as_root stat -c %U "$datadir")
+    as_root install -o "$owner" -m 600 "$key" "$datadir/keymeter-test-server.key"
+    log "turning ssl on in the test PostgreSQL (snakeoil certificate)"
+    psql "$url" -qX -v ON_ERROR_STOP=1 \
+        -c "ALTER SYSTEM SET ssl_cert_file = '$cert'" \
+        -c "ALTER SYSTEM SET ssl_key_file = '$datadir/keymeter-test-server.key'" \
+        -c "ALTER SYSTEM SET ssl = on" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    for _ in $(seq 1 20); do
+        [ "$(psql "$url" -Atqc 'SHOW ssl')" = on ] && return 0
+        sleep 0.25
+    done
+    log "ssl is still off after the reload: see the PostgreSQL server log"
+    return 1
+}

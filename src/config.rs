@@ -72,6 +72,10 @@ pub struct DatabaseSettings {
     /// How long start-up keeps retrying an unreachable database before giving up.
     pub startup_retry: Duration,
     pub auto_migrate: bool,
+    /// `KEYMETER_DB_CA_FILE`: PEM roots that the server's certificate must chain to under
+    /// `sslmode=verify-ca`/`verify-full` (and `require`, as in libpq); the public roots
+    /// when unset.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// A credit pack: one Stripe price buys a fixed number of credits.
@@ -605,14 +609,19 @@ impl Config {
 
         let url = src.get("DATABASE_URL");
         if let Some(u) = &url {
-            if tokio_postgres::Config::from_str(u).is_err() {
-                // Never echo the value: it may hold a password.
-                return Err(ConfigError::new(
-                    "DATABASE_URL",
-                    "not a valid PostgreSQL connection string (expected postgres://user[:password]@host[:port]/database)",
-                ));
-            }
+            // Never echo the value: it may hold a password (the error names only sslmode).
+            crate::db::tls::parse_url(u)
+                .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
         }
+        let ca_file = match src.get("KEYMETER_DB_CA_FILE") {
+            None => None,
+            Some(p) => {
+                let path = std::path::PathBuf::from(p);
+                crate::db::tls::load_ca_file(&path)
+                    .map_err(|e| ConfigError::new("KEYMETER_DB_CA_FILE", e))?;
+                Some(path)
+            }
+        };
         let database = DatabaseSettings {
             url: url.map(SecretString::from),
             pool_size: positive(src, "KEYMETER_DB_POOL_SIZE", 16usize, "a connection count")?,
@@ -621,6 +630,7 @@ impl Config {
             statement_timeout: millis(src, "KEYMETER_DB_STATEMENT_TIMEOUT_MS", 5_000)?,
             startup_retry: secs(src, "KEYMETER_DB_STARTUP_RETRY_SECS", 10)?,
             auto_migrate: boolean(src, "KEYMETER_AUTO_MIGRATE", true)?,
+            ca_file,
         };
 
         let body_limit = positive(

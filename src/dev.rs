@@ -187,7 +187,8 @@ impl Drop for EmbeddedPostgres {
 
 /// Creates `name` on the server at `admin_url` unless it exists.
 pub async fn ensure_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
-    let (client, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+    let (client, conn) = crate::db::PgConnect::from_url(admin_url, None)?
+        .connect()
         .await
         .context("connecting to the dev PostgreSQL")?;
     tokio::spawn(conn);

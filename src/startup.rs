@@ -138,9 +138,8 @@ impl Application {
         }
         let url = config.database_url()?.clone();
         let pg = db::pg_config(&url, &config.database)?;
-        let where_ = db::describe(&pg);
-        let pool = db::build_pool(pg.clone(), &config.database)?;
-        db::wait_until_reachable(&pool, &where_, config.database.startup_retry).await?;
+        let pool = db::build_pool(&pg, &config.database)?;
+        db::wait_until_reachable(&pool, &pg, config.database.startup_retry).await?;
         if config.database.auto_migrate {
             let applied = db::migrations::run(&pg).await?;
             if !applied.is_empty() {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 /// A channel and what to do with its messages. Handlers run on the listener's task: keep
@@ -22,13 +22,13 @@ pub struct Subscription {
     pub on_connect: Arc<dyn Fn() + Send + Sync>,
 }
 
-pub async fn run(cfg: tokio_postgres::Config, subs: Vec<Subscription>, stop: CancellationToken) {
+pub async fn run(pg: super::PgConnect, subs: Vec<Subscription>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match listen_once(&cfg, &subs, &stop).await {
+        match listen_once(&pg, &subs, &stop).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
@@ -43,11 +43,11 @@ pub async fn run(cfg: tokio_postgres::Config, subs: Vec<Subscription>, stop: Can
 }
 
 async fn listen_once(
-    cfg: &tokio_postgres::Config,
+    pg: &super::PgConnect,
     subs: &[Subscription],
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let (client, mut connection) = cfg.connect(NoTls).await?;
+    let (client, mut connection) = pg.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     let pump = tokio::spawn(async move {

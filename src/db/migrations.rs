@@ -7,7 +7,9 @@
 //! applied migration whose text changed, is refused: the binary and the schema disagree.
 
 use anyhow::{bail, Context};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use super::PgConnect;
 
 mod embedded {
     refinery::embed_migrations!("sql");
@@ -16,11 +18,11 @@ mod embedded {
 /// An arbitrary constant naming keymeter's migration lock.
 const MIGRATION_LOCK: i64 = 0x6B65_796D_6574_6572; // "keymeter"
 
-async fn connect(cfg: &tokio_postgres::Config) -> anyhow::Result<Client> {
-    let (client, conn) = cfg
-        .connect(NoTls)
+async fn connect(pg: &PgConnect) -> anyhow::Result<Client> {
+    let (client, conn) = pg
+        .connect()
         .await
-        .context("connecting for migrations")?;
+        .map_err(|e| anyhow::anyhow!("connecting for migrations: {}", pg.error_text(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::warn!(error = %e, "migration connection ended");
@@ -30,8 +32,8 @@ async fn connect(cfg: &tokio_postgres::Config) -> anyhow::Result<Client> {
 }
 
 /// Applies every pending migration under the advisory lock. Returns the versions applied.
-pub async fn run(cfg: &tokio_postgres::Config) -> anyhow::Result<Vec<String>> {
-    let mut client = connect(cfg).await?;
+pub async fn run(pg: &PgConnect) -> anyhow::Result<Vec<String>> {
+    let mut client = connect(pg).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -53,8 +55,8 @@ pub async fn run(cfg: &tokio_postgres::Config) -> anyhow::Result<Vec<String>> {
 
 /// Verifies, without changing anything, that the database holds exactly the migrations this
 /// binary carries (used when `KEYMETER_AUTO_MIGRATE=false`).
-pub async fn check(cfg: &tokio_postgres::Config) -> anyhow::Result<()> {
-    let mut client = connect(cfg).await?;
+pub async fn check(pg: &PgConnect) -> anyhow::Result<()> {
+    let mut client = connect(pg).await?;
     let runner = embedded::migrations::runner();
     let applied = runner
         .get_applied_migrations_async(&mut client)

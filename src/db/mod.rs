@@ -1,31 +1,94 @@
-//! The database: the connection pool, start-up reachability, and migrations.
+//! The database: how to connect (TLS included), the connection pool, start-up
+//! reachability, and migrations.
 //!
 //! Every query is bounded in time three ways: waiting for a pooled connection
 //! (`KEYMETER_DB_POOL_TIMEOUT_MS`), opening one (`KEYMETER_DB_CONNECT_TIMEOUT_MS`), and a
 //! server-side `statement_timeout` set on every connection, so a stuck query cannot pin a
 //! request or a row lock forever. When PostgreSQL is down, requests fail fast with 503.
 
-use std::str::FromStr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use secrecy::{ExposeSecret, SecretString};
-use tokio_postgres::NoTls;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::Socket;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::DatabaseSettings;
 
 pub mod batch;
 pub mod listen;
 pub mod migrations;
+pub mod tls;
+
+pub use tls::SslMode;
+
+/// How keymeter connects: the parsed `DATABASE_URL`, its `sslmode`, and the TLS connector
+/// built for it. The pool, the LISTEN connection, migrations and the admin CLI all connect
+/// through this one value, so no path can open a connection with weaker TLS than another.
+#[derive(Clone)]
+pub struct PgConnect {
+    pub config: tokio_postgres::Config,
+    pub ssl_mode: SslMode,
+    ca_file: Option<PathBuf>,
+    tls: MakeRustlsConnect,
+}
+
+/// A connection's background half, as [`PgConnect::connect`] returns it.
+pub type PgConnection =
+    tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+impl PgConnect {
+    /// Parses a connection string and builds its TLS connector; `ca_file` is
+    /// `KEYMETER_DB_CA_FILE`.
+    pub fn from_url(url: &str, ca_file: Option<PathBuf>) -> anyhow::Result<Self> {
+        let (config, ssl_mode) =
+            tls::parse_url(url).map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
+        if ca_file.is_some() && matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
+            tracing::warn!(
+                sslmode = ssl_mode.as_str(),
+                "KEYMETER_DB_CA_FILE is set but sslmode does not check certificates; use sslmode=verify-full"
+            );
+        }
+        let tls = tls::connector(ssl_mode, ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("KEYMETER_DB_CA_FILE: {e}"))?;
+        Ok(Self {
+            config,
+            ssl_mode,
+            ca_file,
+            tls,
+        })
+    }
+
+    /// One connection, outside the pool (migrations, LISTEN, `dev`).
+    pub async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, PgConnection), tokio_postgres::Error> {
+        self.config.connect(self.tls.clone()).await
+    }
+
+    /// An error's text for an operator, TLS failures spelled out with the setting that
+    /// decides them.
+    pub fn error_text(&self, e: &(dyn std::error::Error + 'static)) -> String {
+        match tls::tls_failure(e) {
+            Some(t) => tls::describe_failure(t, self.ssl_mode, self.ca_file.as_ref()),
+            None => {
+                let mut s = e.to_string();
+                if let Some(src) = e.source() {
+                    s = format!("{s}: {src}");
+                }
+                s
+            }
+        }
+    }
+}
 
 /// Parses the URL and applies keymeter's per-connection settings.
-pub fn pg_config(
-    url: &SecretString,
-    settings: &DatabaseSettings,
-) -> anyhow::Result<tokio_postgres::Config> {
-    let mut cfg = tokio_postgres::Config::from_str(url.expose_secret())
-        .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL connection string"))?;
+pub fn pg_config(url: &SecretString, settings: &DatabaseSettings) -> anyhow::Result<PgConnect> {
+    let mut pg = PgConnect::from_url(url.expose_secret(), settings.ca_file.clone())?;
+    let cfg = &mut pg.config;
     cfg.connect_timeout(settings.connect_timeout);
     if cfg.get_application_name().is_none() {
         cfg.application_name("keymeter");
@@ -36,7 +99,7 @@ pub fn pg_config(
         settings.statement_timeout.as_millis(),
         (settings.statement_timeout * 6).as_millis()
     ));
-    Ok(cfg)
+    Ok(pg)
 }
 
 /// Where the database is, without credentials: safe to log.
@@ -54,13 +117,10 @@ pub fn describe(cfg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{db}")
 }
 
-pub fn build_pool(
-    cfg: tokio_postgres::Config,
-    settings: &DatabaseSettings,
-) -> anyhow::Result<Pool> {
+pub fn build_pool(pg: &PgConnect, settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     let mgr = Manager::from_config(
-        cfg,
-        NoTls,
+        pg.config.clone(),
+        pg.tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -77,11 +137,15 @@ pub fn build_pool(
 
 /// Creating a pool never touches the database; this does, retrying for `retry_for` with a
 /// log line per try so an operator watching a slow database come up sees progress.
+///
+/// A TLS failure is not retried: a certificate the server presents does not become trusted
+/// by waiting, and the operator should learn which setting to fix at once.
 pub async fn wait_until_reachable(
     pool: &Pool,
-    where_: &str,
+    pg: &PgConnect,
     retry_for: Duration,
 ) -> anyhow::Result<()> {
+    let where_ = describe(&pg.config);
     let deadline = Instant::now() + retry_for;
     let mut attempt = 1u32;
     loop {
@@ -90,6 +154,12 @@ pub async fn wait_until_reachable(
                 Ok(_) => return Ok(()),
                 Err(e) => e.to_string(),
             },
+            Err(deadpool_postgres::PoolError::Backend(e)) if tls::tls_failure(&e).is_some() => {
+                bail!(
+                    "could not connect to PostgreSQL at {where_}: {}",
+                    pg.error_text(&e)
+                );
+            }
             Err(e) => pool_error_text(&e),
         };
         if Instant::now() >= deadline {

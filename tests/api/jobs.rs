@@ -1026,7 +1026,7 @@ async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
         .unwrap();
     let config = keymeter::config::Config::from_source(&base_env(&app.db_name)).unwrap();
     let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
-    let pool = keymeter::db::build_pool(pg, &config.database).unwrap();
+    let pool = keymeter::db::build_pool(&pg, &config.database).unwrap();
     let deleted = keymeter::jobs::queue::purge(&pool, Duration::from_secs(30 * 86_400))
         .await
         .unwrap();

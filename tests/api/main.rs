@@ -8,6 +8,7 @@ mod accounts;
 mod audit;
 mod billing;
 mod credits;
+mod db_tls;
 mod foundation;
 mod isolation;
 mod jobs;
