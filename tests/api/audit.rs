@@ -235,7 +235,10 @@ async fn each_admin_action_leaves_one_row_with_actor_target_and_request_id() {
 async fn customer_key_actions_are_recorded_with_the_acting_key() {
     let app = spawn_app().await;
     let (account, _) = app.create_account("free", 0).await;
-    let (manager_id, manager) = app.create_key(account, &["keys:manage", "read"]).await;
+    // The manager holds `scrape` too: a key may only mint scopes it has.
+    let (manager_id, manager) = app
+        .create_key(account, &["keys:manage", "read", "scrape"])
+        .await;
     let before = rows(&app).await.len();
 
     let res = app
@@ -553,7 +556,8 @@ async fn get_admin_audit_filters_and_pages() {
             .unwrap();
         assert_eq!(res.status(), 200);
     }
-    let (key_id, key) = app.create_key(b, &["keys:manage"]).await;
+    // Default scopes (`scrape`, `read`) need a creator that holds them.
+    let (key_id, key) = app.create_key(b, &["keys:manage", "scrape", "read"]).await;
     let res = app
         .client
         .post(app.url("/v1/keys"))
