@@ -29,7 +29,7 @@
 //!   an evicted breaker's metric series is removed with it. Account breakers have no metric
 //!   series at all (no label carries an account id).
 //!
-//! What failsafe leaves to us (see STYLE.md):
+//! What failsafe leaves to us:
 //! - **Half-open lets every caller through.** We let exactly one probe through at a time:
 //!   the others are refused as if the breaker were still open until the probe's outcome
 //!   closes or re-opens it.
