@@ -34,6 +34,13 @@ async fn connect(pg: &PgConnect) -> anyhow::Result<Client> {
 /// Applies every pending migration under the advisory lock. Returns the versions applied.
 pub async fn run(pg: &PgConnect) -> anyhow::Result<Vec<String>> {
     let mut client = connect(pg).await?;
+    // The pool's short `statement_timeout` guards requests, not schema changes: waiting for
+    // another instance's migration lock, or building an index on a large table, may take
+    // longer, and cutting either off would stop start-up. This session has no limit.
+    client
+        .batch_execute("SET statement_timeout = 0")
+        .await
+        .context("lifting the statement timeout for migrations")?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
