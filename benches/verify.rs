@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion};
 use keymeter::auth::cache::KeyCache;
-use keymeter::auth::{key, AuthService};
+use keymeter::auth::{api_key, AuthService};
 use tokio::runtime::Runtime;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
@@ -151,7 +151,7 @@ async fn fixture(db_url: &str) -> Fixture {
     let pool = keymeter::db::build_pool(&pg_cfg, &config.database).expect("pool");
 
     let account_id = Uuid::new_v4();
-    let new_key = key::generate();
+    let new_key = api_key::generate();
     let client = pool.get().await.expect("connection");
     client
         .execute(
@@ -225,7 +225,7 @@ fn bench_parse(c: &mut Criterion, plaintext: &str) {
     let mut g = c.benchmark_group("parse");
     g.measurement_time(Duration::from_secs(4));
     g.bench_function("valid_key", |b| {
-        b.iter(|| key::parse(black_box(plaintext)).expect("valid key"))
+        b.iter(|| api_key::parse(black_box(plaintext)).expect("valid key"))
     });
     g.finish();
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 use crate::http::request_id;
 use crate::pagination::Cursor;
 

@@ -5,14 +5,14 @@ use deadpool_postgres::Pool;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::admin as ops;
 use crate::audit::{self, Actor};
-use crate::auth::keys::KeySpec;
+use crate::auth::key_store::KeySpec;
 use crate::config::Config;
 use crate::db;
-use crate::error::ApiError;
-use crate::ratelimit::tiers::Tiers;
+use crate::http::problem::ApiError;
+use crate::operator as ops;
 use crate::startup::Application;
+use crate::tiers::Tiers;
 
 #[derive(Subcommand, Debug)]
 pub enum AdminCommand {

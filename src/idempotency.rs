@@ -34,7 +34,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -187,10 +187,10 @@ pub async fn claim(
         .await?;
     let Some(row) = row else {
         // Released between our insert and our read: the client may simply retry.
-        return Err(ApiError::Conflict {
-            kind: "idempotency_conflict",
-            detail: "A request with this Idempotency-Key was just in progress; retry.".into(),
-        });
+        return Err(ApiError::problem(
+            ProblemType::IdempotencyConflict,
+            "A request with this Idempotency-Key was just in progress; retry.",
+        ));
     };
     let stored_hash: Vec<u8> = row.get(0);
     if stored_hash != hash {
@@ -198,10 +198,10 @@ pub async fn claim(
     }
     let status: Option<i16> = row.get(1);
     let Some(status) = status else {
-        return Err(ApiError::Conflict {
-            kind: "idempotency_conflict",
-            detail: "A request with this Idempotency-Key is still in progress.".into(),
-        });
+        return Err(ApiError::problem(
+            ProblemType::IdempotencyConflict,
+            "A request with this Idempotency-Key is still in progress.",
+        ));
     };
     let body: Vec<u8> = row.get::<_, Option<Vec<u8>>>(2).unwrap_or_default();
     let location: Option<String> = row.get(3);
@@ -247,13 +247,12 @@ impl Guard {
             tracing::warn!(
                 "an idempotent request outlived its claim and was taken over; its work is rolled back"
             );
-            return Err(ApiError::Conflict {
-                kind: "idempotency_conflict",
-                detail: "This request took so long that a retry with the same Idempotency-Key \
+            return Err(ApiError::problem(
+                ProblemType::IdempotencyConflict,
+                "This request took so long that a retry with the same Idempotency-Key \
                          took it over; this attempt was undone. Retry with the same key to get \
-                         the outcome."
-                    .into(),
-            });
+                         the outcome.",
+            ));
         }
         Ok(())
     }

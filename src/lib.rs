@@ -6,7 +6,6 @@
 //! it is.
 
 pub mod accounts;
-pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod billing;
@@ -15,14 +14,15 @@ pub mod config;
 pub mod credits;
 pub mod db;
 pub mod dev;
-pub mod error;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod operator;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;
 pub mod startup;
 pub mod telemetry;
+pub mod tiers;

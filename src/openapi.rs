@@ -16,7 +16,7 @@
 //! `#[utoipa::path]` names its problem `type`s in backticks (`` `not_found`: … ``). Those
 //! names narrow that response's `type` to an `enum`, so a client (or a fuzzer) can check a
 //! `404` really is one of the documented problems. A unit test fails when an error response
-//! names none, or names a type not in [`PROBLEM_TYPES`].
+//! names none, or names a type that is not a [`ProblemType`].
 //!
 //! The docs page is a static file compiled into the binary: no CDN, no external script or
 //! font; it fetches `/openapi.json` and renders it. It is served with a Content-Security-Policy
@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use utoipa::OpenApi;
 
-use crate::error::{ApiError, ApiResult};
+use crate::http::problem::{ApiError, ApiResult, ProblemType};
 use crate::routes::{accounts, admin, billing, credits, health, jobs, keys};
 
 /// The description of the `Idempotency-Key` request header (used by the annotations).
@@ -41,219 +41,6 @@ pub const IDEMPOTENCY_KEY: &str = "1 to 255 printable ASCII characters, no space
     the first is running is `409 idempotency_conflict`. Only successful outcomes are stored. A \
     claim left by a request that died is taken over by a retry once it is older than the \
     server's request timeout plus a fifth; an attempt that outlives its claim is undone.";
-
-/// Every problem `type` the server sends, with its status(es) and what it means. The docs page
-/// renders this table; [`decorate`] narrows each documented error response to the ones its
-/// description names.
-pub const PROBLEM_TYPES: &[(&str, &[u16], &str)] = &[
-    ("invalid_json", &[400], "The body is not well-formed JSON."),
-    (
-        "invalid_request",
-        &[400],
-        "A malformed query string, cursor or header (e.g. `Idempotency-Key`), or a body that \
-         could not be read.",
-    ),
-    (
-        "invalid_signature",
-        &[400],
-        "A webhook signature that is missing, malformed, stale or wrong.",
-    ),
-    (
-        "bad_request",
-        &[400],
-        "A request the server could not understand.",
-    ),
-    (
-        "invalid_api_key",
-        &[401],
-        "The API key is missing, malformed, unknown, expired or revoked, or its account is \
-         suspended. The same body in every case.",
-    ),
-    (
-        "invalid_admin_token",
-        &[401],
-        "The admin token is missing or wrong.",
-    ),
-    ("invalid_credentials", &[401], "Wrong email or password."),
-    (
-        "insufficient_credits",
-        &[402],
-        "The balance does not cover the cost; `balance` and `cost` say by how much.",
-    ),
-    (
-        "insufficient_scope",
-        &[403],
-        "The key lacks the scope the operation needs; `required_scope` names it. Also when a \
-         key would create or rotate a key with more than it has: `missing_scopes` lists the \
-         scopes it lacks (empty when the new key would outlive it or have a higher rate limit).",
-    ),
-    (
-        "not_found",
-        &[404],
-        "No such resource on this account, or no route matches the path.",
-    ),
-    (
-        "feature_disabled",
-        &[404],
-        "The feature (signup, billing, the webhook) is not enabled on this server.",
-    ),
-    (
-        "method_not_allowed",
-        &[405],
-        "The path exists but does not take this method.",
-    ),
-    (
-        "email_taken",
-        &[409],
-        "An account with this email already exists.",
-    ),
-    ("key_revoked", &[409], "A revoked key cannot be rotated."),
-    (
-        "key_limit_reached",
-        &[409],
-        "The account already holds its tier's `max_keys` active keys; revoke one first.",
-    ),
-    (
-        "key_already_rotated",
-        &[409],
-        "The key already has a successor.",
-    ),
-    (
-        "job_not_cancellable",
-        &[409],
-        "Only a queued job can be cancelled; this one is running or finished (`job_status`).",
-    ),
-    (
-        "job_cancelled",
-        &[409],
-        "The job `POST /v1/scrape` waited for was cancelled before it ran; refunded \
-         (`job_id`, `reason`, `refunded`, `cost`).",
-    ),
-    (
-        "idempotency_conflict",
-        &[409],
-        "A request with this `Idempotency-Key` is still running; retry later. Also the answer \
-         of an attempt that outlived its claim (a retry took the key over): that attempt was \
-         undone, and a retry with the same key gets the outcome.",
-    ),
-    (
-        "payload_too_large",
-        &[413],
-        "The body is larger than the server accepts.",
-    ),
-    ("uri_too_long", &[414], "The request URI is too long."),
-    (
-        "unsupported_media_type",
-        &[415],
-        "Send the body as `application/json`.",
-    ),
-    (
-        "validation_failed",
-        &[422],
-        "Well-formed JSON (or a query parameter) with a value the operation does not accept; \
-         `field` names it when known.",
-    ),
-    (
-        "idempotency_key_reused",
-        &[422],
-        "This `Idempotency-Key` was used with a different request; use a new key.",
-    ),
-    (
-        "url_not_allowed",
-        &[422],
-        "A scrape or webhook URL that is not http(s), carries credentials, or points at a \
-         loopback, private, link-local, CGNAT, multicast or unique-local address (`field`). \
-         Refused before any charge; from `POST /v1/scrape` also when a redirect led there \
-         (with `job_id`, refunded).",
-    ),
-    (
-        "queue_full",
-        &[429],
-        "The account has as many queued jobs as its tier allows (`max_queued_jobs`); retry \
-         after `Retry-After`. Nothing was charged.",
-    ),
-    (
-        "rate_limited",
-        &[429],
-        "Too many requests: the tier's limit for the account (shared by all its keys), the \
-         key's own `rate_limit`, the per-IP limit, or too many failed authentications. Wait \
-         `Retry-After` seconds (also in `retry_after`).",
-    ),
-    (
-        "headers_too_large",
-        &[431],
-        "The request headers are too large.",
-    ),
-    (
-        "client_error",
-        &[],
-        "Any other refused request (a 4xx status without a more specific type).",
-    ),
-    (
-        "internal_error",
-        &[500],
-        "An unexpected error; quote `request_id` when reporting it.",
-    ),
-    (
-        "upstream_failed",
-        &[502],
-        "The scraped site failed (5xx, 429, a block, a network, DNS or TLS error…) or its \
-         page could not be processed; the job is refunded (`job_id`, `reason`, \
-         `upstream_status`).",
-    ),
-    (
-        "database_unavailable",
-        &[503],
-        "The database is unavailable; retry after `Retry-After`. From `POST /v1/scrape` with \
-         `job_id`: the job was queued but its end could not be read; look it up.",
-    ),
-    (
-        "upstream_unavailable",
-        &[503],
-        "The target origin's or the egress provider's circuit breaker is open (`breaker`, \
-         `scope`), so nothing was charged; or it opened while the job waited (`job_id`, \
-         refunded). Retry after `Retry-After`.",
-    ),
-    (
-        "password_hashing_busy",
-        &[503],
-        "Signup or login: the server is hashing as many passwords as it allows at once (a \
-         bounded number per instance, with a short line behind it); retry after \
-         `Retry-After`. Nothing was created, and a refused login is not counted against its \
-         email.",
-    ),
-    (
-        "not_ready",
-        &[503],
-        "The instance is not ready (its database did not answer).",
-    ),
-    (
-        "rate_limiter_unavailable",
-        &[503],
-        "The shared rate-limit store is unreachable and the server is configured to refuse \
-         rather than fall back.",
-    ),
-    (
-        "payment_provider_unavailable",
-        &[503],
-        "Stripe did not answer; retry.",
-    ),
-    (
-        "service_unavailable",
-        &[503],
-        "The service is temporarily unavailable.",
-    ),
-    (
-        "request_timeout",
-        &[408, 504],
-        "The request took longer than the server allows.",
-    ),
-    (
-        "job_timeout",
-        &[504],
-        "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`).",
-    ),
-];
 
 const DESCRIPTION: &str = "\
 A credit-metered API: every call is authenticated with an API key, rate-limited by the \
@@ -492,7 +279,7 @@ pub fn named_problem_types(description: &str) -> Vec<&str> {
         .split('`')
         .skip(1)
         .step_by(2)
-        .filter(|w| PROBLEM_TYPES.iter().any(|(slug, _, _)| slug == w))
+        .filter(|w| ProblemType::from_slug(w).is_some())
         .collect()
 }
 
@@ -919,10 +706,10 @@ fn problem_schema() -> Value {
 }
 
 fn problem_type_schema() -> Value {
-    let one_of: Vec<Value> = PROBLEM_TYPES
+    let one_of: Vec<Value> = ProblemType::ALL
         .iter()
-        .map(|(slug, statuses, meaning)| {
-            json!({ "const": slug, "description": meaning, "x-status": statuses })
+        .map(|t| {
+            json!({ "const": t.slug(), "description": t.description(), "x-status": t.statuses() })
         })
         .collect();
     json!({
@@ -996,8 +783,7 @@ mod tests {
                     "{method} {path} {status}: the description names no problem type: {description}"
                 );
                 for slug in named {
-                    let (_, statuses, _) =
-                        PROBLEM_TYPES.iter().find(|(s, _, _)| *s == slug).unwrap();
+                    let statuses = ProblemType::from_slug(slug).unwrap().statuses();
                     assert!(
                         statuses.contains(&code),
                         "{method} {path} {status}: `{slug}` does not come with {code}"

@@ -23,7 +23,7 @@ use crate::auth::cache::KeyCache;
 use crate::auth::{self, AuthService};
 use crate::config::Config;
 use crate::db;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 use crate::http::{edge, extractors};
 use crate::jobs::breaker::{BreakerSettings, Breakers};
 use crate::jobs::queue::ConcurrencyLimits;
@@ -31,9 +31,9 @@ use crate::jobs::{AllowList, ExtractLimits, Fetcher, FetcherConfig, JobSettings,
 use crate::metrics::Metrics;
 use crate::ratelimit::client_ip::ClientIpPolicy;
 use crate::ratelimit::redis::RedisLimiter;
-use crate::ratelimit::tiers::Tiers;
-use crate::ratelimit::{self, IpPolicy, Limits, OnSharedFailure};
+use crate::ratelimit::{IpPolicy, Limits, OnSharedFailure};
 use crate::routes;
+use crate::tiers::Tiers;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -111,7 +111,7 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
         instance: uuid::Uuid::now_v7(),
         fetcher,
         breakers,
-        hub: Arc::default(),
+        wakeups: Arc::default(),
         limits: ConcurrencyLimits::from_tiers(tiers),
         settings: JobSettings {
             workers: s.workers,
@@ -253,7 +253,10 @@ impl Application {
         let tasks = TaskTracker::new();
         tasks.spawn(db::listen::run(
             pg.clone(),
-            vec![auth::listener::subscription(cache), jobs.hub.subscription()],
+            vec![
+                auth::listener::subscription(cache),
+                jobs.wakeups.subscription(),
+            ],
             shutdown.clone(),
         ));
         let (drain_jobs, stop_jobs) = (CancellationToken::new(), CancellationToken::new());
@@ -353,11 +356,11 @@ impl Application {
                 // actix closes whatever is still open when the drain times out; just before,
                 // sync scrapes still waiting answer 202 with their job (which stays queued or
                 // is put back, and ends on another instance) rather than losing the client.
-                let hub = self.state.jobs.hub.clone();
+                let wakeups = self.state.jobs.wakeups.clone();
                 let handoff_at = handoff_delay(self.state.config.shutdown_timeout);
                 tokio::spawn(async move {
                     tokio::time::sleep(handoff_at).await;
-                    hub.hand_off();
+                    wakeups.hand_off();
                 });
                 tracing::info!(
                     timeout_s = self.state.config.shutdown_timeout.as_secs(),
@@ -446,7 +449,7 @@ fn build_server(listener: TcpListener, state: AppState) -> anyhow::Result<Server
             .app_data(web::PayloadConfig::new(body_limit))
             .app_data(extractors::path_config())
             .app_data(extractors::query_config())
-            .configure(routes_config)
+            .configure(routes::configure)
             .configure(|cfg| metrics_route(cfg, metrics_on_main))
             .default_service(web::to(not_found))
             .wrap(from_fn(crate::http::compress::compress))
@@ -490,107 +493,6 @@ fn build_metrics_server(listener: TcpListener, metrics: Arc<Metrics>) -> anyhow:
     .shutdown_timeout(1)
     .listen(listener)?;
     Ok(server.run())
-}
-
-/// The edge enforces the configured webhook limit before routing; this is only the
-/// extractor's ceiling.
-const WEBHOOK_BODY_LIMIT_MAX: usize = 16 * 1024 * 1024;
-
-/// Every route, registered explicitly in one place. Routes without a key sit behind the
-/// per-IP gate; everything else under `/v1` behind the keyed gate (authenticate, then the
-/// tier's limit).
-///
-/// Each route must be documented in `crate::openapi` (`tests/api/openapi.rs` reads the
-/// routes back from the router and fails on any the document lacks, or vice versa).
-pub fn routes_config(cfg: &mut web::ServiceConfig) {
-    use routes::{accounts, admin, billing, credits, health, jobs, keys};
-    cfg.service(web::resource("/health/live").route(web::get().to(health::live)))
-        .service(web::resource("/health/ready").route(web::get().to(health::ready)))
-        .service(web::resource("/openapi.json").route(web::get().to(crate::openapi::openapi_json)))
-        .service(web::resource("/docs").route(web::get().to(crate::openapi::docs_page)))
-        .service(
-            web::resource("/v1/signup")
-                .wrap(from_fn(ratelimit::gate::public))
-                .route(web::post().to(accounts::signup)),
-        )
-        .service(
-            web::resource("/v1/login")
-                .wrap(from_fn(ratelimit::gate::public))
-                .route(web::post().to(accounts::login)),
-        )
-        .service(
-            // Stripe authenticates by signature, not by key; its deliveries come in bursts
-            // from Stripe's addresses, so no per-IP limit either.
-            web::resource("/v1/billing/webhook")
-                .app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT_MAX))
-                .route(web::post().to(billing::webhook)),
-        )
-        .service(
-            web::scope("/v1")
-                .wrap(from_fn(ratelimit::gate::keyed))
-                .service(web::resource("/account").route(web::get().to(accounts::get_account)))
-                .service(
-                    web::resource("/keys")
-                        .route(web::get().to(keys::list))
-                        .route(web::post().to(keys::create)),
-                )
-                .service(
-                    web::resource("/keys/{id}")
-                        .route(web::get().to(keys::get))
-                        .route(web::delete().to(keys::revoke)),
-                )
-                .service(web::resource("/keys/{id}/rotate").route(web::post().to(keys::rotate)))
-                .service(web::resource("/credits").route(web::get().to(credits::summary)))
-                .service(
-                    web::resource("/credits/ledger").route(web::get().to(credits::ledger_page)),
-                )
-                .service(web::resource("/credits/charge").route(web::post().to(credits::charge)))
-                .service(web::resource("/usage").route(web::get().to(credits::usage)))
-                .service(web::resource("/billing").route(web::get().to(billing::summary)))
-                .service(
-                    web::resource("/billing/checkout").route(web::post().to(billing::checkout)),
-                )
-                .service(web::resource("/scrape").route(web::post().to(jobs::scrape)))
-                .service(
-                    web::resource("/jobs")
-                        .route(web::get().to(jobs::list))
-                        .route(web::post().to(jobs::create_job)),
-                )
-                .service(
-                    web::resource("/jobs/{id}")
-                        .route(web::get().to(jobs::get))
-                        .route(web::delete().to(jobs::cancel)),
-                ),
-        )
-        .service(
-            web::scope("/admin")
-                .service(web::resource("/accounts").route(web::post().to(admin::create_account)))
-                .service(web::resource("/accounts/{id}").route(web::get().to(admin::get_account)))
-                .service(
-                    web::resource("/accounts/{id}/keys").route(web::post().to(admin::create_key)),
-                )
-                .service(
-                    web::resource("/accounts/{id}/tier")
-                        .route(web::put().to(admin::set_tier))
-                        .route(web::post().to(admin::set_tier_post)),
-                )
-                .service(
-                    web::resource("/accounts/{id}/suspend").route(web::post().to(admin::suspend)),
-                )
-                .service(
-                    web::resource("/accounts/{id}/unsuspend")
-                        .route(web::post().to(admin::unsuspend)),
-                )
-                .service(
-                    web::resource("/accounts/{id}/credits")
-                        .route(web::post().to(admin::grant_credits)),
-                )
-                .service(
-                    web::resource("/keys/{id}/revoke").route(web::post().to(admin::revoke_key)),
-                )
-                .service(web::resource("/breakers").route(web::get().to(jobs::breakers)))
-                .service(web::resource("/audit").route(web::get().to(admin::audit_trail))),
-        );
 }
 
 async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {

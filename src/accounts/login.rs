@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 pub const MAX_FAILURES: i32 = 5;
 

@@ -10,11 +10,11 @@ use deadpool_postgres::{GenericClient, Transaction};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::auth::keys::{self, CreatedKey, KeySpec};
+use crate::auth::key_store::{self, CreatedKey, KeySpec};
 use crate::auth::notify_account_changed;
 use crate::credits::{self, Kind};
-use crate::error::ApiError;
-use crate::ratelimit::tiers::Tiers;
+use crate::http::problem::{ApiError, ProblemType};
+use crate::tiers::Tiers;
 
 /// An email address that passed a deliberately simple check (one `@`, a dotted domain, no
 /// spaces, ≤ 254 characters). Deliverability is the mail server's business, not a regex's.
@@ -140,10 +140,10 @@ pub async fn create(
         )
         .await?;
     if inserted.is_none() {
-        return Err(ApiError::Conflict {
-            kind: "email_taken",
-            detail: "An account with this email already exists.".into(),
-        });
+        return Err(ApiError::problem(
+            ProblemType::EmailTaken,
+            "An account with this email already exists.",
+        ));
     }
     if new.credits > 0 {
         credits::ledger::credit(
@@ -156,7 +156,7 @@ pub async fn create(
         )
         .await?;
     }
-    let key = keys::insert(tx, id, first_key).await?;
+    let key = key_store::insert(tx, id, first_key).await?;
     let acct = get(tx, id).await?.ok_or_else(not_found)?;
     Ok((acct, key))
 }

@@ -18,7 +18,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 use crate::telemetry::spawn_blocking_with_span;
 
 pub const MIN_LEN: usize = 8;
@@ -158,12 +158,9 @@ impl Passwords {
 }
 
 fn busy() -> ApiError {
-    ApiError::Unavailable {
-        kind: "password_hashing_busy",
-        detail: format!(
+    ApiError::problem(ProblemType::PasswordHashingBusy, format!(
             "Too many signups and logins are being checked right now; retry in {RETRY_AFTER_SECS} second."
-        ),
-    }
+        ))
 }
 
 /// Leave to run one Argon2 computation. The permits move into the blocking task and are
@@ -272,10 +269,7 @@ mod tests {
             .expect("the only slot is taken");
         assert!(matches!(
             refused,
-            ApiError::Unavailable {
-                kind: "password_hashing_busy",
-                ..
-            }
+            ApiError::Problem(p) if p.kind == ProblemType::PasswordHashingBusy
         ));
         assert_eq!(p.counters.hashes_refused.get(), 1);
         drop(held);

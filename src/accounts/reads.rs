@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{account, Account, COLUMNS};
 use crate::db::batch::Batcher;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 type Reply = oneshot::Sender<Result<Option<Account>, ApiError>>;
 

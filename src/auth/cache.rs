@@ -19,9 +19,9 @@ use moka::future::Cache;
 use moka::Expiry;
 use uuid::Uuid;
 
-use super::key::KeyDigest;
+use super::api_key::KeyDigest;
 use super::Scopes;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 #[derive(Debug)]
 pub struct KeyRecord {

@@ -1,7 +1,7 @@
 //! The `Authenticated` extractor: a handler that takes one is behind an API key.
 //!
 //! Keys are accepted as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Verification
-//! happens once per request, in the keyed gate (`ratelimit::gate::keyed`), which also applies
+//! happens once per request, in the keyed gate (`http::ratelimit_gate::keyed`), which also applies
 //! the tier's limit and leaves the verified caller in the request's extensions; this
 //! extractor only hands it to the handler. The header value is never logged; the key id is
 //! recorded on the request span.
@@ -12,7 +12,7 @@ use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::{ready, Ready};
 
 use super::Authenticated;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 /// The presented key, if any, from either header.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {

@@ -8,11 +8,10 @@
 //! digest comparison → expiry / revocation / rotation grace / account status.
 //! Nothing here writes to the database: `last_used_at` is batched in the background.
 
-pub mod admin;
+pub mod api_key;
 pub mod cache;
 pub mod extractor;
-pub mod key;
-pub mod keys;
+pub mod key_store;
 pub mod last_used;
 pub mod listener;
 
@@ -23,10 +22,10 @@ use deadpool_postgres::Pool;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 use crate::metrics::{self, AuthOutcome};
+use api_key::KeyDigest;
 use cache::{KeyCache, KeyRecord};
-use key::KeyDigest;
 
 /// What a key may do. Stored as text in `api_keys.scopes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -154,7 +153,7 @@ impl AuthService {
             ApiError::InvalidApiKey
         };
         let raw = presented.ok_or_else(|| refuse(AuthOutcome::Missing))?;
-        let parsed = key::parse(raw).map_err(|_| refuse(AuthOutcome::Malformed))?;
+        let parsed = api_key::parse(raw).map_err(|_| refuse(AuthOutcome::Malformed))?;
         let record: Option<Arc<KeyRecord>> = self
             .cache
             .get(&parsed.id, &self.db)

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::accounts;
 use crate::config::BillingSettings;
 use crate::credits::ledger::{self, Kind};
-use crate::error::ApiError;
-use crate::ratelimit::tiers::{Tiers, DEFAULT_TIER};
+use crate::http::problem::ApiError;
+use crate::tiers::{Tiers, DEFAULT_TIER};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Processed {

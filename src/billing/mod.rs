@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::accounts;
 use crate::config::BillingSettings;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 use stripe_api::{Created, StripeApi};
 
 /// What a checkout buys.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 
 #[derive(Clone)]
 pub struct StripeApi {
@@ -70,15 +70,17 @@ impl StripeApi {
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, path, "Stripe API unreachable");
-                ApiError::Unavailable {
-                    kind: "payment_provider_unavailable",
-                    detail: "The payment provider could not be reached; retry shortly.".into(),
-                }
+                ApiError::problem(
+                    ProblemType::PaymentProviderUnavailable,
+                    "The payment provider could not be reached; retry shortly.",
+                )
             })?;
         let status = res.status();
-        let bytes = res.bytes().await.map_err(|_| ApiError::Unavailable {
-            kind: "payment_provider_unavailable",
-            detail: "The payment provider's answer was cut off; retry shortly.".into(),
+        let bytes = res.bytes().await.map_err(|_| {
+            ApiError::problem(
+                ProblemType::PaymentProviderUnavailable,
+                "The payment provider's answer was cut off; retry shortly.",
+            )
         })?;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| {
@@ -90,10 +92,10 @@ impl StripeApi {
             .unwrap_or((None, None));
         tracing::warn!(status = status.as_u16(), kind = ?kind, message = ?message, path, "Stripe refused a request");
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(ApiError::Unavailable {
-                kind: "payment_provider_unavailable",
-                detail: "The payment provider is unavailable; retry shortly.".into(),
-            });
+            return Err(ApiError::problem(
+                ProblemType::PaymentProviderUnavailable,
+                "The payment provider is unavailable; retry shortly.",
+            ));
         }
         Err(ApiError::Internal(anyhow::anyhow!(
             "Stripe refused {path} with {status}: {}",

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use crate::db::batch::Batcher;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 /// The most charges in one transaction; the rest wait for the next one.
 const MAX_BATCH: usize = 512;

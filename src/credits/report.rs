@@ -6,7 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::ledger::{movement, Kind, Movement, MOVEMENT_COLUMNS};
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 pub struct LedgerFilter {
     pub kind: Option<Kind>,

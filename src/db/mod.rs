@@ -210,3 +210,59 @@ pub fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     }
     false
 }
+
+/// A database failure as the domain modules report it: either the database is unreachable
+/// for now (the pool timed out, the connection dropped, the server is restarting — a client
+/// should retry), or anything else (a bug or a broken invariant: logged, a bare 500).
+///
+/// Domain error enums carry it as `#[error(transparent)] Db(#[from] db::Error)` and get the
+/// `?` conversions from pool and query errors with [`impl_db_error_from!`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Other(anyhow::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
+        match e {
+            PoolError::Timeout(_) | PoolError::Backend(_) | PoolError::Closed => {
+                tracing::warn!(error = %e, "database pool could not provide a connection");
+                Error::Unavailable(e.to_string())
+            }
+            other => Error::Other(anyhow::Error::new(other).context("database pool")),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if is_connection_error(&e) {
+            tracing::warn!(error = %e, "database connection lost");
+            Error::Unavailable(e.to_string())
+        } else {
+            Error::Other(anyhow::Error::new(e).context("database query"))
+        }
+    }
+}
+
+/// Gives a domain error enum with a `Db(db::Error)` variant the `?` conversions from
+/// `deadpool_postgres::PoolError` and `tokio_postgres::Error`.
+#[macro_export]
+macro_rules! impl_db_error_from {
+    ($ty:ty) => {
+        impl From<deadpool_postgres::PoolError> for $ty {
+            fn from(e: deadpool_postgres::PoolError) -> Self {
+                <$ty>::from($crate::db::Error::from(e))
+            }
+        }
+        impl From<tokio_postgres::Error> for $ty {
+            fn from(e: tokio_postgres::Error) -> Self {
+                <$ty>::from($crate::db::Error::from(e))
+            }
+        }
+    };
+}

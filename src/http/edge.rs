@@ -30,7 +30,9 @@ use bytes::Bytes;
 use futures_util::{FutureExt, Stream};
 use tracing::Instrument;
 
-use crate::error::{problem_body, problem_for_status, problem_response, ApiError, PROBLEM_JSON};
+use crate::http::problem::{
+    problem_body, problem_for_status, problem_response, ApiError, PROBLEM_JSON,
+};
 use crate::http::request_id;
 
 pub const WEBHOOK_PATH: &str = "/v1/billing/webhook";
@@ -189,8 +191,8 @@ fn detached(
 /// Replaces the body of an error response that actix (or an extractor) produced as plain
 /// text with a problem document, keeping its status and headers.
 fn into_problem(res: ServiceResponse<BoxBody>, status: StatusCode) -> ServiceResponse<BoxBody> {
-    let (slug, title, detail) = problem_for_status(status);
-    let body = problem_body(slug, title, status, detail, Default::default());
+    let (kind, detail) = problem_for_status(status);
+    let body = problem_body(kind, status, detail, Default::default());
     let (req, old) = res.into_parts();
     let mut fresh: HttpResponse = problem_response(status, &body);
     for (name, value) in old.headers() {

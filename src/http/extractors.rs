@@ -5,7 +5,7 @@
 use actix_web::error::{JsonPayloadError, PathError, PayloadError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 pub fn json_config(limit: usize) -> web::JsonConfig {
     web::JsonConfig::default()

@@ -3,7 +3,10 @@
 //! configuration that turns bad input into problem+json instead of actix's plain text, and
 //! gzip for large responses.
 
+pub mod admin_token;
 pub mod compress;
 pub mod edge;
 pub mod extractors;
+pub mod problem;
+pub mod ratelimit_gate;
 pub mod request_id;

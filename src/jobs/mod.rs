@@ -18,15 +18,15 @@
 //!   transaction), reap.
 //! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider, origin,
 //!   and account and origin;
-//!   [`hub`]: in-process wake-ups; [`webhooks`]: signed job webhooks with retries.
+//!   [`wakeups`]: in-process wake-ups; [`webhooks`]: signed job webhooks with retries.
 
 pub mod breaker;
 pub mod extract;
 pub mod fetch;
-pub mod hub;
 pub mod queue;
 pub mod runner;
 pub mod ssrf;
+pub mod wakeups;
 pub mod webhooks;
 
 #[cfg(test)]

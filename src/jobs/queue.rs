@@ -20,9 +20,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::credits::ledger;
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 use crate::jobs::extract::{Extracted, Format};
-use crate::ratelimit::tiers::Tiers;
+use crate::tiers::Tiers;
 
 /// NOTIFY channel: `queued` (wake workers) and `done:<job id>` (wake a waiting request).
 pub const CHANNEL: &str = "keymeter_jobs";
@@ -257,9 +257,7 @@ pub async fn create(tx: &Transaction<'_>, new: &NewJob, max_queued: i64) -> Resu
         .get(0);
     if queued >= max_queued {
         return Err(ApiError::problem(
-            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-            "queue_full",
-            "Job queue full",
+            ProblemType::QueueFull,
             format!(
                 "This account already has {queued} queued jobs, the most its tier allows; \
                  wait for some to finish."
@@ -494,9 +492,7 @@ pub async fn cancel(db: &Pool, account_id: Uuid, id: Uuid) -> Result<Job, ApiErr
         .ok_or_else(|| ApiError::NotFound("No job with that id.".into()))?;
     if current.status != "queued" {
         return Err(ApiError::problem(
-            actix_web::http::StatusCode::CONFLICT,
-            "job_not_cancellable",
-            "Job not cancellable",
+            ProblemType::JobNotCancellable,
             format!(
                 "The job is {}; only a queued job can be cancelled.",
                 current.status
@@ -510,9 +506,7 @@ pub async fn cancel(db: &Pool, account_id: Uuid, id: Uuid) -> Result<Job, ApiErr
             Ok(job)
         }
         None => Err(ApiError::problem(
-            actix_web::http::StatusCode::CONFLICT,
-            "job_not_cancellable",
-            "Job not cancellable",
+            ProblemType::JobNotCancellable,
             "The job started running; only a queued job can be cancelled.",
         )),
     }
@@ -585,7 +579,7 @@ impl ConcurrencyLimits {
         }
         let default = i64::from(
             tiers
-                .get_or_default(crate::ratelimit::tiers::DEFAULT_TIER)
+                .get_or_default(crate::tiers::DEFAULT_TIER)
                 .max_concurrent_jobs,
         );
         Self {

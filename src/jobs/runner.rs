@@ -19,10 +19,10 @@ use uuid::Uuid;
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::hub::Hub;
 use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence};
+use super::wakeups::Wakeups;
 use super::webhooks;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 
 #[derive(Debug, Clone)]
 pub struct JobSettings {
@@ -40,7 +40,7 @@ pub struct Jobs {
     pub instance: Uuid,
     pub fetcher: Fetcher,
     pub breakers: Breakers,
-    pub hub: Arc<Hub>,
+    pub wakeups: Arc<Wakeups>,
     pub limits: ConcurrencyLimits,
     pub settings: JobSettings,
     pub webhooks: webhooks::Sender,
@@ -112,7 +112,7 @@ impl Jobs {
                 }
             }
             tokio::select! {
-                () = self.hub.work_available() => {}
+                () = self.wakeups.work_available() => {}
                 () = tokio::time::sleep(self.settings.poll) => {}
                 () = stop.cancelled() => return,
                 () = drain.cancelled(), if !drain.is_cancelled() => {}
@@ -171,9 +171,9 @@ impl Jobs {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "job finished"
         );
-        self.hub.job_done(job.id);
+        self.wakeups.job_done(job.id);
         // Its concurrency slot is free: another of the account's jobs may run.
-        self.hub.job_queued();
+        self.wakeups.job_queued();
     }
 
     async fn finish(
@@ -300,7 +300,7 @@ impl Jobs {
                         "reaped jobs"
                     );
                     if r.requeued > 0 {
-                        self.hub.job_queued();
+                        self.wakeups.job_queued();
                     }
                 }
                 Ok(_) => {}

@@ -35,7 +35,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::ssrf::{AllowList, Guard};
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 
 pub const SIGNATURE_HEADER: &str = "Keymeter-Signature";
 pub const EVENT_ID_HEADER: &str = "Keymeter-Event-Id";
@@ -206,13 +206,10 @@ pub async fn validate_url(sender: &Sender, raw: &str) -> Result<Url, ApiError> {
     let url = Url::parse(raw.trim())
         .map_err(|e| ApiError::validation("webhook_url", format!("webhook_url: {e}.")))?;
     if let Err(super::ssrf::GuardError::NotAllowed(e)) = guard.precheck(&url).await {
-        return Err(ApiError::problem(
-            actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "url_not_allowed",
-            "URL not allowed",
-            format!("webhook_url: {e}"),
-        )
-        .with("field", "webhook_url"));
+        return Err(
+            ApiError::problem(ProblemType::UrlNotAllowed, format!("webhook_url: {e}"))
+                .with("field", "webhook_url"),
+        );
     }
     Ok(url)
 }

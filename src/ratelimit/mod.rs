@@ -13,9 +13,7 @@
 //! `retain_recent()` and memory stays bounded by the accounts seen in the last minute or so.
 
 pub mod client_ip;
-pub mod gate;
 pub mod redis;
-pub mod tiers;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,8 +30,8 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
 use uuid::Uuid;
 
+use crate::tiers::{Tier, Tiers};
 use client_ip::{limit_key, ClientIpPolicy};
-use tiers::{Tier, Tiers};
 
 type Keyed<K> = RateLimiter<K, DefaultKeyedStateStore<K>, DefaultClock, StateInformationMiddleware>;
 type Direct = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
@@ -274,7 +272,7 @@ impl Limits {
         &self,
         who: Subject<'_>,
         tier: &Tier,
-    ) -> Result<Option<Decision>, crate::error::ApiError> {
+    ) -> Result<Option<Decision>, crate::http::problem::ApiError> {
         if tier.unlimited && who.key_rate_limit.is_none() {
             return Ok(None);
         }
@@ -291,11 +289,10 @@ impl Limits {
                         tracing::warn!(error = %e, fallback = ?on_failure, "Redis rate limiter unavailable");
                     }
                     if *on_failure == OnSharedFailure::Refuse {
-                        return Err(crate::error::ApiError::Unavailable {
-                            kind: "rate_limiter_unavailable",
-                            detail: "Rate limiting is temporarily unavailable; retry shortly."
-                                .into(),
-                        });
+                        return Err(crate::http::problem::ApiError::problem(
+                            crate::http::problem::ProblemType::RateLimiterUnavailable,
+                            "Rate limiting is temporarily unavailable; retry shortly.",
+                        ));
                     }
                 }
             }
@@ -325,7 +322,7 @@ impl Limits {
             .then(|| {
                 self.per_tier
                     .get(&tier.name)
-                    .or_else(|| self.per_tier.get(tiers::DEFAULT_TIER))
+                    .or_else(|| self.per_tier.get(crate::tiers::DEFAULT_TIER))
             })
             .flatten()
             .map(|limiter| {

@@ -18,8 +18,8 @@ use redis::Script;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 
-use super::tiers::Tier;
 use super::{binding, key_quota, Decision, Subject, KEY_POLICY};
+use crate::tiers::Tier;
 
 /// KEYS[i] with ARGV[2i-1] (emission interval, µs) and ARGV[2i] (burst). Returns
 /// `allowed` then, per limit, `allowed, remaining, retry_after_us, reset_us`.

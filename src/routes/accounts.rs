@@ -11,11 +11,11 @@ use utoipa::ToSchema;
 use crate::accounts::password::Password;
 use crate::accounts::{self, login, Account, Email, NewAccount};
 use crate::audit::{self, Action};
-use crate::auth::keys::{self, CreatedKey, KeySpec};
+use crate::auth::key_store::{self, CreatedKey, KeySpec};
 use crate::auth::{Authenticated, Scope};
-use crate::error::{ApiError, ApiResult};
-use crate::ratelimit::tiers::{Tier, DEFAULT_TIER};
+use crate::http::problem::{ApiError, ApiResult};
 use crate::startup::AppState;
+use crate::tiers::{Tier, DEFAULT_TIER};
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -203,7 +203,7 @@ pub async fn login(
     // owner out of their own account. Login keys expire in 12 hours and are throttled per
     // email and per address, so they cannot pile up; they do count towards the cap for keys
     // created with `POST /v1/keys`.
-    let key = keys::insert(&tx, account_id, &spec).await?;
+    let key = key_store::insert(&tx, account_id, &spec).await?;
     let detail = serde_json::json!({"expires_at": key.view.expires_at});
     audit::record(
         &tx,

@@ -8,13 +8,13 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::accounts::{self, Account};
-use crate::admin;
 use crate::audit::{self, Actor, AuditEvent};
-use crate::auth::admin::AdminToken;
-use crate::auth::keys::{CreatedKey, KeySpec, KeyView};
+use crate::auth::key_store::{CreatedKey, KeySpec, KeyView};
 use crate::auth::Scope;
 use crate::credits::Movement;
-use crate::error::{ApiError, ApiResult};
+use crate::http::admin_token::AdminToken;
+use crate::http::problem::{ApiError, ApiResult};
+use crate::operator;
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
@@ -73,7 +73,7 @@ pub async fn create_account(
     body: web::Json<CreateAccount>,
 ) -> ApiResult<HttpResponse> {
     let b = body.into_inner();
-    let (account, key) = admin::create_account(
+    let (account, key) = operator::create_account(
         &state.db,
         &state.tiers,
         &Actor::AdminToken,
@@ -162,7 +162,7 @@ pub async fn create_key(
     let id = account_id(&path)?;
     let b = body.into_inner();
     let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
-    let key = admin::create_key(&state.db, &Actor::AdminToken, id, &spec).await?;
+    let key = operator::create_key(&state.db, &Actor::AdminToken, id, &spec).await?;
     Ok(HttpResponse::Created().json(key))
 }
 
@@ -200,7 +200,7 @@ pub async fn set_tier(
     body: web::Json<SetTier>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_tier(&state.db, &state.tiers, &Actor::AdminToken, id, &body.tier).await?;
+    let a = operator::set_tier(&state.db, &state.tiers, &Actor::AdminToken, id, &body.tier).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -254,7 +254,7 @@ pub async fn suspend(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_active(&state.db, &Actor::AdminToken, id, false).await?;
+    let a = operator::set_active(&state.db, &Actor::AdminToken, id, false).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -278,7 +278,7 @@ pub async fn unsuspend(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let a = admin::set_active(&state.db, &Actor::AdminToken, id, true).await?;
+    let a = operator::set_active(&state.db, &Actor::AdminToken, id, true).await?;
     state.auth.cache.invalidate_account(id);
     Ok(HttpResponse::Ok().json(a))
 }
@@ -301,7 +301,7 @@ pub async fn revoke_key(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
-    let k = admin::revoke_key(&state.db, &Actor::AdminToken, &path).await?;
+    let k = operator::revoke_key(&state.db, &Actor::AdminToken, &path).await?;
     state.auth.cache.invalidate_key(&k.id).await;
     Ok(HttpResponse::Ok().json(k))
 }
@@ -348,8 +348,8 @@ pub async fn grant_credits(
     body: web::Json<Grant>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let m =
-        admin::grant_credits(&state.db, &Actor::AdminToken, id, body.amount, &body.reason).await?;
+    let m = operator::grant_credits(&state.db, &Actor::AdminToken, id, body.amount, &body.reason)
+        .await?;
     Ok(HttpResponse::Created().json(m))
 }
 

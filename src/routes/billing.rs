@@ -9,7 +9,7 @@ use crate::auth::{Authenticated, Scope};
 use crate::billing::events::{self, Processed};
 use crate::billing::signature;
 use crate::billing::{self, CheckoutRequest, Item};
-use crate::error::{ApiError, ApiResult};
+use crate::http::problem::{ApiError, ApiResult};
 use crate::idempotency::{self, Start};
 use crate::metrics;
 use crate::startup::AppState;

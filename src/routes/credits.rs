@@ -11,7 +11,7 @@ use crate::accounts;
 use crate::auth::{Authenticated, Scope};
 use crate::credits::ledger::{self, ChargeContext, Kind, Movement, Once};
 use crate::credits::report::{self, LedgerFilter, UsageBucket};
-use crate::error::{ApiError, ApiResult};
+use crate::http::problem::{ApiError, ApiResult};
 use crate::idempotency::{self, IdempotencyKey, Start};
 use crate::pagination::{Page, PageQuery, TimeRange};
 use crate::startup::AppState;

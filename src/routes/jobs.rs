@@ -22,7 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{Authenticated, Scope};
-use crate::error::{ApiError, ApiResult};
+use crate::http::problem::{ApiError, ApiResult, ProblemType};
 use crate::idempotency::{self, IdempotencyKey, Start};
 use crate::jobs::breaker::Snapshot;
 use crate::jobs::extract::Format;
@@ -30,8 +30,8 @@ use crate::jobs::fetch::FetchError;
 use crate::jobs::queue::{self, Job, JobStatus, Mode, NewJob};
 use crate::jobs::CustomerHeaders;
 use crate::pagination::{Page, PageQuery};
-use crate::ratelimit::tiers::JOB_FORMATS;
 use crate::startup::AppState;
+use crate::tiers::JOB_FORMATS;
 
 pub const MAX_TIMEOUT_MS: i64 = 60_000;
 pub const MIN_TIMEOUT_MS: i64 = 100;
@@ -104,13 +104,7 @@ struct Checked {
 }
 
 fn url_not_allowed(detail: impl std::fmt::Display) -> ApiError {
-    ApiError::problem(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "url_not_allowed",
-        "URL not allowed",
-        detail.to_string(),
-    )
-    .with("field", "url")
+    ApiError::problem(ProblemType::UrlNotAllowed, detail.to_string()).with("field", "url")
 }
 
 async fn check(
@@ -194,15 +188,10 @@ async fn check(
     jobs.breakers
         .check(caller.account_id, &origin)
         .map_err(|refused| {
-            ApiError::problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_unavailable",
-                "Upstream unavailable",
-                refused.to_string(),
-            )
-            .with("breaker", refused.kind.as_str())
-            .with("scope", refused.scope.as_str())
-            .retry_after(refused.retry_after.as_secs().max(1))
+            ApiError::problem(ProblemType::UpstreamUnavailable, refused.to_string())
+                .with("breaker", refused.kind.as_str())
+                .with("scope", refused.scope.as_str())
+                .retry_after(refused.retry_after.as_secs().max(1))
         })?;
     Ok(Checked {
         url: url.to_string(),
@@ -255,7 +244,7 @@ async fn enqueue(
             .await?;
     }
     tx.commit().await?;
-    state.jobs.hub.job_queued();
+    state.jobs.wakeups.job_queued();
     Ok(job)
 }
 
@@ -266,7 +255,7 @@ async fn create(
     req: &HttpRequest,
     body: &web::Bytes,
     mode: Mode,
-    waiter_for: impl FnOnce(Uuid) -> Option<crate::jobs::hub::Waiter>,
+    waiter_for: impl FnOnce(Uuid) -> Option<crate::jobs::wakeups::Waiter>,
 ) -> Result<Created, ApiError> {
     caller.require(Scope::Scrape)?;
     let (raw, parsed): (serde_json::Value, JobBody) = crate::http::extractors::json_body(body)?;
@@ -310,7 +299,7 @@ async fn create(
 }
 
 enum Created {
-    New(Box<Job>, Option<crate::jobs::hub::Waiter>),
+    New(Box<Job>, Option<crate::jobs::wakeups::Waiter>),
     Replay(HttpResponse),
 }
 
@@ -433,9 +422,9 @@ pub async fn scrape(
     req: HttpRequest,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
-    let hub = state.jobs.hub.clone();
+    let wakeups = state.jobs.wakeups.clone();
     let created = create(&state, &caller, &req, &body, Mode::Sync, |id| {
-        Some(hub.register(id))
+        Some(wakeups.register(id))
     })
     .await?;
     let (job, waiter) = match created {
@@ -445,14 +434,14 @@ pub async fn scrape(
             let Some(id) = replayed_job_id(&res) else {
                 return Ok(res);
             };
-            let waiter = state.jobs.hub.register(id);
+            let waiter = state.jobs.wakeups.register(id);
             let job = queue::get(&state.db.get().await?, caller.account_id, id)
                 .await?
                 .ok_or_else(|| ApiError::NotFound("No job with that id.".into()))?;
             (job, Some(waiter))
         }
     };
-    let waiter = waiter.unwrap_or_else(|| state.jobs.hub.register(job.id));
+    let waiter = waiter.unwrap_or_else(|| state.jobs.wakeups.register(job.id));
     match wait(&state, &caller, &job, &waiter)
         .await
         .map_err(|e| lost_track(e, job.id))?
@@ -482,9 +471,7 @@ enum Waited {
 fn lost_track(e: ApiError, id: Uuid) -> ApiError {
     match e {
         ApiError::DatabaseUnavailable => ApiError::problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database_unavailable",
-            "Database unavailable",
+            ProblemType::DatabaseUnavailable,
             format!(
                 "The job was queued but its result could not be read; look it up with GET /v1/jobs/{id}."
             ),
@@ -503,14 +490,14 @@ fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
     loc.strip_prefix("/v1/jobs/")?.parse().ok()
 }
 
-/// Waits until the job ends (woken by the hub, with a one-second look at the database as a
+/// Waits until the job ends (woken by the wake-ups, with a one-second look at the database as a
 /// backstop) or its deadline passes, when it is ended as timed out (and refunded) — or until
 /// the instance hands waiting requests off at shutdown.
 async fn wait(
     state: &AppState,
     caller: &Authenticated,
     job: &Job,
-    waiter: &crate::jobs::hub::Waiter,
+    waiter: &crate::jobs::wakeups::Waiter,
 ) -> Result<Waited, ApiError> {
     let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
     let elapsed = (Utc::now() - job.created_at).to_std().unwrap_or_default();
@@ -545,7 +532,7 @@ async fn wait(
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
             () = tokio::time::sleep_until(deadline) => {}
             // Read the job once more, so the answer shows its latest state.
-            () = state.jobs.hub.handed_off() => handed_off = true,
+            () = state.jobs.wakeups.handed_off() => handed_off = true,
         }
     }
 }
@@ -569,26 +556,14 @@ fn answer_sync(job: Job) -> ApiResult<HttpResponse> {
         .as_ref()
         .and_then(|e| e.get("upstream_status"))
         .cloned();
-    let (status, kind, title) = match reason.as_str() {
-        "timeout" => (StatusCode::GATEWAY_TIMEOUT, "job_timeout", "Job timed out"),
-        "circuit_open" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream_unavailable",
-            "Upstream unavailable",
-        ),
-        "not_allowed" => (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "url_not_allowed",
-            "URL not allowed",
-        ),
-        "cancelled" => (StatusCode::CONFLICT, "job_cancelled", "Job cancelled"),
-        _ => (
-            StatusCode::BAD_GATEWAY,
-            "upstream_failed",
-            "Upstream failed",
-        ),
+    let kind = match reason.as_str() {
+        "timeout" => ProblemType::JobTimeout,
+        "circuit_open" => ProblemType::UpstreamUnavailable,
+        "not_allowed" => ProblemType::UrlNotAllowed,
+        "cancelled" => ProblemType::JobCancelled,
+        _ => ProblemType::UpstreamFailed,
     };
-    let mut err = ApiError::problem(status, kind, title, detail)
+    let mut err = ApiError::problem(kind, detail)
         .with("job_id", job.id.to_string())
         .with("reason", reason)
         .with("refunded", job.refunded)
@@ -596,7 +571,7 @@ fn answer_sync(job: Job) -> ApiResult<HttpResponse> {
     if let Some(s) = upstream_status {
         err = err.with("upstream_status", s);
     }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if kind == ProblemType::UpstreamUnavailable {
         err = err.retry_after(1);
     }
     Err(err)
@@ -854,7 +829,7 @@ struct QueueDepth {
 )]
 pub async fn breakers(
     state: web::Data<AppState>,
-    _admin: crate::auth::admin::AdminToken,
+    _admin: crate::http::admin_token::AdminToken,
 ) -> ApiResult<HttpResponse> {
     let jobs = &state.jobs;
     let depth = queue::depth(&state.db.get().await?).await?;

@@ -1,7 +1,7 @@
 //! `/v1/keys`: an account manages its own keys. A key only ever sees its own account's keys;
 //! another account's key id is simply not found. A key never creates (or rotates into
 //! existence) a key with more power than its own, and an account holds at most its tier's
-//! `max_keys` active keys (see `auth::keys`).
+//! `max_keys` active keys (see `auth::key_store`).
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -9,9 +9,9 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::audit::{self, Action, Actor};
-use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_GRACE_SECONDS};
-use crate::auth::{key, Authenticated, Scope};
-use crate::error::{ApiError, ApiResult};
+use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_GRACE_SECONDS};
+use crate::auth::{api_key, Authenticated, Scope};
+use crate::http::problem::{ApiError, ApiResult};
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
 
@@ -80,7 +80,7 @@ pub async fn create(
         .bounded_by(&Power::from(&caller))?;
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let created = keys::insert_capped(&tx, &state.tiers, caller.account_id, &spec).await?;
+    let created = key_store::insert_capped(&tx, &state.tiers, caller.account_id, &spec).await?;
     let v = &created.view;
     let detail =
         serde_json::json!({"name": v.name, "scopes": v.scopes, "expires_at": v.expires_at});
@@ -123,7 +123,7 @@ pub async fn list(
     let limit = query.limit()?;
     let cursor = query.cursor()?;
     let client = state.db.get().await?;
-    let rows = keys::list(&client, caller.account_id, limit, cursor).await?;
+    let rows = key_store::list(&client, caller.account_id, limit, cursor).await?;
     Ok(
         HttpResponse::Ok().json(Page::from_overfetch(rows, limit, |k| {
             (k.created_at, k.id.clone())
@@ -151,13 +151,13 @@ pub async fn get(
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
     let id = path.into_inner();
-    if !key::is_key_id(&id) {
+    if !api_key::is_key_id(&id) {
         return Err(ApiError::NotFound(
             "No API key with that id on this account.".into(),
         ));
     }
     let client = state.db.get().await?;
-    let k = keys::get(&client, caller.account_id, &id)
+    let k = key_store::get(&client, caller.account_id, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound("No API key with that id on this account.".into()))?;
     Ok(HttpResponse::Ok().json(k))
@@ -187,7 +187,7 @@ pub async fn revoke(
     let id = path.into_inner();
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let k = keys::revoke(&tx, Some(caller.account_id), &id).await?;
+    let k = key_store::revoke(&tx, Some(caller.account_id), &id).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),
@@ -253,7 +253,8 @@ pub async fn rotate(
     let grace = body.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
     let mut client = state.db.get().await?;
     let tx = client.transaction().await?;
-    let created = keys::rotate(&tx, caller.account_id, &id, grace, &Power::from(&caller)).await?;
+    let created =
+        key_store::rotate(&tx, caller.account_id, &id, grace, &Power::from(&caller)).await?;
     let detail = serde_json::json!({"new_key_id": created.view.id, "grace_seconds": grace});
     audit::record(
         &tx,

@@ -9,8 +9,8 @@
 use actix_web::http::header::{CacheControl, CacheDirective};
 use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
 
-use crate::auth::admin::AdminToken;
-use crate::error::{ApiError, ApiResult};
+use crate::http::admin_token::AdminToken;
+use crate::http::problem::{ApiError, ApiResult};
 use crate::metrics::{self, Metrics};
 use crate::startup::AppState;
 

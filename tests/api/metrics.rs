@@ -299,7 +299,7 @@ async fn scrape(app: &TestApp) -> Exposition {
 /// A well-formed key for `key_id` with a random secret (a valid checksum, a wrong secret).
 fn key_with_wrong_secret(key_id: &str) -> String {
     const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let other = keymeter::auth::key::generate().plaintext;
+    let other = keymeter::auth::api_key::generate().plaintext;
     let secret = &other[21..64];
     let body = format!("km_live_{key_id}_{secret}");
     let mut n = crc32fast::hash(body.as_bytes()) as u64;
@@ -309,7 +309,7 @@ fn key_with_wrong_secret(key_id: &str) -> String {
         n /= 62;
     }
     let key = format!("{body}{}", std::str::from_utf8(&sum).unwrap());
-    assert!(keymeter::auth::key::parse(&key).is_ok());
+    assert!(keymeter::auth::api_key::parse(&key).is_ok());
     key
 }
 
@@ -468,7 +468,7 @@ async fn authentication_outcomes_and_key_cache_lookups_are_counted() {
     assert_eq!(app.get("/v1/account").await.status(), 401);
     for (key, outcome) in [
         ("km_live_not-a-key".to_owned(), "malformed"),
-        (keymeter::auth::key::generate().plaintext, "unknown_key"),
+        (keymeter::auth::api_key::generate().plaintext, "unknown_key"),
         (key_with_wrong_secret(&good[8..20]), "wrong_secret"),
         (revoked.clone(), "revoked"),
         (suspended.clone(), "suspended"),

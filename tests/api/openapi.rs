@@ -2,7 +2,7 @@
 //!
 //! How "the routes that exist" is known without a hand-kept list that could drift:
 //! - **paths** are read back from actix's own router: an in-process `App` is built with the
-//!   real `startup::routes_config`, and its default service dumps the router's resource map
+//!   real `routes::configure`, and its default service dumps the router's resource map
 //!   (`HttpRequest::resource_map()`, printed with `{:?}` and parsed here). Every path found is
 //!   then confirmed with the router's own matcher (`ResourceMap::match_pattern`), so a parse
 //!   that went wrong fails loudly instead of silently checking less;
@@ -267,14 +267,14 @@ async fn router_oracle(
     actix_web::HttpResponse::Ok().body(body)
 }
 
-/// Every path pattern the real `routes_config` registers, from the router itself.
+/// Every path pattern the real `routes::configure` registers, from the router itself.
 fn router_paths() -> Vec<String> {
     std::thread::spawn(|| {
         actix_web::rt::System::new().block_on(async {
             use actix_web::{test, web, App};
             let app = test::init_service(
                 App::new()
-                    .configure(keymeter::startup::routes_config)
+                    .configure(keymeter::routes::configure)
                     .default_service(web::to(router_oracle)),
             )
             .await;

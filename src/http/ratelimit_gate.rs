@@ -13,7 +13,7 @@ use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage};
 
 use crate::auth::extractor::presented_key;
-use crate::error::ApiError;
+use crate::http::problem::ApiError;
 use crate::metrics::{self, Limit};
 use crate::ratelimit::{Subject, KEY_POLICY};
 use crate::startup::AppState;

@@ -8,10 +8,10 @@ use uuid::Uuid;
 
 use crate::accounts::{self, Account, Email, NewAccount};
 use crate::audit::{self, Action, Actor};
-use crate::auth::keys::{self, CreatedKey, KeySpec, KeyView};
+use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView};
 use crate::credits::{self, Movement};
-use crate::error::ApiError;
-use crate::ratelimit::tiers::{Tiers, DEFAULT_TIER};
+use crate::http::problem::ApiError;
+use crate::tiers::{Tiers, DEFAULT_TIER};
 
 pub async fn create_account(
     db: &Pool,
@@ -66,7 +66,7 @@ pub async fn create_key(
     if accounts::get(&tx, account_id).await?.is_none() {
         return Err(accounts::not_found());
     }
-    let k = keys::insert(&tx, account_id, spec).await?;
+    let k = key_store::insert(&tx, account_id, spec).await?;
     audit::record(
         &tx,
         actor,
@@ -139,7 +139,7 @@ pub async fn set_active(
 pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyView, ApiError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let k = keys::revoke(&tx, None, key_id).await?;
+    let k = key_store::revoke(&tx, None, key_id).await?;
     audit::record(
         &tx,
         actor,

@@ -16,11 +16,11 @@ use serde::Serialize;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::key::{self, NewKey};
+use super::api_key::{self, NewKey};
 use super::{notify_key_changed, Authenticated, Scope, Scopes};
-use crate::error::ApiError;
+use crate::http::problem::{ApiError, ProblemType};
 use crate::pagination::Cursor;
-use crate::ratelimit::tiers::Tiers;
+use crate::tiers::Tiers;
 
 pub const MAX_GRACE_SECONDS: i64 = 86_400;
 pub const DEFAULT_GRACE_SECONDS: i64 = 3_600;
@@ -122,13 +122,8 @@ impl From<&Authenticated> for Power {
 /// lacks in `missing_scopes` (with the first as `required_scope`, as every
 /// `insufficient_scope` carries one), or why else in the detail.
 fn beyond_power(detail: String, missing: &[&'static str]) -> ApiError {
-    let mut e = ApiError::problem(
-        actix_web::http::StatusCode::FORBIDDEN,
-        "insufficient_scope",
-        "Insufficient scope",
-        detail,
-    )
-    .with("missing_scopes", missing.to_vec());
+    let mut e = ApiError::problem(ProblemType::InsufficientScope, detail)
+        .with("missing_scopes", missing.to_vec());
     if let Some(first) = missing.first() {
         e = e.with("required_scope", *first);
     }
@@ -283,7 +278,7 @@ pub async fn insert(
     account_id: Uuid,
     spec: &KeySpec,
 ) -> Result<CreatedKey, ApiError> {
-    let new: NewKey = key::generate();
+    let new: NewKey = api_key::generate();
     let scopes: Vec<&str> = spec.scopes.iter().map(|s| s.as_str()).collect();
     let rate_limit: Option<i32> = spec.rate_limit.and_then(|r| i32::try_from(r).ok());
     let row = tx
@@ -342,9 +337,7 @@ pub async fn insert_capped(
             .get(0);
         if active >= i64::from(max) {
             return Err(ApiError::problem(
-                actix_web::http::StatusCode::CONFLICT,
-                "key_limit_reached",
-                "Key limit reached",
+                ProblemType::KeyLimitReached,
                 format!("The {tier} tier allows {max} active keys per account; revoke one first."),
             )
             .with("max_keys", max));
@@ -402,7 +395,7 @@ pub async fn revoke(
     account_id: Option<Uuid>,
     key_id: &str,
 ) -> Result<KeyView, ApiError> {
-    if !key::is_key_id(key_id) {
+    if !api_key::is_key_id(key_id) {
         return Err(not_found());
     }
     let row = tx
@@ -438,7 +431,7 @@ pub async fn rotate(
             format!("grace_seconds must be between 0 and {MAX_GRACE_SECONDS}."),
         ));
     }
-    if !key::is_key_id(key_id) {
+    if !api_key::is_key_id(key_id) {
         return Err(not_found());
     }
     let old = tx
@@ -450,16 +443,16 @@ pub async fn rotate(
         .map(|r| view(&r))
         .ok_or_else(not_found)?;
     if old.revoked_at.is_some() {
-        return Err(ApiError::Conflict {
-            kind: "key_revoked",
-            detail: "A revoked key cannot be rotated.".into(),
-        });
+        return Err(ApiError::problem(
+            ProblemType::KeyRevoked,
+            "A revoked key cannot be rotated.",
+        ));
     }
     if let Some(next) = &old.rotated_to {
-        return Err(ApiError::Conflict {
-            kind: "key_already_rotated",
-            detail: format!("This key was already rotated to {next}."),
-        });
+        return Err(ApiError::problem(
+            ProblemType::KeyAlreadyRotated,
+            format!("This key was already rotated to {next}."),
+        ));
     }
     let spec = KeySpec {
         name: old.name.clone(),

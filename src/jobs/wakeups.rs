@@ -15,7 +15,7 @@ use super::queue::CHANNEL;
 use crate::db::listen::Subscription;
 
 #[derive(Default)]
-pub struct Hub {
+pub struct Wakeups {
     work: Notify,
     waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// Fired shortly before a shutdown's HTTP drain times out: requests still waiting for a
@@ -25,7 +25,7 @@ pub struct Hub {
 
 /// A registered waiter; unregisters itself when dropped.
 pub struct Waiter {
-    hub: Arc<Hub>,
+    wakeups: Arc<Wakeups>,
     id: Uuid,
     notify: Arc<Notify>,
 }
@@ -38,13 +38,13 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.hub.waiters.lock() {
+        if let Ok(mut map) = self.wakeups.waiters.lock() {
             map.remove(&self.id);
         }
     }
 }
 
-impl Hub {
+impl Wakeups {
     /// One more job may be claimable.
     pub fn job_queued(&self) {
         self.work.notify_one();
@@ -62,7 +62,7 @@ impl Hub {
             map.insert(id, notify.clone());
         }
         Waiter {
-            hub: self.clone(),
+            wakeups: self.clone(),
             id,
             notify,
         }

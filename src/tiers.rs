@@ -99,7 +99,7 @@ impl Tiers {
             if name == INTERNAL_TIER {
                 bail!("tier `internal` is built in and cannot be redefined");
             }
-            if name == super::KEY_POLICY {
+            if name == crate::ratelimit::KEY_POLICY {
                 // The rate-limit headers name a key's own limit `key`; a tier of that name
                 // would make the two indistinguishable.
                 bail!("tier name `key` is reserved");
