@@ -524,3 +524,12 @@ impl From<tokio_postgres::Error> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+// Where each domain's refusals become problems: one file per domain, each holding the
+// `From<domain::Error> for ApiError` impls.
+mod accounts;
+mod auth;
+mod billing;
+mod credits;
+mod idempotency;
+mod jobs;

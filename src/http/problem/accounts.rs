@@ -1,0 +1,1 @@
+//! How accounts refusals become problems (status and [`ProblemType`](super::ProblemType)).

@@ -1,0 +1,1 @@
+//! How auth refusals become problems (status and [`ProblemType`](super::ProblemType)).

@@ -1,0 +1,1 @@
+//! How billing refusals become problems (status and [`ProblemType`](super::ProblemType)).

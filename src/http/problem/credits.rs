@@ -1,0 +1,1 @@
+//! How credits refusals become problems (status and [`ProblemType`](super::ProblemType)).

@@ -1,0 +1,1 @@
+//! How idempotency refusals become problems (status and [`ProblemType`](super::ProblemType)).

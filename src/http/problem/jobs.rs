@@ -1,0 +1,1 @@
+//! How jobs refusals become problems (status and [`ProblemType`](super::ProblemType)).
