@@ -1,12 +1,14 @@
 # shellcheck shell=bash
-# Shared by load/run.sh, load/keys.sh and the drills (load/drill-*.sh): k6, the binaries, a
-# fresh database, the local upstream, keymeter servers, and one cleanup that undoes all of
-# it whatever happens. Sourced, not run, from the repository root, after scripts/lib.sh.
+# Shared by load/run.sh, the benchmark runners (load/bench/*.sh) and the drills
+# (load/drills/*.sh): k6, the binaries, a fresh database, the local upstream, keymeter
+# servers, and one cleanup that undoes all of it whatever happens. Sourced, not run, after
+# scripts/lib.sh; the callers cd to the repository root first, and the paths below are
+# taken from this file's own location, so they hold whatever the current directory.
 #
 # Every wait here is bounded in time; every process started here is stopped by pid, and the
 # database dropped, by load_cleanup (installed as the EXIT trap by load_init).
 
-LOAD_ROOT=$PWD
+LOAD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT_DIR=$LOAD_ROOT/load/out
 # The admin API is how scripts create accounts and keys; the token only ever goes to the
 # local server and k6 (in their environment, never on a command line).
@@ -251,7 +253,7 @@ run_k6() {
     BASE_URL=$BASE_URL API_KEY=${API_KEY:-} ADMIN_TOKEN=$LOAD_ADMIN_TOKEN OUT_DIR=$OUT_DIR \
         UPSTREAM_URL=${UPSTREAM_URL:-} UPSTREAM_ALT_URL=${UPSTREAM_ALT_URL:-} \
         STRIPE_WEBHOOK_SECRET=$LOAD_STRIPE_WEBHOOK_SECRET PACK_CREDITS=$LOAD_PACK_CREDITS \
-        FIXTURES_DIR=${LOAD_FIXTURES_DIR:-$(cd "$LOAD_ROOT/.." && pwd)/shared/stripe-fixtures} \
+        FIXTURES_DIR=${LOAD_FIXTURES_DIR:-$LOAD_ROOT/tests/fixtures/stripe} \
         K6_NO_USAGE_REPORT=true K6_BINARY_PROVISIONING=false \
         $exec_ "$K6_BIN" run --no-usage-report "$@" "$script"
 }

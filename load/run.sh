@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Runs a k6 script against a fresh local keymeter:  load/run.sh auth.js [extra k6 args]
+# (the scripts are in load/k6/; a name alone is looked up there, a path is taken as given)
 #
 # 1. makes sure k6 is there (see "k6" in load/README.md for where it comes from);
 # 2. builds target/release/keymeter and the upstream example (LOAD_SKIP_BUILD=1 skips this;
@@ -19,7 +20,7 @@
 # Exit code: k6's (99 when a threshold failed), else 1 when the ledger check failed.
 set -euo pipefail
 
-usage() { echo "usage: load/run.sh SCRIPT.js [extra k6 args]   (e.g. load/run.sh auth.js)" >&2; exit 2; }
+usage() { echo "usage: load/run.sh SCRIPT.js [extra k6 args]   (e.g. load/run.sh auth.js: load/k6/auth.js)" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 script_arg=$1
 shift
@@ -30,13 +31,16 @@ root=$PWD
 . scripts/lib.sh
 . load/lib.sh
 
-# The script: as given (relative to where we were called from), else under load/.
-if [ -f "$invoked_from/$script_arg" ]; then
+# The script: as given (absolute, or relative to where we were called from, or to the
+# repository root), else under load/k6/, where they all are.
+if [ "${script_arg#/}" != "$script_arg" ] && [ -f "$script_arg" ]; then
+    script=$script_arg
+elif [ -f "$invoked_from/$script_arg" ]; then
     script=$(cd "$(dirname "$invoked_from/$script_arg")" && pwd)/$(basename "$script_arg")
 elif [ -f "$script_arg" ]; then
     script=$root/$script_arg
-elif [ -f "load/$script_arg" ]; then
-    script=$root/load/$script_arg
+elif [ -f "load/k6/$script_arg" ]; then
+    script=$root/load/k6/$script_arg
 else
     log "no such k6 script: $script_arg"
     usage

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Deduction throughput, HTTP vs the bare database, measured in one run:
-#   1. wrk (load/deduct.lua): POST /v1/credits/charge {"amount":1} with CLIENTS connections
+#   1. wrk (load/bench/deduct.lua): POST /v1/credits/charge {"amount":1} with CLIENTS connections
 #      for DURATION, over 1000 accounts, then on one hot account — group commit on
 #      (KEYMETER_CHARGE_COALESCING=true, the default) and off;
 #   2. pgbench: the bare single-statement UPDATE … WHERE credit_balance >= 1 with the same
@@ -12,9 +12,9 @@
 # Why wrk and not k6 here: both sides of the ratio should be driven by clients of the same
 # weight. pgbench is a small C program; k6 spends about 0.6 of a core on 5,000 requests/s,
 # which on a 2-core machine shared with the server and PostgreSQL makes k6 itself the
-# ceiling. load/deduct.js is the same scenario for k6 (load/run.sh deduct.js).
+# ceiling. load/k6/deduct.js is the same scenario for k6 (load/run.sh deduct.js).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 DURATION=${DURATION:-15s}
@@ -44,7 +44,7 @@ new_accounts() {
 # charge_rate NAME KEYS_FILE: wrk against the server; prints successful charges per second.
 charge_rate() {
     local out=$OUT_DIR/deduct-$1.txt
-    KEYS_FILE=$2 wrk -t2 -c"$CLIENTS" -d"$DURATION" --latency -s load/deduct.lua \
+    KEYS_FILE=$2 wrk -t2 -c"$CLIENTS" -d"$DURATION" --latency -s load/bench/deduct.lua \
         "$BASE_URL/v1/credits/charge" >"$out"
     local total bad
     total=$(sed -nE 's/^ *([0-9]+) requests in .*/\1/p' "$out")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Key verification with 1,000 and with 1,000,000 keys in api_keys, in one run:
-#   load/keys.sh                 (KEYS_SMALL=1000 KEYS_BIG=1000000 by default)
+#   load/bench/keys.sh           (KEYS_SMALL=1000 KEYS_BIG=1000000 by default)
 #
 # One database and one server for both phases. Before each phase the table is topped up
 # with filler keys by SQL (random base62 ids and random digests, one INSERT … SELECT FROM
@@ -13,7 +13,7 @@
 # (passed to keys.js), plus load/run.sh's LOAD_* settings. Extra arguments go to `k6 run`.
 # Prints both phases side by side; exit code non-zero if either k6 run failed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 
@@ -59,7 +59,7 @@ for phase in small big; do
     seed_to "$size"
     log "seeded in $(($(date +%s) - started)) s"
     set +e
-    PHASE=$phase TABLE_KEYS=$size run_k6 load/keys.js "$@"
+    PHASE=$phase TABLE_KEYS=$size run_k6 load/k6/keys.js "$@"
     k6_rc=$?
     set -e
     [ "$k6_rc" = 0 ] || rc=$k6_rc

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Drill: PostgreSQL restarted under load.   load/drill-pg-restart.sh
+# Drill: PostgreSQL restarted under load.   load/drills/pg-restart.sh
 #
 # Starts its OWN PostgreSQL (initdb into a temporary directory, a free port on 127.0.0.1, as
 # user postgres through runuser when run as root), so stopping it disturbs no one else; then
-# keymeter on it, ACCOUNTS accounts, and k6 (load/drill-load.js: GET /v1/account and
+# keymeter on it, ACCOUNTS accounts, and k6 (load/k6/drill-load.js: GET /v1/account and
 # POST /v1/credits/charge, VUS virtual users) for BEFORE_SECS + DOWN_SECS + AFTER_SECS.
 # After BEFORE_SECS it stops PostgreSQL (pg_ctl -m fast), keeps it down DOWN_SECS, starts it
 # again, and lets the load run AFTER_SECS more. Then it judges every request k6 made:
@@ -18,7 +18,7 @@
 # Prints the figures and one line  VERDICT pg-restart: PASS|FAIL — …  ; exit code 0 on PASS.
 # Bounded: every wait has a limit; everything it started is stopped and removed at exit.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 
@@ -79,7 +79,7 @@ export KEYS
 total=$((BEFORE_SECS + DOWN_SECS + AFTER_SECS))
 requests=$OUT_DIR/drill-pg-restart-requests.log
 rm -f "$requests"
-DURATION=${total}s LOAD_K6_EXEC=1 run_k6 load/drill-load.js --quiet --console-output="$requests" &
+DURATION=${total}s LOAD_K6_EXEC=1 run_k6 load/k6/drill-load.js --quiet --console-output="$requests" &
 k6_pid=$!
 LOAD_PIDS+=("$k6_pid")
 sleep "$BEFORE_SECS"

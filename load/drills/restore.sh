@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Drill: back up under load, restore into fresh servers, check nothing acknowledged is lost.
-#   load/drill-restore.sh
+#   load/drills/restore.sh
 #
 # What docs/backup.md prescribes, end to end, on PostgreSQL servers of its own (initdb into a
 # temporary directory, free ports on 127.0.0.1, as user postgres through runuser when run as
@@ -8,7 +8,7 @@
 #
 #  1. The source: a cluster with WAL archiving on (archive_command copies each finished WAL
 #     segment into an archive directory), keymeter on it, ACCOUNTS accounts, and k6
-#     (load/drill-load.js: GET /v1/account and POST /v1/credits/charge, VUS virtual users;
+#     (load/k6/drill-load.js: GET /v1/account and POST /v1/credits/charge, VUS virtual users;
 #     ACKS=1 logs every acknowledged charge's ledger id and the time its 201 arrived).
 #  2. After BEFORE_SECS of load: a base backup, `pg_basebackup -X stream -c fast`, while the
 #     charges keep coming; `pg_verifybackup` checks it. The load runs AFTER_SECS more, then
@@ -32,7 +32,7 @@
 # Prints one line  VERDICT restore: PASS|FAIL — …  ; exit code 0 on PASS. Bounded: every wait
 # has a limit; everything it started is stopped and removed at exit.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 
@@ -104,7 +104,7 @@ export KEYS
 
 requests=$OUT_DIR/drill-restore-requests.log
 rm -f "$requests"
-DURATION=$((BEFORE_SECS + AFTER_SECS + 60))s LOAD_K6_EXEC=1 run_k6 load/drill-load.js --quiet --console-output="$requests" &
+DURATION=$((BEFORE_SECS + AFTER_SECS + 60))s LOAD_K6_EXEC=1 run_k6 load/k6/drill-load.js --quiet --console-output="$requests" &
 k6_pid=$!
 LOAD_PIDS+=("$k6_pid")
 sleep "$BEFORE_SECS"

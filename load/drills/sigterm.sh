@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Drill: SIGTERM under load.   load/drill-sigterm.sh
+# Drill: SIGTERM under load.   load/drills/sigterm.sh
 #
 # A fresh database, the local upstream and keymeter instance A (KEYMETER_SHUTDOWN_TIMEOUT_SECS
 # =SHUTDOWN_SECS, 5). First LONG_JOBS (4) async jobs of a page that takes JOB_LONG_MS (20000,
 # far beyond the shutdown timeout: A cannot finish them and must put them back); then k6
-# (load/drill-load.js, VUS virtual users) sends A a mix of GET /v1/account,
+# (load/k6/drill-load.js, VUS virtual users) sends A a mix of GET /v1/account,
 # POST /v1/credits/charge, sync POST /v1/scrape of a page that takes SCRAPE_MS (500) and
 # async POST /v1/jobs of a page that takes JOB_SHORT_MS (1000). After BEFORE_SECS (4) A gets
 # SIGTERM; k6 keeps going AFTER_SECS (3) more (its new connections are refused: A has
@@ -19,7 +19,7 @@
 #     once (a refund only for a failed or cancelled job), and the ledger invariant holds.
 # Prints the figures and one line  VERDICT sigterm: PASS|FAIL — …  ; exit code 0 on PASS.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 
@@ -49,7 +49,7 @@ done
 
 requests=$OUT_DIR/drill-sigterm-requests.log
 rm -f "$requests" "$OUT_DIR/drill-sigterm-k6.log" # k6 appends to its log file
-DURATION=$((BEFORE_SECS + AFTER_SECS))s LOAD_K6_EXEC=1 run_k6 load/drill-load.js --quiet \
+DURATION=$((BEFORE_SECS + AFTER_SECS))s LOAD_K6_EXEC=1 run_k6 load/k6/drill-load.js --quiet \
     --console-output="$requests" --log-output=file="$OUT_DIR/drill-sigterm-k6.log" &
 k6_pid=$!
 LOAD_PIDS+=("$k6_pid")

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Drill: soak — SOAK_SECS (600) of steady mixed load (load/soak.js: cached-key reads,
+# Drill: soak — SOAK_SECS (600) of steady mixed load (load/k6/soak.js: cached-key reads,
 # charges with and without Idempotency-Key, sync and async scrape jobs, unknown keys) while
 # the server's resident memory is sampled every SAMPLE_SECS (10) with `ps -o rss=`.
-#   load/drill-soak.sh                  (10 minutes)
-#   SOAK_SECS=120 load/drill-soak.sh    (a quick check)
+#   load/drills/soak.sh                 (10 minutes)
+#   SOAK_SECS=120 load/drills/soak.sh   (a quick check)
 # Verdict: RSS growth from the 1-minute mark (the first sample at or after 60 s; for runs
 # shorter than 2 minutes, the first at or after half the run) to the last sample is under
 # GROWTH_LIMIT_PCT (10) %, and k6's thresholds (errors < 1 %, p95 per scenario) passed, and
 # the ledger invariant holds. Samples: load/out/drill-soak-rss.txt.
 # Prints one line  VERDICT soak: PASS|FAIL — …  ; exit code 0 on PASS.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 . scripts/lib.sh
 . load/lib.sh
 
@@ -29,7 +29,7 @@ create_account internal 100000000
 
 rss_file=$OUT_DIR/drill-soak-rss.txt
 : >"$rss_file"
-DURATION=${SOAK_SECS}s LOAD_K6_EXEC=1 run_k6 load/soak.js --quiet &
+DURATION=${SOAK_SECS}s LOAD_K6_EXEC=1 run_k6 load/k6/soak.js --quiet &
 k6_pid=$!
 LOAD_PIDS+=("$k6_pid")
 started=$(date +%s)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Drill: verification time for an unknown key id vs a wrong secret vs the right key.
-#   load/drill-timing.sh                   (DURATION=20s VUS=2 by default)
-# Runs load/timing.js through load/run.sh (fresh database and server; failed-auth throttling
+#   load/drills/timing.sh                  (DURATION=20s VUS=2 by default)
+# Runs load/k6/timing.js through load/run.sh (fresh database and server; failed-auth throttling
 # raised for the run) and prints its table and one verdict line:
 #   VERDICT timing: PASS|FAIL — unknown key id vs wrong secret, medians …, |difference| … µs
 # PASS when the medians differ by at most TOLERANCE_US (default 50 µs). Exit code 0 on PASS.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.." # the repository root: every path below is relative to it
 export DURATION=${DURATION:-20s} VUS=${VUS:-2}
 rm -f load/out/timing-summary.json
 set +e

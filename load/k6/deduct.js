@@ -1,7 +1,7 @@
 // Deductions through HTTP, with k6: many VUs charging 1 credit per request with
 // POST /v1/credits/charge. ACCOUNTS=1000 spreads them over 1000 internal-tier accounts
 // (created in setup through the admin API); ACCOUNTS=1 is the hot-account case. Run it with
-// `load/run.sh deduct.js`; load/deduct.sh measures the same with wrk, next to the bare
+// `load/run.sh deduct.js`; load/bench/deduct.sh measures the same with wrk, next to the bare
 // single-statement UPDATE (pgbench) in the same run.
 import http from 'k6/http';
 import { check } from 'k6';

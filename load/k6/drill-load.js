@@ -1,4 +1,4 @@
-// The load under the fault drills (load/drill-pg-restart.sh, load/drill-sigterm.sh): a mix
+// The load under the fault drills (load/drills/pg-restart.sh, load/drills/sigterm.sh): a mix
 // of requests, each logged with its start and end time so the drill can line them up with
 // the moment it broke something. Not a benchmark: requests are paced (PACE_MS) so the
 // machine has room for the fault itself.
@@ -7,7 +7,7 @@
 // --console-output):  REQ <t0 ms> <t1 ms> <status> <kind> <problem type|-> <k6 error code|->
 // Status 0 means no HTTP response at all (refused, reset, timed out).
 // With ACKS=1, every charge answered 201 also logs  ACK <t0 ms> <t1 ms> <ledger id> <account id>
-// (load/drill-restore.sh checks that the charges acknowledged before a backup are in it).
+// (load/drills/restore.sh checks that the charges acknowledged before a backup are in it).
 //
 // Environment: BASE_URL, UPSTREAM_URL (run by the drills), KEYS (comma-separated API keys,
 // default API_KEY), MIX (comma-separated kinds, default account,charge), DURATION (20s),

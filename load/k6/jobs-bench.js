@@ -1,4 +1,4 @@
-// The job benchmark of issue 5: load/jobs-bench.sh (load/run.sh jobs-bench.js underneath).
+// The job benchmark of issue 5: load/bench/jobs-bench.sh (load/run.sh jobs-bench.js underneath).
 //
 // 1. The overhead of a job over the raw fetch of the same page: `raw` (k6 GETs
 //    UPSTREAM_URL/page itself) vs `scrape` (POST /v1/scrape {url: UPSTREAM_URL/page,

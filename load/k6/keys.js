@@ -1,4 +1,4 @@
-// Key verification against a large api_keys table: run by load/keys.sh, which seeds the table
+// Key verification against a large api_keys table: run by load/bench/keys.sh, which seeds the table
 // with filler keys by SQL (1,000, then 1,000,000) and runs this script once per size.
 //
 // setup creates COLD_KEYS + HOT_KEYS real keys for one account through the admin API

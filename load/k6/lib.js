@@ -1,4 +1,4 @@
-// Helpers shared by the k6 scripts of load/ (imported, never run by itself).
+// Helpers shared by the k6 scripts of load/k6/ (imported, never run by itself).
 
 import http from 'k6/http';
 
@@ -145,7 +145,8 @@ export function latencyRow(data, label, trend, counter, durationS) {
 
 export const TREND_STATS = ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max', 'count'];
 
-// --- the key format (DESIGN.md): km_live_<12 id>_<43 secret><6 checksum>, base62 ----------
+// --- the key format (src/auth/api_key.rs): km_live_<12 id>_<43 secret><6 checksum>, base62;
+// the checksum is the CRC-32 (IEEE) of everything before it, in 6 base62 digits -------------
 const ALPHABET = '0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz';
 const CRC_TABLE = (() => {
   const t = [];

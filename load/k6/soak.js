@@ -1,4 +1,4 @@
-// Mixed load at a steady rate for a long time: run by load/drill-soak.sh (which samples the
+// Mixed load at a steady rate for a long time: run by load/drills/soak.sh (which samples the
 // server's RSS meanwhile). Every scenario is a constant arrival rate, so the server sees the
 // same work per second from the first minute to the last:
 //   auth    — GET /v1/account with the cached key                         (AUTH_RPS, 200/s)

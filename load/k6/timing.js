@@ -1,4 +1,4 @@
-// Verification timing by outcome: load/drill-timing.sh (load/run.sh timing.js underneath).
+// Verification timing by outcome: load/drills/timing.sh (load/run.sh timing.js underneath).
 //
 // GET /v1/account with five kinds of key, interleaved in random order within every iteration
 // (so drifts in machine load hit all kinds alike):
@@ -14,7 +14,8 @@
 // wrong secret from an unknown id by the clock. Verdict: PASS when their medians differ by at
 // most TOLERANCE_US microseconds (default 50); p95s are reported next to them.
 // unknown_fresh is slower by a database round trip; that tells whether an id is in the cache,
-// and key ids are public by design (DESIGN.md), so it is reported, not judged.
+// and key ids are public by design (they are the primary key of api_keys and safe to log;
+// only the secret is confidential), so it is reported, not judged.
 //
 // Environment: BASE_URL, API_KEY (run.sh), VUS (2), DURATION (20s), TOLERANCE_US (50), OUT_DIR.
 // load/run.sh raises KEYMETER_AUTH_FAILURES_PER_MINUTE for this script: the per-IP throttle

@@ -7,7 +7,7 @@
 // PACK_CREDITS credits (run.sh configures KEYMETER_CREDIT_PACKS=load:price_load:<credits>).
 //
 // The burst: one `checkout.session.completed` event per session, built from Stripe's own
-// fixtures (/work/shared/stripe-fixtures: event.json around checkout.session.json, with the
+// fixtures (tests/fixtures/stripe/, the tests' copy: event.json around checkout.session.json, with the
 // fields an event needs changed: ids, type, created, payment_status, client_reference_id,
 // metadata), each delivered DUPLICATES times at once (one http.batch: concurrent requests
 // with the same event id), plus one copy with a wrong signature. Each delivery is signed
