@@ -14,7 +14,7 @@
 //! overspending is impossible because every decision is made under the row locks.
 //!
 //! One lane, not one per account or a few sharded by account: measured on the 2-core
-//! machine (`load/deduct.sh`, 32 clients over 1000 accounts), one lane made 12,500
+//! machine (`load/bench/deduct.sh`, 32 clients over 1000 accounts), one lane made 12,500
 //! charges/s, two 10,800, four 8,200 — while a batch commits, the next one fills up, so a
 //! single lane makes the biggest batches. The price is that a batch waiting for a row lock
 //! (another transaction on one of its accounts: a job's reservation, a grant, a purchase,
