@@ -11,7 +11,8 @@
 //! production requirements, settings that only make sense together): [`http`],
 //! [`telemetry`], [`database`], [`auth`], [`rate_limits`], [`billing`], [`jobs`]. The shared
 //! value parsers live in [`source`]. `Config` itself stays flat — its fields are what the
-//! rest of the crate and the tests use.
+//! rest of the crate and the tests use. [`catalogue`] lists every variable for `--help`;
+//! its tests hold it, the parsers, the README and `.env.example` together.
 //!
 //! Why not clap's `env` attributes: clap reads only the process environment, while tests
 //! build configurations from maps ([`Config::from_source`]); and nearly every setting has a
@@ -26,6 +27,7 @@ use secrecy::SecretString;
 
 mod auth;
 mod billing;
+pub mod catalogue;
 mod database;
 mod http;
 mod jobs;
