@@ -118,10 +118,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
-    let url = config.database_url()?.clone();
-    let pg = db::pg_config(&url, &config.database)?;
-    let pool = db::build_pool(&pg, &config.database)?;
-    db::wait_until_reachable(&pool, &pg, config.database.startup_retry).await?;
+    let (_pool, pg) = db::connect(&config.database).await?;
     let applied = db::migrations::run(&pg).await?;
     if applied.is_empty() {
         println!("database is up to date");
@@ -163,10 +160,7 @@ pub async fn dev(mut config: Config) -> anyhow::Result<()> {
 }
 
 async fn admin_pool(config: &Config) -> anyhow::Result<Pool> {
-    let url = config.database_url()?.clone();
-    let pg = db::pg_config(&url, &config.database)?;
-    let pool = db::build_pool(&pg, &config.database)?;
-    db::wait_until_reachable(&pool, &pg, config.database.startup_retry).await?;
+    let (pool, pg) = db::connect(&config.database).await?;
     db::migrations::check(&pg).await?;
     Ok(pool)
 }

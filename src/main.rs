@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use keymeter::config::Config;
 use keymeter::{cli, telemetry};
 
@@ -27,7 +27,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
+    let args = parse_args();
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -86,4 +86,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The command line, with every configuration variable listed under `--help` (of `keymeter`
+/// and of the subcommands that read them all).
+fn parse_args() -> Cli {
+    let vars = keymeter::config::catalogue::help();
+    let mut command = Cli::command().after_long_help(vars.clone());
+    for sub in ["serve", "migrate", "dev"] {
+        command = command.mut_subcommand(sub, |c| c.after_long_help(vars.clone()));
+    }
+    let matches = command.get_matches_mut();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit())
 }

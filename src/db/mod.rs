@@ -135,6 +135,19 @@ pub fn build_pool(pg: &PgConnect, settings: &DatabaseSettings) -> anyhow::Result
         .context("building the database pool")
 }
 
+/// The pool, once the database answers, and the [`PgConnect`] it was built from (for the
+/// connections outside the pool: migrations, LISTEN).
+///
+/// The one way `serve`, `migrate` and `keymeter admin` reach the database, so each gets the
+/// same time bounds, TLS and start-up patience. A missing `DATABASE_URL` is reported as the
+/// configuration error it is.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<(Pool, PgConnect)> {
+    let pg = pg_config(settings.url()?, settings)?;
+    let pool = build_pool(&pg, settings)?;
+    wait_until_reachable(&pool, &pg, settings.startup_retry).await?;
+    Ok((pool, pg))
+}
+
 /// Creating a pool never touches the database; this does, retrying for `retry_for` with a
 /// log line per try so an operator watching a slow database come up sees progress.
 ///
