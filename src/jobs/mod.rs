@@ -2,7 +2,7 @@
 //! for. This layer knows nothing of credits, queues or HTTP routes; the job runner wires it up:
 //!
 //! ```text
-//! validate input ─ Guard::check_syntax / CustomerHeaders::new   (a 422 before any charge)
+//! validate input ─ Guard::check_syntax / CustomerHeaders::new   (refused before any charge)
 //! run the job    ─ Fetcher::fetch(url, timeout, &headers)       (behind the origin's breakers)
 //! settle         ─ classify(&result) → Outcome::Usable keeps the charge, Failed refunds;
 //!                  Breakers::signal(&result, budget) tells the breakers

@@ -1,7 +1,7 @@
 //! Circuit breakers (failsafe): one for the egress provider (the direct path or the proxy),
 //! one per target **origin** (scheme, host, port) shared by every account, and one per
 //! (account, origin). A job runs only when all of them let it through; while one is open the
-//! job is refused at once (503 `upstream_unavailable`, nothing charged) instead of waiting
+//! job is refused at once (nothing charged) instead of waiting
 //! for a dead upstream's timeout.
 //!
 //! Customers choose the URLs, the timeouts and how many jobs they send, so a breaker must

@@ -301,8 +301,8 @@ impl Fetcher {
             .unwrap_or_else(|| "direct".to_owned())
     }
 
-    /// Resolves the URL's host and refuses it if any address is off limits, so a route can
-    /// answer 422 before charging. A DNS failure is not a refusal (the job then fails and is
+    /// Resolves the URL's host and refuses it if any address is off limits, so submission can
+    /// refuse it before charging. A DNS failure is not a refusal (the job then fails and is
     /// refunded).
     pub async fn precheck(&self, url: &Url) -> Result<(), UrlNotAllowed> {
         match self.guard.precheck(url).await {
