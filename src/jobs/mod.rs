@@ -2,7 +2,7 @@
 //! for. This layer knows nothing of credits, queues or HTTP routes; the job runner wires it up:
 //!
 //! ```text
-//! validate input ─ Guard::check_syntax / CustomerHeaders::new   (a 422 before any charge)
+//! validate input ─ Guard::check_syntax / CustomerHeaders::new   (refused before any charge)
 //! run the job    ─ Fetcher::fetch(url, timeout, &headers)       (behind the origin's breakers)
 //! settle         ─ classify(&result) → Outcome::Usable keeps the charge, Failed refunds;
 //!                  Breakers::signal(&result, budget) tells the breakers
@@ -16,6 +16,8 @@
 //! - [`queue`]: the `jobs` table — create (cost reserved in the same transaction), claim
 //!   (SKIP LOCKED, per-account concurrency), lease, finish (refund and webhook in the same
 //!   transaction), reap.
+//! - [`submit`]: checking and queueing a job for `POST /v1/jobs` and `POST /v1/scrape`;
+//!   [`wait`]: the sync request's wait for its job's end, and why it did not succeed.
 //! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider, origin,
 //!   and account and origin;
 //!   [`wakeups`]: in-process wake-ups; [`webhooks`]: signed job webhooks with retries.
@@ -26,6 +28,8 @@ pub mod fetch;
 pub mod queue;
 pub mod runner;
 pub mod ssrf;
+pub mod submit;
+pub mod wait;
 pub mod wakeups;
 pub mod webhooks;
 
@@ -37,5 +41,9 @@ pub use fetch::{
     classify, CustomerHeaders, FailureReason, FetchError, Fetched, Fetcher, FetcherBuildError,
     FetcherConfig, HeaderError, Outcome, RedirectHop,
 };
+pub use queue::QueueError;
 pub use runner::{JobSettings, Jobs};
 pub use ssrf::{AllowList, Guard, UrlNotAllowed};
+pub use submit::{InvalidJob, SubmitError};
+pub use wait::{JobFailed, WaitError};
+pub use webhooks::WebhookUrlError;

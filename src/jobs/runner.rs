@@ -19,10 +19,9 @@ use uuid::Uuid;
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence};
+use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence, QueueError};
 use super::wakeups::Wakeups;
 use super::webhooks;
-use crate::http::problem::ApiError;
 
 #[derive(Debug, Clone)]
 pub struct JobSettings {
@@ -182,7 +181,7 @@ impl Jobs {
         job: &Claimed,
         end: &End,
         fence: Fence,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, QueueError> {
         let mut client = db.get().await?;
         let tx = client.transaction().await?;
         let done = queue::finalize(&tx, job.id, end, fence).await?;

@@ -1,43 +1,36 @@
 //! Scrape jobs: `POST /v1/scrape` (run and answer with the result), `POST /v1/jobs` (queue,
 //! 202), `GET /v1/jobs`, `GET /v1/jobs/{id}`, `DELETE /v1/jobs/{id}` (cancel a queued job).
 //!
-//! Both POSTs go the same way: validate everything that needs no upstream (422 before any
-//! charge — an SSRF refusal included), refuse fast while the target's breaker is open (503,
+//! Both POSTs go the same way: [`crate::jobs::submit`] checks the request (422 before any
+//! charge — an SSRF refusal included), refuses fast while the target's breaker is open (503,
 //! nothing charged), then one transaction reserves the cost, checks the queue cap and
 //! queues the job (with the `Idempotency-Key` record). The sync route then waits for the
-//! job's end on a notification; its job is as durable and visible as any other.
+//! job's end ([`crate::jobs::wait`]); its job is as durable and visible as any other.
 //!
 //! A sync request's idempotency record stores "202 + Location of the job": a retry with the
 //! same key waits for that same job instead of running another.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use actix_web::http::header::{LOCATION, RETRY_AFTER};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::Utc;
+use deadpool_postgres::Transaction;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{Authenticated, Scope};
-use crate::http::problem::{ApiError, ApiResult, ProblemType};
-use crate::idempotency::{self, IdempotencyKey, Start};
+use crate::http::problem::{ApiError, ApiResult};
+use crate::idempotency::{self, Start};
 use crate::jobs::breaker::Snapshot;
 use crate::jobs::extract::Format;
-use crate::jobs::fetch::FetchError;
-use crate::jobs::queue::{self, Job, JobStatus, Mode, NewJob};
-use crate::jobs::CustomerHeaders;
+use crate::jobs::queue::{self, Job, JobStatus, Mode};
+use crate::jobs::submit::{self, JobRequest, Submitter};
+use crate::jobs::wait::{self, Follow, Waited};
+use crate::jobs::wakeups::Waiter;
 use crate::pagination::{Page, PageQuery};
 use crate::startup::AppState;
-use crate::tiers::JOB_FORMATS;
-
-pub const MAX_TIMEOUT_MS: i64 = 60_000;
-pub const MIN_TIMEOUT_MS: i64 = 100;
-pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
-/// How long a waiting request gives the worker past the job's own timeout to record it.
-const FINISH_GRACE: Duration = Duration::from_secs(2);
 
 /// A scrape job to queue.
 // `POST /v1/scrape` reads the same type, and refuses `webhook_url` (see `ScrapeBody`).
@@ -93,169 +86,28 @@ struct ScrapeBody {
     headers: Option<BTreeMap<String, String>>,
 }
 
-/// A checked request, ready to be queued.
-struct Checked {
-    url: String,
-    formats: Vec<String>,
-    headers: Vec<(String, String)>,
-    timeout_ms: i32,
-    webhook_url: Option<String>,
-    cost: i64,
-}
-
-fn url_not_allowed(detail: impl std::fmt::Display) -> ApiError {
-    ApiError::problem(ProblemType::UrlNotAllowed, detail.to_string()).with("field", "url")
-}
-
-async fn check(
-    state: &AppState,
-    caller: &Authenticated,
-    body: JobBody,
-    mode: Mode,
-) -> Result<Checked, ApiError> {
-    let jobs = state.jobs.as_ref();
-    let url = match jobs.fetcher.validate(&body.url) {
-        Ok(u) => u,
-        Err(FetchError::NotAllowed(e)) => return Err(url_not_allowed(e)),
-        Err(e) => return Err(ApiError::validation("url", e.to_string())),
-    };
-    let mut formats: Vec<String> = Vec::new();
-    for f in body.formats.unwrap_or_else(|| vec!["metadata".into()]) {
-        if !JOB_FORMATS.contains(&f.as_str()) {
-            return Err(ApiError::validation(
-                "formats",
-                format!(
-                    "unknown format {f:?}; formats are {}.",
-                    JOB_FORMATS.join(", ")
-                ),
-            ));
-        }
-        if !formats.contains(&f) {
-            formats.push(f);
+impl From<JobBody> for JobRequest {
+    fn from(b: JobBody) -> Self {
+        JobRequest {
+            url: b.url,
+            formats: b.formats,
+            timeout_ms: b.timeout_ms,
+            headers: b.headers,
+            webhook_url: b.webhook_url,
         }
     }
-    if formats.is_empty() {
-        return Err(ApiError::validation(
-            "formats",
-            "formats must name at least one format.",
-        ));
-    }
-    let timeout_ms = body.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
-    if !(MIN_TIMEOUT_MS..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
-        return Err(ApiError::validation(
-            "timeout_ms",
-            format!("timeout_ms must be between {MIN_TIMEOUT_MS} and {MAX_TIMEOUT_MS}."),
-        ));
-    }
-    // A sync request must be able to wait for its job's whole timeout: the server's request
-    // timeout would otherwise cut it off while the job still runs (and may be charged).
-    let request_ms = i64::try_from(state.config.request_timeout.as_millis()).unwrap_or(i64::MAX);
-    let sync_max = request_ms.saturating_sub(FINISH_GRACE.as_millis() as i64 + 1_000);
-    if mode == Mode::Sync && timeout_ms > sync_max {
-        return Err(ApiError::validation(
-            "timeout_ms",
-            format!(
-                "timeout_ms must be at most {sync_max} for POST /v1/scrape on this server \
-                 (its request timeout); use POST /v1/jobs for longer jobs."
-            ),
-        ));
-    }
-    let headers: Vec<(String, String)> = body.headers.unwrap_or_default().into_iter().collect();
-    CustomerHeaders::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .map_err(|e| ApiError::validation("headers", e.to_string()))?;
-    let webhook_url = match (body.webhook_url, mode) {
-        (None, _) => None,
-        (Some(_), Mode::Sync) => {
-            return Err(ApiError::validation(
-                "webhook_url",
-                "webhook_url is for POST /v1/jobs; POST /v1/scrape answers with the result.",
-            ))
-        }
-        (Some(w), Mode::Async) => Some(
-            crate::jobs::webhooks::validate_url(&jobs.webhooks, &w)
-                .await?
-                .to_string(),
-        ),
-    };
-    let tier = state.tiers.get_or_default(&caller.tier);
-    let cost: i64 = formats
-        .iter()
-        .map(|f| tier.prices.get(f).copied().unwrap_or(1))
-        .sum();
-    // Resolve now: a host that points at a private address is refused before any charge.
-    jobs.fetcher.precheck(&url).await.map_err(url_not_allowed)?;
-    let origin = crate::jobs::breaker::origin_of(&url);
-    jobs.breakers
-        .check(caller.account_id, &origin)
-        .map_err(|refused| {
-            ApiError::problem(ProblemType::UpstreamUnavailable, refused.to_string())
-                .with("breaker", refused.kind.as_str())
-                .with("scope", refused.scope.as_str())
-                .retry_after(refused.retry_after.as_secs().max(1))
-        })?;
-    Ok(Checked {
-        url: url.to_string(),
-        formats,
-        headers,
-        timeout_ms: i32::try_from(timeout_ms).unwrap_or(i32::MAX),
-        webhook_url,
-        cost,
-    })
 }
 
-/// Reserves, queues and (with a key) records the idempotent answer, in one transaction.
-async fn enqueue(
-    state: &AppState,
-    caller: &Authenticated,
-    checked: Checked,
-    mode: Mode,
-    id: Uuid,
-    key: Option<&IdempotencyKey>,
-    guard: Option<&idempotency::Guard>,
-) -> Result<Job, ApiError> {
-    let tier = state.tiers.get_or_default(&caller.tier);
-    let max_queued = if tier.unlimited {
-        i64::MAX
-    } else {
-        i64::from(tier.max_queued_jobs)
-    };
-    let new = NewJob {
-        id,
-        account_id: caller.account_id,
-        mode,
-        url: checked.url,
-        formats: checked.formats,
-        headers: checked.headers,
-        timeout_ms: checked.timeout_ms,
-        webhook_url: checked.webhook_url,
-        cost: checked.cost,
-        origin: state.jobs.instance,
-        idempotency_key: key.map(|k| k.as_str().to_owned()),
-    };
-    let mut client = state.db.get().await?;
-    let tx = client.transaction().await?;
-    queue::create(&tx, &new, max_queued).await?;
-    let job = queue::get(&tx, caller.account_id, id)
-        .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("a queued job vanished")))?;
-    if let Some(g) = guard {
-        let body = serde_json::to_value(&job).map_err(anyhow::Error::from)?;
-        g.complete(&tx, StatusCode::ACCEPTED, &body, Some(&job.location()))
-            .await?;
-    }
-    tx.commit().await?;
-    state.jobs.wakeups.job_queued();
-    Ok(job)
-}
-
-/// Runs `start`'s claim, the checks and the enqueue; releases the key if anything fails.
+/// The one place the job routes run the `Idempotency-Key` sequence: claim the key (or
+/// replay its answer), submit the job with the key's answer recorded in the job's own
+/// transaction, and release the key if the job was not queued.
 async fn create(
     state: &AppState,
     caller: &Authenticated,
     req: &HttpRequest,
     body: &web::Bytes,
     mode: Mode,
-    waiter_for: impl FnOnce(Uuid) -> Option<crate::jobs::wakeups::Waiter>,
+    waiter_for: impl FnOnce(Uuid) -> Option<Waiter>,
 ) -> Result<Created, ApiError> {
     caller.require(Scope::Scrape)?;
     let (raw, parsed): (serde_json::Value, JobBody) = crate::http::extractors::json_body(body)?;
@@ -273,19 +125,25 @@ async fn create(
     };
     let id = Uuid::now_v7();
     let waiter = waiter_for(id);
-    let result = async {
-        let checked = check(state, caller, parsed, mode).await?;
-        enqueue(
-            state,
-            caller,
-            checked,
-            mode,
-            id,
-            key.as_ref(),
-            guard.as_ref(),
-        )
-        .await
-    }
+    let ctx = submit::Context {
+        db: &state.db,
+        jobs: &state.jobs,
+        tiers: &state.tiers,
+        request_timeout: state.config.request_timeout,
+    };
+    let who = Submitter {
+        account_id: caller.account_id,
+        tier: &caller.tier,
+    };
+    let result = submit::submit(
+        &ctx,
+        &who,
+        parsed.into(),
+        mode,
+        id,
+        key.as_ref().map(|k| k.as_str()),
+        Answer(guard.as_ref()),
+    )
     .await;
     match result {
         Ok(job) => Ok(Created::New(Box::new(job), waiter)),
@@ -299,8 +157,26 @@ async fn create(
 }
 
 enum Created {
-    New(Box<Job>, Option<crate::jobs::wakeups::Waiter>),
+    New(Box<Job>, Option<Waiter>),
     Replay(HttpResponse),
+}
+
+/// The answer an `Idempotency-Key` keeps for a job route: 202 with the job and its
+/// `Location` (a sync retry follows that job). Nothing without a key.
+struct Answer<'a>(Option<&'a idempotency::Guard>);
+
+impl submit::Record for Answer<'_> {
+    type Error = ApiError;
+
+    async fn record(self, tx: &Transaction<'_>, job: &Job) -> ApiResult<()> {
+        let Some(guard) = self.0 else {
+            return Ok(());
+        };
+        let body = serde_json::to_value(job).map_err(anyhow::Error::from)?;
+        guard
+            .complete(tx, StatusCode::ACCEPTED, &body, Some(&job.location()))
+            .await
+    }
 }
 
 /// `POST /v1/jobs` (`scrape`): queues a job → 202 with the job and its `Location`.
@@ -427,26 +303,21 @@ pub async fn scrape(
         Some(wakeups.register(id))
     })
     .await?;
-    let (job, waiter) = match created {
-        Created::New(job, waiter) => (*job, waiter),
-        Created::Replay(res) => {
-            // A retry of a sync request: wait for the job the first request queued.
-            let Some(id) = replayed_job_id(&res) else {
-                return Ok(res);
-            };
-            let waiter = state.jobs.wakeups.register(id);
-            let job = queue::get(&state.db.get().await?, caller.account_id, id)
-                .await?
-                .ok_or_else(|| ApiError::NotFound("No job with that id.".into()))?;
-            (job, Some(waiter))
+    let what = match created {
+        Created::New(job, waiter) => {
+            let waiter = waiter.unwrap_or_else(|| wakeups.register(job.id));
+            Follow::Queued(job, waiter)
         }
+        // A retry of a sync request: wait for the job the first request queued.
+        Created::Replay(res) => match replayed_job_id(&res) {
+            Some(id) => Follow::Replayed(id),
+            None => return Ok(res),
+        },
     };
-    let waiter = waiter.unwrap_or_else(|| state.jobs.wakeups.register(job.id));
-    match wait(&state, &caller, &job, &waiter)
-        .await
-        .map_err(|e| lost_track(e, job.id))?
-    {
-        Waited::Ended(done) => answer_sync(done),
+    match wait::follow(&state.db, &wakeups, caller.account_id, what).await? {
+        // 200 with the job when it succeeded, else the problem that says why (with the job
+        // id and `refunded: true`).
+        Waited::Ended(done) => Ok(HttpResponse::Ok().json(wait::succeeded(done)?)),
         // This instance is shutting down: the job goes on (here, or back in the queue for
         // another instance), and the client learns where to follow it — as `POST /v1/jobs`
         // would have answered.
@@ -457,124 +328,12 @@ pub async fn scrape(
     }
 }
 
-/// How a sync request's wait for its job ended.
-enum Waited {
-    /// The job finished (or was ended as timed out).
-    Ended(Job),
-    /// The instance is shutting down; the job had not finished yet.
-    HandedOff(Job),
-}
-
-/// The job is queued and durable, but this request could not follow it to its end (the
-/// database went away meanwhile): say which job it was, so the client can look it up
-/// instead of guessing whether it ran.
-fn lost_track(e: ApiError, id: Uuid) -> ApiError {
-    match e {
-        ApiError::DatabaseUnavailable => ApiError::problem(
-            ProblemType::DatabaseUnavailable,
-            format!(
-                "The job was queued but its result could not be read; look it up with GET /v1/jobs/{id}."
-            ),
-        )
-        .with("job_id", id.to_string())
-        .retry_after(1),
-        other => other,
-    }
-}
-
 fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
     if res.status() != StatusCode::ACCEPTED {
         return None;
     }
     let loc = res.headers().get(LOCATION)?.to_str().ok()?;
     loc.strip_prefix("/v1/jobs/")?.parse().ok()
-}
-
-/// Waits until the job ends (woken by the wake-ups, with a one-second look at the database as a
-/// backstop) or its deadline passes, when it is ended as timed out (and refunded) — or until
-/// the instance hands waiting requests off at shutdown.
-async fn wait(
-    state: &AppState,
-    caller: &Authenticated,
-    job: &Job,
-    waiter: &crate::jobs::wakeups::Waiter,
-) -> Result<Waited, ApiError> {
-    let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
-    let elapsed = (Utc::now() - job.created_at).to_std().unwrap_or_default();
-    let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed) + FINISH_GRACE;
-    let mut handed_off = false;
-    loop {
-        let current = {
-            let client = state.db.get().await?;
-            queue::get(&client, caller.account_id, job.id).await?
-        }
-        .ok_or_else(|| ApiError::NotFound("No job with that id.".into()))?;
-        if current.is_finished() {
-            return Ok(Waited::Ended(current));
-        }
-        if handed_off {
-            return Ok(Waited::HandedOff(current));
-        }
-        if tokio::time::Instant::now() >= deadline {
-            if let Some(ended) = queue::time_out(
-                &state.db,
-                job.id,
-                "The job did not finish within its timeout.",
-            )
-            .await?
-            {
-                return Ok(Waited::Ended(ended));
-            }
-            continue; // It ended just now: read it again.
-        }
-        tokio::select! {
-            () = waiter.notified() => {}
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = tokio::time::sleep_until(deadline) => {}
-            // Read the job once more, so the answer shows its latest state.
-            () = state.jobs.wakeups.handed_off() => handed_off = true,
-        }
-    }
-}
-
-/// A finished sync job as an HTTP answer: 200 with the job when it succeeded, else the
-/// problem that says why (with the job id and `refunded: true`).
-fn answer_sync(job: Job) -> ApiResult<HttpResponse> {
-    if job.status == "succeeded" {
-        return Ok(HttpResponse::Ok().json(job));
-    }
-    let reason = job.failure_reason().unwrap_or("failed").to_owned();
-    let detail = job
-        .error
-        .as_ref()
-        .and_then(|e| e.get("detail"))
-        .and_then(|d| d.as_str())
-        .unwrap_or("The job failed.")
-        .to_owned();
-    let upstream_status = job
-        .error
-        .as_ref()
-        .and_then(|e| e.get("upstream_status"))
-        .cloned();
-    let kind = match reason.as_str() {
-        "timeout" => ProblemType::JobTimeout,
-        "circuit_open" => ProblemType::UpstreamUnavailable,
-        "not_allowed" => ProblemType::UrlNotAllowed,
-        "cancelled" => ProblemType::JobCancelled,
-        _ => ProblemType::UpstreamFailed,
-    };
-    let mut err = ApiError::problem(kind, detail)
-        .with("job_id", job.id.to_string())
-        .with("reason", reason)
-        .with("refunded", job.refunded)
-        .with("cost", job.cost);
-    if let Some(s) = upstream_status {
-        err = err.with("upstream_status", s);
-    }
-    if kind == ProblemType::UpstreamUnavailable {
-        err = err.retry_after(1);
-    }
-    Err(err)
 }
 
 fn require_read(caller: &Authenticated) -> Result<(), ApiError> {

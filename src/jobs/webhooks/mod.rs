@@ -35,7 +35,6 @@ use url::Url;
 use uuid::Uuid;
 
 use super::ssrf::{AllowList, Guard};
-use crate::http::problem::{ApiError, ProblemType};
 
 pub const SIGNATURE_HEADER: &str = "Keymeter-Signature";
 pub const EVENT_ID_HEADER: &str = "Keymeter-Event-Id";
@@ -187,29 +186,38 @@ pub fn signature_header(secret: &str, timestamp: i64, payload: &[u8]) -> String 
     )
 }
 
+/// Why a `webhook_url` was refused when the job was created. The `Display` text is the
+/// sentence a client reads as the problem's `detail`.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookUrlError {
+    /// The server has no signing key, so it cannot sign (and does not send) job webhooks.
+    #[error(
+        "Job webhooks are off on this server (no KEYMETER_WEBHOOK_SIGNING_KEY is configured)."
+    )]
+    Off,
+    #[error("webhook_url must be at most 2048 characters.")]
+    TooLong,
+    #[error("webhook_url: {0}.")]
+    Malformed(url::ParseError),
+    /// It points at an address the SSRF guard refuses (or is not http(s), or has
+    /// credentials).
+    #[error("webhook_url: {0}")]
+    NotAllowed(super::ssrf::UrlNotAllowed),
+}
+
 /// Checks a `webhook_url` when the job is created: http(s), not too long, and not pointing
 /// at an address the guard refuses.
-pub async fn validate_url(sender: &Sender, raw: &str) -> Result<Url, ApiError> {
+pub async fn validate_url(sender: &Sender, raw: &str) -> Result<Url, WebhookUrlError> {
     let guard = &sender.guard;
     if sender.settings.signing_key.is_none() {
-        return Err(ApiError::validation(
-            "webhook_url",
-            "Job webhooks are off on this server (no KEYMETER_WEBHOOK_SIGNING_KEY is configured).",
-        ));
+        return Err(WebhookUrlError::Off);
     }
     if raw.len() > 2048 {
-        return Err(ApiError::validation(
-            "webhook_url",
-            "webhook_url must be at most 2048 characters.",
-        ));
+        return Err(WebhookUrlError::TooLong);
     }
-    let url = Url::parse(raw.trim())
-        .map_err(|e| ApiError::validation("webhook_url", format!("webhook_url: {e}.")))?;
+    let url = Url::parse(raw.trim()).map_err(WebhookUrlError::Malformed)?;
     if let Err(super::ssrf::GuardError::NotAllowed(e)) = guard.precheck(&url).await {
-        return Err(
-            ApiError::problem(ProblemType::UrlNotAllowed, format!("webhook_url: {e}"))
-                .with("field", "webhook_url"),
-        );
+        return Err(WebhookUrlError::NotAllowed(e));
     }
     Ok(url)
 }
@@ -329,7 +337,7 @@ impl Sender {
         in_flight: &InFlight,
         cursor: &mut Uuid,
         free: usize,
-    ) -> Result<Vec<Delivery>, ApiError> {
+    ) -> Result<Vec<Delivery>, crate::db::Error> {
         let client = db.get().await?;
         let (busy_accounts, busy_origins) =
             in_flight.busy(self.settings.per_account, self.settings.per_destination);
@@ -372,7 +380,7 @@ impl Sender {
         limit: usize,
         busy_accounts: &[Uuid],
         busy_origins: &[String],
-    ) -> Result<Vec<Delivery>, ApiError> {
+    ) -> Result<Vec<Delivery>, crate::db::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let scan = limit.saturating_add(i64::try_from(busy_accounts.len()).unwrap_or(0));
         let lease = self.settings.timeout.as_secs_f64() * 2.0 + 5.0;
@@ -469,7 +477,7 @@ impl Sender {
         db: &deadpool_postgres::Pool,
         d: &Delivery,
         outcome: Option<Result<(), String>>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), crate::db::Error> {
         let client = db.get().await?;
         let (job_id, attempts) = (d.job_id, d.attempt);
         match outcome {
@@ -551,77 +559,4 @@ impl Sender {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn delivery(account_id: Uuid, origin: &str) -> Delivery {
-        Delivery {
-            job_id: Uuid::now_v7(),
-            account_id,
-            url: format!("{origin}/hook"),
-            origin: origin.to_owned(),
-            event_id: Uuid::now_v7(),
-            payload: serde_json::Value::Null,
-            attempt: 1,
-            secret_version: 1,
-        }
-    }
-
-    #[test]
-    fn accounts_and_origins_are_busy_at_their_limits_and_free_again_when_a_slot_ends() {
-        let in_flight = Arc::new(InFlight::default());
-        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-        let first = in_flight.take(&delivery(a, "http://slow.example"));
-        let _second = in_flight.take(&delivery(a, "http://slow.example"));
-        let other = in_flight.take(&delivery(b, "https://fast.example"));
-        assert_eq!(in_flight.total(), 3);
-        let (accounts, origins) = in_flight.busy(2, 2);
-        assert_eq!(accounts, vec![a]);
-        assert_eq!(origins, vec!["http://slow.example".to_owned()]);
-        drop(first);
-        assert_eq!(in_flight.total(), 2);
-        assert_eq!(in_flight.busy(2, 2), (vec![], vec![]));
-        // Only what is in flight is remembered: the maps shrink back with it.
-        drop(other);
-        assert!(!in_flight.lock().accounts.contains_key(&b));
-        assert!(!in_flight
-            .lock()
-            .origins
-            .contains_key("https://fast.example"));
-    }
-
-    #[test]
-    fn secrets_differ_per_account_and_version_and_are_stable() {
-        let key = SecretString::from("k".repeat(32));
-        let a = Uuid::now_v7();
-        let b = Uuid::now_v7();
-        assert_eq!(secret_for(&key, a, 1), secret_for(&key, a, 1));
-        assert_ne!(secret_for(&key, a, 1), secret_for(&key, b, 1));
-        assert_ne!(secret_for(&key, a, 1), secret_for(&key, a, 2));
-        assert!(secret_for(&key, a, 1).starts_with("whsec_"));
-    }
-
-    #[test]
-    fn long_keys_are_hashed_as_hmac_requires() {
-        let long = "x".repeat(100);
-        let mut ours = hmac_sha256(long.as_bytes());
-        ours.update(b"m");
-        let mut reference =
-            <Hmac<Sha256> as Mac>::new_from_slice(long.as_bytes()).expect("any length");
-        reference.update(b"m");
-        assert_eq!(
-            ours.finalize().into_bytes(),
-            reference.finalize().into_bytes()
-        );
-    }
-
-    #[test]
-    fn signature_matches_an_independent_hmac() {
-        // echo -n '1700000000.{"a":1}' | openssl dgst -sha256 -hmac whsec_test
-        let h = signature_header("whsec_test", 1_700_000_000, br#"{"a":1}"#);
-        assert_eq!(
-            h,
-            "t=1700000000,v1=38877139021993b830af32feea6e18a8da83eb2f6e49ee50bd9e4cf4ca4d3789"
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,208 @@
+//! Claiming: workers take the oldest queued job whose account is under its running-jobs
+//! limit, hold it by a lease they renew, and hand it back at shutdown.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{QueueError, CHANNEL};
+use crate::tiers::Tiers;
+
+/// Namespace of the per-account advisory lock taken while claiming.
+const CLAIM_LOCK_NAMESPACE: i32 = 0x6b6d_6a62; // "kmjb"
+
+/// A job a worker has claimed: what it needs to run it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: Uuid,
+    pub account_id: Uuid,
+    pub url: String,
+    pub formats: Vec<String>,
+    pub headers: Vec<(String, String)>,
+    pub timeout_ms: i32,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Claimed {
+    /// The time this attempt may take: the first attempt's timeout counts from the job's
+    /// creation (its wait in the queue included, as the customer sees it); an attempt after
+    /// a crash gets the whole timeout again — the crash was ours, not the customer's.
+    pub fn budget(&self, now: DateTime<Utc>) -> Duration {
+        let timeout = Duration::from_millis(u64::try_from(self.timeout_ms).unwrap_or(0));
+        if self.attempt > 1 {
+            return timeout;
+        }
+        let spent = (now - self.created_at).to_std().unwrap_or_default();
+        timeout.saturating_sub(spent)
+    }
+}
+
+/// The per-tier running-job limits, as arrays for the claim query.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyLimits {
+    pub(super) names: Vec<String>,
+    pub(super) limits: Vec<i64>,
+    pub(super) default: i64,
+}
+
+impl ConcurrencyLimits {
+    pub fn from_tiers(tiers: &Tiers) -> Self {
+        let mut names = Vec::new();
+        let mut limits = Vec::new();
+        for name in tiers.names() {
+            if let Some(t) = tiers.get(name) {
+                names.push(name.to_owned());
+                limits.push(if t.unlimited {
+                    i64::MAX
+                } else {
+                    i64::from(t.max_concurrent_jobs)
+                });
+            }
+        }
+        let default = i64::from(
+            tiers
+                .get_or_default(crate::tiers::DEFAULT_TIER)
+                .max_concurrent_jobs,
+        );
+        Self {
+            names,
+            limits,
+            default,
+        }
+    }
+}
+
+/// Claims the oldest queued job whose account is under its running-jobs limit, or `None`.
+///
+/// The limit must hold across instances: two workers must not both see "one slot left"
+/// for the same account. The candidate row is locked (SKIP LOCKED: other workers take
+/// other rows), then a transaction-scoped advisory lock on the account serialises claimers
+/// for it and the running count is taken again under that lock before the job is marked
+/// running. `only_origin`: while draining for shutdown, claim only the sync jobs of requests
+/// this instance is still serving.
+pub async fn claim(
+    db: &Pool,
+    owner: Uuid,
+    limits: &ConcurrencyLimits,
+    lease: Duration,
+    only_origin: Option<Uuid>,
+) -> Result<Option<Claimed>, QueueError> {
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    let candidate = tx
+        .query_opt(
+            "SELECT j.id, j.account_id,
+                    COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                               WHERE l.tier = a.tier), $3) AS max_running
+               FROM jobs j JOIN accounts a ON a.id = j.account_id
+              WHERE j.status = 'queued'
+                AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
+                AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
+                    < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                 WHERE l.tier = a.tier), $3)
+              ORDER BY j.created_at
+              LIMIT 1
+              FOR UPDATE OF j SKIP LOCKED",
+            &[&limits.names, &limits.limits, &limits.default, &only_origin],
+        )
+        .await?;
+    let Some(candidate) = candidate else {
+        return Ok(None);
+    };
+    let id: Uuid = candidate.get(0);
+    let account_id: Uuid = candidate.get(1);
+    let max_running: i64 = candidate.get(2);
+    // An unlimited tier has no slot to race for: claims for it need no per-account lock.
+    if max_running < i64::MAX {
+        // Wait for, rather than skip, a concurrent claim for the same account: it holds the
+        // lock for a few milliseconds. A worker that gave up here went back to sleep until
+        // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still
+        // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
+        // the other claimer holds a different job row (SKIP LOCKED) and never waits for ours.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+            &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
+        )
+        .await?;
+        let running: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
+                &[&account_id],
+            )
+            .await?
+            .get(0);
+        if running >= max_running {
+            return Ok(None);
+        }
+    }
+    let row = tx
+        .query_one(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = $2,
+                    lease_expires_at = now() + make_interval(secs => $3),
+                    started_at = COALESCE(started_at, now())
+              WHERE id = $1
+              RETURNING id, account_id, url, formats, headers, timeout_ms, attempts, created_at",
+            &[&id, &owner, &lease.as_secs_f64()],
+        )
+        .await?;
+    tx.commit().await?;
+    crate::metrics::jobs().transition("running");
+    let headers: Option<Value> = row.get(4);
+    let headers: Vec<(String, String)> = headers
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    Ok(Some(Claimed {
+        id: row.get(0),
+        account_id: row.get(1),
+        url: row.get(2),
+        formats: row.get(3),
+        headers,
+        timeout_ms: row.get(5),
+        attempt: row.get(6),
+        created_at: row.get(7),
+    }))
+}
+
+/// Extends a running job's lease. `false`: the lease is no longer ours (the job was timed
+/// out or re-queued), so the worker should stop.
+pub async fn renew(
+    db: &Pool,
+    id: Uuid,
+    owner: Uuid,
+    attempt: i32,
+    lease: Duration,
+) -> Result<bool, QueueError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
+              WHERE id = $1 AND status = 'running' AND lease_owner = $2 AND attempts = $3",
+            &[&id, &owner, &attempt, &lease.as_secs_f64()],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Puts this instance's unfinished jobs back in the queue (graceful shutdown), without
+/// counting the interrupted attempt.
+pub async fn release_owned(db: &Pool, owner: Uuid) -> Result<u64, QueueError> {
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "UPDATE jobs SET status = 'queued', attempts = greatest(attempts - 1, 0),
+                    lease_owner = NULL, lease_expires_at = NULL
+              WHERE status = 'running' AND lease_owner = $1",
+            &[&owner],
+        )
+        .await?;
+    if n > 0 {
+        client
+            .execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+            .await?;
+    }
+    Ok(n)
+}
