@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_on};
+use crate::support::{assert_problem, spawn_app, spawn_app_on};
 
 async fn assert_invalid_key(res: reqwest::Response) -> Value {
     assert_eq!(res.headers()["www-authenticate"], "Bearer");
