@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use secrecy::SecretString;
 use serde_json::json;
 
+use crate::support::keys::forge_key;
 use crate::support::prometheus::{parse, scrape, scrape_url, Exposition};
 use crate::support::stripe::{deliver_with, now, signature};
 use crate::support::{assert_problem, spawn_app, spawn_app_with, TestApp, ADMIN_TOKEN};
@@ -40,17 +41,8 @@ fn the_parser_rejects_what_prometheus_would() {
 
 /// A well-formed key for `key_id` with a random secret (a valid checksum, a wrong secret).
 fn key_with_wrong_secret(key_id: &str) -> String {
-    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let other = keymeter::auth::api_key::generate().plaintext;
-    let secret = &other[21..64];
-    let body = format!("km_live_{key_id}_{secret}");
-    let mut n = crc32fast::hash(body.as_bytes()) as u64;
-    let mut sum = [b'0'; 6];
-    for slot in sum.iter_mut().rev() {
-        *slot = ALPHABET[(n % 62) as usize];
-        n /= 62;
-    }
-    let key = format!("{body}{}", std::str::from_utf8(&sum).unwrap());
+    let key = forge_key(key_id, &other[21..64]);
     assert!(keymeter::auth::api_key::parse(&key).is_ok());
     key
 }

@@ -7,6 +7,7 @@
 //!   from the environment map ([`app::base_env`]).
 //! - `db`: test databases (create, connect, drop) and the ledger checks ([`db::balance`],
 //!   [`db::assert_ledger_invariant`]).
+//! - `keys`: API keys forged by the format's rules (a valid checksum, a wrong id or secret).
 //! - `problem`: [`assert_problem`], the shape every error body must have.
 //! - `upstream`: local sites for scrape jobs and webhooks ([`upstream::Upstream`]), ports
 //!   that refuse, reset or never answer, and an OTLP collector.
@@ -16,6 +17,7 @@
 
 pub mod app;
 pub mod db;
+pub mod keys;
 pub mod problem;
 pub mod process;
 pub mod prometheus;
