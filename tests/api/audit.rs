@@ -317,13 +317,7 @@ async fn login(app: &TestApp, email: &str, password: &str, rid: &str) -> reqwest
 #[tokio::test]
 async fn logins_failures_and_the_lockout_are_recorded() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .post(app.url("/v1/signup"))
-        .json(&json!({"email": "who@example.com", "password": "correct horse battery"}))
-        .send()
-        .await
-        .unwrap();
+    let res = app.signup("who@example.com", "correct horse battery").await;
     assert_eq!(res.status(), 201);
     let account: Uuid = res.json::<Value>().await.unwrap()["account"]["id"]
         .as_str()

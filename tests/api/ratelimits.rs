@@ -97,13 +97,7 @@ async fn unauthenticated_routes_are_limited_per_ip() {
     .await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let res = app
-            .client
-            .post(app.url("/v1/login"))
-            .json(&serde_json::json!({"email": "a@example.com", "password": "whatever123"}))
-            .send()
-            .await
-            .unwrap();
+        let res = app.login("a@example.com", "whatever123").await;
         assert_eq!(res.headers()["ratelimit-policy"], "\"ip\";q=60;w=60");
         statuses.push(res.status().as_u16());
     }

@@ -41,14 +41,8 @@ fn at(v: &Value) -> DateTime<Utc> {
 /// its signup key (all scopes, never expires) and a login key (`keys:manage` + `read`, 12 h).
 async fn signup_and_login(app: &TestApp) -> (String, String) {
     let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
-    let creds = json!({"email": email, "password": "correct horse battery"});
-    let res = app
-        .client
-        .post(app.url("/v1/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
+    let password = "correct horse battery";
+    let res = app.signup(&email, password).await;
     assert_eq!(res.status(), 201);
     let signed_up = json_of(res).await;
     let signup_key = signed_up["api_key"]["key"].as_str().unwrap().to_owned();
@@ -60,13 +54,7 @@ async fn signup_and_login(app: &TestApp) -> (String, String) {
         )
         .await;
     assert_eq!(res.status(), 200);
-    let res = app
-        .client
-        .post(app.url("/v1/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
+    let res = app.login(&email, password).await;
     assert_eq!(res.status(), 201);
     let login_key = json_of(res).await["api_key"]["key"]
         .as_str()
