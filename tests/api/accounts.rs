@@ -2,33 +2,12 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
-
-async fn signup(app: &crate::helpers::TestApp, email: &str, password: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/v1/signup"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn login(app: &crate::helpers::TestApp, email: &str, password: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/v1/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-}
+use crate::support::{assert_problem, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn signup_creates_an_account_with_starting_credits_and_a_working_key() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_SIGNUP_CREDITS".into(), "25".into());
-    })
-    .await;
-    let res = signup(&app, "new@example.com", "correct horse battery").await;
+    let app = spawn_app_with(|c| c.signup_credits = 25).await;
+    let res = app.signup("new@example.com", "correct horse battery").await;
     assert_eq!(res.status(), 201);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["account"]["tier"], "free");
@@ -76,21 +55,21 @@ async fn signup_creates_an_account_with_starting_credits_and_a_working_key() {
 async fn signup_refuses_bad_input_with_422_and_writes_nothing() {
     let app = spawn_app().await;
     let p = assert_problem(
-        signup(&app, "not-an-email", "long enough pw").await,
+        app.signup("not-an-email", "long enough pw").await,
         422,
         "validation_failed",
     )
     .await;
     assert_eq!(p["field"], "email");
     let p = assert_problem(
-        signup(&app, "ok@example.com", "short").await,
+        app.signup("ok@example.com", "short").await,
         422,
         "validation_failed",
     )
     .await;
     assert_eq!(p["field"], "password");
     assert_problem(
-        signup(&app, "ok@example.com", &"x".repeat(129)).await,
+        app.signup("ok@example.com", &"x".repeat(129)).await,
         422,
         "validation_failed",
     )
@@ -150,13 +129,11 @@ async fn a_chunked_signup_body_over_the_limit_is_413() {
 async fn emails_are_unique_regardless_of_case() {
     let app = spawn_app().await;
     assert_eq!(
-        signup(&app, "Dup@Example.com", "password123")
-            .await
-            .status(),
+        app.signup("Dup@Example.com", "password123").await.status(),
         201
     );
     assert_problem(
-        signup(&app, "dup@example.COM", "password456").await,
+        app.signup("dup@example.COM", "password456").await,
         409,
         "email_taken",
     )
@@ -165,12 +142,9 @@ async fn emails_are_unique_regardless_of_case() {
 
 #[tokio::test]
 async fn signup_can_be_disabled() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_SIGNUP_ENABLED".into(), "false".into());
-    })
-    .await;
+    let app = spawn_app_with(|c| c.signup_enabled = false).await;
     assert_problem(
-        signup(&app, "x@example.com", "password123").await,
+        app.signup("x@example.com", "password123").await,
         404,
         "feature_disabled",
     )
@@ -181,10 +155,10 @@ async fn signup_can_be_disabled() {
 async fn login_issues_a_twelve_hour_key_that_can_manage_keys_and_read() {
     let app = spawn_app().await;
     assert_eq!(
-        signup(&app, "me@example.com", "password123").await.status(),
+        app.signup("me@example.com", "password123").await.status(),
         201
     );
-    let res = login(&app, "ME@example.com", "password123").await;
+    let res = app.login("ME@example.com", "password123").await;
     assert_eq!(res.status(), 201);
     let body: Value = res.json().await.unwrap();
     let k = &body["api_key"];
@@ -209,15 +183,15 @@ async fn login_issues_a_twelve_hour_key_that_can_manage_keys_and_read() {
 
 #[tokio::test]
 async fn five_failed_logins_lock_the_email_for_fifteen_minutes_whether_or_not_it_exists() {
-    let app = spawn_app_with(|env| {
+    let app = spawn_app_with(|c| {
         // Keep the per-IP failure throttle out of the way: this test is about the email.
-        env.insert("KEYMETER_AUTH_FAILURES_PER_MINUTE".into(), "1000".into());
-        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "1000".into());
-        env.insert("KEYMETER_IP_BURST".into(), "1000".into());
+        c.auth_failures_per_minute = 1000;
+        c.ip_rate_per_minute = 1000;
+        c.ip_burst = 1000;
     })
     .await;
     assert_eq!(
-        signup(&app, "victim@example.com", "password123")
+        app.signup("victim@example.com", "password123")
             .await
             .status(),
         201
@@ -225,14 +199,14 @@ async fn five_failed_logins_lock_the_email_for_fifteen_minutes_whether_or_not_it
     for email in ["victim@example.com", "nobody@example.com"] {
         for _ in 0..5 {
             assert_problem(
-                login(&app, email, "wrong-password").await,
+                app.login(email, "wrong-password").await,
                 401,
                 "invalid_credentials",
             )
             .await;
         }
         // Locked now, even with the right password, and the answer looks the same for both.
-        let res = login(&app, email, "password123").await;
+        let res = app.login(email, "password123").await;
         let retry: u64 = res.headers()["retry-after"]
             .to_str()
             .unwrap()
@@ -249,13 +223,12 @@ async fn five_failed_logins_lock_the_email_for_fifteen_minutes_whether_or_not_it
 
 #[tokio::test]
 async fn failed_logins_are_also_throttled_per_client_ip() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_AUTH_FAILURES_PER_MINUTE".into(), "3".into());
-    })
-    .await;
+    let app = spawn_app_with(|c| c.auth_failures_per_minute = 3).await;
     // Spread over different emails so the per-email lockout does not kick in.
     for i in 0..4 {
-        let _ = login(&app, &format!("u{i}@example.com"), "wrong-password").await;
+        let _ = app
+            .login(&format!("u{i}@example.com"), "wrong-password")
+            .await;
     }
     // The address is now throttled even for key-authenticated routes.
     let res = app.get_with_key("/v1/account", "km_live_garbage").await;
@@ -284,10 +257,7 @@ async fn the_admin_api_needs_the_admin_token_and_is_absent_without_one() {
         .unwrap();
     assert_problem(res, 401, "invalid_admin_token").await;
 
-    let off = spawn_app_with(|env| {
-        env.remove("KEYMETER_ADMIN_TOKEN");
-    })
-    .await;
+    let off = spawn_app_with(|c| c.admin_token = None).await;
     let res = off
         .client
         .post(off.url("/admin/accounts"))

@@ -2,15 +2,14 @@
 //! exactly one row, in the same transaction as the action; the table is append-only; the
 //! trail is readable through `GET /admin/audit` and `keymeter admin audit`.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{
-    assert_problem, create_database, database_url, drop_database_blocking, spawn_app, TestApp,
-    ADMIN_TOKEN,
-};
+use crate::support::db::{create_database, drop_database_blocking};
+use crate::support::process::keymeter_on;
+use crate::support::{assert_problem, spawn_app, TestApp, ADMIN_TOKEN};
 
 /// One audit row as the tests read it straight from the table.
 #[derive(Debug)]
@@ -318,13 +317,7 @@ async fn login(app: &TestApp, email: &str, password: &str, rid: &str) -> reqwest
 #[tokio::test]
 async fn logins_failures_and_the_lockout_are_recorded() {
     let app = spawn_app().await;
-    let res = app
-        .client
-        .post(app.url("/v1/signup"))
-        .json(&json!({"email": "who@example.com", "password": "correct horse battery"}))
-        .send()
-        .await
-        .unwrap();
+    let res = app.signup("who@example.com", "correct horse battery").await;
     assert_eq!(res.status(), 201);
     let account: Uuid = res.json::<Value>().await.unwrap()["account"]["id"]
         .as_str()
@@ -529,13 +522,7 @@ async fn the_trail_refuses_update_delete_and_truncate() {
 }
 
 async fn audit_page(app: &TestApp, query: &str) -> Value {
-    let res = app
-        .client
-        .get(app.url(&format!("/admin/audit{query}")))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let res = app.admin_get(&format!("/admin/audit{query}")).await;
     assert_eq!(res.status(), 200, "{query}");
     res.json().await.unwrap()
 }
@@ -671,22 +658,8 @@ async fn get_admin_audit_filters_and_pages() {
     assert_problem(res, 401, "invalid_admin_token").await;
 }
 
-fn keymeter(db: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYMETER_") || k == "DATABASE_URL" {
-            c.env_remove(k);
-        }
-    }
-    c.env("DATABASE_URL", database_url(db))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
-
 fn run(db: &str, args: &[&str]) -> String {
-    let out = keymeter(db).args(args).output().expect("run keymeter");
+    let out = keymeter_on(db).args(args).output().expect("run keymeter");
     assert!(
         out.status.success(),
         "{args:?}: {}",
@@ -776,7 +749,7 @@ async fn the_cli_records_the_os_user_and_prints_the_trail() {
     assert!(table[1].contains("credits.grant") && table[1].contains(&format!("cli:{me}")));
     assert!(table[2].contains("account.suspend"));
 
-    let bad = keymeter(&db)
+    let bad = keymeter_on(&db)
         .args(["admin", "audit", "--action", "nope"])
         .output()
         .unwrap();

@@ -2,109 +2,63 @@
 //! Stripe signs them (HMAC-SHA256 of "t.body", computed here independently of the server's
 //! verifier); Checkout against a local Stripe-API server that records what it receives.
 
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use futures_util::future::join_all;
-use hmac::{Hmac, Mac};
+use keymeter::config::{Pack, Plan};
+use secrecy::SecretString;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::credits::assert_ledger_invariant;
-use crate::helpers::{assert_problem, spawn_app_with, TestApp};
+use crate::support::db::{assert_ledger_invariant, balance};
+use crate::support::stripe::{deliver_with, event, fixture, form, local_stripe, now, signature};
+use crate::support::{assert_problem, spawn_app_with, TestApp};
 
 const OLD_SECRET: &str = "whsec_test_old_0123456789";
 const NEW_SECRET: &str = "whsec_test_new_9876543210";
 
-fn fixture(name: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/stripe")
-        .join(format!("{name}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("stripe fixture"))
-        .expect("fixture JSON")
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// An event envelope from the fixture, around `object`.
-fn event(kind: &str, object: Value, created: i64) -> Value {
-    let mut e = fixture("event");
-    e["id"] = json!(format!("evt_{}", Uuid::new_v4().simple()));
-    e["type"] = json!(kind);
-    e["created"] = json!(created);
-    e["data"]["object"] = object;
-    e
-}
-
-fn signature(secret: &str, t: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
-}
-
-async fn deliver_with(app: &TestApp, body: &[u8], header: Option<String>) -> reqwest::Response {
-    let mut req = app
-        .client
-        .post(app.url("/v1/billing/webhook"))
-        .header("content-type", "application/json")
-        .body(body.to_vec());
-    if let Some(h) = header {
-        req = req.header("Stripe-Signature", h);
-    }
-    req.send().await.unwrap()
-}
-
+/// Delivers `e` signed with the current secret.
 async fn deliver(app: &TestApp, e: &Value) -> reqwest::Response {
-    let body = serde_json::to_vec(e).unwrap();
-    let t = now();
-    deliver_with(
-        app,
-        &body,
-        Some(format!("t={t},v1={}", signature(NEW_SECRET, t, &body))),
-    )
-    .await
+    crate::support::stripe::deliver(app, NEW_SECRET, e).await
 }
 
+/// Billing with two webhook secrets (a rotation under way), two credit packs and two plans;
+/// the Stripe API at `stripe_base` when given.
 async fn billing_app(stripe_base: Option<String>) -> TestApp {
-    spawn_app_with(move |env| {
-        env.insert(
-            "STRIPE_WEBHOOK_SECRET".into(),
-            format!("{OLD_SECRET},{NEW_SECRET}"),
-        );
-        env.insert("STRIPE_SECRET_KEY".into(), "sk_test_keymeter".into());
-        env.insert(
-            "KEYMETER_CREDIT_PACKS".into(),
-            "small:price_small:100,large:price_large:1000".into(),
-        );
-        env.insert(
-            "KEYMETER_PLANS".into(),
-            "pro:price_pro:pro:5000,biz:price_biz:business:20000".into(),
-        );
+    spawn_app_with(move |c| {
+        c.billing.webhook_secrets = vec![
+            SecretString::from(OLD_SECRET.to_owned()),
+            SecretString::from(NEW_SECRET.to_owned()),
+        ];
+        c.billing.secret_key = Some(SecretString::from("sk_test_keymeter".to_owned()));
+        c.billing.packs = vec![
+            pack("small", "price_small", 100),
+            pack("large", "price_large", 1000),
+        ];
+        c.billing.plans = vec![
+            plan("pro", "price_pro", "pro", 5000),
+            plan("biz", "price_biz", "business", 20000),
+        ];
         if let Some(b) = stripe_base {
-            env.insert("STRIPE_API_BASE".into(), b);
+            c.billing.api_base = b;
         }
     })
     .await
 }
 
-async fn balance(app: &TestApp, account: Uuid) -> (i64, String) {
-    let r = app
-        .db
-        .query_one(
-            "SELECT credit_balance, tier FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap();
-    (r.get(0), r.get(1))
+fn pack(name: &str, price_id: &str, credits: i64) -> Pack {
+    Pack {
+        name: name.to_owned(),
+        price_id: price_id.to_owned(),
+        credits,
+    }
+}
+
+fn plan(name: &str, price_id: &str, tier: &str, monthly_credits: i64) -> Plan {
+    Plan {
+        name: name.to_owned(),
+        price_id: price_id.to_owned(),
+        tier: tier.to_owned(),
+        monthly_credits,
+    }
 }
 
 fn paid_session(account: Uuid, pack: &str) -> Value {
@@ -130,13 +84,13 @@ async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
     );
     let res = deliver(&app, &e).await;
     assert_eq!(res.status(), 200);
-    assert_eq!(balance(&app, account).await.0, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
     // Redelivered: 200, nothing changes.
     let res = deliver(&app, &e).await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["duplicate"], true);
-    assert_eq!(balance(&app, account).await.0, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
     let row = app
         .db
         .query_one(
@@ -156,7 +110,7 @@ async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
         now(),
     );
     assert_eq!(deliver(&app, &e).await.status(), 200);
-    assert_eq!(balance(&app, account).await.0, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
     assert_ledger_invariant(&app).await;
 }
 
@@ -171,7 +125,7 @@ async fn concurrent_deliveries_of_one_event_credit_once() {
     );
     let results = join_all((0..12).map(|_| deliver(&app, &e))).await;
     assert!(results.iter().all(|r| r.status() == 200));
-    assert_eq!(balance(&app, account).await.0, 1000);
+    assert_eq!(balance(&app, account).await.credits, 1000);
     let n: i64 = app
         .db
         .query_one("SELECT count(*) FROM stripe_events", &[])
@@ -194,15 +148,15 @@ async fn delayed_payments_credit_when_they_succeed() {
             .status(),
         200
     );
-    assert_eq!(balance(&app, account).await.0, 0);
+    assert_eq!(balance(&app, account).await.credits, 0);
     s["payment_status"] = json!("paid");
     let e = event("checkout.session.async_payment_succeeded", s.clone(), now());
     assert_eq!(deliver(&app, &e).await.status(), 200);
-    assert_eq!(balance(&app, account).await.0, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
     // A different event for the same session does not fulfil it twice.
     let e2 = event("checkout.session.async_payment_succeeded", s, now());
     assert_eq!(deliver(&app, &e2).await.status(), 200);
-    assert_eq!(balance(&app, account).await.0, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
 }
 
 #[tokio::test]
@@ -259,7 +213,7 @@ async fn forged_stale_and_unsigned_deliveries_are_refused_and_write_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
-    assert_eq!(balance(&app, account).await.0, 0);
+    assert_eq!(balance(&app, account).await.credits, 0);
 
     // While a secret rolls: the old secret still verifies, and a match on any v1 passes.
     let header = format!(
@@ -268,7 +222,7 @@ async fn forged_stale_and_unsigned_deliveries_are_refused_and_write_nothing() {
         signature(OLD_SECRET, t, &body)
     );
     assert_eq!(deliver_with(&app, &body, Some(header)).await.status(), 200);
-    assert_eq!(balance(&app, account).await.0, 1000);
+    assert_eq!(balance(&app, account).await.credits, 1000);
 }
 
 fn plan_invoice(customer: &str, subscription: &str, price: &str, account: Uuid) -> Value {
@@ -309,7 +263,8 @@ async fn plans_move_tiers_and_old_deliveries_never_overwrite_newer_ones() {
     );
     let res = deliver(&app, &e).await;
     assert_eq!(res.status(), 200);
-    assert_eq!(balance(&app, account).await, (5000, "pro".to_owned()));
+    let b = balance(&app, account).await;
+    assert_eq!((b.credits, b.tier.as_str()), (5000, "pro"));
 
     // Upgrade to biz at t0+10, cancellation at t0+20 …
     let up = event(
@@ -324,11 +279,11 @@ async fn plans_move_tiers_and_old_deliveries_never_overwrite_newer_ones() {
     );
     // … delivered out of order: the cancellation first, then the older upgrade.
     assert_eq!(deliver(&app, &del).await.status(), 200);
-    assert_eq!(balance(&app, account).await.1, "free");
+    assert_eq!(balance(&app, account).await.tier, "free");
     let res = deliver(&app, &up).await;
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["outcome"], "stale_ignored");
-    assert_eq!(balance(&app, account).await.1, "free");
+    assert_eq!(balance(&app, account).await.tier, "free");
     // A late invoice.paid from before the cancellation credits but does not restore the tier.
     let late = event(
         "invoice.paid",
@@ -336,7 +291,8 @@ async fn plans_move_tiers_and_old_deliveries_never_overwrite_newer_ones() {
         t0 + 5,
     );
     assert_eq!(deliver(&app, &late).await.status(), 200);
-    assert_eq!(balance(&app, account).await, (10000, "free".to_owned()));
+    let b = balance(&app, account).await;
+    assert_eq!((b.credits, b.tier.as_str()), (10000, "free"));
     assert_ledger_invariant(&app).await;
 }
 
@@ -369,7 +325,7 @@ async fn a_refund_claws_back_credits_even_below_zero_and_charges_stop() {
             .status(),
         200
     );
-    assert_eq!(balance(&app, account).await.0, -30);
+    assert_eq!(balance(&app, account).await.credits, -30);
     charge["amount_refunded"] = json!(2000);
     charge["refunded"] = json!(true);
     assert_eq!(
@@ -378,7 +334,7 @@ async fn a_refund_claws_back_credits_even_below_zero_and_charges_stop() {
             .status(),
         200
     );
-    assert_eq!(balance(&app, account).await.0, -80);
+    assert_eq!(balance(&app, account).await.credits, -80);
     let kinds: Vec<(String, i64)> = app
         .db
         .query(
@@ -440,95 +396,6 @@ async fn other_event_types_are_recorded_and_ignored() {
         .unwrap()
         .get(0);
     assert_eq!(outcome, "ignored");
-}
-
-type Recorded = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
-
-/// A local stand-in for api.stripe.com: answers with Stripe's fixture objects and records
-/// each request's path, Idempotency-Key and form body.
-async fn local_stripe() -> (String, Recorded) {
-    let recorded: Recorded = Arc::default();
-    let rec = recorded.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = HttpServer::new(move || {
-        let rec = rec.clone();
-        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let rec = rec.clone();
-            async move {
-                let key = req
-                    .headers()
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let auth_ok = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    == Some("Bearer sk_test_keymeter");
-                rec.lock().unwrap().push((
-                    req.path().to_owned(),
-                    key,
-                    String::from_utf8_lossy(&body).into_owned(),
-                ));
-                if !auth_ok {
-                    return HttpResponse::Unauthorized().json(
-                        json!({"error": {"type": "invalid_request_error", "message": "bad key"}}),
-                    );
-                }
-                match req.path() {
-                    "/v1/customers" => {
-                        let mut c = fixture("customer");
-                        c["id"] = json!("cus_local_1");
-                        HttpResponse::Ok().json(c)
-                    }
-                    "/v1/checkout/sessions" => {
-                        let mut s = fixture("checkout.session");
-                        s["id"] = json!(format!("cs_local_{}", Uuid::new_v4().simple()));
-                        s["url"] = json!("https://checkout.stripe.com/c/pay/cs_local");
-                        HttpResponse::Ok().json(s)
-                    }
-                    _ => HttpResponse::NotFound()
-                        .json(json!({"error": {"type": "invalid_request_error"}})),
-                }
-            }
-        }))
-    })
-    .workers(1)
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    (format!("http://127.0.0.1:{port}"), recorded)
-}
-
-fn form(body: &str) -> std::collections::HashMap<String, String> {
-    body.split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
-}
-
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 3 <= b.len() => {
-                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    out.push(v);
-                    i += 3;
-                    continue;
-                }
-                out.push(b'%');
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test]

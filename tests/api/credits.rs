@@ -1,44 +1,13 @@
 //! Credits: exact under concurrency, idempotent, reported.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, database_url, spawn_app, spawn_app_with, TestApp};
-
-/// balance = Σ deltas for every account, and no balance below zero.
-pub async fn assert_ledger_invariant(app: &TestApp) {
-    let bad = app
-        .db
-        .query(
-            "SELECT a.id, a.credit_balance, COALESCE(sum(l.delta), 0)::bigint
-               FROM accounts a LEFT JOIN credit_ledger l ON l.account_id = a.id
-              GROUP BY a.id HAVING a.credit_balance <> COALESCE(sum(l.delta), 0) OR a.credit_balance < 0",
-            &[],
-        )
-        .await
-        .unwrap();
-    assert!(
-        bad.is_empty(),
-        "ledger invariant broken for {} accounts",
-        bad.len()
-    );
-}
-
-/// An account's balance and how many charge rows its ledger holds.
-async fn balance_and_charges(app: &TestApp, account: uuid::Uuid) -> (i64, i64) {
-    let row = app
-        .db
-        .query_one(
-            "SELECT credit_balance, (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
-               FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
+use crate::support::db::{assert_ledger_invariant, balance, database_url};
+use crate::support::{assert_problem, spawn_app, spawn_app_with, TestApp};
 
 async fn charge(app: &TestApp, key: &str, amount: i64, idem: Option<&str>) -> reqwest::Response {
     let mut req = app
@@ -70,7 +39,8 @@ async fn two_hundred_concurrent_charges_against_ten_credits() {
     }
     assert_eq!(by_status.get(&201), Some(&10), "{by_status:?}");
     assert_eq!(by_status.get(&402), Some(&190), "{by_status:?}");
-    assert_eq!(balance_and_charges(&app, account).await, (0, 10));
+    let b = balance(&app, account).await;
+    assert_eq!((b.credits, b.charges), (0, 10));
     assert_ledger_invariant(&app).await;
 }
 
@@ -123,16 +93,7 @@ async fn an_idempotent_retry_replays_and_charges_once() {
     // Keys are per account: another account may use the same key.
     let (_, other) = app.create_account("internal", 10).await;
     assert_eq!(charge(&app, &other, 7, Some("order-1")).await.status(), 201);
-    let bal: i64 = app
-        .db
-        .query_one(
-            "SELECT credit_balance FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(bal, 93);
+    assert_eq!(balance(&app, account).await.credits, 93);
     // A failed request frees its key: the fixed retry runs.
     assert_problem(
         charge(&app, &key, 1000, Some("order-2")).await,
@@ -180,8 +141,9 @@ async fn concurrent_duplicates_of_one_idempotent_request_charge_once() {
         }
         assert!(created >= 1);
     }
+    let b = balance(&app, account).await;
     assert_eq!(
-        balance_and_charges(&app, account).await,
+        (b.credits, b.charges),
         (1000 - 15, 5),
         "one charge per idempotency key"
     );
@@ -361,7 +323,8 @@ async fn concurrent_charges_over_many_accounts_share_commits_without_overspendin
     }
     for (account, _) in &accounts {
         assert_eq!(ok.get(account), Some(&5), "account {account}");
-        assert_eq!(balance_and_charges(&app, *account).await, (0, 5));
+        let b = balance(&app, *account).await;
+        assert_eq!((b.credits, b.charges), (0, 5));
     }
     // Every account's ledger still chains row by row.
     let rows = app
@@ -396,9 +359,9 @@ async fn concurrent_charges_over_many_accounts_share_commits_without_overspendin
 #[tokio::test]
 async fn a_batch_that_fails_writes_nothing_and_leaves_its_connection_usable() {
     // Two connections, so a connection left inside a failed transaction would be met again.
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_DB_STATEMENT_TIMEOUT_MS".into(), "500".into());
-        env.insert("KEYMETER_DB_POOL_SIZE".into(), "2".into());
+    let app = spawn_app_with(|c| {
+        c.database.statement_timeout = Duration::from_millis(500);
+        c.database.pool_size = 2;
     })
     .await;
     let (held, held_key) = app.create_account("internal", 100).await;
@@ -436,8 +399,9 @@ async fn a_batch_that_fails_writes_nothing_and_leaves_its_connection_usable() {
     };
     for (account, key) in [(held, &held_key), (other, &other_key)] {
         let charged = ok_first(key) + 10;
+        let b = balance(&app, account).await;
         assert_eq!(
-            balance_and_charges(&app, account).await,
+            (b.credits, b.charges),
             (100 - charged, charged),
             "one ledger row per 201"
         );

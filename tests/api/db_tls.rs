@@ -4,7 +4,6 @@
 //! it, which the server itself reports in `pg_stat_ssl`; the verifying modes check the
 //! certificate they promise to check, and refuse one they cannot trust with a clear error.
 
-use std::collections::HashMap;
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,11 +12,12 @@ use keymeter::config::Config;
 use keymeter::startup::Application;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::helpers::{
-    admin_client, base_env, create_database, database_url, drop_database_blocking, spawn_app_with,
-};
-use crate::process::{keymeter, run_to_end};
+use crate::support::app::{base_config, base_env};
+use crate::support::db::{admin_client, create_database, database_url, drop_database_blocking};
+use crate::support::process::{keymeter, run_to_end};
+use crate::support::{spawn_app_with, TestApp};
 
 /// One session of the app as the server sees it.
 #[derive(Debug)]
@@ -56,7 +56,7 @@ async fn app_sessions(db: &str) -> Vec<Session> {
 
 /// Waits until the app's LISTEN connection is up and a pooled connection has served a
 /// request, then returns its sessions: both kinds are in the list the test judges.
-async fn sessions_with_listen(app: &crate::helpers::TestApp) -> Vec<Session> {
+async fn sessions_with_listen(app: &TestApp) -> Vec<Session> {
     let res = app.get("/health/ready").await;
     assert_eq!(res.status(), 200, "ready");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -77,6 +77,16 @@ async fn sessions_with_listen(app: &crate::helpers::TestApp) -> Vec<Session> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The test database `config` points at.
+fn db_of(config: &Config) -> String {
+    let url = config.database.url.as_ref().expect("a database URL");
+    url.expose_secret().rsplit('/').next().unwrap().to_owned()
+}
+
+fn set_url(config: &mut Config, url: String) {
+    config.database.url = Some(SecretString::from(url));
 }
 
 /// `DATABASE_URL` for a test database with extra query parameters.
@@ -131,17 +141,14 @@ fn url_by_certificate_name(db: &str, name: &str, mode: &str) -> String {
     url.to_string()
 }
 
-/// Builds the app on a fresh database with `env`, expecting start-up to fail; returns the
-/// error's text.
-async fn start_up_error(customise: impl FnOnce(&mut HashMap<String, String>)) -> String {
+/// Builds the app on a fresh database with `customise` applied, expecting start-up to fail;
+/// returns the error's text.
+async fn start_up_error(customise: impl FnOnce(&mut Config)) -> String {
     let db = create_database().await;
-    let mut env = base_env(&db);
-    env.insert("KEYMETER_DB_STARTUP_RETRY_SECS".into(), "2".into());
-    customise(&mut env);
-    let result = match Config::from_source(&env) {
-        Ok(config) => Application::build(config).await.map(|_| ()),
-        Err(e) => Err(e.into()),
-    };
+    let mut config = base_config(&db);
+    config.database.startup_retry = Duration::from_secs(2);
+    customise(&mut config);
+    let result = Application::build(config).await.map(|_| ());
     drop_database_blocking(&db);
     format!("{:#}", result.expect_err("start-up must fail"))
 }
@@ -152,9 +159,9 @@ fn fixture(name: &str) -> String {
 
 #[tokio::test]
 async fn sslmode_require_encrypts_every_session_the_app_opens() {
-    let app = spawn_app_with(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert("DATABASE_URL".into(), url_with(&db, "sslmode=require"));
+    let app = spawn_app_with(|c| {
+        let db = db_of(c);
+        set_url(c, url_with(&db, "sslmode=require"));
     })
     .await;
     let sessions = sessions_with_listen(&app).await;
@@ -176,9 +183,9 @@ async fn the_default_sslmode_prefer_encrypts_when_the_server_offers_tls() {
 /// A guard, not a fix: `disable` kept working before TLS existed and must keep working.
 #[tokio::test]
 async fn sslmode_disable_still_connects_in_plaintext() {
-    let app = spawn_app_with(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert("DATABASE_URL".into(), url_with(&db, "sslmode=disable"));
+    let app = spawn_app_with(|c| {
+        let db = db_of(c);
+        set_url(c, url_with(&db, "sslmode=disable"));
     })
     .await;
     let sessions = sessions_with_listen(&app).await;
@@ -188,16 +195,10 @@ async fn sslmode_disable_still_connects_in_plaintext() {
 #[tokio::test]
 async fn verify_full_trusts_the_configured_ca_for_the_host_it_names() {
     let (cert, name) = server_certificate().await;
-    let app = spawn_app_with(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert(
-            "DATABASE_URL".into(),
-            url_by_certificate_name(&db, &name, "verify-full"),
-        );
-        env.insert(
-            "KEYMETER_DB_CA_FILE".into(),
-            cert.to_string_lossy().into_owned(),
-        );
+    let app = spawn_app_with(|c| {
+        let db = db_of(c);
+        set_url(c, url_by_certificate_name(&db, &name, "verify-full"));
+        c.database.ca_file = Some(cert.clone());
     })
     .await;
     let sessions = sessions_with_listen(&app).await;
@@ -209,19 +210,19 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
     let (cert, _name) = server_certificate().await;
     let ca = cert.to_string_lossy().into_owned();
     // By address: the certificate names a host, not 127.0.0.1.
-    let err = start_up_error(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert("DATABASE_URL".into(), url_with(&db, "sslmode=verify-full"));
-        env.insert("KEYMETER_DB_CA_FILE".into(), ca.clone());
+    let err = start_up_error(|c| {
+        let db = db_of(c);
+        set_url(c, url_with(&db, "sslmode=verify-full"));
+        c.database.ca_file = Some(ca.clone().into());
     })
     .await;
     assert!(err.contains("certificate was refused"), "{err}");
     assert!(err.contains("not valid for name"), "{err}");
 
-    let app = spawn_app_with(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert("DATABASE_URL".into(), url_with(&db, "sslmode=verify-ca"));
-        env.insert("KEYMETER_DB_CA_FILE".into(), ca.clone());
+    let app = spawn_app_with(|c| {
+        let db = db_of(c);
+        set_url(c, url_with(&db, "sslmode=verify-ca"));
+        c.database.ca_file = Some(ca.clone().into());
     })
     .await;
     let sessions = sessions_with_listen(&app).await;
@@ -232,13 +233,10 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
 async fn verify_full_against_a_wrong_ca_stops_start_up_with_a_clear_error() {
     let (_cert, name) = server_certificate().await;
     let wrong_ca = fixture("unrelated-ca.pem");
-    let err = start_up_error(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert(
-            "DATABASE_URL".into(),
-            url_by_certificate_name(&db, &name, "verify-full"),
-        );
-        env.insert("KEYMETER_DB_CA_FILE".into(), wrong_ca.clone());
+    let err = start_up_error(|c| {
+        let db = db_of(c);
+        set_url(c, url_by_certificate_name(&db, &name, "verify-full"));
+        c.database.ca_file = Some(wrong_ca.clone().into());
     })
     .await;
     eprintln!("start-up error: {err}");
@@ -250,12 +248,9 @@ async fn verify_full_against_a_wrong_ca_stops_start_up_with_a_clear_error() {
     );
 
     // Without a CA file the public roots are used, and a self-signed server is refused too.
-    let err = start_up_error(|env| {
-        let db = env["DATABASE_URL"].rsplit('/').next().unwrap().to_owned();
-        env.insert(
-            "DATABASE_URL".into(),
-            url_by_certificate_name(&db, &name, "verify-full"),
-        );
+    let err = start_up_error(|c| {
+        let db = db_of(c);
+        set_url(c, url_by_certificate_name(&db, &name, "verify-full"));
     })
     .await;
     assert!(err.contains("UnknownIssuer"), "{err}");
@@ -287,6 +282,7 @@ async fn migrate_and_the_admin_cli_connect_with_sslmode_require() {
     drop_database_blocking(&db);
 }
 
+/// How the variables are parsed, so from the environment map rather than the typed config.
 #[tokio::test]
 async fn an_unreadable_ca_file_stops_start_up_naming_the_variable() {
     let db = create_database().await;

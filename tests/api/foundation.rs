@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use crate::helpers::{assert_problem, spawn_app};
+use keymeter::config::Environment;
+
+use crate::support::db::admin_client;
+use crate::support::{assert_problem, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn liveness_answers_with_request_id_and_security_headers() {
@@ -41,7 +44,7 @@ async fn readiness_is_503_problem_when_the_database_is_gone() {
     let app = spawn_app().await;
     // Take the database away under the running app: its connections are terminated and
     // new ones are refused, as when the server is down.
-    crate::helpers::admin_client()
+    admin_client()
         .await
         .batch_execute(&format!("DROP DATABASE \"{}\" WITH (FORCE)", app.db_name))
         .await
@@ -130,10 +133,7 @@ async fn a_declared_body_over_the_limit_is_413_before_routing() {
 
 #[tokio::test]
 async fn the_body_limit_is_configurable() {
-    let app = crate::helpers::spawn_app_with(|env| {
-        env.insert("KEYMETER_BODY_LIMIT".into(), "100".into());
-    })
-    .await;
+    let app = spawn_app_with(|c| c.body_limit = 100).await;
     let res = app
         .client
         .post(app.url("/health/live"))
@@ -146,12 +146,9 @@ async fn the_body_limit_is_configurable() {
 
 #[tokio::test]
 async fn production_adds_hsts_and_configured_origins_get_cors() {
-    let app = crate::helpers::spawn_app_with(|env| {
-        env.insert("KEYMETER_ENV".into(), "production".into());
-        env.insert(
-            "KEYMETER_CORS_ORIGINS".into(),
-            "https://app.example.com".into(),
-        );
+    let app = spawn_app_with(|c| {
+        c.env = Environment::Production;
+        c.cors_origins = vec!["https://app.example.com".to_owned()];
     })
     .await;
     let res = app

@@ -3,270 +3,37 @@
 //! recovering, the concurrency limit and queue cap, idempotent creation, signed webhooks
 //! with retries, cancellation, graceful shutdown, and an instance killed mid-job.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use hmac::{Hmac, Mac};
+use keymeter::config::Config;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::credits::assert_ledger_invariant;
-use crate::helpers::*;
+use crate::support::app::{allow_scraping, base_config, spawn_jobs_app};
+use crate::support::db::{assert_ledger_invariant, balance, create_database, movements};
+use crate::support::prometheus::metrics_text;
+use crate::support::upstream::Upstream;
+use crate::support::{assert_problem, spawn_app_on, TestApp, ADMIN_TOKEN};
 
-const PAGE: &str = r#"<!doctype html><html lang="en"><head>
-<title>Known Page</title>
-<meta name="description" content="A page with known metadata.">
-<link rel="canonical" href="/canonical">
-<meta property="og:title" content="OG Known">
-<meta property="og:image" content="/img.png">
-</head><body><h1>Hello</h1><p>Readable <b>text</b> here.</p>
-<a href="/a">A</a> <a href="/a#frag">A again</a> <a href="https://example.org/x">X</a>
-</body></html>"#;
-
-/// A webhook delivery received: its headers and body.
-type Delivery = (HashMap<String, String>, String);
-
-/// A local upstream: known pages, slow pages, failing statuses, redirects into private
-/// addresses, a 50 MiB body, and a webhook receiver. Counts requests in flight.
-#[derive(Clone, Default)]
-struct Upstream {
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: Arc<AtomicUsize>,
-    hits: Arc<Mutex<HashMap<String, usize>>>,
-    /// `/health-toggle` answers 503 while this is set.
-    failing: Arc<AtomicBool>,
-    /// Webhook deliveries: (headers, body).
-    hooks: Arc<Mutex<Vec<Delivery>>>,
-    /// The webhook receiver answers 500 this many times first.
-    hook_failures: Arc<AtomicUsize>,
-}
-
-struct Served {
-    base: String,
-    port: u16,
-    state: Upstream,
-    /// A port that accepts connections and closes them at once.
-    reset_port: u16,
-}
-
-async fn upstream() -> Served {
-    let state = Upstream::default();
-    let s = state.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = HttpServer::new(move || {
-        let s = s.clone();
-        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let s = s.clone();
-            async move {
-                let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                s.max_in_flight.fetch_max(now, Ordering::SeqCst);
-                *s.hits
-                    .lock()
-                    .unwrap()
-                    .entry(req.path().to_owned())
-                    .or_default() += 1;
-                let res = respond(&s, &req, body).await;
-                s.in_flight.fetch_sub(1, Ordering::SeqCst);
-                res
-            }
-        }))
-    })
-    .workers(2)
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let reset_port = reset.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((sock, _)) = reset.accept().await {
-            // Linger 0: close with a TCP reset, not a FIN (it does not block when zero).
-            #[allow(deprecated)]
-            let _ = sock.set_linger(Some(Duration::ZERO));
-            drop(sock);
-        }
-    });
-    Served {
-        base: format!("http://127.0.0.1:{port}"),
-        port,
-        state,
-        reset_port,
-    }
-}
-
-async fn respond(s: &Upstream, req: &HttpRequest, body: web::Bytes) -> HttpResponse {
-    let path = req.path();
-    if let Some(ms) = path.strip_prefix("/slow/") {
-        let ms: u64 = ms.parse().unwrap_or(1000);
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        return HttpResponse::Ok()
-            .content_type("text/html")
-            .body("<html><head><title>Slow</title></head><body>late</body></html>");
-    }
-    if let Some(code) = path.strip_prefix("/status/") {
-        let code: u16 = code.parse().unwrap_or(500);
-        return HttpResponse::build(actix_web::http::StatusCode::from_u16(code).unwrap())
-            .content_type("text/html")
-            .body(format!("<html><head><title>{code}</title></head></html>"));
-    }
-    match path {
-        "/page" => HttpResponse::Ok()
-            .content_type("text/html; charset=utf-8")
-            .body(PAGE),
-        "/health-toggle" => {
-            if s.failing.load(Ordering::SeqCst) {
-                HttpResponse::ServiceUnavailable().body("down")
-            } else {
-                HttpResponse::Ok()
-                    .content_type("text/html")
-                    .body("<title>up</title>")
-            }
-        }
-        "/to-private" => HttpResponse::Found()
-            .insert_header(("location", "http://10.0.0.1/admin"))
-            .finish(),
-        "/to-metadata" => HttpResponse::Found()
-            .insert_header(("location", "http://169.254.169.254/latest/meta-data/"))
-            .finish(),
-        "/big" => {
-            let chunk = web::Bytes::from(vec![b'a'; 1024 * 1024]);
-            let mut first = b"<html><head><title>Big</title></head><body>".to_vec();
-            first.extend_from_slice(&chunk[first.len()..]);
-            let first = web::Bytes::from(first);
-            let stream = futures_util::stream::iter((0..50).map(move |i| {
-                Ok::<_, std::io::Error>(if i == 0 { first.clone() } else { chunk.clone() })
-            }));
-            HttpResponse::Ok()
-                .content_type("text/html")
-                .streaming(stream)
-        }
-        "/hook" => {
-            let headers = req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-                .collect();
-            s.hooks
-                .lock()
-                .unwrap()
-                .push((headers, String::from_utf8_lossy(&body).into_owned()));
-            if s.hook_failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                HttpResponse::InternalServerError().finish()
-            } else {
-                HttpResponse::Ok().finish()
-            }
-        }
-        _ => HttpResponse::NotFound().finish(),
-    }
-}
-
-impl Served {
-    fn hits(&self, path: &str) -> usize {
-        self.state
-            .hits
-            .lock()
-            .unwrap()
-            .get(path)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-fn allow(env: &mut HashMap<String, String>, ports: &[u16]) {
-    let list: Vec<String> = ports
-        .iter()
-        .flat_map(|p| [format!("127.0.0.1:{p}"), format!("localhost:{p}")])
-        .collect();
-    env.insert("KEYMETER_SCRAPE_ALLOW".into(), list.join(","));
-}
-
-async fn jobs_app(up: &Served, extra: &[(&str, &str)]) -> TestApp {
-    let ports = [up.port, up.reset_port];
-    let extra: Vec<(String, String)> = extra
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    spawn_app_with(move |env| {
-        allow(env, &ports);
-        env.insert("KEYMETER_JOB_WORKERS".into(), "4".into());
-        env.insert("KEYMETER_JOB_POLL_MS".into(), "200".into());
-        for (k, v) in extra {
-            env.insert(k, v);
-        }
-    })
-    .await
-}
-
-async fn balance(app: &TestApp, account: Uuid) -> i64 {
-    app.db
-        .query_one(
-            "SELECT credit_balance FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// (charges, refunds) in the ledger for one job.
-async fn movements(app: &TestApp, job: &str) -> (i64, i64) {
-    let id: Uuid = job.parse().unwrap();
-    let row = app
-        .db
-        .query_one(
-            "SELECT count(*) FILTER (WHERE kind = 'charge'), count(*) FILTER (WHERE kind = 'refund')
-               FROM credit_ledger WHERE job_id = $1",
-            &[&id],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
-async fn scrape(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
-    app.post_json("/v1/scrape", key, body).await
-}
-
-async fn wait_for_status(app: &TestApp, key: &str, id: &str, want: &[&str]) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let job: Value = app
-            .get_with_key(&format!("/v1/jobs/{id}"), key)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if want.contains(&job["status"].as_str().unwrap_or("")) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} never reached {want:?}: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// An app whose SSRF guard lets `up` through (see [`spawn_jobs_app`]), with `customise`.
+async fn jobs_app(up: &Upstream, customise: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_jobs_app(&up.allow(), customise).await
 }
 
 #[tokio::test]
 async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (account, key) = app.create_account("pro", 100).await;
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/page", up.base),
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/page", up.base),
                "formats": ["metadata", "text", "markdown", "links", "html"]}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let job: Value = res.json().await.unwrap();
     assert_eq!(job["status"], "succeeded");
@@ -294,7 +61,7 @@ async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
     assert!(r["html"].as_str().unwrap().contains("<h1>Hello</h1>"));
     assert!(job["timings"]["total_ms"].as_i64().is_some());
 
-    assert_eq!(balance(&app, account).await, 95);
+    assert_eq!(balance(&app, account).await.credits, 95);
     let id = job["id"].as_str().unwrap();
     assert_eq!(movements(&app, id).await, (1, 0));
     // The job is durable and visible like any other.
@@ -317,18 +84,20 @@ async fn a_sync_scrape_returns_every_format_and_is_charged_once() {
         .unwrap();
     assert_eq!(one["result"], job["result"]);
     // Default format is metadata only, costing 1.
-    let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/page", up.base)}))
+        .await;
     let job: Value = res.json().await.unwrap();
     assert_eq!(job["formats"], json!(["metadata"]));
     assert!(job["result"].get("html").is_none());
-    assert_eq!(balance(&app, account).await, 94);
+    assert_eq!(balance(&app, account).await.credits, 94);
     assert_ledger_invariant(&app).await;
 }
 
 #[tokio::test]
 async fn usable_answers_are_kept_and_every_failure_is_refunded() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (account, key) = app.create_account("pro", 100).await;
     let cases: Vec<(String, u16, &str)> = vec![
         (format!("{}/status/404", up.base), 200, ""),
@@ -346,7 +115,7 @@ async fn usable_answers_are_kept_and_every_failure_is_refunded() {
     ];
     let mut kept = 0;
     for (url, status, type_) in &cases {
-        let res = scrape(&app, &key, json!({"url": url})).await;
+        let res = app.scrape(&key, json!({"url": url})).await;
         assert_eq!(res.status(), *status, "{url}");
         if *status == 200 {
             let job: Value = res.json().await.unwrap();
@@ -358,27 +127,27 @@ async fn usable_answers_are_kept_and_every_failure_is_refunded() {
             assert_eq!(p["refunded"], true, "{url}: {p}");
             let id = p["job_id"].as_str().unwrap().to_owned();
             assert_eq!(movements(&app, &id).await, (1, 1), "{url}");
-            let job = wait_for_status(&app, &key, &id, &["failed"]).await;
+            let job = app.wait_for_job(&key, &id, &["failed"]).await;
             assert_eq!(job["refunded"], true);
         }
     }
     // A timeout (the page is slower than the job allows) is refunded too.
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/slow/3000", up.base), "timeout_ms": 300}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/slow/3000", up.base), "timeout_ms": 300}),
+        )
+        .await;
     let p = assert_problem(res, 504, "job_timeout").await;
     assert_eq!(p["refunded"], true);
-    assert_eq!(balance(&app, account).await, 100 - kept);
+    assert_eq!(balance(&app, account).await.credits, 100 - kept);
     assert_ledger_invariant(&app).await;
 }
 
 #[tokio::test]
 async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (account, key) = app.create_account("pro", 10).await;
     for url in [
         "http://10.0.0.1/",
@@ -388,7 +157,7 @@ async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
         "http://100.64.0.1/",
         "http://localhost:1/",
     ] {
-        let res = scrape(&app, &key, json!({"url": url})).await;
+        let res = app.scrape(&key, json!({"url": url})).await;
         assert_problem(res, 422, "url_not_allowed").await;
     }
     for body in [
@@ -400,18 +169,18 @@ async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
         json!({"url": format!("{}/page", up.base), "webhook_url": "http://x"}),
         json!({"url": format!("{}/page", up.base), "unknown": 1}),
     ] {
-        let res = scrape(&app, &key, body.clone()).await;
+        let res = app.scrape(&key, body.clone()).await;
         let status = res.status().as_u16();
         assert!(status == 422 || status == 400, "{body}: {status}");
     }
     // Short of credits: 402, nothing queued.
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/page", up.base),
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/page", up.base),
                "formats": ["metadata", "text", "markdown", "links", "html"]}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let res = app
         .post_json(
@@ -422,12 +191,12 @@ async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
         )
         .await;
     assert_eq!(res.status(), 202, "duplicate formats count once");
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/page", up.base), "formats": ["metadata", "text"]}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/page", up.base), "formats": ["metadata", "text"]}),
+        )
+        .await;
     assert_problem(res, 402, "insufficient_credits").await;
     let jobs: i64 = app
         .db
@@ -436,26 +205,23 @@ async fn refused_urls_and_bad_input_cost_nothing_and_queue_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(jobs, 2);
-    assert!(balance(&app, account).await >= 0);
+    assert!(balance(&app, account).await.credits >= 0);
     assert_ledger_invariant(&app).await;
 }
 
 #[tokio::test]
 async fn the_breaker_opens_answers_without_charging_and_recovers() {
-    let up = upstream().await;
-    let app = jobs_app(
-        &up,
-        &[
-            ("KEYMETER_BREAKER_FAILURES", "3"),
-            ("KEYMETER_BREAKER_OPEN_SECS", "1"),
-        ],
-    )
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |c| {
+        c.jobs.breaker_failures = 3;
+        c.jobs.breaker_open = Duration::from_secs(1);
+    })
     .await;
     let (account, key) = app.create_account("pro", 100).await;
     let url = format!("{}/health-toggle", up.base);
-    up.state.failing.store(true, Ordering::SeqCst);
+    up.set_failing(true);
     for _ in 0..3 {
-        let res = scrape(&app, &key, json!({"url": url})).await;
+        let res = app.scrape(&key, json!({"url": url})).await;
         assert_problem(res, 502, "upstream_failed").await;
     }
     let jobs_before: i64 = app
@@ -465,7 +231,7 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         .unwrap()
         .get(0);
     let hits_before = up.hits("/health-toggle");
-    let res = scrape(&app, &key, json!({"url": url})).await;
+    let res = app.scrape(&key, json!({"url": url})).await;
     assert!(res.headers().get("retry-after").is_some());
     let p = assert_problem(res, 503, "upstream_unavailable").await;
     assert_eq!(p["breaker"], "host");
@@ -478,21 +244,12 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         .get(0);
     assert_eq!(jobs_after, jobs_before);
     assert_eq!(up.hits("/health-toggle"), hits_before);
-    assert_eq!(balance(&app, account).await, 100);
+    assert_eq!(balance(&app, account).await.credits, 100);
     // Async jobs are refused the same way.
     let res = app.post_json("/v1/jobs", &key, json!({"url": url})).await;
     assert_problem(res, 503, "upstream_unavailable").await;
     // Operators see it.
-    let breakers: Value = app
-        .client
-        .get(app.url("/admin/breakers"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let breakers: Value = app.admin_get("/admin/breakers").await.json().await.unwrap();
     let open = breakers["data"]
         .as_array()
         .unwrap()
@@ -506,16 +263,7 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
     assert_eq!(open["scope"], "account");
     assert_eq!(p["scope"], "account");
     // …and so does Prometheus (counters are process-wide, so only presence is checked).
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&app).await;
     for series in [
         "keymeter_breaker_rejections_total{kind=\"host\"}",
         "keymeter_job_transitions_total{state=\"failed\"}",
@@ -525,43 +273,38 @@ async fn the_breaker_opens_answers_without_charging_and_recovers() {
         assert!(text.contains(series), "{series} in /metrics");
     }
     // The breaker is per host: the same server under another name still answers.
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("http://localhost:{}/page", up.port)}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("http://localhost:{}/page", up.port)}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
 
     // The upstream recovers; after the open period a probe closes the breaker.
-    up.state.failing.store(false, Ordering::SeqCst);
+    up.set_failing(false);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let res = scrape(&app, &key, json!({"url": url})).await;
+    let res = app.scrape(&key, json!({"url": url})).await;
     assert_eq!(res.status(), 200);
-    let res = scrape(&app, &key, json!({"url": url})).await;
+    let res = app.scrape(&key, json!({"url": url})).await;
     assert_eq!(res.status(), 200);
-    assert_eq!(balance(&app, account).await, 97);
+    assert_eq!(balance(&app, account).await.credits, 97);
     assert_ledger_invariant(&app).await;
 }
 
+/// A tiers file with one generous tier `name` that runs `running` jobs and queues `queued`.
 fn tiers_file(name: &str, running: u32, queued: u32) -> String {
-    let path = std::env::temp_dir().join(format!("keymeter-tiers-{}.toml", Uuid::new_v4()));
-    std::fs::write(
-        &path,
-        format!(
-            "[tiers.{name}]\nrequests_per_minute = 6000\nburst = 1000\n\
-             max_concurrent_jobs = {running}\nmax_queued_jobs = {queued}\n"
-        ),
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
+    crate::support::app::tiers_file(&format!(
+        "[tiers.{name}]\nrequests_per_minute = 6000\nburst = 1000\n\
+         max_concurrent_jobs = {running}\nmax_queued_jobs = {queued}\n"
+    ))
 }
 
 #[tokio::test]
 async fn the_concurrency_limit_holds_and_the_queue_cap_answers_queue_full() {
-    let up = upstream().await;
+    let up = Upstream::start().await;
     let tiers = tiers_file("tiny", 2, 3);
-    let app = jobs_app(&up, &[("KEYMETER_TIERS", &tiers)]).await;
+    let app = jobs_app(&up, |c| c.tiers_path = Some(tiers.clone())).await;
     let (account, key) = app.create_account("tiny", 100).await;
     let mut accepted = Vec::new();
     let mut refused = 0;
@@ -591,25 +334,28 @@ async fn the_concurrency_limit_holds_and_the_queue_cap_answers_queue_full() {
     // At most 2 running + 3 queued fit before any job finishes.
     assert!(accepted.len() <= 5, "{} accepted", accepted.len());
     assert!(refused >= 5);
-    assert_eq!(balance(&app, account).await, 100 - accepted.len() as i64);
+    assert_eq!(
+        balance(&app, account).await.credits,
+        100 - accepted.len() as i64
+    );
     for id in &accepted {
-        let job = wait_for_status(&app, &key, id, &["succeeded"]).await;
+        let job = app.wait_for_job(&key, id, &["succeeded"]).await;
         assert_eq!(job["refunded"], false);
     }
     assert!(
-        up.state.max_in_flight.load(Ordering::SeqCst) <= 2,
+        up.max_in_flight() <= 2,
         "never more than the tier's 2 jobs at once, saw {}",
-        up.state.max_in_flight.load(Ordering::SeqCst)
+        up.max_in_flight()
     );
-    assert_eq!(up.state.max_in_flight.load(Ordering::SeqCst), 2);
+    assert_eq!(up.max_in_flight(), 2);
     assert_ledger_invariant(&app).await;
     let _ = std::fs::remove_file(tiers);
 }
 
 #[tokio::test]
 async fn job_creation_is_idempotent() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (account, key) = app.create_account("pro", 100).await;
     let body = json!({"url": format!("{}/page", up.base), "formats": ["text"]});
     let post = |path: &'static str, idem: &'static str| {
@@ -653,7 +399,8 @@ async fn job_creation_is_idempotent() {
         .await
         .unwrap();
     assert_problem(other, 422, "idempotency_key_reused").await;
-    wait_for_status(&app, &key, first["id"].as_str().unwrap(), &["succeeded"]).await;
+    app.wait_for_job(&key, first["id"].as_str().unwrap(), &["succeeded"])
+        .await;
     let jobs: i64 = app
         .db
         .query_one("SELECT count(*) FROM jobs", &[])
@@ -661,7 +408,7 @@ async fn job_creation_is_idempotent() {
         .unwrap()
         .get(0);
     assert_eq!(jobs, 2);
-    assert_eq!(balance(&app, account).await, 98);
+    assert_eq!(balance(&app, account).await.credits, 98);
     assert_ledger_invariant(&app).await;
 }
 
@@ -684,9 +431,12 @@ fn verify(secret: &str, header: &str, body: &str) -> bool {
 
 #[tokio::test]
 async fn finished_jobs_are_posted_to_the_webhook_signed_and_retried() {
-    let up = upstream().await;
-    up.state.hook_failures.store(1, Ordering::SeqCst);
-    let app = jobs_app(&up, &[("KEYMETER_JOB_WEBHOOK_RETRY_MS", "100")]).await;
+    let up = Upstream::start().await;
+    up.fail_next_hooks(1);
+    let app = jobs_app(&up, |c| {
+        c.jobs.webhook_retry_base = Duration::from_millis(100);
+    })
+    .await;
     let (_, key) = app.create_account("pro", 100).await;
     let account: Value = app
         .get_with_key("/v1/account", &key)
@@ -707,12 +457,13 @@ async fn finished_jobs_are_posted_to_the_webhook_signed_and_retried() {
     assert_eq!(res.status(), 202);
     let job: Value = res.json().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while up.state.hooks.lock().unwrap().len() < 2 {
+    while up.hooks().len() < 2 {
         assert!(Instant::now() < deadline, "the webhook was not retried");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let hooks = up.state.hooks.lock().unwrap().clone();
-    for (headers, body) in &hooks {
+    let hooks = up.hooks();
+    for hook in &hooks {
+        let (headers, body) = (&hook.headers, &hook.body);
         let sig = &headers["keymeter-signature"];
         assert!(verify(&secret, sig, body), "signature verifies: {sig}");
         assert!(!verify("whsec_wrong", sig, body));
@@ -723,7 +474,7 @@ async fn finished_jobs_are_posted_to_the_webhook_signed_and_retried() {
         assert_eq!(headers["keymeter-event-id"], event["id"].as_str().unwrap());
     }
     // One event, delivered twice (the first answer was a 500): the same id both times.
-    assert_eq!(hooks[0].1, hooks[1].1);
+    assert_eq!(hooks[0].body, hooks[1].body);
     loop {
         let delivered: Option<chrono::DateTime<chrono::Utc>> = app
             .db
@@ -750,9 +501,9 @@ async fn finished_jobs_are_posted_to_the_webhook_signed_and_retried() {
 
 #[tokio::test]
 async fn a_queued_job_can_be_cancelled_and_is_refunded() {
-    let up = upstream().await;
+    let up = Upstream::start().await;
     let tiers = tiers_file("single", 1, 10);
-    let app = jobs_app(&up, &[("KEYMETER_TIERS", &tiers)]).await;
+    let app = jobs_app(&up, |c| c.tiers_path = Some(tiers.clone())).await;
     let (account, key) = app.create_account("single", 100).await;
     let running = app
         .post_json(
@@ -765,7 +516,7 @@ async fn a_queued_job_can_be_cancelled_and_is_refunded() {
         .await
         .unwrap();
     let running_id = running["id"].as_str().unwrap().to_owned();
-    wait_for_status(&app, &key, &running_id, &["running"]).await;
+    app.wait_for_job(&key, &running_id, &["running"]).await;
     let queued = app
         .post_json(
             "/v1/jobs",
@@ -778,7 +529,7 @@ async fn a_queued_job_can_be_cancelled_and_is_refunded() {
         .unwrap();
     let queued_id = queued["id"].as_str().unwrap().to_owned();
     assert_eq!(queued["status"], "queued");
-    assert_eq!(balance(&app, account).await, 97);
+    assert_eq!(balance(&app, account).await.credits, 97);
     let del = |id: String| {
         app.client
             .delete(app.url(&format!("/v1/jobs/{id}")))
@@ -790,7 +541,7 @@ async fn a_queued_job_can_be_cancelled_and_is_refunded() {
     let cancelled: Value = res.json().await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
     assert_eq!(cancelled["refunded"], true);
-    assert_eq!(balance(&app, account).await, 99);
+    assert_eq!(balance(&app, account).await.credits, 99);
     assert_eq!(movements(&app, &queued_id).await, (1, 1));
     let again = del(queued_id.clone()).await.unwrap();
     assert_problem(again, 409, "job_not_cancellable").await;
@@ -798,23 +549,23 @@ async fn a_queued_job_can_be_cancelled_and_is_refunded() {
     assert_problem(running_del, 409, "job_not_cancellable").await;
     let unknown = del(Uuid::now_v7().to_string()).await.unwrap();
     assert_problem(unknown, 404, "not_found").await;
-    wait_for_status(&app, &key, &running_id, &["succeeded"]).await;
-    assert_eq!(balance(&app, account).await, 99);
+    app.wait_for_job(&key, &running_id, &["succeeded"]).await;
+    assert_eq!(balance(&app, account).await.credits, 99);
     assert_ledger_invariant(&app).await;
     let _ = std::fs::remove_file(tiers);
 }
 
 #[tokio::test]
 async fn a_50_mib_body_is_cut_at_the_cap() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (_, key) = app.create_account("pro", 100).await;
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/big", up.base), "formats": ["metadata", "html"]}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/big", up.base), "formats": ["metadata", "html"]}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
     let job: Value = res.json().await.unwrap();
     assert_eq!(job["result"]["metadata"]["truncated"], true);
@@ -824,8 +575,13 @@ async fn a_50_mib_body_is_cut_at_the_cap() {
 
 #[tokio::test]
 async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
-    let up = upstream().await;
-    let mut a = jobs_app(&up, &[("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "1")]).await;
+    let up = Upstream::start().await;
+    let mut a = jobs_app(&up, |c| {
+        // The jobs' grace is no longer than the drain unless set.
+        c.shutdown_timeout = Duration::from_secs(1);
+        c.shutdown_job_grace = Duration::from_secs(1);
+    })
+    .await;
     let (account, key) = a.create_account("pro", 100).await;
     let job: Value = a
         .post_json(
@@ -838,7 +594,7 @@ async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
         .await
         .unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
-    wait_for_status(&a, &key, &id, &["running"]).await;
+    a.wait_for_job(&key, &id, &["running"]).await;
     a.stop().await;
     let row =
         a.db.query_one(
@@ -854,27 +610,24 @@ async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
         0,
         "the interrupted attempt does not count"
     );
-    let ports = [up.port, up.reset_port];
-    let b = spawn_app_on(a.db_name.clone(), move |env| allow(env, &ports)).await;
-    let done = wait_for_status(&b, &key, &id, &["succeeded"]).await;
+    let b = spawn_app_on(a.db_name.clone(), |c| allow_scraping(c, &up.allow())).await;
+    let done = b.wait_for_job(&key, &id, &["succeeded"]).await;
     assert_eq!(done["refunded"], false);
     assert_eq!(movements(&b, &id).await, (1, 0));
-    assert_eq!(balance(&b, account).await, 99);
+    assert_eq!(balance(&b, account).await.credits, 99);
     assert_ledger_invariant(&b).await;
 }
 
 #[tokio::test]
 async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
-    let up = upstream().await;
+    let up = Upstream::start().await;
     // One worker, busy with a long job: the sync scrape queues behind it and cannot end
     // before the drain times out.
-    let mut a = jobs_app(
-        &up,
-        &[
-            ("KEYMETER_SHUTDOWN_TIMEOUT_SECS", "2"),
-            ("KEYMETER_JOB_WORKERS", "1"),
-        ],
-    )
+    let mut a = jobs_app(&up, |c| {
+        c.shutdown_timeout = Duration::from_secs(2);
+        c.shutdown_job_grace = Duration::from_secs(2);
+        c.jobs.workers = 1;
+    })
     .await;
     let (account, key) = a.create_account("pro", 100).await;
     let long: Value = a
@@ -888,7 +641,7 @@ async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
         .await
         .unwrap();
     let long_id = long["id"].as_str().unwrap().to_owned();
-    wait_for_status(&a, &key, &long_id, &["running"]).await;
+    a.wait_for_job(&key, &long_id, &["running"]).await;
     let request = {
         let (client, url, key) = (a.client.clone(), a.url("/v1/scrape"), key.clone());
         let body = json!({"url": format!("{}/slow/200", up.base), "timeout_ms": 30000});
@@ -922,23 +675,22 @@ async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
         started.elapsed()
     );
     // Another instance runs both to their ends, each charged once.
-    let ports = [up.port, up.reset_port];
-    let b = spawn_app_on(a.db_name.clone(), move |env| allow(env, &ports)).await;
-    let done = wait_for_status(&b, &key, &id, &["succeeded"]).await;
+    let b = spawn_app_on(a.db_name.clone(), |c| allow_scraping(c, &up.allow())).await;
+    let done = b.wait_for_job(&key, &id, &["succeeded"]).await;
     assert_eq!(done["refunded"], false);
-    wait_for_status(&b, &key, &long_id, &["succeeded"]).await;
+    b.wait_for_job(&key, &long_id, &["succeeded"]).await;
     assert_eq!(movements(&b, &id).await, (1, 0));
     assert_eq!(movements(&b, &long_id).await, (1, 0));
-    assert_eq!(balance(&b, account).await, 98);
+    assert_eq!(balance(&b, account).await.credits, 98);
     assert_ledger_invariant(&b).await;
 }
 
 #[tokio::test]
 async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
-    let up = upstream().await;
+    let up = Upstream::start().await;
     let db = create_database().await;
     let allow_list = format!("127.0.0.1:{}", up.port);
-    let (mut child, port, _logs) = crate::process::start_server(
+    let (mut child, port, _logs) = crate::support::process::start_server(
         &db,
         &[
             ("KEYMETER_SCRAPE_ALLOW", &allow_list),
@@ -980,13 +732,12 @@ async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let ports = [up.port, up.reset_port];
-    let b = spawn_app_on(db, move |env| {
-        allow(env, &ports);
-        env.insert("KEYMETER_JOB_LEASE_SECS".into(), "1".into());
+    let b = spawn_app_on(db, |c| {
+        allow_scraping(c, &up.allow());
+        c.jobs.lease = Duration::from_secs(1);
     })
     .await;
-    let done = wait_for_status(&b, &key, &id, &["succeeded", "failed"]).await;
+    let done = b.wait_for_job(&key, &id, &["succeeded", "failed"]).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempts"], 2);
     assert_eq!(
@@ -994,28 +745,27 @@ async fn an_instance_killed_mid_job_leaves_it_to_another_charged_once() {
         (1, 0),
         "charged once, not refunded"
     );
-    assert_eq!(balance(&b, account).await, 9);
+    assert_eq!(balance(&b, account).await.credits, 9);
     assert_eq!(up.hits("/slow/2500"), 2);
     assert_ledger_invariant(&b).await;
 }
 
 #[tokio::test]
 async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |_| {}).await;
     let (account, key) = app.create_account("pro", 10).await;
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/status/500", up.base)}),
-    )
-    .await;
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/status/500", up.base)}))
+        .await;
     let id: Uuid = assert_problem(res, 502, "upstream_failed").await["job_id"]
         .as_str()
         .unwrap()
         .parse()
         .unwrap();
-    let res = scrape(&app, &key, json!({"url": format!("{}/page", up.base)})).await;
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/page", up.base)}))
+        .await;
     assert_eq!(res.status(), 200);
     app.db
         .execute(
@@ -1024,7 +774,7 @@ async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
         )
         .await
         .unwrap();
-    let config = keymeter::config::Config::from_source(&base_env(&app.db_name)).unwrap();
+    let config = base_config(&app.db_name);
     let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
     let pool = keymeter::db::build_pool(&pg, &config.database).unwrap();
     let deleted = keymeter::jobs::queue::purge(&pool, Duration::from_secs(30 * 86_400))
@@ -1043,14 +793,14 @@ async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
         (1, 1),
         "the ledger keeps them"
     );
-    assert_eq!(balance(&app, account).await, 9);
+    assert_eq!(balance(&app, account).await.credits, 9);
     assert_ledger_invariant(&app).await;
 }
 
 #[tokio::test]
 async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[("KEYMETER_BREAKER_FAILURES", "1000")]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |c| c.jobs.breaker_failures = 1000).await;
     let (account, key) = app.create_account("business", 20).await;
     let requests = (0..40).map(|i| {
         let path = if i % 2 == 0 { "/page" } else { "/status/500" };
@@ -1058,7 +808,7 @@ async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly()
         let (app, key) = (&app, &key);
         async move {
             if i % 4 < 2 {
-                scrape(app, key, body).await.status().as_u16()
+                app.scrape(key, body).await.status().as_u16()
             } else {
                 app.post_json("/v1/jobs", key, body).await.status().as_u16()
             }
@@ -1105,29 +855,33 @@ async fn concurrent_jobs_on_a_small_balance_never_overspend_and_settle_exactly()
     assert_eq!(jobs, succeeded + failed);
     assert_eq!(charges, jobs, "every job charged once");
     assert_eq!(refunds, failed, "every failed job refunded once");
-    assert_eq!(balance(&app, account).await, 20 - succeeded);
+    assert_eq!(balance(&app, account).await.credits, 20 - succeeded);
     assert!(succeeded <= 20);
     assert_ledger_invariant(&app).await;
 }
 
 #[tokio::test]
 async fn a_sync_job_may_not_outlast_the_servers_request_timeout() {
-    let up = upstream().await;
-    let app = jobs_app(&up, &[("KEYMETER_REQUEST_TIMEOUT_SECS", "10")]).await;
+    let up = Upstream::start().await;
+    let app = jobs_app(&up, |c| c.request_timeout = Duration::from_secs(10)).await;
     let (account, key) = app.create_account("pro", 10).await;
     let body = json!({"url": format!("{}/page", up.base), "timeout_ms": 20000});
-    let res = scrape(&app, &key, body.clone()).await;
+    let res = app.scrape(&key, body.clone()).await;
     let p = assert_problem(res, 422, "validation_failed").await;
     assert_eq!(p["field"], "timeout_ms");
-    assert_eq!(balance(&app, account).await, 10, "refused before charging");
+    assert_eq!(
+        balance(&app, account).await.credits,
+        10,
+        "refused before charging"
+    );
     // An async job is not bound by the request timeout.
     let res = app.post_json("/v1/jobs", &key, body).await;
     assert_eq!(res.status(), 202);
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/page", up.base), "timeout_ms": 7000}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/page", up.base), "timeout_ms": 7000}),
+        )
+        .await;
     assert_eq!(res.status(), 200);
 }

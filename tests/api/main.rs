@@ -1,8 +1,11 @@
 //! Integration tests: the real application on a random port, a fresh PostgreSQL database per
 //! test, real HTTP over loopback. One test binary, so it links once.
+//!
+//! One file per area of the API; what they share (starting an app, databases, stub servers,
+//! Stripe signing, the Prometheus parser, the binary) is in `support/`, described in
+//! `support/mod.rs`.
 
-#[allow(dead_code)]
-mod helpers;
+mod support;
 
 mod accounts;
 mod audit;

@@ -18,16 +18,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use crate::helpers::{assert_problem, spawn_app_with, TestApp, ADMIN_TOKEN};
+use crate::support::{assert_problem, spawn_app_with, TestApp, ADMIN_TOKEN};
 
 const PROBE_METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 
 /// No limits in the way: probing sends many requests, some without credentials.
 async fn spawn() -> TestApp {
-    spawn_app_with(|env| {
-        env.insert("KEYMETER_AUTH_FAILURES_PER_MINUTE".into(), "100000".into());
-        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "100000".into());
-        env.insert("KEYMETER_IP_BURST".into(), "100000".into());
+    spawn_app_with(|c| {
+        c.auth_failures_per_minute = 100_000;
+        c.ip_rate_per_minute = 100_000;
+        c.ip_burst = 100_000;
     })
     .await
 }

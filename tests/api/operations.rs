@@ -3,26 +3,20 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpResponse, HttpServer};
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+use crate::support::app::{allow_scraping, redis_backend, redis_url};
+use crate::support::db::{create_database, drop_database_blocking};
+use crate::support::process::{sigterm, start_server, wait_exit};
+use crate::support::upstream::{collector, loopback, Upstream};
+use crate::support::{assert_problem, spawn_app, spawn_app_with};
 
 /// A Redis URL nothing listens on: port 1 on loopback refuses connections at once.
 const CLOSED_REDIS: &str = "redis://127.0.0.1:1/";
 
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
-}
-
 #[tokio::test]
 async fn readiness_is_503_when_redis_is_unreachable_and_the_policy_is_refuse() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), CLOSED_REDIS.into());
-        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
-    })
-    .await;
+    let app = spawn_app_with(|c| redis_backend(c, CLOSED_REDIS, true)).await;
     let body = assert_problem(app.get("/health/ready").await, 503, "not_ready").await;
     assert!(
         body["detail"].as_str().unwrap().contains("rate-limit"),
@@ -33,11 +27,7 @@ async fn readiness_is_503_when_redis_is_unreachable_and_the_policy_is_refuse() {
 
 #[tokio::test]
 async fn readiness_says_degraded_when_redis_is_unreachable_and_memory_covers() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), CLOSED_REDIS.into());
-    })
-    .await;
+    let app = spawn_app_with(|c| redis_backend(c, CLOSED_REDIS, false)).await;
     let res = app.get("/health/ready").await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
@@ -56,12 +46,7 @@ async fn readiness_is_ready_with_a_reachable_redis_and_without_one() {
         json!({"status": "ready", "database": "ok", "rate_limiter": "memory"})
     );
 
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), redis_url());
-        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
-    })
-    .await;
+    let app = spawn_app_with(|c| redis_backend(c, &redis_url(), true)).await;
     // The connection is made in the background right after start.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -77,43 +62,13 @@ async fn readiness_is_ready_with_a_reachable_redis_and_without_one() {
     }
 }
 
-/// A page whose scrape result is a large JSON document: ~60 KB of repetitive HTML.
-async fn big_page() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let html = format!(
-        "<html><head><title>Big</title></head><body>{}</body></html>",
-        "<p>The quick brown fox jumps over the lazy dog.</p>".repeat(1200)
-    );
-    let server = HttpServer::new(move || {
-        let html = html.clone();
-        App::new().default_service(web::to(move || {
-            let html = html.clone();
-            async move {
-                HttpResponse::Ok()
-                    .content_type("text/html; charset=utf-8")
-                    .body(html)
-            }
-        }))
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    port
-}
-
 #[tokio::test]
 async fn a_large_job_result_is_gzipped_only_for_a_client_that_accepts_it() {
-    let port = big_page().await;
-    let app = spawn_app_with(move |env| {
-        env.insert("KEYMETER_SCRAPE_ALLOW".into(), format!("127.0.0.1:{port}"));
-    })
-    .await;
+    let up = Upstream::start().await;
+    let app = spawn_app_with(|c| allow_scraping(c, &loopback(&[up.port]))).await;
     let (_, key) = app.create_account("pro", 100).await;
-    let body = json!({"url": format!("http://127.0.0.1:{port}/big"), "formats": ["html"]});
+    // ~60 KB of repetitive HTML.
+    let body = json!({"url": up.url("/compressible"), "formats": ["html"]});
 
     let res = app
         .client
@@ -186,37 +141,6 @@ async fn small_responses_are_never_compressed() {
     assert_problem(res, 401, "invalid_api_key").await;
 }
 
-/// A tiny OTLP/HTTP collector: accepts `POST /v1/traces` and keeps each body.
-async fn collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
-    let received: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
-    let keep = received.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = HttpServer::new(move || {
-        let keep = keep.clone();
-        App::new().route(
-            "/v1/traces",
-            web::post().to(move |body: web::Bytes| {
-                let keep = keep.clone();
-                async move {
-                    keep.lock().unwrap().push(body.to_vec());
-                    // An empty ExportTraceServiceResponse: full success.
-                    HttpResponse::Ok()
-                        .content_type("application/x-protobuf")
-                        .finish()
-                }
-            }),
-        )
-    })
-    .workers(1)
-    .disable_signals()
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    (format!("http://127.0.0.1:{port}"), received)
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -224,8 +148,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[tokio::test]
 async fn spans_are_exported_in_the_callers_trace() {
     let (endpoint, received) = collector().await;
-    let db = crate::helpers::create_database().await;
-    let (mut child, port, _logs) = crate::process::start_server(
+    let db = create_database().await;
+    let (mut child, port, _logs) = start_server(
         &db,
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
@@ -243,12 +167,9 @@ async fn spans_are_exported_in_the_callers_trace() {
         .unwrap();
     assert_eq!(res.status(), 200);
     // Exit flushes what is still batched.
-    crate::process::sigterm(&child);
-    assert_eq!(
-        crate::process::wait_exit(&mut child, Duration::from_secs(30)),
-        0
-    );
-    crate::helpers::drop_database_blocking(&db);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), 0);
+    drop_database_blocking(&db);
 
     let bodies = received.lock().unwrap().clone();
     assert!(!bodies.is_empty(), "the collector received no export");

@@ -2,48 +2,13 @@
 //! and SIGTERM.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::helpers::{create_database, database_url, drop_database_blocking};
-
-pub fn keymeter() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-    // Start from a clean slate: nothing inherited from the developer's shell.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYMETER_") || k == "DATABASE_URL" {
-            c.env_remove(k);
-        }
-    }
-    c.stdin(Stdio::null());
-    c
-}
-
-pub fn run_to_end(mut c: Command, limit: Duration) -> (i32, String, String) {
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keymeter");
-    let started = Instant::now();
-    loop {
-        if let Some(_status) = child.try_wait().expect("wait") {
-            break;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("keymeter did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::support::db::{create_database, database_url, drop_database_blocking};
+use crate::support::process::{keymeter, run_to_end, sigterm, start_server, wait_exit};
+use crate::support::ADMIN_TOKEN;
 
 #[test]
 fn a_malformed_value_stops_start_up_with_one_line_naming_it() {
@@ -115,66 +80,6 @@ fn an_unreachable_database_is_retried_then_reported() {
     assert!(err.contains("retrying"), "a log line per try: {err}");
     assert!(!err.contains("hunter2"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-}
-
-/// Starts `keymeter serve` on a fresh database and a free port; returns the child, its port,
-/// and a channel of its stderr lines.
-pub fn start_server(db: &str, extra: &[(&str, &str)]) -> (Child, u16, mpsc::Receiver<String>) {
-    let mut c = keymeter();
-    c.arg("serve")
-        .env("DATABASE_URL", database_url(db))
-        .env("KEYMETER_BIND", "127.0.0.1:0")
-        .env("KEYMETER_LOG_FORMAT", "json")
-        .env("KEYMETER_HTTP_WORKERS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    let mut child = c.spawn().expect("spawn keymeter serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keymeter did not log that it listens");
-        };
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-            if v["message"] == "listening" {
-                let port = v["port"].as_u64().expect("port field") as u16;
-                return (child, port, rx);
-            }
-        }
-    }
-}
-
-pub fn sigterm(child: &Child) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0, "kill");
-}
-
-pub fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code().unwrap_or(-1);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("keymeter did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
 }
 
 #[tokio::test]
@@ -460,15 +365,12 @@ async fn dev_starts_its_own_postgres_and_prints_a_working_demo_key() {
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_request_finish() {
     let db = create_database().await;
-    let (mut child, port, _logs) = start_server(
-        &db,
-        &[("KEYMETER_ADMIN_TOKEN", crate::helpers::ADMIN_TOKEN)],
-    );
+    let (mut child, port, _logs) = start_server(&db, &[("KEYMETER_ADMIN_TOKEN", ADMIN_TOKEN)]);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let created: serde_json::Value = http
         .post(format!("{base}/admin/accounts"))
-        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({"email": "inflight@example.com", "tier": "internal", "credits": 10}))
         .send()
         .await
@@ -549,15 +451,12 @@ async fn sigterm_lets_an_in_flight_request_finish() {
 #[tokio::test]
 async fn last_used_is_flushed_on_shutdown() {
     let db = create_database().await;
-    let (mut child, port, logs) = start_server(
-        &db,
-        &[("KEYMETER_ADMIN_TOKEN", crate::helpers::ADMIN_TOKEN)],
-    );
+    let (mut child, port, logs) = start_server(&db, &[("KEYMETER_ADMIN_TOKEN", ADMIN_TOKEN)]);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let created: serde_json::Value = http
         .post(format!("{base}/admin/accounts"))
-        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .json(&serde_json::json!({"email": "flush@example.com", "tier": "internal"}))
         .send()
         .await

@@ -3,7 +3,8 @@
 
 use futures_util::future::join_all;
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+use crate::support::app::{redis_backend, redis_url, tiers_file};
+use crate::support::{assert_problem, spawn_app, spawn_app_on, spawn_app_with};
 
 #[tokio::test]
 async fn each_default_tier_refuses_exactly_after_its_burst() {
@@ -89,20 +90,14 @@ async fn the_internal_tier_is_unlimited() {
 
 #[tokio::test]
 async fn unauthenticated_routes_are_limited_per_ip() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "60".into());
-        env.insert("KEYMETER_IP_BURST".into(), "3".into());
+    let app = spawn_app_with(|c| {
+        c.ip_rate_per_minute = 60;
+        c.ip_burst = 3;
     })
     .await;
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let res = app
-            .client
-            .post(app.url("/v1/login"))
-            .json(&serde_json::json!({"email": "a@example.com", "password": "whatever123"}))
-            .send()
-            .await
-            .unwrap();
+        let res = app.login("a@example.com", "whatever123").await;
         assert_eq!(res.headers()["ratelimit-policy"], "\"ip\";q=60;w=60");
         statuses.push(res.status().as_u16());
     }
@@ -111,51 +106,27 @@ async fn unauthenticated_routes_are_limited_per_ip() {
 
 #[tokio::test]
 async fn a_tiers_file_changes_the_limits() {
-    let dir = std::env::temp_dir().join(format!("tiers-{}.toml", uuid::Uuid::new_v4().simple()));
-    std::fs::write(
-        &dir,
+    let tiers = tiers_file(
         "[tiers.free]\nrequests_per_minute = 60\nburst = 2\nmax_concurrent_jobs = 1\nmax_queued_jobs = 1\n",
-    )
-    .unwrap();
-    let path = dir.to_string_lossy().into_owned();
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_TIERS".into(), path);
-    })
-    .await;
+    );
+    let app = spawn_app_with(|c| c.tiers_path = Some(tiers.clone())).await;
     let (_, key) = app.create_account("free", 0).await;
     assert_eq!(app.get_with_key("/v1/account", &key).await.status(), 200);
     assert_eq!(app.get_with_key("/v1/account", &key).await.status(), 200);
     let res = app.get_with_key("/v1/account", &key).await;
     assert_eq!(res.status(), 429);
     assert_eq!(res.headers()["retry-after"], "1");
-    let _ = std::fs::remove_file(dir);
-}
-
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+    let _ = std::fs::remove_file(tiers);
 }
 
 #[tokio::test]
 async fn two_instances_with_the_redis_backend_share_one_limit() {
-    let with_redis = |env: &mut std::collections::HashMap<String, String>| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), redis_url());
-        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
-    };
-    let a = spawn_app_with(with_redis).await;
-    let b = crate::helpers::spawn_app_on(a.db_name.clone(), with_redis).await;
+    let a = spawn_app_with(|c| redis_backend(c, &redis_url(), true)).await;
+    let b = spawn_app_on(a.db_name.clone(), |c| redis_backend(c, &redis_url(), true)).await;
     let (_, key) = a.create_account("free", 0).await;
     // Wait until both are connected to Redis (refuse mode answers 503 until then).
     for app in [&a, &b] {
-        let (_, probe) = app.create_account("free", 0).await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while app.get_with_key("/v1/account", &probe).await.status() == 503 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "never connected to Redis"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        app.wait_for_redis().await;
     }
     let mut statuses = Vec::new();
     for i in 0..6 {
@@ -178,11 +149,7 @@ async fn two_instances_with_the_redis_backend_share_one_limit() {
 
 #[tokio::test]
 async fn without_redis_the_limiter_falls_back_to_memory_or_refuses_as_configured() {
-    let fallback = spawn_app_with(|env| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1/".into());
-    })
-    .await;
+    let fallback = spawn_app_with(|c| redis_backend(c, "redis://127.0.0.1:1/", false)).await;
     let (_, key) = fallback.create_account("free", 0).await;
     let mut statuses = Vec::new();
     for _ in 0..6 {
@@ -196,12 +163,7 @@ async fn without_redis_the_limiter_falls_back_to_memory_or_refuses_as_configured
     }
     assert_eq!(statuses, vec![200, 200, 200, 200, 200, 429]);
 
-    let strict = spawn_app_with(|env| {
-        env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-        env.insert("REDIS_URL".into(), "redis://127.0.0.1:1/".into());
-        env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
-    })
-    .await;
+    let strict = spawn_app_with(|c| redis_backend(c, "redis://127.0.0.1:1/", true)).await;
     let (_, key) = strict.create_account("free", 0).await;
     assert_problem(
         strict.get_with_key("/v1/account", &key).await,

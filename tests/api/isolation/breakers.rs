@@ -3,116 +3,23 @@
 //! path — for another account. Plus two smaller fences met on the way: an SSRF refusal does not
 //! reveal where a name points, and a free format (price 0) works.
 //!
-//! Sites are real local servers: a working one (pages, slow pages, failing statuses, a
-//! redirect to a name), and "dead ports" — ports held by a bound socket that never listens,
-//! so a connection is refused at once. Loopback addresses are reached through
-//! `KEYMETER_SCRAPE_ALLOW`, exactly as tests do everywhere else.
+//! Sites are real local servers (`support::upstream`): a working one (pages, slow pages,
+//! failing statuses, a redirect to a name), and "dead ports" — ports held by a bound socket
+//! that never listens, so a connection is refused at once. Loopback addresses are reached
+//! through the scrape allow-list, exactly as tests do everywhere else.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use serde_json::{json, Value};
-use uuid::Uuid;
 
-use crate::credits::assert_ledger_invariant;
-use crate::helpers::*;
-
-/// A working site on 127.0.0.1.
-struct Site {
-    port: u16,
-    base: String,
-}
-
-async fn site() -> Site {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = HttpServer::new(|| {
-        App::new().default_service(web::to(|req: HttpRequest| async move {
-            let path = req.path();
-            if let Some(ms) = path.strip_prefix("/slow/") {
-                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(1000))).await;
-                return HttpResponse::Ok()
-                    .content_type("text/html")
-                    .body("<title>late</title>");
-            }
-            if let Some(code) = path.strip_prefix("/status/") {
-                let code =
-                    actix_web::http::StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
-                return HttpResponse::build(code).body("status");
-            }
-            if let Some(port) = path.strip_prefix("/to-localhost/") {
-                return HttpResponse::Found()
-                    .insert_header(("location", format!("http://localhost:{port}/")))
-                    .finish();
-            }
-            HttpResponse::Ok()
-                .content_type("text/html; charset=utf-8")
-                .body("<html><head><title>Working</title></head><body>ok</body></html>")
-        }))
-    })
-    .workers(2)
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    Site {
-        port,
-        base: format!("http://127.0.0.1:{port}"),
-    }
-}
-
-/// A port nothing listens on, on every loopback address: bound (so nobody else takes it) but
-/// never listening, so every connection to it is refused at once. Keep the socket alive.
-fn dead_port() -> (tokio::net::TcpSocket, u16) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("0.0.0.0:0".parse().unwrap()).unwrap();
-    let port = socket.local_addr().unwrap().port();
-    (socket, port)
-}
-
-/// An app whose SSRF guard lets `allow` (`host:port` pairs) through.
-async fn app_allowing(allow: &[String], extra: &[(&str, &str)]) -> TestApp {
-    let allow = allow.join(",");
-    let extra: HashMap<String, String> = extra
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    spawn_app_with(move |env| {
-        env.insert("KEYMETER_SCRAPE_ALLOW".into(), allow);
-        env.insert("KEYMETER_JOB_WORKERS".into(), "4".into());
-        env.insert("KEYMETER_JOB_POLL_MS".into(), "200".into());
-        env.extend(extra);
-    })
-    .await
-}
-
-async fn scrape(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
-    app.post_json("/v1/scrape", key, body).await
-}
+use crate::support::app::{spawn_jobs_app, tiers_file};
+use crate::support::db::{assert_ledger_invariant, balance};
+use crate::support::prometheus::metrics_text;
+use crate::support::upstream::{dead_port, loopback, Upstream};
+use crate::support::{assert_problem, TestApp};
 
 async fn admin_breakers(app: &TestApp) -> Value {
-    app.client
-        .get(app.url("/admin/breakers"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn metrics_text(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.admin_get("/admin/breakers").await.json().await.unwrap()
 }
 
 /// Shared (every-account) origin breakers that are not closed, by name.
@@ -126,44 +33,15 @@ fn shared_open(report: &Value) -> Vec<String> {
         .collect()
 }
 
-fn tiers_file(body: &str) -> String {
-    let path = std::env::temp_dir().join(format!("keymeter-tiers-{}.toml", Uuid::new_v4()));
-    std::fs::write(&path, body).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-async fn wait_for_status(app: &TestApp, key: &str, id: &str, want: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let job: Value = app
-            .get_with_key(&format!("/v1/jobs/{id}"), key)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if job["status"] == want {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} never {want}: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn one_account_cannot_open_a_breaker_for_another() {
-    let up = site().await;
+    let up = Upstream::start().await;
     let (_held, dead) = dead_port();
-    let app = app_allowing(
-        &[
-            format!("127.0.0.1:{}", up.port),
-            format!("127.0.0.1:{dead}"),
-        ],
-        &[
-            ("KEYMETER_BREAKER_FAILURES", "3"),
-            ("KEYMETER_BREAKER_OPEN_SECS", "60"),
-            ("KEYMETER_BREAKER_TIMEOUT_FLOOR_MS", "300"),
-        ],
-    )
+    let app = spawn_jobs_app(&loopback(&[up.port, dead]), |c| {
+        c.jobs.breaker_failures = 3;
+        c.jobs.breaker_open = Duration::from_secs(60);
+        c.jobs.breaker_timeout_floor = Duration::from_millis(300);
+    })
     .await;
     let (_, attacker) = app.create_account("pro", 100).await;
     let (victim_account, victim) = app.create_account("pro", 100).await;
@@ -172,42 +50,48 @@ async fn one_account_cannot_open_a_breaker_for_another() {
     // The attacker's jobs to a dead port on the victim's host: refunded failures, until the
     // attacker's own breaker for that origin refuses the attacker.
     for _ in 0..3 {
-        let res = scrape(&app, &attacker, json!({"url": dead_url})).await;
+        let res = app.scrape(&attacker, json!({"url": dead_url})).await;
         assert_problem(res, 502, "upstream_failed").await;
     }
-    let res = scrape(&app, &attacker, json!({"url": dead_url})).await;
+    let res = app.scrape(&attacker, json!({"url": dead_url})).await;
     assert!(res.headers().get("retry-after").is_some());
     let p = assert_problem(res, 503, "upstream_unavailable").await;
     assert_eq!(p["breaker"], "host", "{p}");
     // The victim's jobs to the working port of the same host still run and are charged.
-    let res = scrape(&app, &victim, json!({"url": format!("{}/", up.base)})).await;
+    let res = app
+        .scrape(&victim, json!({"url": format!("{}/", up.base)}))
+        .await;
     assert_eq!(res.status(), 200, "refused for another account's dead port");
     assert_eq!(p["scope"], "account", "{p}");
 
     // And jobs that really time out on the working origin (a slow page, a fair budget):
     // they count against that origin — for the attacker only.
     for _ in 0..3 {
-        let res = scrape(
-            &app,
-            &attacker,
-            json!({"url": format!("{}/slow/5000", up.base), "timeout_ms": 1500}),
-        )
-        .await;
+        let res = app
+            .scrape(
+                &attacker,
+                json!({"url": format!("{}/slow/5000", up.base), "timeout_ms": 1500}),
+            )
+            .await;
         assert_problem(res, 504, "job_timeout").await;
     }
-    let res = scrape(&app, &attacker, json!({"url": format!("{}/", up.base)})).await;
+    let res = app
+        .scrape(&attacker, json!({"url": format!("{}/", up.base)}))
+        .await;
     let p = assert_problem(res, 503, "upstream_unavailable").await;
     assert_eq!(p["scope"], "account", "{p}");
 
     // The victim's jobs to that origin still run and are charged…
     for _ in 0..3 {
-        let res = scrape(&app, &victim, json!({"url": format!("{}/", up.base)})).await;
+        let res = app
+            .scrape(&victim, json!({"url": format!("{}/", up.base)}))
+            .await;
         assert_eq!(res.status(), 200);
         let job: Value = res.json().await.unwrap();
         assert_eq!(job["status"], "succeeded", "{job}");
     }
     // …and even to the dead port its jobs are tried (and fail on their own), not refused.
-    let res = scrape(&app, &victim, json!({"url": dead_url})).await;
+    let res = app.scrape(&victim, json!({"url": dead_url})).await;
     assert_problem(res, 502, "upstream_failed").await;
 
     // No shared breaker opened, the egress provider's included.
@@ -230,31 +114,30 @@ async fn one_account_cannot_open_a_breaker_for_another() {
 
 #[tokio::test]
 async fn a_short_customer_timeout_does_not_count_against_the_site() {
-    let up = site().await;
+    let up = Upstream::start().await;
     // Even with one account enough to open the shared breaker, the default floor (5 s) keeps
     // a customer's own 200 ms timeouts from counting at all.
-    let app = app_allowing(
-        &[format!("127.0.0.1:{}", up.port)],
-        &[
-            ("KEYMETER_BREAKER_FAILURES", "3"),
-            ("KEYMETER_BREAKER_OPEN_SECS", "60"),
-            ("KEYMETER_BREAKER_MIN_ACCOUNTS", "1"),
-        ],
-    )
+    let app = spawn_jobs_app(&loopback(&[up.port]), |c| {
+        c.jobs.breaker_failures = 3;
+        c.jobs.breaker_open = Duration::from_secs(60);
+        c.jobs.breaker_min_accounts = 1;
+    })
     .await;
     let (_, customer) = app.create_account("pro", 100).await;
     let (_, other) = app.create_account("pro", 100).await;
     for _ in 0..5 {
-        let res = scrape(
-            &app,
-            &customer,
-            json!({"url": format!("{}/slow/2000", up.base), "timeout_ms": 200}),
-        )
-        .await;
+        let res = app
+            .scrape(
+                &customer,
+                json!({"url": format!("{}/slow/2000", up.base), "timeout_ms": 200}),
+            )
+            .await;
         assert_problem(res, 504, "job_timeout").await;
     }
     for key in [&customer, &other] {
-        let res = scrape(&app, key, json!({"url": format!("{}/", up.base)})).await;
+        let res = app
+            .scrape(key, json!({"url": format!("{}/", up.base)}))
+            .await;
         assert_eq!(res.status(), 200, "the site was not held responsible");
     }
     let report = admin_breakers(&app).await;
@@ -264,42 +147,38 @@ async fn a_short_customer_timeout_does_not_count_against_the_site() {
 
 #[tokio::test]
 async fn a_site_down_for_everyone_still_opens_its_breaker() {
-    let up = site().await;
-    let app = app_allowing(
-        &[format!("127.0.0.1:{}", up.port)],
-        &[
-            ("KEYMETER_BREAKER_FAILURES", "3"),
-            ("KEYMETER_BREAKER_OPEN_SECS", "60"),
-        ],
-    )
+    let up = Upstream::start().await;
+    let app = spawn_jobs_app(&loopback(&[up.port]), |c| {
+        c.jobs.breaker_failures = 3;
+        c.jobs.breaker_open = Duration::from_secs(60);
+    })
     .await;
     let origin = format!("http://127.0.0.1:{}", up.port);
     // Three customers (the default KEYMETER_BREAKER_MIN_ACCOUNTS), one failing job each:
     // that is enough, with no more failures needed.
     for _ in 0..3 {
         let (_, key) = app.create_account("pro", 100).await;
-        let res = scrape(&app, &key, json!({"url": format!("{origin}/status/503")})).await;
+        let res = app
+            .scrape(&key, json!({"url": format!("{origin}/status/503")}))
+            .await;
         assert_problem(res, 502, "upstream_failed").await;
     }
     // A fourth customer, who never failed, is answered at once for any page of that origin.
     let (account, fourth) = app.create_account("pro", 100).await;
     for path in ["/status/503", "/"] {
-        let res = scrape(&app, &fourth, json!({"url": format!("{origin}{path}")})).await;
+        let res = app
+            .scrape(&fourth, json!({"url": format!("{origin}{path}")}))
+            .await;
         assert!(res.headers().get("retry-after").is_some());
         let p = assert_problem(res, 503, "upstream_unavailable").await;
         assert_eq!(p["breaker"], "host", "{p}");
         assert_eq!(p["scope"], "shared", "{p}");
     }
-    let balance: i64 = app
-        .db
-        .query_one(
-            "SELECT credit_balance FROM accounts WHERE id = $1",
-            &[&account],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(balance, 100, "refused before any charge");
+    assert_eq!(
+        balance(&app, account).await.credits,
+        100,
+        "refused before any charge"
+    );
     // Operators see it by origin, in the admin report and in Prometheus.
     let report = admin_breakers(&app).await;
     assert_eq!(shared_open(&report), vec![origin.clone()], "{report}");
@@ -310,34 +189,35 @@ async fn a_site_down_for_everyone_still_opens_its_breaker() {
 
 #[tokio::test]
 async fn breaker_metric_series_stay_bounded() {
-    let up = site().await;
+    let up = Upstream::start().await;
     let (_held, dead) = dead_port();
     // 111 distinct hosts (127.0.0.2 … 127.0.0.112, all loopback), each a failing origin.
     let hosts: Vec<String> = (2..=112).map(|i| format!("127.0.0.{i}")).collect();
     let mut allow: Vec<String> = hosts.iter().map(|h| format!("{h}:{dead}")).collect();
-    allow.push(format!("127.0.0.1:{}", up.port));
+    allow.extend(loopback(&[up.port]));
     let tiers = tiers_file(
         "[tiers.bulk]\nrequests_per_minute = 60000\nburst = 10000\n\
          max_concurrent_jobs = 50\nmax_queued_jobs = 1000\n",
     );
-    let app = app_allowing(
-        &allow,
-        &[
-            ("KEYMETER_TIERS", &tiers),
-            ("KEYMETER_BREAKER_FAILURES", "1"),
-            ("KEYMETER_BREAKER_OPEN_SECS", "60"),
-            ("KEYMETER_BREAKER_MIN_ACCOUNTS", "1"),
-        ],
-    )
+    let app = spawn_jobs_app(&allow, |c| {
+        c.tiers_path = Some(tiers.clone());
+        c.jobs.breaker_failures = 1;
+        c.jobs.breaker_open = Duration::from_secs(60);
+        c.jobs.breaker_min_accounts = 1;
+    })
     .await;
     let (_, key) = app.create_account("bulk", 1000).await;
     for host in &hosts {
-        let res = scrape(&app, &key, json!({"url": format!("http://{host}:{dead}/")})).await;
+        let res = app
+            .scrape(&key, json!({"url": format!("http://{host}:{dead}/")}))
+            .await;
         assert_problem(res, 502, "upstream_failed").await;
         // Working pages in between keep the egress provider's success rate up: this test is
         // about the origins' series, not the provider.
         for _ in 0..2 {
-            let res = scrape(&app, &key, json!({"url": format!("{}/", up.base)})).await;
+            let res = app
+                .scrape(&key, json!({"url": format!("{}/", up.base)}))
+                .await;
             assert_eq!(res.status(), 200);
         }
     }
@@ -360,13 +240,15 @@ async fn breaker_metric_series_stay_bounded() {
 
 #[tokio::test]
 async fn an_ssrf_refusal_does_not_reveal_the_resolved_address() {
-    let up = site().await;
-    let app = app_allowing(&[format!("127.0.0.1:{}", up.port)], &[]).await;
+    let up = Upstream::start().await;
+    let app = spawn_jobs_app(&loopback(&[up.port]), |_| {}).await;
     let (_, key) = app.create_account("pro", 100).await;
     let secret_parts = ["127.0.0.1", "::1", "127.0.0.0/8", "loopback"];
 
     // A name given directly: refused before any charge.
-    let res = scrape(&app, &key, json!({"url": "http://localhost:9/"})).await;
+    let res = app
+        .scrape(&key, json!({"url": "http://localhost:9/"}))
+        .await;
     let p = assert_problem(res, 422, "url_not_allowed").await;
     let detail = p["detail"].as_str().unwrap();
     assert!(detail.contains("localhost resolves to a non-public"), "{p}");
@@ -386,14 +268,16 @@ async fn an_ssrf_refusal_does_not_reveal_the_resolved_address() {
         assert!(!p["detail"].as_str().unwrap().contains(part), "{p}");
     }
     // …and for a name a site redirects to: the job's stored error says no more.
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/to-localhost/{}", up.base, up.port)}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/to-localhost/{}", up.base, up.port)}),
+        )
+        .await;
     let p = assert_problem(res, 422, "url_not_allowed").await;
-    let job = wait_for_status(&app, &key, p["job_id"].as_str().unwrap(), "failed").await;
+    let job = app
+        .wait_for_job(&key, p["job_id"].as_str().unwrap(), &["failed"])
+        .await;
     let stored = job["error"]["detail"].as_str().unwrap();
     assert!(
         stored.contains("localhost resolves to a non-public"),
@@ -407,19 +291,20 @@ async fn an_ssrf_refusal_does_not_reveal_the_resolved_address() {
 
 #[tokio::test]
 async fn a_free_format_works_and_costs_nothing() {
-    let up = site().await;
+    let up = Upstream::start().await;
     let tiers = tiers_file(
         "[tiers.freebie]\nrequests_per_minute = 600\nburst = 100\n\
          max_concurrent_jobs = 2\nmax_queued_jobs = 10\nprices = { metadata = 0 }\n",
     );
-    let app = app_allowing(
-        &[format!("127.0.0.1:{}", up.port)],
-        &[("KEYMETER_TIERS", &tiers)],
-    )
+    let app = spawn_jobs_app(&loopback(&[up.port]), |c| {
+        c.tiers_path = Some(tiers.clone());
+    })
     .await;
     // No credits at all: the free format needs none.
     let (account, key) = app.create_account("freebie", 0).await;
-    let res = scrape(&app, &key, json!({"url": format!("{}/", up.base)})).await;
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/", up.base)}))
+        .await;
     assert_eq!(res.status(), 200);
     let job: Value = res.json().await.unwrap();
     assert_eq!(job["status"], "succeeded", "{job}");
@@ -433,23 +318,21 @@ async fn a_free_format_works_and_costs_nothing() {
         .await;
     assert_eq!(res.status(), 202);
     let queued: Value = res.json().await.unwrap();
-    wait_for_status(&app, &key, queued["id"].as_str().unwrap(), "succeeded").await;
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/status/500", up.base)}),
-    )
-    .await;
+    app.wait_for_job(&key, queued["id"].as_str().unwrap(), &["succeeded"])
+        .await;
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/status/500", up.base)}))
+        .await;
     let p = assert_problem(res, 502, "upstream_failed").await;
     assert_eq!(p["refunded"], false, "{p}");
 
     // A format with a price is still paid for.
-    let res = scrape(
-        &app,
-        &key,
-        json!({"url": format!("{}/", up.base), "formats": ["metadata", "text"]}),
-    )
-    .await;
+    let res = app
+        .scrape(
+            &key,
+            json!({"url": format!("{}/", up.base), "formats": ["metadata", "text"]}),
+        )
+        .await;
     assert_problem(res, 402, "insufficient_credits").await;
 
     // Free jobs move no money: no ledger row at all, not even a zero one.

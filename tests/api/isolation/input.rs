@@ -9,11 +9,12 @@ use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner}
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::credits::assert_ledger_invariant;
-use crate::helpers::{
-    assert_problem, database_url, spawn_app, spawn_app_on, spawn_app_with, TestApp,
-};
-use crate::process::{keymeter, run_to_end};
+use secrecy::SecretString;
+
+use crate::support::db::{assert_ledger_invariant, balance, database_url};
+use crate::support::process::{keymeter, run_to_end};
+use crate::support::stripe::signature_header;
+use crate::support::{assert_problem, spawn_app, spawn_app_on, spawn_app_with, TestApp};
 
 async fn get(app: &TestApp, key: &str, path: &str, query: &[(&str, String)]) -> reqwest::Response {
     app.client
@@ -122,8 +123,8 @@ async fn out_of_range_cursors_are_refused_with_422() {
 #[tokio::test]
 async fn an_overflowing_stripe_signature_timestamp_is_a_400() {
     const SECRET: &str = "whsec_test_input_0123456789";
-    let app = spawn_app_with(|env| {
-        env.insert("STRIPE_WEBHOOK_SECRET".into(), SECRET.into());
+    let app = spawn_app_with(|c| {
+        c.billing.webhook_secrets = vec![SecretString::from(SECRET.to_owned())];
     })
     .await;
     let body = serde_json::to_vec(&json!({
@@ -133,7 +134,7 @@ async fn an_overflowing_stripe_signature_timestamp_is_a_400() {
     .unwrap();
     for t in [i64::MIN, i64::MIN + 1, i64::MAX] {
         // Correctly signed for its (absurd) time: only the time can refuse it.
-        let header = keymeter::billing::signature::sign(SECRET, t, &body);
+        let header = signature_header(SECRET, t, &body);
         let res = app
             .client
             .post(app.url("/v1/billing/webhook"))
@@ -423,15 +424,15 @@ async fn charge_with_key(app: &TestApp, key: &str, idem: &str) -> reqwest::Respo
 /// retry, which holds the claim, may charge.
 #[tokio::test]
 async fn a_slow_first_attempt_and_its_retry_never_both_charge() {
-    let a = spawn_app_with(|env| {
-        env.insert("KEYMETER_REQUEST_TIMEOUT_SECS".into(), "60".into());
+    let a = spawn_app_with(|c| {
+        c.request_timeout = Duration::from_secs(60);
         // The first attempt's charge waits on the lock for seconds: the statement timeout
         // must not end it first (then it would simply fail, and prove nothing).
-        env.insert("KEYMETER_DB_STATEMENT_TIMEOUT_MS".into(), "60000".into());
+        c.database.statement_timeout = Duration::from_secs(60);
     })
     .await;
-    let b = spawn_app_on(a.db_name.clone(), |env| {
-        env.insert("KEYMETER_REQUEST_TIMEOUT_SECS".into(), "3".into());
+    let b = spawn_app_on(a.db_name.clone(), |c| {
+        c.request_timeout = Duration::from_secs(3);
     })
     .await;
     let (account, key) = a.create_account("internal", 100).await;
@@ -545,21 +546,9 @@ async fn a_slow_first_attempt_and_its_retry_never_both_charge() {
     let retry_status = retry.status().as_u16();
     let retry_body: Value = retry.json().await.unwrap();
 
-    let (balance, charges): (i64, i64) = {
-        let r = a
-            .db
-            .query_one(
-                "SELECT credit_balance,
-                        (SELECT count(*) FROM credit_ledger WHERE account_id = $1 AND kind = 'charge')
-                   FROM accounts WHERE id = $1",
-                &[&account],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
+    let after = balance(&a, account).await;
     assert_eq!(
-        (balance, charges),
+        (after.credits, after.charges),
         (90, 1),
         "charged once; first attempt {first_status} {first_body}, retry {retry_status} {retry_body}"
     );

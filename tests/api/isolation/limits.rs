@@ -5,34 +5,18 @@
 //! request to escape the per-IP limit, a short-lived login key minting a stronger or longer
 //! lived key (directly or by rotating one), and a read-only key reading the webhook secret.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
+use keymeter::config::Config;
 use serde_json::{json, Value};
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_on, spawn_app_with, TestApp};
+use crate::support::app::{redis_backend, redis_url, tiers_file};
+use crate::support::{assert_problem, spawn_app, spawn_app_on, spawn_app_with, TestApp};
 
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
-}
-
-fn with_redis(env: &mut HashMap<String, String>) {
-    env.insert("KEYMETER_RATE_LIMIT_BACKEND".into(), "redis".into());
-    env.insert("REDIS_URL".into(), redis_url());
-    // Refuse rather than fall back, so a pass cannot come from the in-memory limiter.
-    env.insert("KEYMETER_RATE_LIMIT_ON_REDIS_ERROR".into(), "refuse".into());
-}
-
-/// Waits until the app's limiter answers through Redis (refuse mode answers 503 until then).
-async fn wait_for_redis(app: &TestApp) {
-    let (_, probe) = app.create_account("free", 0).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app.get_with_key("/v1/account", &probe).await.status() == 503 {
-        assert!(Instant::now() < deadline, "never connected to Redis");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// The test Redis as the rate-limit store; refusing rather than falling back, so a pass
+/// cannot come from the in-memory limiter.
+fn with_redis(c: &mut Config) {
+    redis_backend(c, &redis_url(), true);
 }
 
 async fn json_of(res: reqwest::Response) -> Value {
@@ -57,14 +41,8 @@ fn at(v: &Value) -> DateTime<Utc> {
 /// its signup key (all scopes, never expires) and a login key (`keys:manage` + `read`, 12 h).
 async fn signup_and_login(app: &TestApp) -> (String, String) {
     let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
-    let creds = json!({"email": email, "password": "correct horse battery"});
-    let res = app
-        .client
-        .post(app.url("/v1/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
+    let password = "correct horse battery";
+    let res = app.signup(&email, password).await;
     assert_eq!(res.status(), 201);
     let signed_up = json_of(res).await;
     let signup_key = signed_up["api_key"]["key"].as_str().unwrap().to_owned();
@@ -76,13 +54,7 @@ async fn signup_and_login(app: &TestApp) -> (String, String) {
         )
         .await;
     assert_eq!(res.status(), 200);
-    let res = app
-        .client
-        .post(app.url("/v1/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
+    let res = app.login(&email, password).await;
     assert_eq!(res.status(), 201);
     let login_key = json_of(res).await["api_key"]["key"]
         .as_str()
@@ -96,8 +68,8 @@ async fn many_keys_of_one_account_share_one_tier_limit() {
     let memory = spawn_app().await;
     let redis_a = spawn_app_with(with_redis).await;
     let redis_b = spawn_app_on(redis_a.db_name.clone(), with_redis).await;
-    wait_for_redis(&redis_a).await;
-    wait_for_redis(&redis_b).await;
+    redis_a.wait_for_redis().await;
+    redis_b.wait_for_redis().await;
 
     for (backend, apps) in [
         ("memory", vec![&memory]),
@@ -218,18 +190,11 @@ async fn a_key_rate_limit_below_the_tier_is_enforced() {
 
 #[tokio::test]
 async fn an_account_cannot_hold_more_active_keys_than_its_tier_allows() {
-    let tiers = std::env::temp_dir().join(format!("tiers-{}.toml", uuid::Uuid::new_v4().simple()));
-    std::fs::write(
-        &tiers,
+    let tiers = tiers_file(
         "[tiers.small]\nrequests_per_minute = 6000\nburst = 1000\nmax_concurrent_jobs = 1\n\
          max_queued_jobs = 1\nmax_keys = 4\n",
-    )
-    .unwrap();
-    let path = tiers.to_string_lossy().into_owned();
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_TIERS".into(), path);
-    })
-    .await;
+    );
+    let app = spawn_app_with(|c| c.tiers_path = Some(tiers.clone())).await;
 
     // The defaults are the documented ones, and shown with the account.
     for (tier, max) in [("free", 10), ("pro", 100), ("business", 1000)] {
@@ -341,15 +306,15 @@ async fn from_address(app: &TestApp, xff: &str, forwarded: Option<&str>) -> u16 
 #[tokio::test]
 async fn a_forged_forwarded_for_hop_does_not_change_the_client_address() {
     // Our proxies: the test client (127.0.0.1, the TCP peer) and 10.0.0.0/8 behind it.
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_TRUST_FORWARDED".into(), "true".into());
-        env.insert(
-            "KEYMETER_TRUSTED_PROXIES".into(),
-            "127.0.0.1/32, 10.0.0.0/8".into(),
-        );
+    let app = spawn_app_with(|c| {
+        c.trust_forwarded = true;
+        c.trusted_proxies = vec![
+            "127.0.0.1/32".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
         // One cell a minute: no replenishing while the test runs, however slow the machine.
-        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "1".into());
-        env.insert("KEYMETER_IP_BURST".into(), "3".into());
+        c.ip_rate_per_minute = 1;
+        c.ip_burst = 3;
     })
     .await;
     // The client 203.0.113.7 writes a fresh first hop (and a `Forwarded: for=`) each time;
@@ -377,11 +342,11 @@ async fn a_forged_forwarded_for_hop_does_not_change_the_client_address() {
 
 #[tokio::test]
 async fn ipv6_clients_share_one_limit_per_64() {
-    let app = spawn_app_with(|env| {
-        env.insert("KEYMETER_TRUST_FORWARDED".into(), "true".into());
+    let app = spawn_app_with(|c| {
+        c.trust_forwarded = true;
         // One cell a minute: no replenishing while the test runs, however slow the machine.
-        env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "1".into());
-        env.insert("KEYMETER_IP_BURST".into(), "3".into());
+        c.ip_rate_per_minute = 1;
+        c.ip_burst = 3;
     })
     .await;
     let mut statuses = Vec::new();

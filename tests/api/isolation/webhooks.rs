@@ -2,133 +2,24 @@
 //! parallel password guesses, and signup/login storms. See `tests/api/isolation.rs`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use keymeter::config::Config;
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
-use crate::helpers::*;
-
-/// A local site: `/page` is a small page to scrape, `POST /hook` records a webhook delivery
-/// (its event id) when it arrives.
-struct Receiver {
-    base: String,
-    port: u16,
-    arrivals: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-async fn receiver() -> Receiver {
-    let arrivals: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
-    let a = arrivals.clone();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = HttpServer::new(move || {
-        let a = a.clone();
-        App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-            let a = a.clone();
-            async move {
-                match req.path() {
-                    "/page" => HttpResponse::Ok()
-                        .content_type("text/html")
-                        .body("<html><head><title>ok</title></head><body>ok</body></html>"),
-                    "/hook" => {
-                        let event: Value = serde_json::from_slice(&body).unwrap_or_default();
-                        let job = event["data"]["id"].as_str().unwrap_or("").to_owned();
-                        a.lock().unwrap().push((Instant::now(), job));
-                        HttpResponse::Ok().finish()
-                    }
-                    _ => HttpResponse::NotFound().finish(),
-                }
-            }
-        }))
-    })
-    .workers(1)
-    .listen(listener)
-    .unwrap()
-    .run();
-    tokio::spawn(server);
-    Receiver {
-        base: format!("http://127.0.0.1:{port}"),
-        port,
-        arrivals,
-    }
-}
-
-/// A real TCP endpoint that accepts every connection, reads what it is sent, and never
-/// answers. Counts connections open now and the most ever open at once.
-struct BlackHole {
-    port: u16,
-    accepted: Arc<AtomicUsize>,
-    open: Arc<AtomicUsize>,
-    max_open: Arc<AtomicUsize>,
-}
-
-async fn black_hole() -> BlackHole {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (accepted, open, max_open) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let (acc, op, max) = (accepted.clone(), open.clone(), max_open.clone());
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            acc.fetch_add(1, Ordering::SeqCst);
-            let now = op.fetch_add(1, Ordering::SeqCst) + 1;
-            max.fetch_max(now, Ordering::SeqCst);
-            let op = op.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                // Read until the sender gives up and closes; never write a byte.
-                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
-                op.fetch_sub(1, Ordering::SeqCst);
-            });
-        }
-    });
-    BlackHole {
-        port,
-        accepted,
-        open,
-        max_open,
-    }
-}
-
-fn allow(env: &mut HashMap<String, String>, ports: &[u16]) {
-    let list: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    env.insert("KEYMETER_SCRAPE_ALLOW".into(), list.join(","));
-}
-
-async fn finished(app: &TestApp, key: &str, id: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let job: Value = app
-            .get_with_key(&format!("/v1/jobs/{id}"), key)
-            .await
-            .json()
-            .await
-            .unwrap();
-        if job["status"] == "succeeded" {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} never finished: {job}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::support::app::spawn_jobs_app;
+use crate::support::prometheus::scrape;
+use crate::support::upstream::{black_hole, loopback, Upstream};
+use crate::support::{assert_problem, spawn_app_with, TestApp};
 
 #[tokio::test]
 async fn a_webhook_endpoint_that_never_answers_delays_only_its_own_account() {
-    let site = receiver().await;
+    let site = Upstream::start().await;
     let hole = black_hole().await;
-    let ports = [site.port, hole.port];
-    let app = spawn_app_with(move |env| {
-        allow(env, &ports);
-        env.insert("KEYMETER_JOB_WORKERS".into(), "4".into());
-        env.insert("KEYMETER_JOB_POLL_MS".into(), "100".into());
+    let app = spawn_jobs_app(&loopback(&[site.port, hole.port]), |c| {
+        c.jobs.poll = Duration::from_millis(100);
     })
     .await;
     let (a, key_a) = app.create_account("internal", 10_000).await;
@@ -181,16 +72,14 @@ async fn a_webhook_endpoint_that_never_answers_delays_only_its_own_account() {
     assert_eq!(res.status(), 202);
     let job: Value = res.json().await.unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
-    finished(&app, &key_b, &id).await;
+    app.wait_for_job(&key_b, &id, &["succeeded"]).await;
     let done = Instant::now();
     let arrived = loop {
         let hit = site
-            .arrivals
-            .lock()
-            .unwrap()
+            .hooks()
             .iter()
-            .find(|(_, job)| *job == id)
-            .map(|(at, _)| *at);
+            .find(|h| h.event()["data"]["id"] == id.as_str())
+            .map(|h| h.at);
         if let Some(at) = hit {
             break at;
         }
@@ -224,78 +113,59 @@ async fn a_webhook_endpoint_that_never_answers_delays_only_its_own_account() {
     assert_eq!(pending, 50);
 }
 
-async fn signup(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/v1/signup"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
+/// One counter of this app's `/metrics`.
+async fn metric(app: &TestApp, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape(app).await.get(name, labels)
 }
 
-async fn login(app: &TestApp, email: &str, password: &str) -> reqwest::Response {
-    app.client
-        .post(app.url("/v1/login"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap()
-}
-
-/// One sample of this app's `/metrics` (the line `name{labels} value`, labels as written).
-async fn metric(app: &TestApp, series: &str) -> Option<f64> {
-    let res = app
-        .client
-        .get(app.url("/metrics"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let text = res.text().await.unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(name, _)| *name == series)
-        .and_then(|(_, v)| v.parse().ok())
-}
-
-const VERIFICATIONS: &str = r#"keymeter_password_hash_operations_total{operation="verify"}"#;
+/// `keymeter_password_hash_operations_total{operation="verify"}`.
+const VERIFICATIONS: (&str, &[(&str, &str)]) = (
+    "keymeter_password_hash_operations_total",
+    &[("operation", "verify")],
+);
 
 /// The per-IP limits of the key-less routes are another defence; these tests open them wide
 /// so that what they see is the lockout and the hashing bound alone.
-fn open_ip_limits(env: &mut HashMap<String, String>) {
-    env.insert("KEYMETER_IP_RATE_PER_MINUTE".into(), "100000".into());
-    env.insert("KEYMETER_IP_BURST".into(), "10000".into());
-    env.insert("KEYMETER_AUTH_FAILURES_PER_MINUTE".into(), "100000".into());
+fn open_ip_limits(c: &mut Config) {
+    c.ip_rate_per_minute = 100_000;
+    c.ip_burst = 10_000;
+    c.auth_failures_per_minute = 100_000;
 }
 
 #[tokio::test]
 async fn concurrent_wrong_guesses_verify_at_most_five_passwords() {
-    let app = spawn_app_with(|env| {
-        open_ip_limits(env);
+    let app = spawn_app_with(|c| {
+        open_ip_limits(c);
         // Room for every guess to wait for a hashing slot: only the lockout may stop them.
-        env.insert("KEYMETER_PASSWORD_HASH_QUEUE".into(), "64".into());
+        c.password_hash_queue = 64;
     })
     .await;
     assert_eq!(
-        signup(&app, "target@example.com", "the right password")
+        app.signup("target@example.com", "the right password")
             .await
             .status(),
         201
     );
-    let before = metric(&app, VERIFICATIONS).await.unwrap_or(0.0);
+    let before = metric(&app, VERIFICATIONS.0, VERIFICATIONS.1)
+        .await
+        .unwrap_or(0.0);
 
     let guesses = (0..20).map(|i| {
         let app = &app;
-        async move { login(app, "target@example.com", &format!("wrong guess {i}")).await }
+        async move {
+            app.login("target@example.com", &format!("wrong guess {i}"))
+                .await
+        }
     });
     let answers = futures_util::future::join_all(guesses).await;
     let mut statuses: HashMap<u16, usize> = HashMap::new();
     for res in answers {
         *statuses.entry(res.status().as_u16()).or_default() += 1;
     }
-    let verified = metric(&app, VERIFICATIONS).await.unwrap_or(0.0) - before;
+    let verified = metric(&app, VERIFICATIONS.0, VERIFICATIONS.1)
+        .await
+        .unwrap_or(0.0)
+        - before;
     assert!(
         verified <= 5.0,
         "{verified} passwords were verified for 20 parallel guesses ({statuses:?})"
@@ -313,11 +183,14 @@ async fn concurrent_wrong_guesses_verify_at_most_five_passwords() {
         "{statuses:?}"
     );
     // The email is locked now, even for the right password, and without a check.
-    let res = login(&app, "target@example.com", "the right password").await;
+    let res = app.login("target@example.com", "the right password").await;
     assert!(res.headers().contains_key("retry-after"));
     assert_problem(res, 429, "rate_limited").await;
     assert_eq!(
-        metric(&app, VERIFICATIONS).await.unwrap_or(0.0) - before,
+        metric(&app, VERIFICATIONS.0, VERIFICATIONS.1)
+            .await
+            .unwrap_or(0.0)
+            - before,
         verified
     );
 }
@@ -332,22 +205,24 @@ async fn rows(app: &TestApp) -> i64 {
 
 #[tokio::test]
 async fn login_failures_are_purged_when_their_window_ends() {
-    let app = spawn_app_with(|env| {
-        open_ip_limits(env);
-        env.insert("KEYMETER_LOGIN_LOCKOUT_SECS".into(), "8".into());
+    let app = spawn_app_with(|c| {
+        open_ip_limits(c);
+        c.login_lockout = Duration::from_secs(8);
     })
     .await;
     // Failures for addresses that may not exist: one row each, written by anyone.
     for i in 0..3 {
-        let res = login(&app, &format!("nobody{i}@example.com"), "wrong password").await;
+        let res = app
+            .login(&format!("nobody{i}@example.com"), "wrong password")
+            .await;
         assert_problem(res, 401, "invalid_credentials").await;
     }
     // And one email locked by five failures.
     for _ in 0..5 {
-        let _ = login(&app, "locked@example.com", "wrong password").await;
+        let _ = app.login("locked@example.com", "wrong password").await;
     }
     assert_problem(
-        login(&app, "locked@example.com", "wrong password").await,
+        app.login("locked@example.com", "wrong password").await,
         429,
         "rate_limited",
     )
@@ -369,7 +244,7 @@ async fn login_failures_are_purged_when_their_window_ends() {
     }
     // A purged email starts afresh: one more failure is a 401, not a lock.
     assert_problem(
-        login(&app, "locked@example.com", "wrong password").await,
+        app.login("locked@example.com", "wrong password").await,
         401,
         "invalid_credentials",
     )
@@ -378,10 +253,10 @@ async fn login_failures_are_purged_when_their_window_ends() {
 
 #[tokio::test]
 async fn password_hashing_is_bounded_and_excess_attempts_are_told_to_retry() {
-    let app = spawn_app_with(|env| {
-        open_ip_limits(env);
-        env.insert("KEYMETER_PASSWORD_HASH_CONCURRENCY".into(), "1".into());
-        env.insert("KEYMETER_PASSWORD_HASH_QUEUE".into(), "1".into());
+    let app = spawn_app_with(|c| {
+        open_ip_limits(c);
+        c.password_hash_concurrency = 1;
+        c.password_hash_queue = 1;
     })
     .await;
     let n = 24;
@@ -389,7 +264,7 @@ async fn password_hashing_is_bounded_and_excess_attempts_are_told_to_retry() {
         let app = &app;
         async move {
             let email = format!("{}@example.com", Uuid::new_v4().simple());
-            signup(app, &email, "a long enough password").await
+            app.signup(&email, "a long enough password").await
         }
     });
     let answers = futures_util::future::join_all(signups).await;
@@ -423,15 +298,23 @@ async fn password_hashing_is_bounded_and_excess_attempts_are_told_to_retry() {
         .unwrap()
         .get(0);
     assert_eq!(accounts, created);
-    let hashes = r#"keymeter_password_hash_operations_total{operation="hash"}"#;
-    let refusals = r#"keymeter_password_hash_refusals_total{operation="hash"}"#;
-    assert_eq!(metric(&app, hashes).await, Some(created as f64));
-    assert_eq!(metric(&app, refusals).await, Some(refused as f64));
+    let hash = [("operation", "hash")];
+    assert_eq!(
+        metric(&app, "keymeter_password_hash_operations_total", &hash).await,
+        Some(created as f64)
+    );
+    assert_eq!(
+        metric(&app, "keymeter_password_hash_refusals_total", &hash).await,
+        Some(refused as f64)
+    );
 
     // Logins share the bound: a storm of them is refused the same way, never a 500.
     let logins = (0..n).map(|i| {
         let app = &app;
-        async move { login(app, &format!("storm{i}@example.com"), "a wrong password").await }
+        async move {
+            app.login(&format!("storm{i}@example.com"), "a wrong password")
+                .await
+        }
     });
     let mut busy = 0;
     for res in futures_util::future::join_all(logins).await {
