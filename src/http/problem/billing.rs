@@ -31,3 +31,42 @@ impl From<Error> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_their_type_field_and_detail() {
+        let e = ApiError::from(Error::UnknownPack {
+            name: "huge".into(),
+            available: "small, large".into(),
+        });
+        assert!(matches!(
+            e,
+            ApiError::Validation { ref detail, field: Some("pack") }
+                if detail == "unknown pack \"huge\"; available: small, large."
+        ));
+        let e = ApiError::from(Error::InvalidUrl {
+            field: "cancel_url",
+        });
+        assert!(matches!(
+            e,
+            ApiError::Validation { ref detail, field: Some("cancel_url") }
+                if detail == "cancel_url must be an absolute http(s) URL."
+        ));
+        let e = ApiError::from(Error::InvalidEvent("no id"));
+        assert!(matches!(
+            e,
+            ApiError::InvalidRequest(ref d) if d == "Not a usable Stripe event: no id."
+        ));
+        let e = ApiError::from(Error::PaymentProviderUnavailable {
+            detail: "The payment provider is unavailable; retry shortly.",
+        });
+        assert_eq!(e.kind(), ProblemType::PaymentProviderUnavailable);
+        assert!(matches!(
+            ApiError::from(Error::NotConfigured),
+            ApiError::Disabled(ref d) if d == "Billing is not configured on this server."
+        ));
+    }
+}
