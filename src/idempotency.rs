@@ -23,18 +23,27 @@
 //! to complete: its transaction fails before it commits, the charge in it is rolled back,
 //! and the first attempt answers `409 idempotency_conflict`. The first attempt and its retry
 //! can never both charge.
+//!
+//! Callers go through [`run`], the one place the claim → work → record-or-release sequence
+//! is written: the route turns the HTTP request into a [`Request`] (see
+//! `crate::http::idempotent`), the work gets the claim's [`Guard`] and records its outcome
+//! with [`Guard::record`] in the transaction that does it, and a failure releases the key.
+//! This module speaks no HTTP: a stored outcome is a status number, an optional `Location`
+//! and the body's bytes ([`StoredResponse`]); rendering a replay is the HTTP layer's job.
 
+use std::future::Future;
 use std::time::Duration;
 
-use actix_web::http::header::HeaderMap;
-use actix_web::http::StatusCode;
-use actix_web::HttpResponse;
 use deadpool_postgres::{GenericClient, Pool, Transaction};
+use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::http::problem::{ApiError, ProblemType};
+// Transitional: routes/jobs.rs still spells out the claim/complete/release sequence with the
+// old `start`; it moves to [`run`] once the jobs restructuring has merged, and this line and
+// `crate::http::idempotent::legacy` go away.
+pub use crate::http::idempotent::legacy::{start, Start};
 
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
@@ -46,23 +55,61 @@ pub fn abandoned_after(request_timeout: Duration) -> Duration {
 }
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 
-/// A validated `Idempotency-Key` header value.
+/// Why a request could not have its key (each becomes a problem in `http::problem`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The key is not 1 to 255 printable ASCII characters.
+    #[error("Idempotency-Key must be 1 to 255 printable ASCII characters without spaces.")]
+    InvalidKey,
+    /// The key was first used with a different request.
+    #[error("This Idempotency-Key was used with a different request; use a new key.")]
+    KeyReused,
+    /// Another request holds the key, or took it over from this one.
+    #[error("{cause}")]
+    Conflict { cause: Conflict },
+    /// The outcome could not be encoded for storing (a bug, not the client's doing).
+    #[error("could not encode an idempotent response: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
+}
+crate::impl_db_error_from!(Error);
+
+/// What another request with the same key is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// The holder released the key between our claim and our read: a retry may run.
+    #[error("A request with this Idempotency-Key was just in progress; retry.")]
+    JustReleased,
+    /// The first request with this key has not finished.
+    #[error("A request with this Idempotency-Key is still in progress.")]
+    InProgress,
+    /// This request outlived its claim and a retry took the key over; its work is undone.
+    #[error(
+        "This request took so long that a retry with the same Idempotency-Key \
+                         took it over; this attempt was undone. Retry with the same key to get \
+                         the outcome."
+    )]
+    TakenOver,
+}
+
+impl Error {
+    fn conflict(cause: Conflict) -> Self {
+        Error::Conflict { cause }
+    }
+}
+
+/// A validated `Idempotency-Key` value.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
-    pub fn from_headers(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
-        let Some(v) = headers.get(HEADER) else {
-            return Ok(None);
-        };
-        let s = v.to_str().unwrap_or("");
+    /// 1 to 255 printable ASCII characters, no spaces (Stripe's rule).
+    pub fn parse(s: &str) -> Result<IdempotencyKey, Error> {
         if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-            return Err(ApiError::InvalidRequest(
-                "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces."
-                    .into(),
-            ));
+            return Err(Error::InvalidKey);
         }
-        Ok(Some(IdempotencyKey(s.to_owned())))
+        Ok(IdempotencyKey(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -97,60 +144,117 @@ pub fn request_hash(method: &str, path: &str, body: &Value) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
+/// An idempotent request: whose key, what the request was, and the status its success is
+/// answered with (stored with the body, so a replay answers the same).
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub account_id: Uuid,
+    pub key: IdempotencyKey,
+    /// [`request_hash`] of the method, path and body.
+    pub hash: Vec<u8>,
+    /// The status of a successful answer (a number: this module speaks no HTTP).
+    pub status: u16,
+}
+
+impl Request {
+    pub fn new(
+        account_id: Uuid,
+        key: IdempotencyKey,
+        method: &str,
+        path: &str,
+        body: &Value,
+        status: u16,
+    ) -> Request {
+        Request {
+            account_id,
+            key,
+            hash: request_hash(method, path, body),
+            status,
+        }
+    }
+}
+
+/// The outcome a finished request stored: what a replay answers with (as JSON, with
+/// `Idempotent-Replayed: true`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    /// The `Location` header, when the answer had one.
+    pub location: Option<String>,
+    /// The JSON body, byte for byte.
+    pub body: Vec<u8>,
+}
+
 /// What a claim found.
 pub enum Claim {
-    /// This request owns the key: run it, then [`Guard::complete`] inside its transaction.
+    /// This request owns the key: run it, then [`Guard::record`] inside its transaction.
     Owned(Guard),
     /// A finished earlier request with this key and body: answer with this.
-    Replay(HttpResponse),
+    Replay(StoredResponse),
 }
 
-/// The start of an idempotent POST: with no `Idempotency-Key` header the request just runs
-/// (`Run(None)`); with one it is claimed (`Run(Some(guard))`) or answered from the record.
-pub enum Start {
-    Run(Option<Guard>),
-    Replay(HttpResponse),
+/// What [`run`] did.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// The work ran (first request with this key, or no key at all).
+    Ran(T),
+    /// An earlier request with this key and body finished: answer with its outcome.
+    Replayed(StoredResponse),
 }
 
+/// The one idempotent sequence: without a `request` (no `Idempotency-Key`) the work just
+/// runs with `None`; with one, the key is claimed — or the stored outcome / the refusal of
+/// an earlier request with it is returned without running anything — and the work runs with
+/// `Some(guard)`. The work must [`Guard::record`] its outcome (in the transaction that does
+/// the work, so both commit or neither does); when it fails, the key is released so the
+/// client may fix the request and retry with the same key.
+///
 /// `request_timeout` is the server's (`KEYMETER_REQUEST_TIMEOUT_SECS`): it sets when a claim
-/// counts as abandoned (see [`abandoned_after`]).
-pub async fn start(
+/// counts as abandoned (see [`abandoned_after`]). `E` is the work's error type; the claim's
+/// refusals (`KeyReused`, `Conflict`, a database failure) reach the caller as `E` too.
+pub async fn run<T, E, F, Fut>(
     db: &Pool,
     request_timeout: Duration,
-    account_id: Uuid,
-    req: &actix_web::HttpRequest,
-    body: &Value,
-) -> Result<(Option<IdempotencyKey>, Start), ApiError> {
-    let Some(key) = IdempotencyKey::from_headers(req.headers())? else {
-        return Ok((None, Start::Run(None)));
+    request: Option<Request>,
+    work: F,
+) -> Result<Outcome<T>, E>
+where
+    E: From<Error>,
+    F: FnOnce(Option<Guard>) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let Some(request) = request else {
+        return work(None).await.map(Outcome::Ran);
     };
-    let hash = request_hash(req.method().as_str(), req.path(), body);
-    let window = abandoned_after(request_timeout);
-    let start = match claim(db, account_id, &key, &hash, window).await? {
-        Claim::Owned(g) => Start::Run(Some(g)),
-        Claim::Replay(res) => Start::Replay(res),
+    let guard = match claim(db, &request, abandoned_after(request_timeout)).await? {
+        Claim::Owned(guard) => guard,
+        Claim::Replay(stored) => return Ok(Outcome::Replayed(stored)),
     };
-    Ok((Some(key), start))
+    match work(Some(guard.clone())).await {
+        Ok(done) => Ok(Outcome::Ran(done)),
+        Err(e) => {
+            guard.release(db).await;
+            Err(e)
+        }
+    }
 }
 
-/// This request's hold on a key: the record is its only while it carries `token`.
+/// This request's hold on a key: the record is its only while it carries `token`. Cloning
+/// it does not make a second claim; both copies are this request's.
+#[derive(Debug, Clone)]
 pub struct Guard {
     account_id: Uuid,
-    key: String,
+    key: IdempotencyKey,
     token: Uuid,
+    status: u16,
 }
 
-/// Claims `key` for this request (a new record, or one abandoned for longer than `window`),
-/// or says what an earlier request with it became.
-pub async fn claim(
-    db: &Pool,
-    account_id: Uuid,
-    key: &IdempotencyKey,
-    hash: &[u8],
-    window: Duration,
-) -> Result<Claim, ApiError> {
+/// Claims the request's key (a new record, or one abandoned for longer than `window`), or
+/// says what an earlier request with it became.
+pub async fn claim(db: &Pool, request: &Request, window: Duration) -> Result<Claim, Error> {
     let client = db.get().await?;
     let token = Uuid::new_v4();
+    let (account_id, key, hash) = (request.account_id, &request.key, &request.hash);
     let claimed = client
         .query_opt(
             "INSERT INTO idempotency_keys AS i (account_id, key, request_hash, token)
@@ -165,7 +269,7 @@ pub async fn claim(
             &[
                 &account_id,
                 &key.as_str(),
-                &hash,
+                hash,
                 &window.as_secs_f64(),
                 &token,
             ],
@@ -174,8 +278,9 @@ pub async fn claim(
     if claimed.is_some() {
         return Ok(Claim::Owned(Guard {
             account_id,
-            key: key.as_str().to_owned(),
+            key: key.clone(),
             token,
+            status: request.status,
         }));
     }
     let row = client
@@ -187,56 +292,79 @@ pub async fn claim(
         .await?;
     let Some(row) = row else {
         // Released between our insert and our read: the client may simply retry.
-        return Err(ApiError::problem(
-            ProblemType::IdempotencyConflict,
-            "A request with this Idempotency-Key was just in progress; retry.",
-        ));
+        return Err(Error::conflict(Conflict::JustReleased));
     };
     let stored_hash: Vec<u8> = row.get(0);
-    if stored_hash != hash {
-        return Err(ApiError::IdempotencyKeyReused);
+    if &stored_hash != hash {
+        return Err(Error::KeyReused);
     }
     let status: Option<i16> = row.get(1);
     let Some(status) = status else {
-        return Err(ApiError::problem(
-            ProblemType::IdempotencyConflict,
-            "A request with this Idempotency-Key is still in progress.",
-        ));
+        return Err(Error::conflict(Conflict::InProgress));
     };
-    let body: Vec<u8> = row.get::<_, Option<Vec<u8>>>(2).unwrap_or_default();
-    let location: Option<String> = row.get(3);
-    let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
-    let mut res = HttpResponse::build(status);
-    res.insert_header(("content-type", "application/json"))
-        .insert_header((REPLAYED, "true"));
-    if let Some(l) = location {
-        res.insert_header(("location", l));
-    }
-    Ok(Claim::Replay(res.body(body)))
+    Ok(Claim::Replay(StoredResponse {
+        status: u16::try_from(status).unwrap_or(200),
+        location: row.get(3),
+        body: row.get::<_, Option<Vec<u8>>>(2).unwrap_or_default(),
+    }))
 }
 
 impl Guard {
-    /// Stores the outcome, in the transaction that did the work — only while this request
-    /// still holds the claim. When a retry has taken the key over, nothing is stored and the
-    /// error (`409 idempotency_conflict`) must make the caller drop the transaction without
-    /// committing it, so the work in it (a charge, a reserved job) is rolled back: only the
-    /// claim's holder may commit its work. The UPDATE also locks the record until the commit,
-    /// so a takeover cannot slip in between this check and the commit.
+    /// The key this request holds (kept on what the work writes, e.g. the ledger row).
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// Records the outcome — the request's success status, `body` as JSON and `location` —
+    /// in the transaction that did the work, only while this request still holds the claim.
+    /// When a retry has taken the key over, nothing is stored and the error
+    /// ([`Conflict::TakenOver`]) must make the caller drop the transaction without committing
+    /// it, so the work in it (a charge, a reserved job) is rolled back: only the claim's
+    /// holder may commit its work. The UPDATE also locks the record until the commit, so a
+    /// takeover cannot slip in between this check and the commit.
+    pub async fn record(
+        &self,
+        tx: &Transaction<'_>,
+        body: &impl Serialize,
+        location: Option<&str>,
+    ) -> Result<(), Error> {
+        let body = serde_json::to_value(body)?;
+        self.complete(tx, self.status, &body, location).await
+    }
+
+    /// [`Guard::record`] for work that has no transaction of its own (a call to another
+    /// service): the outcome is stored in a transaction of its own.
+    pub async fn record_alone(
+        &self,
+        db: &Pool,
+        body: &impl Serialize,
+        location: Option<&str>,
+    ) -> Result<(), Error> {
+        let mut client = db.get().await?;
+        let tx = client.transaction().await?;
+        self.record(&tx, body, location).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// [`Guard::record`] with an explicit status. Transitional: routes/jobs.rs calls it
+    /// with the HTTP layer's status type (which converts to `u16`); new code uses `record`.
     pub async fn complete(
         &self,
         tx: &Transaction<'_>,
-        status: StatusCode,
+        status: impl Into<u16>,
         body: &Value,
         location: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
+        let status = i16::try_from(status.into()).unwrap_or(200);
         let stored = tx
             .execute(
                 "UPDATE idempotency_keys SET status = $3, response_body = $4, location = $5
                   WHERE account_id = $1 AND key = $2 AND token = $6 AND status IS NULL",
                 &[
                     &self.account_id,
-                    &self.key,
-                    &(status.as_u16() as i16),
+                    &self.key.as_str(),
+                    &status,
                     &body.to_string().into_bytes(),
                     &location,
                     &self.token,
@@ -247,12 +375,7 @@ impl Guard {
             tracing::warn!(
                 "an idempotent request outlived its claim and was taken over; its work is rolled back"
             );
-            return Err(ApiError::problem(
-                ProblemType::IdempotencyConflict,
-                "This request took so long that a retry with the same Idempotency-Key \
-                         took it over; this attempt was undone. Retry with the same key to get \
-                         the outcome.",
-            ));
+            return Err(Error::conflict(Conflict::TakenOver));
         }
         Ok(())
     }
@@ -266,10 +389,10 @@ impl Guard {
                 .execute(
                     "DELETE FROM idempotency_keys
                       WHERE account_id = $1 AND key = $2 AND token = $3 AND status IS NULL",
-                    &[&self.account_id, &self.key, &self.token],
+                    &[&self.account_id, &self.key.as_str(), &self.token],
                 )
                 .await?;
-            Ok::<_, ApiError>(())
+            Ok::<_, Error>(())
         }
         .await;
         if result.is_err() {
@@ -294,12 +417,12 @@ pub async fn run_purge(db: Pool, stop: tokio_util::sync::CancellationToken) {
     }
 }
 
-pub async fn purge(db: &Pool) -> Result<u64, ApiError> {
+pub async fn purge(db: &Pool) -> Result<u64, Error> {
     let client = db.get().await?;
     purge_with(&client).await
 }
 
-async fn purge_with(client: &impl GenericClient) -> Result<u64, ApiError> {
+async fn purge_with(client: &impl GenericClient) -> Result<u64, Error> {
     Ok(client
         .execute(
             "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",

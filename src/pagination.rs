@@ -48,6 +48,12 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// A list route's `limit` and `cursor`, checked in that order (so a route with its own
+/// query struct — one with filters besides the page — parses the page in one call).
+pub fn page(limit: Option<&str>, cursor: Option<&str>) -> Result<(i64, Option<Cursor>), ApiError> {
+    Ok((parse_limit(limit)?, cursor.map(Cursor::decode).transpose()?))
+}
+
 #[derive(Debug, Clone)]
 pub struct Cursor {
     pub at: DateTime<Utc>,
@@ -84,6 +90,14 @@ impl Cursor {
         Ok(Cursor {
             at,
             id: id.to_owned(),
+        })
+    }
+
+    /// The id part read as the route's id type (a ledger row's number, a job's UUID): one
+    /// that does not parse is not a cursor this API returned, `400 invalid_request`.
+    pub fn id_as<T: std::str::FromStr>(&self) -> Result<T, ApiError> {
+        self.id.parse().map_err(|_| {
+            ApiError::InvalidRequest("The cursor is not one this API returned.".into())
         })
     }
 }

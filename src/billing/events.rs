@@ -10,10 +10,13 @@ use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
 use uuid::Uuid;
 
+use secrecy::SecretString;
+
+use super::{signature, Error};
 use crate::accounts;
 use crate::config::BillingSettings;
 use crate::credits::ledger::{self, Kind};
-use crate::http::problem::ApiError;
+use crate::metrics;
 use crate::tiers::{Tiers, DEFAULT_TIER};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -30,8 +33,31 @@ fn text<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     cur.as_str().filter(|s| !s.is_empty())
 }
 
-fn invalid(detail: &str) -> ApiError {
-    ApiError::InvalidRequest(format!("Not a usable Stripe event: {detail}."))
+fn invalid(detail: &'static str) -> Error {
+    Error::InvalidEvent(detail)
+}
+
+/// A webhook delivery's event, once its raw body has been verified against `secrets`
+/// (`Stripe-Signature`, any `v1` under any secret, [`signature::TOLERANCE_SECS`]) and only
+/// then parsed. Every refusal is counted in the webhook metrics; nothing is written.
+pub fn verified_event(
+    secrets: &[SecretString],
+    signature_header: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Value, Error> {
+    if secrets.is_empty() {
+        return Err(Error::WebhooksNotConfigured);
+    }
+    if let Err(e) = signature::verify(signature_header, body, secrets, now) {
+        tracing::warn!(reason = %e, "refused a webhook delivery");
+        metrics::webhook_event("unverified", "bad_signature");
+        return Err(Error::InvalidSignature(e));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        metrics::webhook_event("unknown", "invalid");
+        Error::InvalidJson(e.to_string())
+    })
 }
 
 pub async fn process(
@@ -39,7 +65,7 @@ pub async fn process(
     billing: &BillingSettings,
     tiers: &Tiers,
     event: &Value,
-) -> Result<Processed, ApiError> {
+) -> Result<Processed, Error> {
     let id = text(event, &["id"]).ok_or_else(|| invalid("no id"))?;
     let kind = text(event, &["type"]).ok_or_else(|| invalid("no type"))?;
     let created = event
@@ -103,11 +129,14 @@ struct Ctx<'a, 'b> {
 type Outcome = (Option<Uuid>, &'static str);
 
 impl Ctx<'_, '_> {
-    async fn account_exists(&self, id: Uuid) -> Result<bool, ApiError> {
-        Ok(accounts::get(self.tx, id).await?.is_some())
+    async fn account_exists(&self, id: Uuid) -> Result<bool, Error> {
+        Ok(accounts::get(self.tx, id)
+            .await
+            .map_err(Error::Accounts)?
+            .is_some())
     }
 
-    async fn account_by_customer(&self, customer: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    async fn account_by_customer(&self, customer: Option<&str>) -> Result<Option<Uuid>, Error> {
         let Some(c) = customer else { return Ok(None) };
         Ok(self
             .tx
@@ -121,7 +150,7 @@ impl Ctx<'_, '_> {
 
     /// A pack bought through Checkout, once paid (card payments arrive paid with
     /// `completed`; delayed methods with `async_payment_succeeded`).
-    async fn checkout_paid(&self, kind: &str, s: &Value) -> Result<Outcome, ApiError> {
+    async fn checkout_paid(&self, kind: &str, s: &Value) -> Result<Outcome, Error> {
         let session_id = text(s, &["id"]).ok_or_else(|| invalid("session without id"))?;
         let paid = text(s, &["payment_status"]) == Some("paid");
         if kind == "checkout.session.completed" && !paid {
@@ -201,7 +230,7 @@ impl Ctx<'_, '_> {
     }
 
     /// A paid plan invoice: the period's credits and the plan's tier.
-    async fn invoice_paid(&self, inv: &Value) -> Result<Outcome, ApiError> {
+    async fn invoice_paid(&self, inv: &Value) -> Result<Outcome, Error> {
         let invoice_id = text(inv, &["id"]).ok_or_else(|| invalid("invoice without id"))?;
         let plan = inv
             .get("lines")
@@ -296,7 +325,7 @@ impl Ctx<'_, '_> {
         account: Uuid,
         plan: Option<&str>,
         status: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         self.tx
             .execute(
                 "INSERT INTO billing_subscriptions (subscription_id, account_id, plan, status, last_event_created)
@@ -311,23 +340,26 @@ impl Ctx<'_, '_> {
         Ok(())
     }
 
-    async fn apply_tier(&self, account: Uuid, tier: &str) -> Result<(), ApiError> {
+    async fn apply_tier(&self, account: Uuid, tier: &str) -> Result<(), Error> {
         let tier = if self.tiers.get(tier).is_some() {
             tier
         } else {
             DEFAULT_TIER
         };
         let current = accounts::get(self.tx, account)
-            .await?
-            .ok_or_else(accounts::not_found)?;
+            .await
+            .map_err(Error::Accounts)?
+            .ok_or(Error::AccountNotFound)?;
         if current.tier != tier {
-            accounts::set_tier(self.tx, self.tiers, account, tier).await?;
+            accounts::set_tier(self.tx, self.tiers, account, tier)
+                .await
+                .map_err(Error::Accounts)?;
         }
         Ok(())
     }
 
     /// Plan changes and cancellations. An event older than the state we hold is ignored.
-    async fn subscription_changed(&self, kind: &str, sub: &Value) -> Result<Outcome, ApiError> {
+    async fn subscription_changed(&self, kind: &str, sub: &Value) -> Result<Outcome, Error> {
         let sub_id = text(sub, &["id"]).ok_or_else(|| invalid("subscription without id"))?;
         let status = if kind == "customer.subscription.deleted" {
             "canceled"
@@ -397,7 +429,7 @@ impl Ctx<'_, '_> {
 
     /// A refunded payment takes back the credits it bought, in proportion to the refunded
     /// amount (refunds are cumulative in `amount_refunded`, so only the difference is new).
-    async fn charge_refunded(&self, charge: &Value) -> Result<Outcome, ApiError> {
+    async fn charge_refunded(&self, charge: &Value) -> Result<Outcome, Error> {
         let Some(pi) = text(charge, &["payment_intent"]) else {
             return Ok((None, "unmatched"));
         };

@@ -14,8 +14,68 @@ use uuid::Uuid;
 
 use crate::accounts;
 use crate::config::BillingSettings;
-use crate::http::problem::ApiError;
+use crate::idempotency::Guard;
 use stripe_api::{Created, StripeApi};
+
+/// Why a billing request or a Stripe event was refused, in billing's words;
+/// `http::problem` gives each its status. The message of a refusal is the client's `detail`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No Stripe secret key is configured.
+    #[error("Billing is not configured on this server.")]
+    NotConfigured,
+    /// No webhook secret is configured.
+    #[error("Billing webhooks are not configured on this server.")]
+    WebhooksNotConfigured,
+    #[error("unknown pack {name:?}; available: {available}.")]
+    UnknownPack { name: String, available: String },
+    #[error("unknown plan {name:?}; available: {available}.")]
+    UnknownPlan { name: String, available: String },
+    #[error("name exactly one of `pack` or `plan`.")]
+    PackOrPlan,
+    #[error("{field} must be an absolute http(s) URL.")]
+    InvalidUrl { field: &'static str },
+    /// A webhook delivery whose signature does not verify; nothing is written.
+    #[error("The signature could not be verified.")]
+    InvalidSignature(#[source] signature::SignatureError),
+    /// A verified webhook body that is not JSON.
+    #[error("{0}")]
+    InvalidJson(String),
+    /// A verified webhook body that is JSON but not a usable event.
+    #[error("Not a usable Stripe event: {0}.")]
+    InvalidEvent(&'static str),
+    /// Stripe could not be reached or is failing; the client may retry.
+    #[error("{detail}")]
+    PaymentProviderUnavailable { detail: &'static str },
+    #[error("No account with that id.")]
+    AccountNotFound,
+    /// Transitional: `accounts` still answers with the HTTP error on this branch; this
+    /// becomes `accounts::Error` when the accounts work merges.
+    #[error(transparent)]
+    Accounts(crate::http::problem::ApiError),
+    #[error(transparent)]
+    Credits(#[from] crate::credits::Error),
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::Error),
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
+    /// Something a client cannot cause or fix (Stripe refusing our own request, a bug).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+crate::impl_db_error_from!(Error);
+
+impl Error {
+    /// The request value a refusal is about, when it is one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::UnknownPack { .. } | Error::PackOrPlan => Some("pack"),
+            Error::UnknownPlan { .. } => Some("plan"),
+            Error::InvalidUrl { field } => Some(field),
+            _ => None,
+        }
+    }
+}
 
 /// What a checkout buys.
 #[derive(Debug, Clone)]
@@ -36,7 +96,7 @@ impl Item {
         settings: &BillingSettings,
         pack: Option<&str>,
         plan: Option<&str>,
-    ) -> Result<Item, ApiError> {
+    ) -> Result<Item, Error> {
         match (pack, plan) {
             (Some(p), None) => settings
                 .pack(p)
@@ -45,19 +105,14 @@ impl Item {
                     price_id: p.price_id.clone(),
                     credits: p.credits,
                 })
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "pack",
-                        format!(
-                            "unknown pack {p:?}; available: {}.",
-                            settings
-                                .packs
-                                .iter()
-                                .map(|p| p.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
+                .ok_or_else(|| Error::UnknownPack {
+                    name: p.to_owned(),
+                    available: settings
+                        .packs
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 }),
             (None, Some(p)) => settings
                 .plan(p)
@@ -65,35 +120,23 @@ impl Item {
                     name: p.name.clone(),
                     price_id: p.price_id.clone(),
                 })
-                .ok_or_else(|| {
-                    ApiError::validation(
-                        "plan",
-                        format!(
-                            "unknown plan {p:?}; available: {}.",
-                            settings
-                                .plans
-                                .iter()
-                                .map(|p| p.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    )
+                .ok_or_else(|| Error::UnknownPlan {
+                    name: p.to_owned(),
+                    available: settings
+                        .plans
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 }),
-            _ => Err(ApiError::validation(
-                "pack",
-                "name exactly one of `pack` or `plan`.",
-            )),
+            _ => Err(Error::PackOrPlan),
         }
     }
 }
 
 /// The account's Stripe customer, created once (Stripe's idempotency key makes concurrent
 /// first checkouts create one customer; the unique constraint keeps one mapping).
-pub async fn customer_for(
-    db: &Pool,
-    api: &StripeApi,
-    account_id: Uuid,
-) -> Result<String, ApiError> {
+pub async fn customer_for(db: &Pool, api: &StripeApi, account_id: Uuid) -> Result<String, Error> {
     let client = db.get().await?;
     if let Some(row) = client
         .query_opt(
@@ -105,8 +148,9 @@ pub async fn customer_for(
         return Ok(row.get(0));
     }
     let account = accounts::get(&client, account_id)
-        .await?
-        .ok_or_else(accounts::not_found)?;
+        .await
+        .map_err(Error::Accounts)?
+        .ok_or(Error::AccountNotFound)?;
     drop(client);
     let created = api
         .create_customer(&account.email, &account_id.to_string())
@@ -132,6 +176,95 @@ pub async fn customer_for(
     Ok(row.get(0))
 }
 
+/// A checkout a customer asked for, checked: what it buys and where Stripe sends them after.
+#[derive(Debug, Clone)]
+pub struct Checkout {
+    item: Item,
+    success_url: String,
+    cancel_url: String,
+}
+
+impl Checkout {
+    /// Exactly one of `pack` or `plan`, known to `settings`; both URLs absolute http(s)
+    /// (checked in that order, so the first refusal is always the same).
+    pub fn new(
+        settings: &BillingSettings,
+        pack: Option<&str>,
+        plan: Option<&str>,
+        success_url: String,
+        cancel_url: String,
+    ) -> Result<Checkout, Error> {
+        let item = Item::resolve(settings, pack, plan)?;
+        check_url("success_url", &success_url)?;
+        check_url("cancel_url", &cancel_url)?;
+        Ok(Checkout {
+            item,
+            success_url,
+            cancel_url,
+        })
+    }
+}
+
+fn check_url(field: &'static str, u: &str) -> Result<(), Error> {
+    let ok = (u.starts_with("https://") || u.starts_with("http://"))
+        && u.len() <= 2048
+        && !u.contains(|c: char| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidUrl { field })
+    }
+}
+
+/// A Stripe Checkout Session to send the customer to.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CheckoutSession {
+    #[schema(value_type = String, example = "checkout_session")]
+    pub object: &'static str,
+    /// Stripe's session id.
+    pub id: String,
+    /// The page to send the customer to.
+    pub url: Option<String>,
+}
+
+/// Opens a Checkout Session for `order`. Stripe gets an idempotency key of its own — derived
+/// from the client's `Idempotency-Key` when there is one (`guard`), so a retry cannot open a
+/// second session — and, with a `guard`, the answer is recorded for replays once Stripe has
+/// answered.
+pub async fn checkout(
+    db: &Pool,
+    api: &StripeApi,
+    account_id: Uuid,
+    order: &Checkout,
+    guard: Option<Guard>,
+) -> Result<CheckoutSession, Error> {
+    let stripe_key = match &guard {
+        Some(g) => format!("keymeter-checkout-{account_id}-{}", g.key().as_str()),
+        None => format!("keymeter-checkout-{}", Uuid::now_v7()),
+    };
+    let created = create_checkout(
+        db,
+        api,
+        account_id,
+        CheckoutRequest {
+            item: &order.item,
+            success_url: &order.success_url,
+            cancel_url: &order.cancel_url,
+            idempotency_key: stripe_key,
+        },
+    )
+    .await?;
+    let session = CheckoutSession {
+        object: "checkout_session",
+        id: created.id,
+        url: created.url,
+    };
+    if let Some(g) = &guard {
+        g.record_alone(db, &session, None).await?;
+    }
+    Ok(session)
+}
+
 pub struct CheckoutRequest<'a> {
     pub item: &'a Item,
     pub success_url: &'a str,
@@ -147,7 +280,7 @@ pub async fn create_checkout(
     api: &StripeApi,
     account_id: Uuid,
     req: CheckoutRequest<'_>,
-) -> Result<Created, ApiError> {
+) -> Result<Created, Error> {
     let customer = customer_for(db, api, account_id).await?;
     let account = account_id.to_string();
     let (mode, name, price_id, credits) = match req.item {
@@ -206,10 +339,11 @@ pub struct Summary {
     pub purchases: Vec<crate::credits::Movement>,
 }
 
-pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summary, ApiError> {
+pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summary, Error> {
     let account = accounts::get(db, account_id)
-        .await?
-        .ok_or_else(accounts::not_found)?;
+        .await
+        .map_err(Error::Accounts)?
+        .ok_or(Error::AccountNotFound)?;
     let customer: Option<String> = db
         .query_opt(
             "SELECT customer_id FROM billing_customers WHERE account_id = $1",

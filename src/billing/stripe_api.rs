@@ -11,7 +11,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-use crate::http::problem::{ApiError, ProblemType};
+use super::Error;
 
 #[derive(Clone)]
 pub struct StripeApi {
@@ -59,7 +59,7 @@ impl StripeApi {
         path: &str,
         idempotency_key: &str,
         form: &[(String, String)],
-    ) -> Result<Created, ApiError> {
+    ) -> Result<Created, Error> {
         let res = self
             .http
             .post(format!("{}{path}", self.base))
@@ -70,21 +70,20 @@ impl StripeApi {
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, path, "Stripe API unreachable");
-                ApiError::problem(
-                    ProblemType::PaymentProviderUnavailable,
-                    "The payment provider could not be reached; retry shortly.",
-                )
+                Error::PaymentProviderUnavailable {
+                    detail: "The payment provider could not be reached; retry shortly.",
+                }
             })?;
         let status = res.status();
-        let bytes = res.bytes().await.map_err(|_| {
-            ApiError::problem(
-                ProblemType::PaymentProviderUnavailable,
-                "The payment provider's answer was cut off; retry shortly.",
-            )
-        })?;
+        let bytes = res
+            .bytes()
+            .await
+            .map_err(|_| Error::PaymentProviderUnavailable {
+                detail: "The payment provider's answer was cut off; retry shortly.",
+            })?;
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| {
-                ApiError::Internal(anyhow::anyhow!("unexpected Stripe answer to {path}: {e}"))
+                Error::Internal(anyhow::anyhow!("unexpected Stripe answer to {path}: {e}"))
             });
         }
         let (kind, message) = serde_json::from_slice::<StripeErrorBody>(&bytes)
@@ -92,22 +91,17 @@ impl StripeApi {
             .unwrap_or((None, None));
         tracing::warn!(status = status.as_u16(), kind = ?kind, message = ?message, path, "Stripe refused a request");
         if status.is_server_error() || status.as_u16() == 429 {
-            return Err(ApiError::problem(
-                ProblemType::PaymentProviderUnavailable,
-                "The payment provider is unavailable; retry shortly.",
-            ));
+            return Err(Error::PaymentProviderUnavailable {
+                detail: "The payment provider is unavailable; retry shortly.",
+            });
         }
-        Err(ApiError::Internal(anyhow::anyhow!(
+        Err(Error::Internal(anyhow::anyhow!(
             "Stripe refused {path} with {status}: {}",
             message.unwrap_or_default()
         )))
     }
 
-    pub async fn create_customer(
-        &self,
-        email: &str,
-        account_id: &str,
-    ) -> Result<Created, ApiError> {
+    pub async fn create_customer(&self, email: &str, account_id: &str) -> Result<Created, Error> {
         let form = vec![
             ("email".to_owned(), email.to_owned()),
             ("metadata[account_id]".to_owned(), account_id.to_owned()),
@@ -124,7 +118,7 @@ impl StripeApi {
         &self,
         idempotency_key: &str,
         form: &[(String, String)],
-    ) -> Result<Created, ApiError> {
+    ) -> Result<Created, Error> {
         self.post("/v1/checkout/sessions", idempotency_key, form)
             .await
     }

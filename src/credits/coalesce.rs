@@ -29,13 +29,14 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
+use super::Error;
+use crate::db;
 use crate::db::batch::Batcher;
-use crate::http::problem::ApiError;
 
 /// The most charges in one transaction; the rest wait for the next one.
 const MAX_BATCH: usize = 512;
 
-type Reply = oneshot::Sender<Result<Movement, ApiError>>;
+type Reply = oneshot::Sender<Result<Movement, Error>>;
 
 struct Pending {
     account_id: Uuid,
@@ -63,7 +64,7 @@ impl Coalescer {
         account_id: Uuid,
         cost: i64,
         reason: Option<String>,
-    ) -> Result<Movement, ApiError> {
+    ) -> Result<Movement, Error> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             account_id,
@@ -74,7 +75,7 @@ impl Coalescer {
         self.lane.push(pending, |lane| drain(lane, db.clone()));
         answer
             .await
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("charge lane dropped a request")))?
+            .map_err(|_| Error::Internal(anyhow::anyhow!("charge lane dropped a request")))?
     }
 }
 
@@ -96,12 +97,15 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
             }
             Err(e) => {
                 // Nothing committed: every request in the batch gets the same failure.
-                let unavailable = matches!(e, ApiError::DatabaseUnavailable);
+                let unavailable = match &e {
+                    Error::Db(db::Error::Unavailable(why)) => Some(why.clone()),
+                    _ => None,
+                };
                 for p in batch {
-                    let _ = p.reply.send(Err(if unavailable {
-                        ApiError::DatabaseUnavailable
+                    let _ = p.reply.send(Err(if let Some(why) = &unavailable {
+                        Error::Db(db::Error::Unavailable(why.clone()))
                     } else {
-                        ApiError::Internal(anyhow::anyhow!("batched charge failed"))
+                        Error::Internal(anyhow::anyhow!("batched charge failed"))
                     }));
                 }
                 tracing::warn!(error = %e, "batched charge failed; nothing was written");
@@ -111,7 +115,7 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
 }
 
 /// A lone charge: the ordinary one-statement charge, one round trip.
-async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, ApiError> {
+async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
     let ctx = ChargeContext {
         job_id: None,
         reason: p.reason.as_deref(),
@@ -120,7 +124,7 @@ async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, ApiError> {
     let client = db.get().await?;
     match ledger::charge(&client, p.account_id, p.cost, &ctx).await? {
         Once::Done(m) => Ok(m),
-        Once::AlreadyDone => Err(ApiError::Internal(anyhow::anyhow!(
+        Once::AlreadyDone => Err(Error::Internal(anyhow::anyhow!(
             "duplicate charge without a job"
         ))),
     }
@@ -151,7 +155,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
 /// Two round trips: BEGIN and the locking SELECT are sent together, then the write and
 /// COMMIT together (tokio-postgres pipelines requests polled concurrently). Should the write
 /// fail, PostgreSQL turns that COMMIT into a rollback, so nothing is half-written.
-async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, ApiError>>, ApiError> {
+async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, Error>>, Error> {
     let client = db.get().await?;
     // Prepared once per connection: each statement is one message, not parse + execute.
     let lock = client.prepare_cached(LOCK).await?;
@@ -172,7 +176,7 @@ async fn flush_on(
     lock: &tokio_postgres::Statement,
     write: &tokio_postgres::Statement,
     batch: &[Pending],
-) -> Result<Vec<Result<Movement, ApiError>>, ApiError> {
+) -> Result<Vec<Result<Movement, Error>>, Error> {
     let mut ids: Vec<Uuid> = batch.iter().map(|p| p.account_id).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -191,7 +195,7 @@ async fn flush_on(
     let mut decisions = Vec::with_capacity(batch.len());
     for p in batch {
         let Some(balance) = balances.get_mut(&p.account_id) else {
-            decisions.push(Some(ApiError::NotFound("No account with that id.".into())));
+            decisions.push(Some(Error::AccountNotFound));
             continue;
         };
         if p.cost > 0 && *balance >= p.cost {
@@ -202,7 +206,7 @@ async fn flush_on(
             reasons.push(p.reason.clone());
             decisions.push(None);
         } else {
-            decisions.push(Some(ApiError::InsufficientCredits {
+            decisions.push(Some(Error::InsufficientCredits {
                 balance: *balance,
                 cost: p.cost,
             }));
@@ -240,7 +244,7 @@ async fn flush_on(
             Some(refusal) => Err(refusal),
             None => accepted
                 .next()
-                .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("batched charge lost a row"))),
+                .ok_or_else(|| Error::Internal(anyhow::anyhow!("batched charge lost a row"))),
         })
         .collect())
 }

@@ -7,7 +7,7 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::http::problem::ApiError;
+use super::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -100,9 +100,9 @@ pub async fn credit(
     kind: Kind,
     reason: Option<&str>,
     stripe_event_id: Option<&str>,
-) -> Result<Movement, ApiError> {
+) -> Result<Movement, Error> {
     if amount <= 0 {
-        return Err(ApiError::validation("amount", "amount must be positive."));
+        return Err(Error::CreditNotPositive);
     }
     let row = db
         .query_opt(
@@ -123,15 +123,12 @@ pub async fn credit(
         .map_err(|e| {
             // A bigint balance cannot grow past 2^63 − 1; the client asked for it, so 422.
             if e.code() == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
-                ApiError::validation(
-                    "amount",
-                    "This would take the balance past the largest one an account can hold.",
-                )
+                Error::BalanceOverflow
             } else {
-                ApiError::from(e)
+                Error::from(e)
             }
         })?
-        .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+        .ok_or(Error::AccountNotFound)?;
     Ok(counted(movement(&row)))
 }
 
@@ -142,7 +139,7 @@ pub async fn adjust(
     account_id: Uuid,
     amount: i64,
     reason: &str,
-) -> Result<Movement, ApiError> {
+) -> Result<Movement, Error> {
     if amount > 0 {
         return credit(db, account_id, amount, Kind::Grant, Some(reason), None).await;
     }
@@ -169,12 +166,9 @@ pub async fn adjust(
                     &[&account_id],
                 )
                 .await?
-                .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+                .ok_or(Error::AccountNotFound)?;
             let balance: i64 = bal.get(0);
-            Err(ApiError::validation(
-                "amount",
-                format!("An adjustment of {amount} would take the balance ({balance}) below zero."),
-            ))
+            Err(Error::BelowZero { amount, balance })
         }
     }
 }
@@ -210,9 +204,9 @@ pub async fn charge(
     account_id: Uuid,
     cost: i64,
     ctx: &ChargeContext<'_>,
-) -> Result<Once, ApiError> {
+) -> Result<Once, Error> {
     if cost <= 0 {
-        return Err(ApiError::validation("amount", "a charge must be positive."));
+        return Err(Error::ChargeNotPositive);
     }
     let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
@@ -244,8 +238,8 @@ pub async fn charge(
                     &[&account_id],
                 )
                 .await?
-                .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
-            Err(ApiError::InsufficientCredits {
+                .ok_or(Error::AccountNotFound)?;
+            Err(Error::InsufficientCredits {
                 balance: row.get(0),
                 cost,
             })
@@ -264,7 +258,7 @@ pub async fn reserve(
     account_id: Uuid,
     cost: i64,
     job_id: Uuid,
-) -> Result<Once, ApiError> {
+) -> Result<Once, Error> {
     charge(
         db,
         account_id,
@@ -280,7 +274,7 @@ pub async fn reserve(
 
 /// Keeps a job's charge: the reservation already is the charge, so settling writes no money;
 /// it only confirms the charge exists and was not refunded (an invariant check for callers).
-pub async fn settle(db: &impl GenericClient, job_id: Uuid) -> Result<bool, ApiError> {
+pub async fn settle(db: &impl GenericClient, job_id: Uuid) -> Result<bool, Error> {
     let row = db
         .query_one(
             "SELECT count(*) FILTER (WHERE kind = 'charge'), count(*) FILTER (WHERE kind = 'refund')
@@ -295,7 +289,7 @@ pub async fn settle(db: &impl GenericClient, job_id: Uuid) -> Result<bool, ApiEr
 /// Gives a job's charge back, at most once whatever retries or instances do: the partial
 /// unique index on (job_id) for refunds makes a second refund fail as a whole statement
 /// (balance untouched), which is reported as `AlreadyDone`. No charge, no refund.
-pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Result<Once, ApiError> {
+pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Result<Once, Error> {
     let res = db
         .query_opt(
             &format!(
@@ -336,9 +330,9 @@ pub async fn clawback(
     amount: i64,
     reason: &str,
     stripe_event_id: &str,
-) -> Result<Movement, ApiError> {
+) -> Result<Movement, Error> {
     if amount <= 0 {
-        return Err(ApiError::Internal(anyhow::anyhow!(
+        return Err(Error::Internal(anyhow::anyhow!(
             "clawback of a non-positive amount"
         )));
     }
@@ -358,6 +352,6 @@ pub async fn clawback(
             &[&account_id, &amount, &reason, &stripe_event_id],
         )
         .await?
-        .ok_or_else(|| ApiError::NotFound("No account with that id.".into()))?;
+        .ok_or(Error::AccountNotFound)?;
     Ok(counted(movement(&row)))
 }

@@ -1,12 +1,17 @@
 //! Reading the ledger: recent movements, filtered pages, and usage per day or hour.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::ledger::{movement, Kind, Movement, MOVEMENT_COLUMNS};
-use crate::http::problem::ApiError;
+use super::Error;
+
+/// A `kind` filter: one of the ledger's [`Kind`]s.
+pub fn parse_kind(s: &str) -> Result<Kind, Error> {
+    Kind::parse(s).ok_or(Error::UnknownKind)
+}
 
 pub struct LedgerFilter {
     pub kind: Option<Kind>,
@@ -21,7 +26,7 @@ pub async fn list(
     account_id: Uuid,
     f: &LedgerFilter,
     limit: i64,
-) -> Result<Vec<Movement>, ApiError> {
+) -> Result<Vec<Movement>, Error> {
     let kind = f.kind.map(Kind::as_str);
     let rows = db
         .query(
@@ -64,13 +69,110 @@ pub struct UsageBucket {
     pub refunds: i64,
 }
 
+/// The width of a usage bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Day,
+    Hour,
+}
+
+impl Granularity {
+    /// `day` (the default, when absent) or `hour`.
+    pub fn parse(s: Option<&str>) -> Result<Granularity, Error> {
+        match s.unwrap_or("day") {
+            "day" => Ok(Granularity::Day),
+            "hour" => Ok(Granularity::Hour),
+            _ => Err(Error::UnknownGranularity),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Day => "day",
+            Granularity::Hour => "hour",
+        }
+    }
+
+    /// The longest report of this granularity, in days (its rows stay a few hundred).
+    pub fn max_days(self) -> i64 {
+        match self {
+            Granularity::Day => 366,
+            Granularity::Hour => 31,
+        }
+    }
+}
+
+/// The span a usage report covers, checked: `from` before `to`, at most the granularity's
+/// longest span.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageWindow {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub granularity: Granularity,
+}
+
+impl UsageWindow {
+    /// `to` defaults to `now`, `from` to 30 days before `to`. Both must be inside the years
+    /// 0000–9999 (what `pagination::parse_time` accepts), so neither default can overflow.
+    pub fn new(
+        granularity: Granularity,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<UsageWindow, Error> {
+        let to = to.unwrap_or(now);
+        let from = from.unwrap_or(to - Duration::days(30));
+        if from >= to {
+            return Err(Error::EmptyRange);
+        }
+        let max_days = granularity.max_days();
+        if to - from > Duration::days(max_days) {
+            return Err(Error::RangeTooLong {
+                granularity: granularity.as_str(),
+                max_days,
+            });
+        }
+        Ok(UsageWindow {
+            from,
+            to,
+            granularity,
+        })
+    }
+}
+
+/// A usage report: the buckets with any charge or refund, oldest first, and their totals.
+#[derive(Debug)]
+pub struct Usage {
+    pub window: UsageWindow,
+    pub buckets: Vec<UsageBucket>,
+    pub charged: i64,
+    pub refunded: i64,
+}
+
+/// Charges and refunds per bucket of `window`, with their totals.
 pub async fn usage(
     db: &impl GenericClient,
     account_id: Uuid,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    granularity: &str,
-) -> Result<Vec<UsageBucket>, ApiError> {
+    window: UsageWindow,
+) -> Result<Usage, Error> {
+    let buckets = buckets(db, account_id, &window).await?;
+    let (charged, refunded) = buckets.iter().fold((0i64, 0i64), |acc, b| {
+        (acc.0 + b.charged, acc.1 + b.refunded)
+    });
+    Ok(Usage {
+        window,
+        buckets,
+        charged,
+        refunded,
+    })
+}
+
+async fn buckets(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    window: &UsageWindow,
+) -> Result<Vec<UsageBucket>, Error> {
+    let (from, to, granularity) = (window.from, window.to, window.granularity.as_str());
     let rows = db
         .query(
             "SELECT date_trunc($4, created_at, 'UTC') AS bucket,

@@ -7,6 +7,7 @@ pub mod admin_token;
 pub mod compress;
 pub mod edge;
 pub mod extractors;
+pub mod idempotent;
 pub mod problem;
 pub mod ratelimit_gate;
 pub mod request_id;

@@ -15,7 +15,7 @@ use crate::credits::Movement;
 use crate::http::admin_token::AdminToken;
 use crate::http::problem::{ApiError, ApiResult};
 use crate::operator;
-use crate::pagination::{Page, PageQuery};
+use crate::pagination::Page;
 use crate::startup::AppState;
 
 fn account_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -408,12 +408,7 @@ pub async fn audit_trail(
     q: web::Query<AuditQuery>,
 ) -> ApiResult<HttpResponse> {
     let q = q.into_inner();
-    let page = PageQuery {
-        limit: q.limit,
-        cursor: q.cursor,
-    };
-    let limit = page.limit()?;
-    let cursor = page.cursor()?;
+    let (limit, cursor) = crate::pagination::page(q.limit.as_deref(), q.cursor.as_deref())?;
     let range = crate::pagination::TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
     let filter = audit::Filter {
         account_id: q

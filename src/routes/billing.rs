@@ -7,10 +7,10 @@ use utoipa::ToSchema;
 
 use crate::auth::{Authenticated, Scope};
 use crate::billing::events::{self, Processed};
-use crate::billing::signature;
-use crate::billing::{self, CheckoutRequest, Item};
+use crate::billing::{self, Checkout, CheckoutSession};
+use crate::http::idempotent;
 use crate::http::problem::{ApiError, ApiResult};
-use crate::idempotency::{self, Start};
+use crate::idempotency;
 use crate::metrics;
 use crate::startup::AppState;
 
@@ -29,17 +29,6 @@ struct CheckoutBody {
     /// Where Stripe sends the customer on cancel: an absolute http(s) URL.
     #[schema(max_length = 2048, example = "https://example.com/cancelled")]
     cancel_url: String,
-}
-
-/// A Stripe Checkout Session to send the customer to.
-#[derive(Serialize, ToSchema)]
-pub struct CheckoutSession {
-    #[schema(value_type = String, example = "checkout_session")]
-    object: &'static str,
-    /// Stripe's session id.
-    id: String,
-    /// The page to send the customer to.
-    url: Option<String>,
 }
 
 /// What the webhook answers Stripe.
@@ -72,20 +61,6 @@ pub struct StripeEvent {
 #[allow(dead_code)]
 pub struct StripeEventData {
     object: serde_json::Map<String, serde_json::Value>,
-}
-
-fn check_url(field: &'static str, u: &str) -> Result<(), ApiError> {
-    let ok = (u.starts_with("https://") || u.starts_with("http://"))
-        && u.len() <= 2048
-        && !u.contains(|c: char| c.is_whitespace() || c.is_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::validation(
-            field,
-            format!("{field} must be an absolute http(s) URL."),
-        ))
-    }
 }
 
 /// `POST /v1/billing/checkout` (`billing`) {pack | plan, success_url, cancel_url} → `{id, url}`.
@@ -122,68 +97,23 @@ pub async fn checkout(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Billing)?;
-    let api = state
-        .stripe
-        .as_ref()
-        .ok_or_else(|| ApiError::Disabled("Billing is not configured on this server.".into()))?;
+    let api = state.stripe.as_ref().ok_or(billing::Error::NotConfigured)?;
     let (raw, b): (serde_json::Value, CheckoutBody) = crate::http::extractors::json_body(&body)?;
-    let item = Item::resolve(&state.config.billing, b.pack.as_deref(), b.plan.as_deref())?;
-    check_url("success_url", &b.success_url)?;
-    check_url("cancel_url", &b.cancel_url)?;
-
-    let (key, guard) = match idempotency::start(
-        &state.db,
-        state.config.request_timeout,
-        caller.account_id,
-        &req,
-        &raw,
-    )
-    .await?
-    {
-        (_, Start::Replay(res)) => return Ok(res),
-        (key, Start::Run(guard)) => (key, guard),
-    };
-    let stripe_key = match &key {
-        Some(k) => format!("keymeter-checkout-{}-{}", caller.account_id, k.as_str()),
-        None => format!("keymeter-checkout-{}", uuid::Uuid::now_v7()),
-    };
-    let result = async {
-        let created = billing::create_checkout(
-            &state.db,
-            api,
-            caller.account_id,
-            CheckoutRequest {
-                item: &item,
-                success_url: &b.success_url,
-                cancel_url: &b.cancel_url,
-                idempotency_key: stripe_key,
-            },
-        )
-        .await?;
-        let body = CheckoutSession {
-            object: "checkout_session",
-            id: created.id,
-            url: created.url,
-        };
-        if let Some(g) = &guard {
-            let stored = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
-            let mut client = state.db.get().await?;
-            let tx = client.transaction().await?;
-            g.complete(&tx, StatusCode::CREATED, &stored, None).await?;
-            tx.commit().await?;
-        }
-        Ok::<_, ApiError>(body)
-    }
-    .await;
-    match result {
-        Ok(body) => Ok(HttpResponse::Created().json(body)),
-        Err(e) => {
-            if let Some(g) = guard {
-                g.release(&state.db).await;
-            }
-            Err(e)
-        }
-    }
+    let order = Checkout::new(
+        &state.config.billing,
+        b.pack.as_deref(),
+        b.plan.as_deref(),
+        b.success_url,
+        b.cancel_url,
+    )?;
+    let request = idempotent::request(&req, caller.account_id, &raw, StatusCode::CREATED)?;
+    let outcome = idempotency::run(&state.db, state.config.request_timeout, request, |guard| {
+        billing::checkout(&state.db, api, caller.account_id, &order, guard)
+    })
+    .await?;
+    Ok(idempotent::respond(outcome, |session| {
+        HttpResponse::Created().json(session)
+    }))
 }
 
 /// `GET /v1/billing` (`read`): plan, tier, Stripe customer, recent purchases.
@@ -233,28 +163,16 @@ pub async fn webhook(
     req: HttpRequest,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
-    let secrets = &state.config.billing.webhook_secrets;
-    if secrets.is_empty() {
-        return Err(ApiError::Disabled(
-            "Billing webhooks are not configured on this server.".into(),
-        ));
-    }
     let header = req
         .headers()
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let now = chrono::Utc::now().timestamp();
-    if let Err(e) = signature::verify(header, &body, secrets, now) {
-        tracing::warn!(reason = %e, "refused a webhook delivery");
-        metrics::webhook_event("unverified", "bad_signature");
-        return Err(ApiError::InvalidSignature);
-    }
-    let event: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        metrics::webhook_event("unknown", "invalid");
-        ApiError::InvalidJson(e.to_string())
-    })?;
-    let processed = events::process(&state.db, &state.config.billing, &state.tiers, &event).await;
+    let event = events::verified_event(&state.config.billing.webhook_secrets, header, &body, now)?;
+    let processed = events::process(&state.db, &state.config.billing, &state.tiers, &event)
+        .await
+        .map_err(ApiError::from);
     metrics::webhook_event(
         event
             .get("type")

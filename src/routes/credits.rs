@@ -3,17 +3,19 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::accounts;
 use crate::auth::{Authenticated, Scope};
-use crate::credits::ledger::{self, ChargeContext, Kind, Movement, Once};
-use crate::credits::report::{self, LedgerFilter, UsageBucket};
-use crate::http::problem::{ApiError, ApiResult};
-use crate::idempotency::{self, IdempotencyKey, Start};
-use crate::pagination::{Page, PageQuery, TimeRange};
+use crate::credits::ledger::{Kind, Movement};
+use crate::credits::metered::{self, MeteredCharge};
+use crate::credits::report::{self, LedgerFilter, UsageBucket, UsageWindow};
+use crate::http::idempotent;
+use crate::http::problem::ApiResult;
+use crate::idempotency;
+use crate::pagination::{self, Page, TimeRange};
 use crate::startup::AppState;
 
 #[derive(Serialize, ToSchema)]
@@ -108,27 +110,9 @@ pub async fn ledger_page(
     q: web::Query<LedgerQuery>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
-    let q = q.into_inner();
-    let page = PageQuery {
-        limit: q.limit,
-        cursor: q.cursor,
-    };
-    let limit = page.limit()?;
-    let before_id = match page.cursor()? {
-        Some(c) => Some(c.id.parse::<i64>().map_err(|_| {
-            ApiError::InvalidRequest("The cursor is not one this API returned.".into())
-        })?),
-        None => None,
-    };
-    let kind = match q.kind.as_deref() {
-        None => None,
-        Some(k) => Some(Kind::parse(k).ok_or_else(|| {
-            ApiError::validation(
-                "kind",
-                "kind must be one of grant, purchase, charge, refund, adjustment, clawback.",
-            )
-        })?),
-    };
+    let (limit, cursor) = pagination::page(q.limit.as_deref(), q.cursor.as_deref())?;
+    let before_id = cursor.map(|c| c.id_as::<i64>()).transpose()?;
+    let kind = q.kind.as_deref().map(report::parse_kind).transpose()?;
     let range = TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
     let filter = LedgerFilter {
         kind,
@@ -146,6 +130,7 @@ pub async fn ledger_page(
 }
 
 /// The width of a usage bucket.
+// `report::Granularity`, for the document only.
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]
 #[allow(dead_code)] // Only describes the accepted values of `granularity`.
@@ -183,7 +168,7 @@ pub struct UsageReport {
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     #[schema(value_type = Granularity)]
-    granularity: String,
+    granularity: &'static str,
     /// Buckets with any charge or refund, oldest first.
     data: Vec<UsageBucket>,
     total: UsageTotal,
@@ -216,45 +201,21 @@ pub async fn usage(
     q: web::Query<UsageQuery>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
-    let granularity = q.granularity.as_deref().unwrap_or("day");
-    let max_days = match granularity {
-        "day" => 366,
-        "hour" => 31,
-        _ => {
-            return Err(ApiError::validation(
-                "granularity",
-                "granularity must be day or hour.",
-            ))
-        }
-    };
-    // In range (years 0000–9999), so the default and the span below cannot overflow.
+    let granularity = report::Granularity::parse(q.granularity.as_deref())?;
     let range = TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
-    let to = range.to.unwrap_or_else(Utc::now);
-    let from = range.from.unwrap_or(to - Duration::days(30));
-    if from >= to {
-        return Err(ApiError::validation("from", "from must be before to."));
-    }
-    if to - from > Duration::days(max_days) {
-        return Err(ApiError::validation(
-            "from",
-            format!("a {granularity} report covers at most {max_days} days."),
-        ));
-    }
+    let window = UsageWindow::new(granularity, range.from, range.to, Utc::now())?;
     let client = state.db.get().await?;
-    let buckets = report::usage(&client, caller.account_id, from, to, granularity).await?;
-    let totals = buckets.iter().fold((0i64, 0i64), |acc, b| {
-        (acc.0 + b.charged, acc.1 + b.refunded)
-    });
+    let usage = report::usage(&client, caller.account_id, window).await?;
     Ok(HttpResponse::Ok().json(UsageReport {
         object: "usage",
-        from,
-        to,
-        granularity: granularity.to_owned(),
-        data: buckets,
+        from: usage.window.from,
+        to: usage.window.to,
+        granularity: usage.window.granularity.as_str(),
+        data: usage.buckets,
         total: UsageTotal {
-            charged: totals.0,
-            refunded: totals.1,
-            net: totals.0 - totals.1,
+            charged: usage.charged,
+            refunded: usage.refunded,
+            net: usage.charged - usage.refunded,
         },
     }))
 }
@@ -270,8 +231,6 @@ struct ChargeBody {
     #[schema(max_length = 500, pattern = "^[^\\x00]*$")]
     reason: Option<String>,
 }
-
-pub const MAX_CHARGE: i64 = 1_000_000;
 
 /// `POST /v1/credits/charge` (`scrape`) {amount, reason?}: spends credits for metered usage.
 /// One statement moves the balance and writes the ledger row; 402 when short. Honours
@@ -310,86 +269,15 @@ pub async fn charge(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Scrape)?;
-    let (raw, parsed): (serde_json::Value, ChargeBody) = crate::http::extractors::json_body(&body)?;
-    if !(1..=MAX_CHARGE).contains(&parsed.amount) {
-        return Err(ApiError::validation(
-            "amount",
-            format!("amount must be between 1 and {MAX_CHARGE}."),
-        ));
-    }
-    // PostgreSQL text cannot hold NUL; refused here, it cannot fail a shared group commit.
-    if parsed
-        .reason
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > 500 || r.contains('\0'))
-    {
-        return Err(ApiError::validation(
-            "reason",
-            "reason must be at most 500 characters, without NUL characters.",
-        ));
-    }
-    let (key, guard) = match idempotency::start(
-        &state.db,
-        state.config.request_timeout,
-        caller.account_id,
-        &req,
-        &raw,
-    )
-    .await?
-    {
-        (_, Start::Replay(res)) => return Ok(res),
-        (key, Start::Run(guard)) => (key, guard),
-    };
-    let outcome = async {
-        let mut client = state.db.get().await?;
-        let ctx = ChargeContext {
-            job_id: None,
-            reason: parsed.reason.as_deref(),
-            idempotency_key: key.as_ref().map(IdempotencyKey::as_str),
-        };
-        match &guard {
-            None if !state.config.charge_coalescing => {
-                let m = ledger::charge(&client, caller.account_id, parsed.amount, &ctx).await?;
-                Ok::<_, ApiError>(m)
-            }
-            None => {
-                drop(client);
-                // Without an idempotency record to complete, concurrent charges (to any
-                // accounts) can share a commit (see credits::coalesce).
-                let m = state
-                    .charges
-                    .charge(
-                        &state.db,
-                        caller.account_id,
-                        parsed.amount,
-                        parsed.reason.clone(),
-                    )
-                    .await?;
-                Ok::<_, ApiError>(Once::Done(m))
-            }
-            Some(g) => {
-                let tx = client.transaction().await?;
-                let m = ledger::charge(&tx, caller.account_id, parsed.amount, &ctx).await?;
-                if let Once::Done(movement) = &m {
-                    let body = serde_json::to_value(movement).map_err(anyhow::Error::from)?;
-                    g.complete(&tx, StatusCode::CREATED, &body, None).await?;
-                }
-                tx.commit().await?;
-                Ok(m)
-            }
-        }
-    }
-    .await;
-    match outcome {
-        Ok(Once::Done(m)) => Ok(HttpResponse::Created().json(m)),
-        Ok(Once::AlreadyDone) => Err(ApiError::Internal(anyhow::anyhow!(
-            "charge without a job reported as duplicate"
-        ))),
-        Err(e) => {
-            if let Some(g) = guard {
-                g.release(&state.db).await;
-            }
-            Err(e)
-        }
-    }
+    let (raw, body): (serde_json::Value, ChargeBody) = crate::http::extractors::json_body(&body)?;
+    let charge = MeteredCharge::new(body.amount, body.reason)?;
+    let request = idempotent::request(&req, caller.account_id, &raw, StatusCode::CREATED)?;
+    let lane = state.config.charge_coalescing.then_some(&*state.charges);
+    let outcome = idempotency::run(&state.db, state.config.request_timeout, request, |guard| {
+        metered::charge(&state.db, lane, caller.account_id, &charge, guard)
+    })
+    .await?;
+    Ok(idempotent::respond(outcome, |m| {
+        HttpResponse::Created().json(m)
+    }))
 }
