@@ -40,11 +40,6 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-// Transitional: routes/jobs.rs still spells out the claim/complete/release sequence with the
-// old `start`; it moves to [`run`] once the jobs restructuring has merged, and this line and
-// `crate::http::idempotent::legacy` go away.
-pub use crate::http::idempotent::legacy::{start, Start};
-
 pub const HEADER: &str = "idempotency-key";
 pub const REPLAYED: &str = "idempotent-replayed";
 /// How old a claim with no result must be before it is taken to be from a request that died:

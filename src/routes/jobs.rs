@@ -21,8 +21,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::{Authenticated, Scope};
+use crate::http::idempotent;
 use crate::http::problem::{ApiError, ApiResult};
-use crate::idempotency::{self, Start};
+use crate::idempotency::{self, Outcome, StoredResponse};
 use crate::jobs::breaker::Snapshot;
 use crate::jobs::extract::Format;
 use crate::jobs::queue::{self, Job, JobStatus, Mode};
@@ -98,9 +99,9 @@ impl From<JobBody> for JobRequest {
     }
 }
 
-/// The one place the job routes run the `Idempotency-Key` sequence: claim the key (or
-/// replay its answer), submit the job with the key's answer recorded in the job's own
-/// transaction, and release the key if the job was not queued.
+/// The one place the job routes run the `Idempotency-Key` sequence ([`idempotency::run`]):
+/// claim the key (or replay its answer), submit the job with the key's answer recorded in
+/// the job's own transaction; the key is released if the job was not queued.
 async fn create(
     state: &AppState,
     caller: &Authenticated,
@@ -108,58 +109,46 @@ async fn create(
     body: &web::Bytes,
     mode: Mode,
     waiter_for: impl FnOnce(Uuid) -> Option<Waiter>,
-) -> Result<Created, ApiError> {
+) -> Result<Outcome<Created>, ApiError> {
     caller.require(Scope::Scrape)?;
     let (raw, parsed): (serde_json::Value, JobBody) = crate::http::extractors::json_body(body)?;
-    let (key, guard) = match idempotency::start(
+    // Both modes keep "202 + the job's Location": a sync retry follows that same job.
+    let request = idempotent::request(req, caller.account_id, &raw, StatusCode::ACCEPTED)?;
+    idempotency::run(
         &state.db,
         state.config.request_timeout,
-        caller.account_id,
-        req,
-        &raw,
+        request,
+        |guard| async move {
+            let id = Uuid::now_v7();
+            let waiter = waiter_for(id);
+            let ctx = submit::Context {
+                db: &state.db,
+                jobs: &state.jobs,
+                tiers: &state.tiers,
+                request_timeout: state.config.request_timeout,
+            };
+            let who = Submitter {
+                account_id: caller.account_id,
+                tier: &caller.tier,
+            };
+            let job = submit::submit(
+                &ctx,
+                &who,
+                parsed.into(),
+                mode,
+                id,
+                guard.as_ref().map(|g| g.key().as_str()),
+                Answer(guard.as_ref()),
+            )
+            .await?;
+            Ok::<_, ApiError>(Created(Box::new(job), waiter))
+        },
     )
-    .await?
-    {
-        (_, Start::Replay(res)) => return Ok(Created::Replay(res)),
-        (key, Start::Run(guard)) => (key, guard),
-    };
-    let id = Uuid::now_v7();
-    let waiter = waiter_for(id);
-    let ctx = submit::Context {
-        db: &state.db,
-        jobs: &state.jobs,
-        tiers: &state.tiers,
-        request_timeout: state.config.request_timeout,
-    };
-    let who = Submitter {
-        account_id: caller.account_id,
-        tier: &caller.tier,
-    };
-    let result = submit::submit(
-        &ctx,
-        &who,
-        parsed.into(),
-        mode,
-        id,
-        key.as_ref().map(|k| k.as_str()),
-        Answer(guard.as_ref()),
-    )
-    .await;
-    match result {
-        Ok(job) => Ok(Created::New(Box::new(job), waiter)),
-        Err(e) => {
-            if let Some(g) = guard {
-                g.release(&state.db).await;
-            }
-            Err(e)
-        }
-    }
+    .await
 }
 
-enum Created {
-    New(Box<Job>, Option<Waiter>),
-    Replay(HttpResponse),
-}
+/// A job this request queued, and (sync) the waiter registered for it before it was queued.
+struct Created(Box<Job>, Option<Waiter>);
 
 /// The answer an `Idempotency-Key` keeps for a job route: 202 with the job and its
 /// `Location` (a sync retry follows that job). Nothing without a key.
@@ -172,10 +161,7 @@ impl submit::Record for Answer<'_> {
         let Some(guard) = self.0 else {
             return Ok(());
         };
-        let body = serde_json::to_value(job).map_err(anyhow::Error::from)?;
-        guard
-            .complete(tx, StatusCode::ACCEPTED, &body, Some(&job.location()))
-            .await
+        Ok(guard.record(tx, job, Some(&job.location())).await?)
     }
 }
 
@@ -226,12 +212,12 @@ pub async fn create_job(
     req: HttpRequest,
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
-    match create(&state, &caller, &req, &body, Mode::Async, |_| None).await? {
-        Created::Replay(res) => Ok(res),
-        Created::New(job, _) => Ok(HttpResponse::Accepted()
+    let outcome = create(&state, &caller, &req, &body, Mode::Async, |_| None).await?;
+    Ok(idempotent::respond(outcome, |Created(job, _)| {
+        HttpResponse::Accepted()
             .insert_header((LOCATION, job.location()))
-            .json(*job)),
-    }
+            .json(*job)
+    }))
 }
 
 /// `POST /v1/scrape` (`scrape`): queues the job, waits for it, answers with its result.
@@ -304,14 +290,14 @@ pub async fn scrape(
     })
     .await?;
     let what = match created {
-        Created::New(job, waiter) => {
+        Outcome::Ran(Created(job, waiter)) => {
             let waiter = waiter.unwrap_or_else(|| wakeups.register(job.id));
             Follow::Queued(job, waiter)
         }
         // A retry of a sync request: wait for the job the first request queued.
-        Created::Replay(res) => match replayed_job_id(&res) {
+        Outcome::Replayed(stored) => match replayed_job_id(&stored) {
             Some(id) => Follow::Replayed(id),
-            None => return Ok(res),
+            None => return Ok(idempotent::replay(stored)),
         },
     };
     match wait::follow(&state.db, &wakeups, caller.account_id, what).await? {
@@ -328,11 +314,11 @@ pub async fn scrape(
     }
 }
 
-fn replayed_job_id(res: &HttpResponse) -> Option<Uuid> {
-    if res.status() != StatusCode::ACCEPTED {
+fn replayed_job_id(stored: &StoredResponse) -> Option<Uuid> {
+    if stored.status != StatusCode::ACCEPTED.as_u16() {
         return None;
     }
-    let loc = res.headers().get(LOCATION)?.to_str().ok()?;
+    let loc = stored.location.as_deref()?;
     loc.strip_prefix("/v1/jobs/")?.parse().ok()
 }
 

@@ -28,7 +28,7 @@ impl From<QueueError> for ApiError {
                 }
             }
             QueueError::Invariant(what) => ApiError::Internal(anyhow::anyhow!(what)),
-            QueueError::Credits(e) => e,
+            QueueError::Credits(e) => e.into(),
             QueueError::Db(e) => e.into(),
         }
     }

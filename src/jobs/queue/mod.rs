@@ -31,12 +31,6 @@ pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use reaper::{purge, reap, Reaped};
 pub use stats::{backlog, depth, Backlog};
 
-/// The credit ledger's own error, carried through unchanged: the ledger decides what a short
-/// balance or a missing account is, and the HTTP layer already knows how to answer it.
-// The ledger still answers in HTTP terms until `credits` has its own error type (issue #13);
-// then this alias names that type and nothing else here changes.
-pub type LedgerError = crate::http::problem::ApiError;
-
 /// Why the queue refused or could not do something. The `Display` text is the sentence a
 /// client reads as the problem's `detail`.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +57,7 @@ pub enum QueueError {
     Invariant(&'static str),
     /// The ledger refused or failed (reserving a job's cost, refunding it).
     #[error(transparent)]
-    Credits(#[from] LedgerError),
+    Credits(#[from] crate::credits::Error),
     #[error(transparent)]
     Db(#[from] crate::db::Error),
 }
