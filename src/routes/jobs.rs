@@ -30,8 +30,20 @@ use crate::jobs::fetch::FetchError;
 use crate::jobs::queue::{self, Job, JobStatus, Mode, NewJob};
 use crate::jobs::CustomerHeaders;
 use crate::pagination::{Page, PageQuery};
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
 use crate::tiers::JOB_FORMATS;
+
+/// The jobs API needs a key; the breakers report is the operator's.
+pub fn configure(routes: &mut Routes) {
+    routes
+        .post(Access::Key, "/v1/scrape", scrape)
+        .get(Access::Key, "/v1/jobs", list)
+        .post(Access::Key, "/v1/jobs", create_job)
+        .get(Access::Key, "/v1/jobs/{id}", get)
+        .delete(Access::Key, "/v1/jobs/{id}", cancel)
+        .get(Access::Admin, "/admin/breakers", breakers);
+}
 
 pub const MAX_TIMEOUT_MS: i64 = 60_000;
 pub const MIN_TIMEOUT_MS: i64 = 100;
@@ -329,7 +341,6 @@ enum Created {
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
             `timeout_ms`, `headers` or `webhook_url` (`field` names it), `webhook_url` while job \
             webhooks are off, or an unknown field; `url_not_allowed`: `url` or `webhook_url` \
@@ -393,7 +404,6 @@ pub async fn create_job(
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone); `job_cancelled`: the job was cancelled \
             (`DELETE /v1/jobs/{id}`) before it ran, and refunded."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
             `timeout_ms` or `headers` (`field` names it), any `webhook_url` (it is for \
             `POST /v1/jobs`), or an unknown field; `url_not_allowed`: `url` is not http(s), has \
