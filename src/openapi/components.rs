@@ -1,11 +1,13 @@
-//! The document's shared components: the security schemes, the `Problem` and `ProblemType`
-//! schemas, the response headers every operation refers to, and the two request headers
+//! The document's shared components: the security schemes, the `Problem` schema and
+//! `ProblemType`'s, the response headers every operation refers to, and the two request headers
 //! every (or every idempotent) operation takes.
 //!
 //! Two things utoipa 5's typed model cannot say are written through its `extensions` maps,
 //! which serialize flattened into their parent object: JSON Schema's `const` (see
 //! [`const_schema`]) and reusable response headers, `components.headers` with `$ref`s to
 //! them that carry `required` (see [`HEADERS`] and `super::operations`).
+
+use std::borrow::Cow;
 
 use serde_json::{json, Value};
 use utoipa::openapi::extensions::Extensions;
@@ -15,8 +17,8 @@ use utoipa::openapi::schema::{
     SchemaFormat, SchemaType, Type,
 };
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{Components, OpenApi, Required};
-use utoipa::Modify;
+use utoipa::openapi::{Components, OpenApi, RefOr, Required};
+use utoipa::{Modify, PartialSchema, ToSchema};
 
 use crate::http::problem::ProblemType;
 
@@ -40,9 +42,6 @@ impl Modify for SharedComponents {
         components
             .schemas
             .insert("Problem".into(), problem_schema().into());
-        components
-            .schemas
-            .insert("ProblemType".into(), problem_type_schema().into());
         components
             .extensions
             .get_or_insert_with(Extensions::default)
@@ -324,8 +323,21 @@ fn problem_schema() -> Schema {
         .into()
 }
 
-/// Every problem type this server sends, straight from [`ProblemType::ALL`]: its slug, its
-/// description and (as `x-status`) the statuses it comes with.
+/// `ProblemType`'s schema is the list itself: every type this server sends, straight from
+/// [`ProblemType::ALL`], with its slug, its description and (as `x-status`) the statuses it
+/// comes with. A derived schema would carry only the slugs.
+impl PartialSchema for ProblemType {
+    fn schema() -> RefOr<Schema> {
+        problem_type_schema().into()
+    }
+}
+
+impl ToSchema for ProblemType {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("ProblemType")
+    }
+}
+
 fn problem_type_schema() -> Schema {
     let mut one_of = OneOfBuilder::new()
         .schema_type(Type::String)
@@ -346,4 +358,57 @@ fn problem_type_schema() -> Schema {
         );
     }
     one_of.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shared_headers_are_defined_and_every_reference_resolves() {
+        let defined = headers();
+        let names: Vec<&str> = defined
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, HEADERS);
+
+        fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+            match v {
+                Value::Object(o) => {
+                    if let Some(Value::String(r)) = o.get("$ref") {
+                        out.push(r);
+                    }
+                    o.values().for_each(|x| refs(x, out));
+                }
+                Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+                _ => {}
+            }
+        }
+        let doc = super::super::document();
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.iter().any(|r| r.starts_with("#/components/headers/")));
+        for r in all {
+            let mut at = &doc;
+            for part in r.trim_start_matches("#/").split('/') {
+                at = &at[part];
+            }
+            assert!(at.is_object(), "{r} does not resolve");
+        }
+    }
+
+    #[test]
+    fn the_problem_type_schema_lists_every_type_with_its_statuses() {
+        let schema = serde_json::to_value(ProblemType::schema()).unwrap();
+        let items = schema["oneOf"].as_array().unwrap();
+        assert_eq!(items.len(), ProblemType::ALL.len());
+        for (item, t) in items.iter().zip(ProblemType::ALL) {
+            assert_eq!(item["const"], t.slug());
+            assert_eq!(item["x-status"], json!(t.statuses()));
+            assert_eq!(item["description"], t.description());
+        }
+    }
 }

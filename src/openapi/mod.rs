@@ -7,15 +7,16 @@
 //!    `routes/`, and the schemas from `ToSchema`/`IntoParams` on the very types the handlers
 //!    deserialize and serialize (so `deny_unknown_fields`, defaults and renames are the real
 //!    ones). An annotation says only what is particular to its handler;
-//! 2. two `utoipa::Modify` impls add what is shared, in one place each:
-//!    [`components::SharedComponents`] (security schemes, the `Problem` schema, the
-//!    `ProblemType` schema built from [`ProblemType::ALL`](crate::http::problem::ProblemType),
-//!    the shared response headers) and [`operations::OperationDefaults`] (per operation, by
+//! 2. `ProblemType`'s schema is written from [`ProblemType::ALL`] (its `ToSchema` impl in
+//!    `components.rs`), so the document, `/docs` and the problem bodies share one list;
+//! 3. two `utoipa::Modify` impls add what is shared, in one place each:
+//!    [`components::SharedComponents`] (security schemes, the `Problem` schema, the shared
+//!    response headers) and [`operations::OperationDefaults`] (per operation, by
 //!    the route's `Access` in `routes::table()`: the responses the gates and the edge add —
 //!    413 for a body, 401/403/404/429 by authentication, 500/503/504 everywhere — the
 //!    problem+json body narrowed to the types each response names, and the headers).
 //!
-//! Files: `components.rs` and `operations.rs` the two steps above, `page.rs` the docs page.
+//! Files: `components.rs` and `operations.rs` the last two steps above, `page.rs` the docs page.
 
 pub mod components;
 pub mod operations;
@@ -26,6 +27,7 @@ use utoipa::OpenApi;
 
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
+use crate::http::problem::ProblemType;
 use crate::routes::{accounts, admin, billing, credits, docs, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
@@ -101,6 +103,7 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::audit_trail,
         jobs::breakers,
     ),
+    components(schemas(ProblemType)),
     modifiers(&SharedComponents, &OperationDefaults),
     tags(
         (name = "health", description = "Liveness and readiness, for load balancers. No key."),
