@@ -31,6 +31,7 @@ use crate::http::problem::ProblemType;
 use crate::routes::{accounts, admin, billing, credits, docs, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
+pub use self::operations::JsonBody;
 
 const DESCRIPTION: &str = "\
 A credit-metered API: every call is authenticated with an API key, rate-limited by the \

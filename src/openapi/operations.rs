@@ -9,7 +9,7 @@
 //! problems. A unit test fails when an error response names none, or names a type that is
 //! not a [`ProblemType`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use actix_web::http::Method;
 use serde_json::{json, Map, Value};
@@ -17,7 +17,7 @@ use utoipa::openapi::extensions::Extensions;
 use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
 use utoipa::openapi::schema::{AllOfBuilder, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Required, Response};
-use utoipa::Modify;
+use utoipa::{IntoResponses, Modify};
 
 use super::components::{
     const_schema, idempotency_key_parameter, request_id_parameter, required_retry_after,
@@ -41,6 +41,30 @@ const WITHOUT_DATABASE: [&str; 4] = [
     "openapi_document",
     "docs_page",
 ];
+
+/// The refusals of the `web::Json` body extractor, as `http::extractors::json_config`
+/// configures it: a handler that reads its body with `web::Json<T>` names this in its
+/// `responses(…)` (other handlers read raw bytes and never answer 415). Its 422s depend on
+/// the body's fields, so each handler still describes its own.
+pub struct JsonBody;
+
+impl IntoResponses for JsonBody {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        [
+            (
+                "400",
+                "`invalid_json`: the body is not JSON; `invalid_request`: it could not be read.",
+            ),
+            (
+                "415",
+                "`unsupported_media_type`: send `Content-Type: application/json`.",
+            ),
+        ]
+        .into_iter()
+        .map(|(status, text)| (status.to_owned(), RefOr::T(Response::new(text))))
+        .collect()
+    }
+}
 
 /// Adds the shared parts to every operation; see the module comment.
 pub struct OperationDefaults;

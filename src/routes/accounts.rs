@@ -63,12 +63,10 @@ pub struct LoginResponse {
         first key (all scopes) — the only time that key is shown. Limited per client IP.",
     request_body = Credentials,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The account and its first key.", body = SignupResponse),
-        (status = 400, description = "`invalid_json`: the body is not JSON; `invalid_request`: \
-            it could not be read."),
         (status = 404, description = "`feature_disabled`: self-serve signup is off on this server."),
         (status = 409, description = "`email_taken`: an account with this email exists."),
-        (status = 415, description = "`unsupported_media_type`: send `Content-Type: application/json`."),
         (status = 422, description = "`validation_failed`: a bad email or password, an unknown \
             field, or a field of the wrong type (`field` names it when known)."),
         (status = 503, description = "`password_hashing_busy`: this server is hashing as many \
@@ -131,11 +129,10 @@ pub async fn signup(
         more than five are ever checked. Limited per client IP.",
     request_body = Credentials,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "A 12-hour key.", body = LoginResponse),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 401, description = "`invalid_credentials`: wrong email or password (the same \
             answer for an unknown email or a suspended account)."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a malformed email, an unknown field, \
             or a field of the wrong type."),
         (status = 429, description = "`rate_limited`: too many failed logins for this email \

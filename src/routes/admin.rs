@@ -72,10 +72,9 @@ const ID: &str = "The account id (a UUID).";
     summary = "Create an account",
     request_body = CreateAccount,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The account and its first key.", body = AdminCreatedAccount),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 409, description = "`email_taken`: an account with this email exists."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad email, an unknown tier, \
             negative credits, or an unknown field."),
     ),
@@ -157,10 +156,9 @@ pub struct CreateKey {
     params(("id" = String, Path, description = ID)),
     request_body = CreateKey,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
             expiry in the past, or an unknown field."),
     ),
@@ -197,10 +195,9 @@ pub struct SetTier {
     params(("id" = String, Path, description = ID)),
     request_body = SetTier,
     responses(
+        crate::openapi::JsonBody,
         (status = 200, description = "The account.", body = Account),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: an unknown tier or field."),
     ),
     security(("AdminToken" = [])),
@@ -228,10 +225,9 @@ pub async fn set_tier(
     params(("id" = String, Path, description = ID)),
     request_body = SetTier,
     responses(
+        crate::openapi::JsonBody,
         (status = 200, description = "The account.", body = Account),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: an unknown tier or field."),
     ),
     security(("AdminToken" = [])),
@@ -342,10 +338,9 @@ pub struct Grant {
     params(("id" = String, Path, description = ID)),
     request_body = Grant,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The ledger entry.", body = Movement),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a zero amount, a bad reason, an \
             adjustment below zero, a balance past 2^63 − 1, or an unknown field."),
     ),

@@ -62,14 +62,13 @@ pub struct CreateKey {
         active keys.",
     request_body = CreateKey,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 403, description = "`insufficient_scope`: also when the new key would carry \
             more than the calling key: scopes it lacks (`missing_scopes`), a later expiry, or a \
             higher rate limit."),
         (status = 409, description = "`key_limit_reached`: the account already holds its \
             tier's `max_keys` active keys (`max_keys`)."),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
             expiry in the past, a `rate_limit` outside 1 to the tier's requests per minute, or \
             an unknown field."),
