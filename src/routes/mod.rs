@@ -19,10 +19,10 @@ pub mod jobs;
 pub mod keys;
 pub mod metrics;
 
-use actix_web::dev::Handler;
+use actix_web::dev::{Handler, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::from_fn;
-use actix_web::{web, FromRequest, Responder};
+use actix_web::{web, FromRequest, Resource, Responder, Route};
 
 use crate::http::ratelimit_gate;
 
@@ -67,7 +67,7 @@ pub struct RouteInfo {
 
 struct Entry {
     info: RouteInfo,
-    route: actix_web::Route,
+    route: Route,
 }
 
 /// The route table the modules fill; see the module comment.
@@ -143,8 +143,8 @@ impl Routes {
     /// The table's routes grouped into resources (one per access and path, its methods in
     /// the order added): actix answers 405 for a method a resource lacks only when all of
     /// a path's methods sit on one resource.
-    fn resources(self) -> Vec<(Access, &'static str, Vec<actix_web::Route>)> {
-        let mut out: Vec<(Access, &'static str, Vec<actix_web::Route>)> = Vec::new();
+    fn resources(self) -> Vec<(Access, &'static str, Vec<Route>)> {
+        let mut out: Vec<(Access, &'static str, Vec<Route>)> = Vec::new();
         for Entry { info, route } in self.entries {
             match out
                 .iter_mut()
@@ -188,39 +188,38 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let mut admin = web::scope(ADMIN_SCOPE);
     for (access, path, routes) in all().resources() {
         match access {
-            Access::Open => cfg.service(with_routes(web::resource(path), routes)),
-            Access::PerIp => cfg.service(with_routes(
-                web::resource(path).wrap(from_fn(ratelimit_gate::public)),
-                routes,
-            )),
-            Access::Signed => cfg.service(with_routes(
-                web::resource(path).app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT_MAX)),
-                routes,
-            )),
+            Access::Open => {
+                cfg.service(with_routes(web::resource(path), routes));
+            }
+            Access::PerIp => {
+                let resource = web::resource(path).wrap(from_fn(ratelimit_gate::public));
+                cfg.service(with_routes(resource, routes));
+            }
+            Access::Signed => {
+                let resource =
+                    web::resource(path).app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT_MAX));
+                cfg.service(with_routes(resource, routes));
+            }
             Access::Key => {
                 let local = path.strip_prefix(KEYED_SCOPE).unwrap_or(path);
                 keyed = keyed.service(with_routes(web::resource(local), routes));
-                continue;
             }
             Access::Admin => {
                 let local = path.strip_prefix(ADMIN_SCOPE).unwrap_or(path);
                 admin = admin.service(with_routes(web::resource(local), routes));
-                continue;
             }
-        };
+        }
     }
     cfg.service(keyed).service(admin);
 }
 
-fn with_routes<T>(
-    mut resource: actix_web::Resource<T>,
-    routes: Vec<actix_web::Route>,
-) -> actix_web::Resource<T>
+/// A resource serving each of `routes` (each carries its own method guard).
+fn with_routes<T>(mut resource: Resource<T>, routes: Vec<Route>) -> Resource<T>
 where
-    T: actix_web::dev::ServiceFactory<
-        actix_web::dev::ServiceRequest,
+    T: ServiceFactory<
+        ServiceRequest,
         Config = (),
-        Response = actix_web::dev::ServiceResponse,
+        Response = ServiceResponse,
         Error = actix_web::Error,
         InitError = (),
     >,
@@ -239,43 +238,27 @@ mod tests {
 
     #[test]
     fn scoped_routes_lie_inside_their_scope_and_no_route_is_added_twice() {
+        let under = |path: &str, scope: &str| {
+            path.strip_prefix(scope)
+                .is_some_and(|rest| rest.starts_with('/'))
+        };
         let mut seen = BTreeSet::new();
         for r in table() {
-            let scope = match r.access {
-                Access::Key => Some(KEYED_SCOPE),
-                Access::Admin => Some(ADMIN_SCOPE),
-                _ => None,
-            };
-            if let Some(scope) = scope {
-                assert!(
-                    r.path
-                        .strip_prefix(scope)
-                        .is_some_and(|p| p.starts_with('/')),
-                    "{} {} is {:?} but not under {scope}/",
-                    r.method,
-                    r.path,
-                    r.access
-                );
-            } else {
-                for scope in [KEYED_SCOPE, ADMIN_SCOPE] {
-                    // Outside the scopes, a path under one would shadow nothing but would
-                    // also be matched before it: only the three public `/v1` routes may.
-                    if r.path.starts_with(&format!("{scope}/")) {
-                        assert!(
-                            matches!(r.access, Access::PerIp | Access::Signed),
-                            "{} {} is {:?} under {scope}",
-                            r.method,
-                            r.path,
-                            r.access
-                        );
-                    }
-                }
+            let (method, path, access) = (&r.method, r.path, r.access);
+            match access {
+                Access::Key => assert!(under(path, KEYED_SCOPE), "{method} {path}"),
+                Access::Admin => assert!(under(path, ADMIN_SCOPE), "{method} {path}"),
+                // Outside the scopes, only public routes may sit under `/v1` (registered
+                // before the keyed scope, they are matched first), and none under `/admin`.
+                Access::PerIp | Access::Signed => assert!(!under(path, ADMIN_SCOPE)),
+                Access::Open => assert!(
+                    !under(path, KEYED_SCOPE) && !under(path, ADMIN_SCOPE),
+                    "{method} {path}"
+                ),
             }
             assert!(
-                seen.insert((r.method.to_string(), r.path)),
-                "{} {} is added twice",
-                r.method,
-                r.path
+                seen.insert((method.to_string(), path)),
+                "{method} {path} is added twice"
             );
         }
     }
