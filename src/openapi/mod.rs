@@ -16,6 +16,17 @@
 //!    413 for a body, 401/403/404/429 by authentication, 500/503/504 everywhere — the
 //!    problem+json body narrowed to the types each response names, and the headers).
 //!
+//! The `paths(…)` list below is checked against `routes::table()` by a unit test
+//! (`operations::tests`), in both directions, with each operation's security against its
+//! route's `Access`.
+//!
+//! Why not `utoipa-actix-web` (which registers a route and its document together): it
+//! collects only services made with actix's route macros (`#[get("…")]`), one resource per
+//! method, not `web::resource(…).route(…)`. With a resource per method a wrong method on a
+//! known path would be a 404 instead of today's 405, and the per-resource gates and the
+//! webhook's payload limit would move into macro attributes on each handler. The route table
+//! gives the same single source without either.
+//!
 //! Files: `components.rs` and `operations.rs` the last two steps above, `page.rs` the docs page.
 
 pub mod components;
