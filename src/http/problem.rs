@@ -32,7 +32,9 @@ macro_rules! problem_types {
     ($($name:ident => ($slug:literal, [$($status:literal),*], $title:literal, $desc:expr)),* $(,)?) => {
         /// Every problem `type` the API can answer. Clients match on the slug, never on
         /// `detail`.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+        /// Its OpenAPI schema (`utoipa::ToSchema`) is written by hand in
+        /// `crate::openapi::components`, to carry each type's statuses and description.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
         #[serde(rename_all = "snake_case")]
         pub enum ProblemType {
             $(#[doc = $desc] $name,)*

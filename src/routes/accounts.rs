@@ -14,8 +14,18 @@ use crate::audit::{self, Action};
 use crate::auth::key_store::{self, CreatedKey, KeySpec};
 use crate::auth::{Authenticated, Scope};
 use crate::http::problem::{ApiError, ApiResult};
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
 use crate::tiers::{Tier, DEFAULT_TIER};
+
+/// `/v1/signup` and `/v1/login` are open to anyone behind the per-IP gate; the account
+/// itself needs a key.
+pub fn configure(routes: &mut Routes) {
+    routes
+        .post(Access::PerIp, "/v1/signup", signup)
+        .post(Access::PerIp, "/v1/login", login)
+        .get(Access::Key, "/v1/account", get_account);
+}
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -53,20 +63,16 @@ pub struct LoginResponse {
         first key (all scopes) — the only time that key is shown. Limited per client IP.",
     request_body = Credentials,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The account and its first key.", body = SignupResponse),
-        (status = 400, description = "`invalid_json`: the body is not JSON; `invalid_request`: \
-            it could not be read."),
         (status = 404, description = "`feature_disabled`: self-serve signup is off on this server."),
         (status = 409, description = "`email_taken`: an account with this email exists."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`: send `Content-Type: application/json`."),
         (status = 422, description = "`validation_failed`: a bad email or password, an unknown \
             field, or a field of the wrong type (`field` names it when known)."),
         (status = 503, description = "`password_hashing_busy`: this server is hashing as many \
             passwords as it allows at once; retry after `Retry-After` seconds. Nothing was \
             created."),
     ),
-    extensions(("x-rate-limit" = json!("ip"))),
 )]
 #[tracing::instrument(name = "signup", skip_all)]
 pub async fn signup(
@@ -123,12 +129,10 @@ pub async fn signup(
         more than five are ever checked. Limited per client IP.",
     request_body = Credentials,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "A 12-hour key.", body = LoginResponse),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 401, description = "`invalid_credentials`: wrong email or password (the same \
             answer for an unknown email or a suspended account)."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a malformed email, an unknown field, \
             or a field of the wrong type."),
         (status = 429, description = "`rate_limited`: too many failed logins for this email \
@@ -137,7 +141,6 @@ pub async fn signup(
             passwords as it allows at once; retry after `Retry-After` seconds. The attempt was \
             not counted against the email."),
     ),
-    extensions(("x-rate-limit" = json!("ip"))),
 )]
 #[tracing::instrument(name = "login", skip_all)]
 pub async fn login(

@@ -16,7 +16,22 @@ use crate::http::admin_token::AdminToken;
 use crate::http::problem::{ApiError, ApiResult};
 use crate::operator;
 use crate::pagination::Page;
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+pub fn configure(routes: &mut Routes) {
+    routes
+        .post(Access::Admin, "/admin/accounts", create_account)
+        .get(Access::Admin, "/admin/accounts/{id}", get_account)
+        .post(Access::Admin, "/admin/accounts/{id}/keys", create_key)
+        .put(Access::Admin, "/admin/accounts/{id}/tier", set_tier)
+        .post(Access::Admin, "/admin/accounts/{id}/tier", set_tier_post)
+        .post(Access::Admin, "/admin/accounts/{id}/suspend", suspend)
+        .post(Access::Admin, "/admin/accounts/{id}/unsuspend", unsuspend)
+        .post(Access::Admin, "/admin/accounts/{id}/credits", grant_credits)
+        .post(Access::Admin, "/admin/keys/{id}/revoke", revoke_key)
+        .get(Access::Admin, "/admin/audit", audit_trail);
+}
 
 fn account_id(raw: &str) -> Result<Uuid, ApiError> {
     raw.parse()
@@ -57,11 +72,9 @@ const ID: &str = "The account id (a UUID).";
     summary = "Create an account",
     request_body = CreateAccount,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The account and its first key.", body = AdminCreatedAccount),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 409, description = "`email_taken`: an account with this email exists."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad email, an unknown tier, \
             negative credits, or an unknown field."),
     ),
@@ -143,11 +156,9 @@ pub struct CreateKey {
     params(("id" = String, Path, description = ID)),
     request_body = CreateKey,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
             expiry in the past, or an unknown field."),
     ),
@@ -184,11 +195,9 @@ pub struct SetTier {
     params(("id" = String, Path, description = ID)),
     request_body = SetTier,
     responses(
+        crate::openapi::JsonBody,
         (status = 200, description = "The account.", body = Account),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: an unknown tier or field."),
     ),
     security(("AdminToken" = [])),
@@ -216,11 +225,9 @@ pub async fn set_tier(
     params(("id" = String, Path, description = ID)),
     request_body = SetTier,
     responses(
+        crate::openapi::JsonBody,
         (status = 200, description = "The account.", body = Account),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: an unknown tier or field."),
     ),
     security(("AdminToken" = [])),
@@ -331,11 +338,9 @@ pub struct Grant {
     params(("id" = String, Path, description = ID)),
     request_body = Grant,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The ledger entry.", body = Movement),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 404, description = "`not_found`: no account with that id."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a zero amount, a bad reason, an \
             adjustment below zero, a balance past 2^63 − 1, or an unknown field."),
     ),

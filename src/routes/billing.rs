@@ -12,7 +12,16 @@ use crate::http::idempotent;
 use crate::http::problem::{ApiError, ApiResult};
 use crate::idempotency;
 use crate::metrics;
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+/// The webhook is Stripe's, authenticated by its signature; the rest needs a key.
+pub fn configure(routes: &mut Routes) {
+    routes
+        .post(Access::Signed, "/v1/billing/webhook", webhook)
+        .get(Access::Key, "/v1/billing", summary)
+        .post(Access::Key, "/v1/billing/checkout", checkout);
+}
 
 /// Name exactly one of `pack` or `plan`.
 #[derive(Deserialize, ToSchema)]
@@ -83,7 +92,6 @@ pub struct StripeEventData {
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: an unknown pack or plan, both or \
             neither, a bad URL, or an unknown field; `idempotency_key_reused`."),
         (status = 503, description = "`payment_provider_unavailable`: Stripe did not answer; retry."),
@@ -155,7 +163,6 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
             signature (nothing is written); `invalid_json`, `invalid_request`: a signed body \
             that is not a usable event; `bad_request`: the body could not be read."),
         (status = 404, description = "`feature_disabled`: no webhook secret is configured."),
-        (status = 413, description = "`payload_too_large`"),
     ),
 )]
 pub async fn webhook(

@@ -16,7 +16,16 @@ use crate::http::idempotent;
 use crate::http::problem::ApiResult;
 use crate::idempotency;
 use crate::pagination::{self, Page, TimeRange};
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+pub fn configure(routes: &mut Routes) {
+    routes
+        .get(Access::Key, "/v1/credits", summary)
+        .get(Access::Key, "/v1/credits/ledger", ledger_page)
+        .post(Access::Key, "/v1/credits/charge", charge)
+        .get(Access::Key, "/v1/usage", usage);
+}
 
 #[derive(Serialize, ToSchema)]
 pub struct CreditsSummary {
@@ -255,7 +264,6 @@ struct ChargeBody {
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: `amount` or `reason` out of range, \
             or an unknown field; `idempotency_key_reused`: this `Idempotency-Key` came with \
             another request."),

@@ -8,7 +8,14 @@ use utoipa::ToSchema;
 
 use crate::http::problem::{ApiError, ApiResult};
 use crate::ratelimit::OnSharedFailure;
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+pub fn configure(routes: &mut Routes) {
+    routes
+        .get(Access::Open, "/health/live", live)
+        .get(Access::Open, "/health/ready", ready);
+}
 
 #[derive(Serialize, ToSchema)]
 pub struct Live {

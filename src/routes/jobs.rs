@@ -31,7 +31,19 @@ use crate::jobs::submit::{self, JobRequest, Submitter};
 use crate::jobs::wait::{self, Follow, Waited};
 use crate::jobs::wakeups::Waiter;
 use crate::pagination::{Page, PageQuery};
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+/// The jobs API needs a key; the breakers report is the operator's.
+pub fn configure(routes: &mut Routes) {
+    routes
+        .post(Access::Key, "/v1/scrape", scrape)
+        .get(Access::Key, "/v1/jobs", list)
+        .post(Access::Key, "/v1/jobs", create_job)
+        .get(Access::Key, "/v1/jobs/{id}", get)
+        .delete(Access::Key, "/v1/jobs/{id}", cancel)
+        .get(Access::Admin, "/admin/breakers", breakers);
+}
 
 /// A scrape job to queue.
 // `POST /v1/scrape` reads the same type, and refuses `webhook_url` (see `ScrapeBody`).
@@ -191,7 +203,6 @@ impl submit::Record for Answer<'_> {
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
             `timeout_ms`, `headers` or `webhook_url` (`field` names it), `webhook_url` while job \
             webhooks are off, or an unknown field; `url_not_allowed`: `url` or `webhook_url` \
@@ -255,7 +266,6 @@ pub async fn create_job(
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone); `job_cancelled`: the job was cancelled \
             (`DELETE /v1/jobs/{id}`) before it ran, and refunded."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: a bad `url`, `formats`, \
             `timeout_ms` or `headers` (`field` names it), any `webhook_url` (it is for \
             `POST /v1/jobs`), or an unknown field; `url_not_allowed`: `url` is not http(s), has \

@@ -13,7 +13,17 @@ use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_
 use crate::auth::{api_key, Authenticated, Scope};
 use crate::http::problem::{ApiError, ApiResult};
 use crate::pagination::{Page, PageQuery};
+use crate::routes::{Access, Routes};
 use crate::startup::AppState;
+
+pub fn configure(routes: &mut Routes) {
+    routes
+        .get(Access::Key, "/v1/keys", list)
+        .post(Access::Key, "/v1/keys", create)
+        .get(Access::Key, "/v1/keys/{id}", get)
+        .delete(Access::Key, "/v1/keys/{id}", revoke)
+        .post(Access::Key, "/v1/keys/{id}/rotate", rotate);
+}
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -52,15 +62,13 @@ pub struct CreateKey {
         active keys.",
     request_body = CreateKey,
     responses(
+        crate::openapi::JsonBody,
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
-        (status = 400, description = "`invalid_json`, `invalid_request`"),
         (status = 403, description = "`insufficient_scope`: also when the new key would carry \
             more than the calling key: scopes it lacks (`missing_scopes`), a later expiry, or a \
             higher rate limit."),
         (status = 409, description = "`key_limit_reached`: the account already holds its \
             tier's `max_keys` active keys (`max_keys`)."),
-        (status = 413, description = "`payload_too_large`"),
-        (status = 415, description = "`unsupported_media_type`"),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
             expiry in the past, a `rate_limit` outside 1 to the tier's requests per minute, or \
             an unknown field."),
@@ -235,7 +243,6 @@ pub struct Rotate {
         (status = 404, description = "`not_found`: no key with that id on this account."),
         (status = 409, description = "`key_revoked`: the key is revoked; \
             `key_already_rotated`: it already has a successor."),
-        (status = 413, description = "`payload_too_large`"),
         (status = 422, description = "`validation_failed`: `grace_seconds` out of range or an \
             unknown field."),
     ),

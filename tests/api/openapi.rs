@@ -1,16 +1,11 @@
 //! `/openapi.json` and `/docs`, and the document checked against the routes that really exist.
 //!
-//! How "the routes that exist" is known without a hand-kept list that could drift:
-//! - **paths** are read back from actix's own router: an in-process `App` is built with the
-//!   real `routes::configure`, and its default service dumps the router's resource map
-//!   (`HttpRequest::resource_map()`, printed with `{:?}` and parsed here). Every path found is
-//!   then confirmed with the router's own matcher (`ResourceMap::match_pattern`), so a parse
-//!   that went wrong fails loudly instead of silently checking less;
-//! - **methods** are found by asking the running server: each path is requested with every
-//!   method, with credentials that pass its gate (an unlimited-tier key with every scope, or
-//!   the admin token) and no body. A method the resource lacks answers 405; anything else —
-//!   a 2xx, a validation error, a handler's own 404 — means the route exists. The router's
-//!   404 is told apart from a handler's by comparing with what an unregistered path gets.
+//! "The routes that exist" is the route table the server registers (`routes::table()`, the
+//! same data `routes::configure` hands to actix), confirmed against the running server: each
+//! path is requested with every method, with credentials that pass its gate (an
+//! unlimited-tier key with every scope, or the admin token) and no body. A method the table
+//! lists must reach a handler; any other must be refused by the router (405). A handler's
+//! own 404 is told apart from the router's by comparing with what an unregistered path gets.
 //!
 //! The registered (method, path) set must equal the documented one, in both directions.
 
@@ -68,251 +63,6 @@ fn concrete(pattern: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-// ---- the router's paths, read back from actix -------------------------------------------
-
-/// A value of Rust's `{:?}` output, enough of it to walk actix's `ResourceMap`.
-#[derive(Debug)]
-#[allow(dead_code)] // Map entries are parsed (to get past them) but never read.
-enum Dbg {
-    Str(String),
-    Atom(String),
-    Struct(String, Vec<(String, Dbg)>),
-    Tuple(String, Vec<Dbg>),
-    List(Vec<Dbg>),
-    Map(Vec<(Dbg, Dbg)>),
-}
-
-struct DbgParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl DbgParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&mut self) -> Option<u8> {
-        self.ws();
-        self.s.get(self.i).copied()
-    }
-
-    fn eat(&mut self, c: u8) -> bool {
-        if self.peek() == Some(c) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn expect(&mut self, c: u8) {
-        assert!(
-            self.eat(c),
-            "expected {:?} at {} in the resource map dump: {:?}",
-            c as char,
-            self.i,
-            String::from_utf8_lossy(&self.s[self.i..(self.i + 60).min(self.s.len())])
-        );
-    }
-
-    fn atom(&mut self) -> String {
-        self.ws();
-        let start = self.i;
-        while self.i < self.s.len()
-            && (self.s[self.i].is_ascii_alphanumeric() || b"_-.".contains(&self.s[self.i]))
-        {
-            self.i += 1;
-        }
-        String::from_utf8_lossy(&self.s[start..self.i]).into_owned()
-    }
-
-    fn string(&mut self) -> String {
-        self.expect(b'"');
-        let mut out = Vec::new();
-        while self.i < self.s.len() && self.s[self.i] != b'"' {
-            if self.s[self.i] == b'\\' {
-                self.i += 1;
-            }
-            out.push(self.s[self.i]);
-            self.i += 1;
-        }
-        self.expect(b'"');
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    /// Items up to `close`, separated by commas (a trailing comma and `..` allowed).
-    fn items<T>(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> T) -> Vec<T> {
-        let mut out = Vec::new();
-        loop {
-            if self.eat(close) {
-                return out;
-            }
-            if self.peek() == Some(b'.') {
-                self.atom();
-            } else {
-                out.push(item(self));
-            }
-            if !self.eat(b',') {
-                self.expect(close);
-                return out;
-            }
-        }
-    }
-
-    fn value(&mut self) -> Dbg {
-        match self.peek() {
-            Some(b'"') => Dbg::Str(self.string()),
-            Some(b'[') => {
-                self.i += 1;
-                Dbg::List(self.items(b']', Self::value))
-            }
-            Some(b'(') => {
-                self.i += 1;
-                Dbg::Tuple(String::new(), self.items(b')', Self::value))
-            }
-            Some(b'{') => {
-                self.i += 1;
-                Dbg::Map(self.items(b'}', |p| {
-                    let k = p.value();
-                    p.expect(b':');
-                    (k, p.value())
-                }))
-            }
-            _ => {
-                let name = self.atom();
-                assert!(!name.is_empty(), "unexpected input at {}", self.i);
-                if self.eat(b'{') {
-                    Dbg::Struct(
-                        name,
-                        self.items(b'}', |p| {
-                            let field = p.atom();
-                            p.expect(b':');
-                            (field, p.value())
-                        }),
-                    )
-                } else if self.eat(b'(') {
-                    Dbg::Tuple(name, self.items(b')', Self::value))
-                } else {
-                    Dbg::Atom(name)
-                }
-            }
-        }
-    }
-}
-
-fn field<'a>(v: &'a Dbg, name: &str) -> &'a Dbg {
-    match v {
-        Dbg::Struct(_, fields) => fields
-            .iter()
-            .find(|(f, _)| f == name)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("no field {name} in {v:?}")),
-        other => panic!("expected a struct with {name}, found {other:?}"),
-    }
-}
-
-/// The full paths of the leaves (resources) under a `ResourceMap` node.
-fn leaves(node: &Dbg, prefix: &str, out: &mut Vec<String>) {
-    assert!(
-        matches!(node, Dbg::Struct(name, _) if name == "ResourceMap"),
-        "expected a ResourceMap, found {node:?}"
-    );
-    let patterns = match field(field(node, "pattern"), "patterns") {
-        Dbg::Tuple(kind, items) if kind == "Single" || kind == "List" => match &items[..] {
-            [Dbg::Str(p)] => vec![p.clone()],
-            [Dbg::List(ps)] => ps
-                .iter()
-                .map(|p| match p {
-                    Dbg::Str(s) => s.clone(),
-                    other => panic!("pattern {other:?}"),
-                })
-                .collect(),
-            other => panic!("patterns {other:?}"),
-        },
-        other => panic!("patterns {other:?}"),
-    };
-    for pattern in patterns {
-        let full = format!("{prefix}{pattern}");
-        match field(node, "nodes") {
-            Dbg::Atom(none) if none == "None" => out.push(full),
-            Dbg::Tuple(some, items) if some == "Some" => match &items[..] {
-                [Dbg::List(children)] => {
-                    for child in children {
-                        leaves(child, &full, out);
-                    }
-                }
-                other => panic!("nodes {other:?}"),
-            },
-            other => panic!("nodes {other:?}"),
-        }
-    }
-}
-
-/// Dumps the router's resource map (`GET /__router__`), or answers which pattern the router
-/// matches for `?path=…`.
-async fn router_oracle(
-    req: actix_web::HttpRequest,
-    q: actix_web::web::Query<BTreeMap<String, String>>,
-) -> actix_web::HttpResponse {
-    let rmap = req.resource_map();
-    let body = match q.get("path") {
-        Some(p) => rmap.match_pattern(p).unwrap_or_default(),
-        None => format!("{rmap:?}"),
-    };
-    actix_web::HttpResponse::Ok().body(body)
-}
-
-/// Every path pattern the real `routes::configure` registers, from the router itself.
-fn router_paths() -> Vec<String> {
-    std::thread::spawn(|| {
-        actix_web::rt::System::new().block_on(async {
-            use actix_web::{test, web, App};
-            let app = test::init_service(
-                App::new()
-                    .configure(keymeter::routes::configure)
-                    .default_service(web::to(router_oracle)),
-            )
-            .await;
-            let dump = test::call_and_read_body(
-                &app,
-                test::TestRequest::get().uri("/__router__").to_request(),
-            )
-            .await;
-            let dump = String::from_utf8(dump.to_vec()).expect("utf-8 dump");
-            let mut parser = DbgParser {
-                s: dump.as_bytes(),
-                i: 0,
-            };
-            let root = parser.value();
-            let mut paths = Vec::new();
-            leaves(&root, "", &mut paths);
-            assert!(
-                paths.len() >= 10,
-                "the router dump parsed to only {paths:?}: {dump}"
-            );
-            // The parse is confirmed by the router's own matcher, path by path.
-            for p in &paths {
-                let probe = concrete(p);
-                let uri = format!("/__router__?path={}", probe.replace('/', "%2F"));
-                let matched =
-                    test::call_and_read_body(&app, test::TestRequest::get().uri(&uri).to_request())
-                        .await;
-                assert_eq!(
-                    String::from_utf8_lossy(&matched),
-                    p.as_str(),
-                    "the router does not match {probe} to the parsed pattern {p}"
-                );
-            }
-            paths
-        })
-    })
-    .join()
-    .expect("router introspection")
 }
 
 // ---- probing the running server -----------------------------------------------------------
@@ -397,23 +147,35 @@ async fn every_registered_route_is_documented_and_every_documented_route_exists(
     let not_found = router_not_found(&app).await;
     let (_, key) = app.create_account("internal", 0).await;
 
-    let mut registered = BTreeSet::new();
-    for path in router_paths() {
+    let registered: BTreeSet<(String, String)> = keymeter::routes::table()
+        .into_iter()
+        .map(|r| (r.method.to_string(), r.path.to_owned()))
+        .collect();
+    let paths: BTreeSet<&String> = registered.iter().map(|(_, p)| p).collect();
+    for path in paths {
         let credentials = if path.starts_with("/admin") {
             Credentials::Admin
         } else {
             Credentials::Key(&key)
         };
         for method in PROBE_METHODS {
-            let (status, body) = call(&app, method, &concrete(&path), &credentials).await;
+            let (status, body) = call(&app, method, &concrete(path), &credentials).await;
             assert_ne!(status, 429, "{method} {path} was rate limited: {body}");
             assert_ne!(
                 status, 401,
                 "{method} {path} refused the credentials: {body}"
             );
-            if !is_router_refusal(status, &body, &not_found) {
-                registered.insert((method.to_owned(), path.clone()));
-            }
+            let in_table = registered.contains(&(method.to_owned(), path.clone()));
+            assert_eq!(
+                !is_router_refusal(status, &body, &not_found),
+                in_table,
+                "{method} {path}: the route table says {}, the server answered {status} {body}",
+                if in_table {
+                    "registered"
+                } else {
+                    "not registered"
+                }
+            );
         }
     }
     let documented_set: BTreeSet<_> = documented.keys().cloned().collect();
@@ -499,16 +261,4 @@ async fn fuzzing_findings_are_refused_as_invalid_not_server_errors() {
         )
         .await;
     assert_problem(res, 422, "validation_failed").await;
-}
-
-#[test]
-fn the_router_dump_parser_reads_nested_scopes() {
-    let dump = r#"ResourceMap { pattern: ResourceDef { id: 0, name: None, patterns: Single(""), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: Some([ResourceMap { pattern: ResourceDef { id: 0, name: Some("x"), patterns: Single("/v1"), is_prefix: true, pat_type: Dynamic(Regex("^/v1(?:/|$)"), ["a"]), segments: [Const("/v1")] }, named: {"x": ResourceMap { pattern: ResourceDef { id: 1, name: None, patterns: Single("/z"), is_prefix: false, pat_type: Static("/z"), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }}, parent: RefCell { value: (Weak) }, nodes: Some([ResourceMap { pattern: ResourceDef { id: 0, name: None, patterns: Single("/keys/{id}"), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }]) }, ResourceMap { pattern: ResourceDef { id: 1, name: None, patterns: List(["/a", "/b"]), is_prefix: false, pat_type: Static(""), segments: [] }, named: {}, parent: RefCell { value: (Weak) }, nodes: None }]) }"#;
-    let mut p = DbgParser {
-        s: dump.as_bytes(),
-        i: 0,
-    };
-    let mut out = Vec::new();
-    leaves(&p.value(), "", &mut out);
-    assert_eq!(out, ["/v1/keys/{id}", "/a", "/b"]);
 }
