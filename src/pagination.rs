@@ -78,9 +78,10 @@ impl Cursor {
         format!("{}_{}", at.timestamp_micros(), id)
     }
 
-    /// A cursor that is not of our shape is `400 invalid_request`; one of our shape whose
-    /// time is outside the accepted range (a number past `i64`, a year before 0000 or after
-    /// 9999) is `422 validation_failed` naming `cursor`.
+    /// A cursor that is not of our shape is [`Error::BadCursor`] (the API's
+    /// `400 invalid_request`); one of our shape whose time is outside the accepted range (a
+    /// number past `i64`, a year before 0000 or after 9999) is [`Error::OutOfRange`] naming
+    /// `cursor` (`422 validation_failed`).
     pub fn decode(s: &str) -> Result<Cursor, Error> {
         let bad = || Error::BadCursor;
         let (micros, id) = s.split_once('_').ok_or_else(bad)?;
@@ -108,8 +109,8 @@ impl Cursor {
 }
 
 /// `limit`: a whole number from 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent. Taken as
-/// text so that anything else — `abc`, `1e3`, a number past `i64` — is the same `422` naming
-/// `limit`, not a query-string error.
+/// text so that anything else — `abc`, `1e3`, a number past `i64` — is the same
+/// [`Error::BadLimit`] (a `422` naming `limit`), not a query-string error.
 pub fn parse_limit(raw: Option<&str>) -> Result<i64, Error> {
     let Some(raw) = raw else {
         return Ok(DEFAULT_LIMIT);

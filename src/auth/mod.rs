@@ -1,5 +1,6 @@
 //! Authentication: API keys (format, storage, verification), their cache and its
-//! invalidation, and the admin token.
+//! invalidation, and what a key may do to its own account's keys ([`key_actions`]). Refusals
+//! are [`Error`]s; only the request extractor ([`extractor`]) knows about HTTP.
 //!
 //! The hot path, in order (see [`AuthService::authenticate`]):
 //! parse → checksum (bad keys stop here: no cache, no database) → moka cache by key id
