@@ -45,3 +45,162 @@ fn beyond_power(detail: String, missing: &[&'static str]) -> ApiError {
     }
     e
 }
+
+/// What a client receives for an error: status, headers and body bytes.
+#[cfg(test)]
+pub(super) fn rendered(e: ApiError) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use actix_web::body::MessageBody;
+    use actix_web::ResponseError;
+    let res = e.error_response();
+    let status = res.status().as_u16();
+    let mut headers: Vec<(String, String)> = res
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+        .collect();
+    headers.sort();
+    let body = res
+        .into_body()
+        .try_into_bytes()
+        .unwrap_or_else(|_| panic!("a problem body is in memory"))
+        .to_vec();
+    assert!(
+        body.starts_with(b"{\"type\":"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    (status, headers, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each refusal answers exactly what the API answered before auth had its own errors:
+    /// the right-hand sides are the `ApiError`s the domain used to build itself.
+    #[test]
+    fn every_refusal_renders_as_before() {
+        let ends_at = chrono::DateTime::parse_from_rfc3339("2030-01-02T03:04:05Z")
+            .unwrap()
+            .to_utc();
+        let cases: Vec<(Error, ApiError)> = vec![
+            (Error::InvalidApiKey, ApiError::InvalidApiKey),
+            (
+                Error::MissingScope { required: "read" },
+                ApiError::InsufficientScope { required: "read" },
+            ),
+            (
+                Error::ScopesBeyondCreator {
+                    verb: "create",
+                    missing: vec!["billing", "scrape"],
+                },
+                ApiError::problem(
+                    ProblemType::InsufficientScope,
+                    "This key cannot create a key with scopes it lacks itself: billing, scrape.",
+                )
+                .with("missing_scopes", vec!["billing", "scrape"])
+                .with("required_scope", "billing"),
+            ),
+            (
+                Error::OutlivesCreator {
+                    verb: "rotate",
+                    ends_at,
+                },
+                ApiError::problem(
+                    ProblemType::InsufficientScope,
+                    "This key stops working at 2030-01-02T03:04:05Z; it cannot rotate a key \
+                     that outlives it.",
+                )
+                .with("missing_scopes", Vec::<&str>::new()),
+            ),
+            (
+                Error::RateAboveCreator {
+                    verb: "create",
+                    rate: 10,
+                },
+                ApiError::problem(
+                    ProblemType::InsufficientScope,
+                    "This key is limited to 10 requests per minute; it cannot create a key \
+                     with a higher limit.",
+                )
+                .with("missing_scopes", Vec::<&str>::new()),
+            ),
+            (
+                Error::InvalidName,
+                ApiError::validation(
+                    "name",
+                    "name must be 1 to 100 characters, without control characters.",
+                ),
+            ),
+            (
+                Error::UnknownScope("x".into()),
+                ApiError::validation(
+                    "scopes",
+                    "unknown scope \"x\"; known: scrape, read, keys:manage, billing.",
+                ),
+            ),
+            (
+                Error::NoScopes,
+                ApiError::validation("scopes", "a key needs at least one scope."),
+            ),
+            (
+                Error::ExpiryNotInFuture,
+                ApiError::validation("expires_at", "expires_at must be in the future."),
+            ),
+            (
+                Error::RateLimitOutOfRange { max: 60 },
+                ApiError::validation(
+                    "rate_limit",
+                    "rate_limit must be between 1 and 60 (the tier's requests per minute).",
+                ),
+            ),
+            (
+                Error::GraceOutOfRange,
+                ApiError::validation(
+                    "grace_seconds",
+                    "grace_seconds must be between 0 and 86400.",
+                ),
+            ),
+            (
+                Error::KeyLimitReached {
+                    tier: "free".into(),
+                    max: 5,
+                },
+                ApiError::problem(
+                    ProblemType::KeyLimitReached,
+                    "The free tier allows 5 active keys per account; revoke one first.",
+                )
+                .with("max_keys", 5),
+            ),
+            (
+                Error::KeyRevoked,
+                ApiError::problem(ProblemType::KeyRevoked, "A revoked key cannot be rotated."),
+            ),
+            (
+                Error::KeyAlreadyRotated {
+                    next: "a1B2c3D4e5F6".into(),
+                },
+                ApiError::problem(
+                    ProblemType::KeyAlreadyRotated,
+                    "This key was already rotated to a1B2c3D4e5F6.",
+                ),
+            ),
+            (
+                Error::KeyNotFound,
+                ApiError::NotFound("No API key with that id on this account.".into()),
+            ),
+            (
+                Error::AccountNotFound,
+                ApiError::NotFound("No such account.".into()),
+            ),
+            (
+                Error::Db(crate::db::Error::Unavailable("pool timed out".into())),
+                ApiError::DatabaseUnavailable,
+            ),
+        ];
+        for (domain, before) in cases {
+            let label = format!("{domain:?}");
+            assert_eq!(rendered(domain.into()), rendered(before), "{label}");
+        }
+    }
+}

@@ -13,3 +13,39 @@ impl From<Error> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::auth::rendered;
+    use super::*;
+
+    /// Each refusal answers exactly what it answered before pagination had its own errors.
+    #[test]
+    fn every_refusal_renders_as_before() {
+        let cases: Vec<(Error, ApiError)> = vec![
+            (
+                Error::BadCursor,
+                ApiError::InvalidRequest("The cursor is not one this API returned.".into()),
+            ),
+            (
+                Error::OutOfRange { field: "cursor" },
+                ApiError::validation(
+                    "cursor",
+                    "cursor must be between 0000-01-01 and 9999-12-31 (UTC).",
+                ),
+            ),
+            (
+                Error::BadLimit,
+                ApiError::validation("limit", "limit must be a whole number between 1 and 100."),
+            ),
+            (
+                Error::BadTime { field: "to" },
+                ApiError::validation("to", "to must be a date (2026-11-23) or an RFC 3339 time."),
+            ),
+        ];
+        for (domain, before) in cases {
+            let label = format!("{domain:?}");
+            assert_eq!(rendered(domain.into()), rendered(before), "{label}");
+        }
+    }
+}
