@@ -286,7 +286,7 @@ pub async fn list(
 ) -> Result<Vec<AuditEvent>, Error> {
     let (at, id) = match cursor {
         Some(c) => {
-            let id: Uuid = c.id.parse().map_err(|_| pagination::Error::BadCursor)?;
+            let id: Uuid = c.id_as()?;
             (Some(c.at), Some(id))
         }
         None => (None, None),

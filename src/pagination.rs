@@ -67,6 +67,12 @@ pub struct PageQuery {
     pub cursor: Option<String>,
 }
 
+/// A list route's `limit` and `cursor`, checked in that order (so a route with its own
+/// query struct — one with filters besides the page — parses the page in one call).
+pub fn page(limit: Option<&str>, cursor: Option<&str>) -> Result<(i64, Option<Cursor>), Error> {
+    Ok((parse_limit(limit)?, cursor.map(Cursor::decode).transpose()?))
+}
+
 #[derive(Debug, Clone)]
 pub struct Cursor {
     pub at: DateTime<Utc>,
@@ -105,6 +111,12 @@ impl Cursor {
             at,
             id: id.to_owned(),
         })
+    }
+
+    /// The id part read as the route's id type (a ledger row's number, a job's UUID): one
+    /// that does not parse is not a cursor this API returned ([`Error::BadCursor`]).
+    pub fn id_as<T: std::str::FromStr>(&self) -> Result<T, Error> {
+        self.id.parse().map_err(|_| Error::BadCursor)
     }
 }
 
