@@ -17,9 +17,21 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::http::problem::ApiError;
+use crate::db;
 use crate::http::request_id;
-use crate::pagination::Cursor;
+use crate::pagination::{self, Cursor};
+
+/// Why the trail could not be listed: a cursor that is not one of its own, or the database.
+/// Recording an event only fails with the database ([`db::Error`]), so that takes no enum.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Page(#[from] pagination::Error),
+    #[error(transparent)]
+    Db(#[from] db::Error),
+}
+
+crate::impl_db_error_from!(Error);
 
 /// Who did it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +184,7 @@ pub async fn record(
     account_id: Option<Uuid>,
     target: Option<&str>,
     detail: Value,
-) -> Result<(), ApiError> {
+) -> Result<(), db::Error> {
     let detail = match detail {
         Value::Object(_) => detail,
         Value::Null => Value::Object(Default::default()),
@@ -210,7 +222,7 @@ pub async fn login_failed(
     actor: &Actor,
     account_id: Option<Uuid>,
     locked: bool,
-) -> Result<(), ApiError> {
+) -> Result<(), db::Error> {
     let known = serde_json::json!({"known_account": account_id.is_some()});
     record(
         tx,
@@ -271,12 +283,10 @@ pub async fn list(
     filter: &Filter,
     limit: i64,
     cursor: Option<Cursor>,
-) -> Result<Vec<AuditEvent>, ApiError> {
+) -> Result<Vec<AuditEvent>, Error> {
     let (at, id) = match cursor {
         Some(c) => {
-            let id: Uuid = c.id.parse().map_err(|_| {
-                ApiError::InvalidRequest("The cursor is not one this API returned.".into())
-            })?;
+            let id: Uuid = c.id_as()?;
             (Some(c.at), Some(id))
         }
         None => (None, None),

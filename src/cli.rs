@@ -9,7 +9,6 @@ use crate::audit::{self, Actor};
 use crate::auth::key_store::KeySpec;
 use crate::config::Config;
 use crate::db;
-use crate::http::problem::ApiError;
 use crate::operator as ops;
 use crate::startup::Application;
 use crate::tiers::Tiers;
@@ -165,15 +164,6 @@ async fn admin_pool(config: &Config) -> anyhow::Result<Pool> {
     Ok(pool)
 }
 
-/// Turns an API error into a one-line message for the terminal.
-fn cli_error(e: ApiError) -> anyhow::Error {
-    match e {
-        ApiError::Internal(inner) => inner,
-        ApiError::Validation { detail, .. } => anyhow::anyhow!("{detail}"),
-        other => anyhow::anyhow!("{other}"),
-    }
-}
-
 pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
     let tiers = Tiers::load(config.tiers_path.as_deref())?;
     let pool = admin_pool(&config).await?;
@@ -187,8 +177,7 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
         } => {
             let (account, key) =
                 ops::create_account(&pool, &tiers, &actor, &email, tier.as_deref(), credits)
-                    .await
-                    .map_err(cli_error)?;
+                    .await?;
             if json {
                 println!("{}", json!({"account_id": account.id, "api_key": key.key}));
             } else {
@@ -205,10 +194,8 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             name,
             json,
         } => {
-            let spec = KeySpec::parse(name, scopes, None).map_err(cli_error)?;
-            let key = ops::create_key(&pool, &actor, account, &spec)
-                .await
-                .map_err(cli_error)?;
+            let spec = KeySpec::parse(name, scopes, None)?;
+            let key = ops::create_key(&pool, &actor, account, &spec).await?;
             if json {
                 println!(
                     "{}",
@@ -221,27 +208,19 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             }
         }
         AdminCommand::SetTier { account, tier } => {
-            let a = ops::set_tier(&pool, &tiers, &actor, account, &tier)
-                .await
-                .map_err(cli_error)?;
+            let a = ops::set_tier(&pool, &tiers, &actor, account, &tier).await?;
             println!("account {} is now on tier {}", a.id, a.tier);
         }
         AdminCommand::Suspend { account } => {
-            let a = ops::set_active(&pool, &actor, account, false)
-                .await
-                .map_err(cli_error)?;
+            let a = ops::set_active(&pool, &actor, account, false).await?;
             println!("account {} is {}", a.id, a.status);
         }
         AdminCommand::Unsuspend { account } => {
-            let a = ops::set_active(&pool, &actor, account, true)
-                .await
-                .map_err(cli_error)?;
+            let a = ops::set_active(&pool, &actor, account, true).await?;
             println!("account {} is {}", a.id, a.status);
         }
         AdminCommand::RevokeKey { key } => {
-            let k = ops::revoke_key(&pool, &actor, &key)
-                .await
-                .map_err(cli_error)?;
+            let k = ops::revoke_key(&pool, &actor, &key).await?;
             println!("key {} revoked", k.id);
         }
         AdminCommand::GrantCredits {
@@ -249,9 +228,7 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             amount,
             reason,
         } => {
-            let m = ops::grant_credits(&pool, &actor, account, amount, &reason)
-                .await
-                .map_err(cli_error)?;
+            let m = ops::grant_credits(&pool, &actor, account, amount, &reason).await?;
             println!(
                 "{} {:+} credits; balance now {}",
                 m.kind, m.delta, m.balance_after
@@ -296,9 +273,7 @@ async fn print_audit(
         ..audit::Filter::default()
     };
     let client = pool.get().await?;
-    let mut events = audit::list(&client, &filter, limit, None)
-        .await
-        .map_err(cli_error)?;
+    let mut events = audit::list(&client, &filter, limit, None).await?;
     events.truncate(limit as usize);
     if json {
         for e in &events {
@@ -360,8 +335,7 @@ async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String
                 id,
                 &KeySpec::full_access("dev demo"),
             )
-            .await
-            .map_err(cli_error)?
+            .await?
             .key
         }
         None => {
@@ -373,8 +347,7 @@ async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String
                 Some("pro"),
                 1000,
             )
-            .await
-            .map_err(cli_error)?
+            .await?
             .1
             .key
         }

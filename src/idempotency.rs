@@ -342,9 +342,8 @@ impl Guard {
         Ok(())
     }
 
-    /// [`Guard::record`] with an explicit status. Transitional: routes/jobs.rs calls it
-    /// with the HTTP layer's status type (which converts to `u16`); new code uses `record`.
-    pub async fn complete(
+    /// Stores `status`, `body` and `location` as the key's outcome (see [`Guard::record`]).
+    async fn complete(
         &self,
         tx: &Transaction<'_>,
         status: impl Into<u16>,

@@ -10,8 +10,37 @@ use crate::accounts::{self, Account, Email, NewAccount};
 use crate::audit::{self, Action, Actor};
 use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView};
 use crate::credits::{self, Movement};
-use crate::http::problem::ApiError;
+use crate::db;
 use crate::tiers::{Tiers, DEFAULT_TIER};
+
+/// Why an operator action was refused: the account or key domain's own refusal, the
+/// ledger's, or one of the action's own checks. The CLI prints it as it is; the admin API
+/// answers with the wrapped domain's problem.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Account(#[from] accounts::Error),
+    #[error(transparent)]
+    Key(#[from] crate::auth::Error),
+    #[error(transparent)]
+    Credits(crate::credits::Error),
+    #[error("amount must not be zero.")]
+    ZeroAmount,
+    #[error("reason must be 1 to 500 characters, without NUL characters.")]
+    InvalidReason,
+    #[error(transparent)]
+    Db(#[from] db::Error),
+}
+
+crate::impl_db_error_from!(Error);
+
+/// One account, by id.
+pub async fn get_account(db: &Pool, account_id: Uuid) -> Result<Account, Error> {
+    let client = db.get().await?;
+    Ok(accounts::get(&client, account_id)
+        .await?
+        .ok_or_else(accounts::not_found)?)
+}
 
 pub async fn create_account(
     db: &Pool,
@@ -20,7 +49,7 @@ pub async fn create_account(
     email: &str,
     tier: Option<&str>,
     credits: i64,
-) -> Result<(Account, CreatedKey), ApiError> {
+) -> Result<(Account, CreatedKey), Error> {
     let email = Email::parse(email)?;
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
@@ -60,11 +89,11 @@ pub async fn create_key(
     actor: &Actor,
     account_id: Uuid,
     spec: &KeySpec,
-) -> Result<CreatedKey, ApiError> {
+) -> Result<CreatedKey, Error> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     if accounts::get(&tx, account_id).await?.is_none() {
-        return Err(accounts::not_found());
+        return Err(accounts::not_found().into());
     }
     let k = key_store::insert(&tx, account_id, spec).await?;
     audit::record(
@@ -86,7 +115,7 @@ pub async fn set_tier(
     actor: &Actor,
     account_id: Uuid,
     tier: &str,
-) -> Result<Account, ApiError> {
+) -> Result<Account, Error> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let before = accounts::get(&tx, account_id)
@@ -111,7 +140,7 @@ pub async fn set_active(
     actor: &Actor,
     account_id: Uuid,
     active: bool,
-) -> Result<Account, ApiError> {
+) -> Result<Account, Error> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let before = accounts::get(&tx, account_id)
@@ -136,7 +165,7 @@ pub async fn set_active(
     Ok(a)
 }
 
-pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyView, ApiError> {
+pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyView, Error> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let k = key_store::revoke(&tx, None, key_id).await?;
@@ -161,20 +190,19 @@ pub async fn grant_credits(
     account_id: Uuid,
     amount: i64,
     reason: &str,
-) -> Result<Movement, ApiError> {
+) -> Result<Movement, Error> {
     if amount == 0 {
-        return Err(ApiError::validation("amount", "amount must not be zero."));
+        return Err(Error::ZeroAmount);
     }
     let reason = reason.trim();
     if reason.is_empty() || reason.chars().count() > 500 || reason.contains('\0') {
-        return Err(ApiError::validation(
-            "reason",
-            "reason must be 1 to 500 characters, without NUL characters.",
-        ));
+        return Err(Error::InvalidReason);
     }
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let m = credits::ledger::adjust(&tx, account_id, amount, reason).await?;
+    let m = credits::ledger::adjust(&tx, account_id, amount, reason)
+        .await
+        .map_err(Error::Credits)?;
     let action = if amount > 0 {
         Action::CreditsGrant
     } else {

@@ -15,8 +15,6 @@
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::http::problem::ApiError;
-
 pub const DEFAULT_LIMIT: i64 = 20;
 pub const MAX_LIMIT: i64 = 100;
 
@@ -30,11 +28,32 @@ pub fn in_range(t: &DateTime<Utc>) -> bool {
     (EARLIEST..=LATEST).contains(&t.timestamp())
 }
 
-fn out_of_range(field: &'static str) -> ApiError {
-    ApiError::validation(
-        field,
-        format!("{field} must be between 0000-01-01 and 9999-12-31 (UTC)."),
-    )
+/// Why a client's page or time range was refused. Each message names the parameter, and
+/// [`Error::field`] says which one it was (the HTTP layer reports it as `field`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Not a cursor of our shape (or one whose id is not of the list's kind).
+    #[error("The cursor is not one this API returned.")]
+    BadCursor,
+    /// A cursor, `from` or `to` whose instant is outside [`EARLIEST`, `LATEST`].
+    #[error("{field} must be between 0000-01-01 and 9999-12-31 (UTC).")]
+    OutOfRange { field: &'static str },
+    #[error("limit must be a whole number between 1 and {MAX_LIMIT}.")]
+    BadLimit,
+    #[error("{field} must be a date (2026-11-23) or an RFC 3339 time.")]
+    BadTime { field: &'static str },
+}
+
+impl Error {
+    /// The parameter that was refused; `None` for a cursor that is not ours at all (a
+    /// client cannot fix that one by changing a value, only by using a cursor we gave it).
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Error::BadCursor => None,
+            Error::OutOfRange { field } | Error::BadTime { field } => Some(field),
+            Error::BadLimit => Some("limit"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -50,7 +69,7 @@ pub struct PageQuery {
 
 /// A list route's `limit` and `cursor`, checked in that order (so a route with its own
 /// query struct — one with filters besides the page — parses the page in one call).
-pub fn page(limit: Option<&str>, cursor: Option<&str>) -> Result<(i64, Option<Cursor>), ApiError> {
+pub fn page(limit: Option<&str>, cursor: Option<&str>) -> Result<(i64, Option<Cursor>), Error> {
     Ok((parse_limit(limit)?, cursor.map(Cursor::decode).transpose()?))
 }
 
@@ -65,11 +84,12 @@ impl Cursor {
         format!("{}_{}", at.timestamp_micros(), id)
     }
 
-    /// A cursor that is not of our shape is `400 invalid_request`; one of our shape whose
-    /// time is outside the accepted range (a number past `i64`, a year before 0000 or after
-    /// 9999) is `422 validation_failed` naming `cursor`.
-    pub fn decode(s: &str) -> Result<Cursor, ApiError> {
-        let bad = || ApiError::InvalidRequest("The cursor is not one this API returned.".into());
+    /// A cursor that is not of our shape is [`Error::BadCursor`] (the API's
+    /// `400 invalid_request`); one of our shape whose time is outside the accepted range (a
+    /// number past `i64`, a year before 0000 or after 9999) is [`Error::OutOfRange`] naming
+    /// `cursor` (`422 validation_failed`).
+    pub fn decode(s: &str) -> Result<Cursor, Error> {
+        let bad = || Error::BadCursor;
         let (micros, id) = s.split_once('_').ok_or_else(bad)?;
         let digits = micros.strip_prefix('-').unwrap_or(micros);
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -86,7 +106,7 @@ impl Cursor {
             .ok()
             .and_then(|m| Utc.timestamp_micros(m).single())
             .filter(in_range)
-            .ok_or_else(|| out_of_range("cursor"))?;
+            .ok_or(Error::OutOfRange { field: "cursor" })?;
         Ok(Cursor {
             at,
             id: id.to_owned(),
@@ -94,18 +114,16 @@ impl Cursor {
     }
 
     /// The id part read as the route's id type (a ledger row's number, a job's UUID): one
-    /// that does not parse is not a cursor this API returned, `400 invalid_request`.
-    pub fn id_as<T: std::str::FromStr>(&self) -> Result<T, ApiError> {
-        self.id.parse().map_err(|_| {
-            ApiError::InvalidRequest("The cursor is not one this API returned.".into())
-        })
+    /// that does not parse is not a cursor this API returned ([`Error::BadCursor`]).
+    pub fn id_as<T: std::str::FromStr>(&self) -> Result<T, Error> {
+        self.id.parse().map_err(|_| Error::BadCursor)
     }
 }
 
 /// `limit`: a whole number from 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent. Taken as
-/// text so that anything else — `abc`, `1e3`, a number past `i64` — is the same `422` naming
-/// `limit`, not a query-string error.
-pub fn parse_limit(raw: Option<&str>) -> Result<i64, ApiError> {
+/// text so that anything else — `abc`, `1e3`, a number past `i64` — is the same
+/// [`Error::BadLimit`] (a `422` naming `limit`), not a query-string error.
+pub fn parse_limit(raw: Option<&str>) -> Result<i64, Error> {
     let Some(raw) = raw else {
         return Ok(DEFAULT_LIMIT);
     };
@@ -113,20 +131,15 @@ pub fn parse_limit(raw: Option<&str>) -> Result<i64, ApiError> {
         .parse::<i64>()
         .ok()
         .filter(|l| (1..=MAX_LIMIT).contains(l))
-        .ok_or_else(|| {
-            ApiError::validation(
-                "limit",
-                format!("limit must be a whole number between 1 and {MAX_LIMIT}."),
-            )
-        })
+        .ok_or(Error::BadLimit)
 }
 
 impl PageQuery {
-    pub fn limit(&self) -> Result<i64, ApiError> {
+    pub fn limit(&self) -> Result<i64, Error> {
         parse_limit(self.limit.as_deref())
     }
 
-    pub fn cursor(&self) -> Result<Option<Cursor>, ApiError> {
+    pub fn cursor(&self) -> Result<Option<Cursor>, Error> {
         self.cursor.as_deref().map(Cursor::decode).transpose()
     }
 }
@@ -140,7 +153,7 @@ pub struct TimeRange {
 }
 
 impl TimeRange {
-    pub fn parse(from: Option<&str>, to: Option<&str>) -> Result<TimeRange, ApiError> {
+    pub fn parse(from: Option<&str>, to: Option<&str>) -> Result<TimeRange, Error> {
         Ok(TimeRange {
             from: from.map(|s| parse_time("from", s)).transpose()?,
             to: to.map(|s| parse_time("to", s)).transpose()?,
@@ -151,7 +164,7 @@ impl TimeRange {
 /// `2026-11-23` (midnight UTC) or an RFC 3339 time, inside the accepted range. chrono's
 /// `%Y` also reads signed years of any width (`-262143-01-01`): the range check is what
 /// keeps those out.
-pub fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiError> {
+pub fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, Error> {
     let t = if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         t.with_timezone(&Utc)
     } else {
@@ -159,15 +172,10 @@ pub fn parse_time(field: &'static str, s: &str) -> Result<DateTime<Utc>, ApiErro
             .ok()
             .and_then(|d| d.and_hms_opt(0, 0, 0))
             .map(|t| t.and_utc())
-            .ok_or_else(|| {
-                ApiError::validation(
-                    field,
-                    format!("{field} must be a date (2026-11-23) or an RFC 3339 time."),
-                )
-            })?
+            .ok_or(Error::BadTime { field })?
     };
     if !in_range(&t) {
-        return Err(out_of_range(field));
+        return Err(Error::OutOfRange { field });
     }
     Ok(t)
 }
@@ -232,11 +240,8 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn refused_field(e: &ApiError) -> Option<&'static str> {
-        match e {
-            ApiError::Validation { field, .. } => *field,
-            _ => None,
-        }
+    fn refused_field(e: &Error) -> Option<&'static str> {
+        e.field()
     }
 
     #[test]

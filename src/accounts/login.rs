@@ -19,12 +19,15 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use tokio_util::sync::CancellationToken;
 
-use crate::http::problem::ApiError;
+use crate::db;
 
 pub const MAX_FAILURES: i32 = 5;
 
 /// `Some(seconds)` while the email is locked out.
-pub async fn locked_for(db: &impl GenericClient, email_key: &str) -> Result<Option<u64>, ApiError> {
+pub async fn locked_for(
+    db: &impl GenericClient,
+    email_key: &str,
+) -> Result<Option<u64>, db::Error> {
     let row = db
         .query_opt(
             "SELECT locked_until FROM login_failures WHERE email_key = $1 AND locked_until > now()",
@@ -52,7 +55,7 @@ pub async fn reserve_attempt(
     db: &impl GenericClient,
     email_key: &str,
     window: Duration,
-) -> Result<Attempt, ApiError> {
+) -> Result<Attempt, db::Error> {
     let secs = window.as_secs_f64();
     let reserved = db
         .query_opt(
@@ -80,7 +83,7 @@ pub async fn reserve_attempt(
 }
 
 /// A successful login: the attempt it reserved, and earlier failures, are forgotten.
-pub async fn clear(db: &impl GenericClient, email_key: &str) -> Result<(), ApiError> {
+pub async fn clear(db: &impl GenericClient, email_key: &str) -> Result<(), db::Error> {
     db.execute(
         "DELETE FROM login_failures WHERE email_key = $1",
         &[&email_key],
@@ -91,7 +94,7 @@ pub async fn clear(db: &impl GenericClient, email_key: &str) -> Result<(), ApiEr
 
 /// Deletes the rows whose window and lock have both ended: they no longer count for anything
 /// ([`reserve_attempt`] would restart them).
-pub async fn purge(db: &impl GenericClient, window: Duration) -> Result<u64, ApiError> {
+pub async fn purge(db: &impl GenericClient, window: Duration) -> Result<u64, db::Error> {
     Ok(db
         .execute(
             "DELETE FROM login_failures

@@ -1,9 +1,11 @@
 //! Accounts: who pays, on which tier, in which state. This module owns the `accounts` table
 //! (except `credit_balance`, which only `credits` writes) and `login_failures`.
 
+mod error;
 pub mod login;
 pub mod password;
 pub mod reads;
+mod self_serve;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
@@ -13,8 +15,10 @@ use uuid::Uuid;
 use crate::auth::key_store::{self, CreatedKey, KeySpec};
 use crate::auth::notify_account_changed;
 use crate::credits::{self, Kind};
-use crate::http::problem::{ApiError, ProblemType};
+use crate::db;
 use crate::tiers::Tiers;
+pub use error::Error;
+pub use self_serve::{password_login, signup};
 
 /// An email address that passed a deliberately simple check (one `@`, a dotted domain, no
 /// spaces, ≤ 254 characters). Deliverability is the mail server's business, not a regex's.
@@ -22,10 +26,9 @@ use crate::tiers::Tiers;
 pub struct Email(String);
 
 impl Email {
-    pub fn parse(raw: &str) -> Result<Email, ApiError> {
+    pub fn parse(raw: &str) -> Result<Email, Error> {
         let s = raw.trim();
-        let bad =
-            || ApiError::validation("email", "email must be an address like name@example.com.");
+        let bad = || Error::InvalidEmail;
         if s.is_empty() || s.len() > 254 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(bad());
         }
@@ -85,7 +88,7 @@ pub(crate) fn account(row: &tokio_postgres::Row) -> Account {
     }
 }
 
-pub async fn get(db: &impl GenericClient, id: Uuid) -> Result<Option<Account>, ApiError> {
+pub async fn get(db: &impl GenericClient, id: Uuid) -> Result<Option<Account>, db::Error> {
     // Prepared once per connection: one round trip per read instead of parse + execute.
     let stmt = db
         .prepare_cached(&format!("SELECT {COLUMNS} FROM accounts WHERE id = $1"))
@@ -94,8 +97,20 @@ pub async fn get(db: &impl GenericClient, id: Uuid) -> Result<Option<Account>, A
     Ok(row.as_ref().map(account))
 }
 
-pub fn not_found() -> ApiError {
-    ApiError::NotFound("No account with that id.".into())
+/// For `.ok_or_else(accounts::not_found)` after [`get`].
+pub fn not_found() -> Error {
+    Error::NotFound
+}
+
+/// [`Error::UnknownTier`] unless `tier` is configured.
+fn known_tier(tiers: &Tiers, tier: &str) -> Result<(), Error> {
+    if tiers.get(tier).is_some() {
+        return Ok(());
+    }
+    Err(Error::UnknownTier {
+        tier: tier.to_owned(),
+        known: tiers.names().collect::<Vec<_>>().join(", "),
+    })
 }
 
 pub struct NewAccount {
@@ -112,22 +127,10 @@ pub async fn create(
     tiers: &Tiers,
     new: NewAccount,
     first_key: &KeySpec,
-) -> Result<(Account, CreatedKey), ApiError> {
-    if tiers.get(&new.tier).is_none() {
-        return Err(ApiError::validation(
-            "tier",
-            format!(
-                "unknown tier {:?}; known: {}.",
-                new.tier,
-                tiers.names().collect::<Vec<_>>().join(", ")
-            ),
-        ));
-    }
+) -> Result<(Account, CreatedKey), Error> {
+    known_tier(tiers, &new.tier)?;
     if new.credits < 0 {
-        return Err(ApiError::validation(
-            "credits",
-            "credits must not be negative.",
-        ));
+        return Err(Error::NegativeCredits);
     }
     let id = Uuid::now_v7();
     let inserted = tx
@@ -140,10 +143,7 @@ pub async fn create(
         )
         .await?;
     if inserted.is_none() {
-        return Err(ApiError::problem(
-            ProblemType::EmailTaken,
-            "An account with this email already exists.",
-        ));
+        return Err(Error::EmailTaken);
     }
     if new.credits > 0 {
         credits::ledger::credit(
@@ -154,7 +154,8 @@ pub async fn create(
             Some("starting credits"),
             None,
         )
-        .await?;
+        .await
+        .map_err(Error::Credits)?;
     }
     let key = key_store::insert(tx, id, first_key).await?;
     let acct = get(tx, id).await?.ok_or_else(not_found)?;
@@ -166,16 +167,8 @@ pub async fn set_tier(
     tiers: &Tiers,
     id: Uuid,
     tier: &str,
-) -> Result<Account, ApiError> {
-    if tiers.get(tier).is_none() {
-        return Err(ApiError::validation(
-            "tier",
-            format!(
-                "unknown tier {tier:?}; known: {}.",
-                tiers.names().collect::<Vec<_>>().join(", ")
-            ),
-        ));
-    }
+) -> Result<Account, Error> {
+    known_tier(tiers, tier)?;
     let row = tx
         .query_opt(
             &format!("UPDATE accounts SET tier = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"),
@@ -187,7 +180,7 @@ pub async fn set_tier(
     Ok(account(&row))
 }
 
-pub async fn set_status(tx: &Transaction<'_>, id: Uuid, active: bool) -> Result<Account, ApiError> {
+pub async fn set_status(tx: &Transaction<'_>, id: Uuid, active: bool) -> Result<Account, Error> {
     let status = if active { "active" } else { "suspended" };
     let row = tx
         .query_opt(
@@ -204,7 +197,7 @@ pub async fn set_status(tx: &Transaction<'_>, id: Uuid, active: bool) -> Result<
 pub async fn password_hash_for(
     db: &impl GenericClient,
     email: &Email,
-) -> Result<Option<(Uuid, Option<String>, String)>, ApiError> {
+) -> Result<Option<(Uuid, Option<String>, String)>, db::Error> {
     let row = db
         .query_opt(
             "SELECT id, password_hash, status FROM accounts WHERE lower(email) = lower($1)",

@@ -18,7 +18,7 @@ use prometheus::{IntCounter, IntCounterVec, Opts};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::http::problem::{ApiError, ProblemType};
+use super::Error;
 use crate::telemetry::spawn_blocking_with_span;
 
 pub const MIN_LEN: usize = 8;
@@ -28,13 +28,10 @@ pub const MAX_LEN: usize = 128;
 pub struct Password(SecretString);
 
 impl Password {
-    pub fn parse(raw: SecretString) -> Result<Password, ApiError> {
+    pub fn parse(raw: SecretString) -> Result<Password, Error> {
         let n = raw.expose_secret().chars().count();
         if !(MIN_LEN..=MAX_LEN).contains(&n) {
-            return Err(ApiError::validation(
-                "password",
-                format!("The password must be {MIN_LEN} to {MAX_LEN} characters long."),
-            ));
+            return Err(Error::InvalidPassword);
         }
         Ok(Password(raw))
     }
@@ -120,24 +117,26 @@ impl Passwords {
         ]
     }
 
-    /// A slot to hash a new password in, or `503 password_hashing_busy`.
-    pub async fn slot_for_hash(&self) -> Result<Slot, ApiError> {
+    /// A slot to hash a new password in, or [`Error::PasswordHashingBusy`].
+    pub async fn slot_for_hash(&self) -> Result<Slot, Error> {
         self.slot(Op::Hash).await
     }
 
-    /// A slot to verify a password in, or `503 password_hashing_busy`. Taken before the
+    /// A slot to verify a password in, or [`Error::PasswordHashingBusy`]. Taken before the
     /// login attempt is counted against the email, so a refusal here costs it nothing.
-    pub async fn slot_for_verify(&self) -> Result<Slot, ApiError> {
+    pub async fn slot_for_verify(&self) -> Result<Slot, Error> {
         self.slot(Op::Verify).await
     }
 
-    async fn slot(&self, op: Op) -> Result<Slot, ApiError> {
+    async fn slot(&self, op: Op) -> Result<Slot, Error> {
         let refused = || {
             match op {
                 Op::Hash => self.counters.hashes_refused.inc(),
                 Op::Verify => self.counters.verifications_refused.inc(),
             }
-            busy()
+            Error::PasswordHashingBusy {
+                retry_after: RETRY_AFTER_SECS,
+            }
         };
         // Never wait to join the line: a full line answers at once.
         let admitted = self
@@ -155,12 +154,6 @@ impl Passwords {
             counters: self.counters.clone(),
         })
     }
-}
-
-fn busy() -> ApiError {
-    ApiError::problem(ProblemType::PasswordHashingBusy, format!(
-            "Too many signups and logins are being checked right now; retry in {RETRY_AFTER_SECS} second."
-        ))
 }
 
 /// Leave to run one Argon2 computation. The permits move into the blocking task and are
@@ -269,7 +262,7 @@ mod tests {
             .expect("the only slot is taken");
         assert!(matches!(
             refused,
-            ApiError::Problem(p) if p.kind == ProblemType::PasswordHashingBusy
+            Error::PasswordHashingBusy { retry_after: 1 }
         ));
         assert_eq!(p.counters.hashes_refused.get(), 1);
         drop(held);

@@ -16,10 +16,10 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{account, Account, COLUMNS};
+use crate::db;
 use crate::db::batch::Batcher;
-use crate::http::problem::ApiError;
 
-type Reply = oneshot::Sender<Result<Option<Account>, ApiError>>;
+type Reply = oneshot::Sender<Result<Option<Account>, db::Error>>;
 
 pub struct AccountReads {
     queue: Arc<Batcher<(Uuid, Reply)>>,
@@ -34,13 +34,13 @@ impl AccountReads {
     }
 
     /// The account as it is now (read after this call began).
-    pub async fn get(&self, db: &Pool, id: Uuid) -> Result<Option<Account>, ApiError> {
+    pub async fn get(&self, db: &Pool, id: Uuid) -> Result<Option<Account>, db::Error> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .push((id, reply), |queue| drain(queue, db.clone()));
         answer
             .await
-            .map_err(|_| ApiError::Internal(anyhow::anyhow!("account read dropped")))?
+            .map_err(|_| db::Error::Other(anyhow::anyhow!("account read dropped")))?
     }
 }
 
@@ -55,12 +55,14 @@ async fn drain(queue: Arc<Batcher<(Uuid, Reply)>>, db: Pool) {
                 found.clear();
             }
             Err(e) => {
-                let unavailable = matches!(e, ApiError::DatabaseUnavailable);
+                // Every waiter gets its own copy: an outage stays an outage (a retry may
+                // help), anything else is this read's failure (logged once per waiter).
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(if unavailable {
-                        ApiError::DatabaseUnavailable
-                    } else {
-                        ApiError::Internal(anyhow::anyhow!("batched account read failed"))
+                    let _ = reply.send(Err(match &e {
+                        db::Error::Unavailable(why) => db::Error::Unavailable(why.clone()),
+                        db::Error::Other(_) => {
+                            db::Error::Other(anyhow::anyhow!("batched account read failed"))
+                        }
                     }));
                 }
             }
@@ -68,7 +70,7 @@ async fn drain(queue: Arc<Batcher<(Uuid, Reply)>>, db: Pool) {
     }
 }
 
-async fn read(db: &Pool, ids: &[Uuid]) -> Result<HashMap<Uuid, Account>, ApiError> {
+async fn read(db: &Pool, ids: &[Uuid]) -> Result<HashMap<Uuid, Account>, db::Error> {
     let client = db.get().await?;
     let rows = if let [id] = ids {
         let stmt = client

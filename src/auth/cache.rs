@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use super::api_key::KeyDigest;
 use super::Scopes;
-use crate::http::problem::ApiError;
+use crate::db::Error as DbError;
 
 #[derive(Debug)]
 pub struct KeyRecord {
@@ -108,7 +108,7 @@ impl KeyCache {
         &self.stats
     }
 
-    pub async fn get(&self, key_id: &str, db: &Pool) -> Result<Entry, ApiError> {
+    pub async fn get(&self, key_id: &str, db: &Pool) -> Result<Entry, DbError> {
         if let Some(hit) = self.inner.get(key_id).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
@@ -129,8 +129,8 @@ impl KeyCache {
             self.inner.invalidate(key_id).await;
         }
         result.map_err(|e| match &*e {
-            LoadError::Unavailable => ApiError::DatabaseUnavailable,
-            LoadError::Other(m) => ApiError::Internal(anyhow::anyhow!("loading a key: {m}")),
+            LoadError::Unavailable => DbError::Unavailable("key lookup".into()),
+            LoadError::Other(m) => DbError::Other(anyhow::anyhow!("loading a key: {m}")),
         })
     }
 

@@ -17,8 +17,8 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::api_key::{self, NewKey};
-use super::{notify_key_changed, Authenticated, Scope, Scopes};
-use crate::http::problem::{ApiError, ProblemType};
+use super::{notify_key_changed, Authenticated, Error, Scope, Scopes};
+use crate::db;
 use crate::pagination::Cursor;
 use crate::tiers::Tiers;
 
@@ -118,65 +118,37 @@ impl From<&Authenticated> for Power {
     }
 }
 
-/// 403 `insufficient_scope` for a key that would carry more than its creator: the scopes it
-/// lacks in `missing_scopes` (with the first as `required_scope`, as every
-/// `insufficient_scope` carries one), or why else in the detail.
-fn beyond_power(detail: String, missing: &[&'static str]) -> ApiError {
-    let mut e = ApiError::problem(ProblemType::InsufficientScope, detail)
-        .with("missing_scopes", missing.to_vec());
-    if let Some(first) = missing.first() {
-        e = e.with("required_scope", *first);
-    }
-    e
-}
-
 impl KeySpec {
     pub fn parse(
         name: Option<String>,
         scopes: Option<Vec<String>>,
         expires_at: Option<DateTime<Utc>>,
-    ) -> Result<KeySpec, ApiError> {
+    ) -> Result<KeySpec, Error> {
         let name = name.unwrap_or_else(|| "default".to_owned());
         let name = name.trim().to_owned();
         // A name is a one-line label; PostgreSQL text cannot hold NUL at all.
         if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-            return Err(ApiError::validation(
-                "name",
-                "name must be 1 to 100 characters, without control characters.",
-            ));
+            return Err(Error::InvalidName);
         }
         let scopes = match scopes {
             None => vec![Scope::Scrape, Scope::Read],
             Some(list) => {
                 let mut out = Vec::new();
                 for s in &list {
-                    let sc = Scope::parse(s).ok_or_else(|| {
-                        ApiError::validation(
-                            "scopes",
-                            format!(
-                                "unknown scope {s:?}; known: scrape, read, keys:manage, billing."
-                            ),
-                        )
-                    })?;
+                    let sc = Scope::parse(s).ok_or_else(|| Error::UnknownScope(s.clone()))?;
                     if !out.contains(&sc) {
                         out.push(sc);
                     }
                 }
                 if out.is_empty() {
-                    return Err(ApiError::validation(
-                        "scopes",
-                        "a key needs at least one scope.",
-                    ));
+                    return Err(Error::NoScopes);
                 }
                 out
             }
         };
         if let Some(t) = expires_at {
             if t <= Utc::now() {
-                return Err(ApiError::validation(
-                    "expires_at",
-                    "expires_at must be in the future.",
-                ));
+                return Err(Error::ExpiryNotInFuture);
             }
         }
         Ok(KeySpec {
@@ -192,17 +164,14 @@ impl KeySpec {
         mut self,
         rate_limit: Option<i64>,
         tier_rpm: u32,
-    ) -> Result<KeySpec, ApiError> {
+    ) -> Result<KeySpec, Error> {
         let Some(r) = rate_limit else {
             return Ok(self);
         };
         // The column is a PostgreSQL integer; an unlimited tier's u32::MAX does not fit.
         let max = i64::from(tier_rpm).min(i64::from(i32::MAX));
         if !(1..=max).contains(&r) {
-            return Err(ApiError::validation(
-                "rate_limit",
-                format!("rate_limit must be between 1 and {max} (the tier's requests per minute)."),
-            ));
+            return Err(Error::RateLimitOutOfRange { max });
         }
         self.rate_limit = u32::try_from(r).ok();
         Ok(self)
@@ -219,7 +188,7 @@ impl KeySpec {
 
     /// A key created by `creator`: what the request left out is inherited from the creator
     /// (its expiry, its rate limit), and anything beyond the creator's own power is refused.
-    pub fn bounded_by(mut self, creator: &Power) -> Result<KeySpec, ApiError> {
+    pub fn bounded_by(mut self, creator: &Power) -> Result<KeySpec, Error> {
         if self.expires_at.is_none() {
             self.expires_at = creator.expires_at;
         }
@@ -231,7 +200,7 @@ impl KeySpec {
     }
 
     /// Refuses a key that would carry a scope, a lifetime or a rate the creator lacks.
-    fn check_within(&self, creator: &Power, verb: &str) -> Result<(), ApiError> {
+    fn check_within(&self, creator: &Power, verb: &'static str) -> Result<(), Error> {
         let missing: Vec<&'static str> = self
             .scopes
             .iter()
@@ -239,34 +208,16 @@ impl KeySpec {
             .map(|s| s.as_str())
             .collect();
         if !missing.is_empty() {
-            return Err(beyond_power(
-                format!(
-                    "This key cannot {verb} a key with scopes it lacks itself: {}.",
-                    missing.join(", ")
-                ),
-                &missing,
-            ));
+            return Err(Error::ScopesBeyondCreator { verb, missing });
         }
         if let Some(end) = creator.expires_at {
             if self.expires_at.is_none_or(|t| t > end) {
-                return Err(beyond_power(
-                    format!(
-                        "This key stops working at {}; it cannot {verb} a key that outlives it.",
-                        end.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    ),
-                    &[],
-                ));
+                return Err(Error::OutlivesCreator { verb, ends_at: end });
             }
         }
         if let Some(rate) = creator.rate_limit {
             if self.rate_limit.is_none_or(|r| r > rate) {
-                return Err(beyond_power(
-                    format!(
-                        "This key is limited to {rate} requests per minute; it cannot {verb} a \
-                         key with a higher limit."
-                    ),
-                    &[],
-                ));
+                return Err(Error::RateAboveCreator { verb, rate });
             }
         }
         Ok(())
@@ -277,7 +228,7 @@ pub async fn insert(
     tx: &Transaction<'_>,
     account_id: Uuid,
     spec: &KeySpec,
-) -> Result<CreatedKey, ApiError> {
+) -> Result<CreatedKey, db::Error> {
     let new: NewKey = api_key::generate();
     let scopes: Vec<&str> = spec.scopes.iter().map(|s| s.as_str()).collect();
     let rate_limit: Option<i32> = spec.rate_limit.and_then(|r| i32::try_from(r).ok());
@@ -308,7 +259,7 @@ pub async fn insert(
 
 /// Inserts a key unless the account already holds its tier's `max_keys` active keys
 /// (unrevoked, unexpired and not rotated away — a rotated key is counted by its successor):
-/// then `409 key_limit_reached`. The account's row is locked first, so concurrent creates for
+/// then [`Error::KeyLimitReached`]. The account's row is locked first, so concurrent creates for
 /// one account count one after the other and two at the cap cannot both succeed; the tier is
 /// read from that row, so a tier change is seen at once.
 pub async fn insert_capped(
@@ -316,14 +267,14 @@ pub async fn insert_capped(
     tiers: &Tiers,
     account_id: Uuid,
     spec: &KeySpec,
-) -> Result<CreatedKey, ApiError> {
+) -> Result<CreatedKey, Error> {
     let tier: String = tx
         .query_opt(
             "SELECT tier FROM accounts WHERE id = $1 FOR UPDATE",
             &[&account_id],
         )
         .await?
-        .ok_or_else(|| ApiError::NotFound("No such account.".into()))?
+        .ok_or(Error::AccountNotFound)?
         .get(0);
     if let Some(max) = tiers.get_or_default(&tier).max_keys {
         let active: i64 = tx
@@ -336,14 +287,10 @@ pub async fn insert_capped(
             .await?
             .get(0);
         if active >= i64::from(max) {
-            return Err(ApiError::problem(
-                ProblemType::KeyLimitReached,
-                format!("The {tier} tier allows {max} active keys per account; revoke one first."),
-            )
-            .with("max_keys", max));
+            return Err(Error::KeyLimitReached { tier, max });
         }
     }
-    insert(tx, account_id, spec).await
+    Ok(insert(tx, account_id, spec).await?)
 }
 
 pub async fn list(
@@ -351,7 +298,7 @@ pub async fn list(
     account_id: Uuid,
     limit: i64,
     cursor: Option<Cursor>,
-) -> Result<Vec<KeyView>, ApiError> {
+) -> Result<Vec<KeyView>, db::Error> {
     let (at, id) = match cursor {
         Some(c) => (Some(c.at), Some(c.id)),
         None => (None, None),
@@ -375,7 +322,7 @@ pub async fn get(
     db: &impl GenericClient,
     account_id: Uuid,
     key_id: &str,
-) -> Result<Option<KeyView>, ApiError> {
+) -> Result<Option<KeyView>, db::Error> {
     let row = db
         .query_opt(
             &format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1 AND account_id = $2"),
@@ -385,18 +332,14 @@ pub async fn get(
     Ok(row.as_ref().map(view))
 }
 
-fn not_found() -> ApiError {
-    ApiError::NotFound("No API key with that id on this account.".into())
-}
-
 /// Revokes a key (idempotent). `account_id` of `None` is the operator's path: any account.
 pub async fn revoke(
     tx: &Transaction<'_>,
     account_id: Option<Uuid>,
     key_id: &str,
-) -> Result<KeyView, ApiError> {
+) -> Result<KeyView, Error> {
     if !api_key::is_key_id(key_id) {
-        return Err(not_found());
+        return Err(Error::KeyNotFound);
     }
     let row = tx
         .query_opt(
@@ -408,7 +351,7 @@ pub async fn revoke(
             &[&key_id, &account_id],
         )
         .await?
-        .ok_or_else(not_found)?;
+        .ok_or(Error::KeyNotFound)?;
     notify_key_changed(tx, key_id).await?;
     Ok(view(&row))
 }
@@ -416,7 +359,7 @@ pub async fn revoke(
 /// Issues a successor with the same name, scopes, expiry and rate limit, whatever the caller
 /// asks; the old key keeps working for `grace_seconds`, then is refused. The successor's
 /// plaintext goes to the caller, so a caller may only rotate a key it could have created
-/// itself (`403 insufficient_scope` otherwise). The active-key count does not change (the old
+/// itself (one of the beyond-its-power [`Error`]s otherwise). The active-key count does not change (the old
 /// key leaves it as its successor enters), so the tier's `max_keys` never refuses a rotation.
 pub async fn rotate(
     tx: &Transaction<'_>,
@@ -424,15 +367,12 @@ pub async fn rotate(
     key_id: &str,
     grace_seconds: i64,
     caller: &Power,
-) -> Result<CreatedKey, ApiError> {
+) -> Result<CreatedKey, Error> {
     if !(0..=MAX_GRACE_SECONDS).contains(&grace_seconds) {
-        return Err(ApiError::validation(
-            "grace_seconds",
-            format!("grace_seconds must be between 0 and {MAX_GRACE_SECONDS}."),
-        ));
+        return Err(Error::GraceOutOfRange);
     }
     if !api_key::is_key_id(key_id) {
-        return Err(not_found());
+        return Err(Error::KeyNotFound);
     }
     let old = tx
         .query_opt(
@@ -441,18 +381,12 @@ pub async fn rotate(
         )
         .await?
         .map(|r| view(&r))
-        .ok_or_else(not_found)?;
+        .ok_or(Error::KeyNotFound)?;
     if old.revoked_at.is_some() {
-        return Err(ApiError::problem(
-            ProblemType::KeyRevoked,
-            "A revoked key cannot be rotated.",
-        ));
+        return Err(Error::KeyRevoked);
     }
     if let Some(next) = &old.rotated_to {
-        return Err(ApiError::problem(
-            ProblemType::KeyAlreadyRotated,
-            format!("This key was already rotated to {next}."),
-        ));
+        return Err(Error::KeyAlreadyRotated { next: next.clone() });
     }
     let spec = KeySpec {
         name: old.name.clone(),

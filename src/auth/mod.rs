@@ -1,5 +1,6 @@
 //! Authentication: API keys (format, storage, verification), their cache and its
-//! invalidation, and the admin token.
+//! invalidation, and what a key may do to its own account's keys ([`key_actions`]). Refusals
+//! are [`Error`]s; only the request extractor ([`extractor`]) knows about HTTP.
 //!
 //! The hot path, in order (see [`AuthService::authenticate`]):
 //! parse → checksum (bad keys stop here: no cache, no database) → moka cache by key id
@@ -10,7 +11,9 @@
 
 pub mod api_key;
 pub mod cache;
+mod error;
 pub mod extractor;
+pub mod key_actions;
 pub mod key_store;
 pub mod last_used;
 pub mod listener;
@@ -22,10 +25,10 @@ use deadpool_postgres::Pool;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::http::problem::ApiError;
 use crate::metrics::{self, AuthOutcome};
 use api_key::KeyDigest;
 use cache::{KeyCache, KeyRecord};
+pub use error::Error;
 
 /// What a key may do. Stored as text in `api_keys.scopes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -112,12 +115,12 @@ pub struct Authenticated {
 }
 
 impl Authenticated {
-    /// 403 `insufficient_scope` unless the key carries `scope`.
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
+    /// [`Error::MissingScope`] unless the key carries `scope`.
+    pub fn require(&self, scope: Scope) -> Result<(), Error> {
         if self.scopes.contains(scope) {
             Ok(())
         } else {
-            Err(ApiError::InsufficientScope {
+            Err(Error::MissingScope {
                 required: scope.as_str(),
             })
         }
@@ -143,14 +146,14 @@ impl AuthService {
         })
     }
 
-    /// Verifies a presented key. Every refusal is the same 401 `invalid_api_key`, whether
+    /// Verifies a presented key. Every refusal is the same [`Error::InvalidApiKey`], whether
     /// the key was malformed, unknown, wrong, expired, revoked, past its rotation grace, or
     /// belongs to a suspended account: a caller learns nothing about which.
-    pub async fn authenticate(&self, presented: Option<&str>) -> Result<Authenticated, ApiError> {
+    pub async fn authenticate(&self, presented: Option<&str>) -> Result<Authenticated, Error> {
         // Operators see which refusal it was (in metrics); callers never do.
         let refuse = |outcome| {
             metrics::auth_outcome(outcome);
-            ApiError::InvalidApiKey
+            Error::InvalidApiKey
         };
         let raw = presented.ok_or_else(|| refuse(AuthOutcome::Missing))?;
         let parsed = api_key::parse(raw).map_err(|_| refuse(AuthOutcome::Malformed))?;

@@ -130,10 +130,7 @@ type Outcome = (Option<Uuid>, &'static str);
 
 impl Ctx<'_, '_> {
     async fn account_exists(&self, id: Uuid) -> Result<bool, Error> {
-        Ok(accounts::get(self.tx, id)
-            .await
-            .map_err(Error::Accounts)?
-            .is_some())
+        Ok(accounts::get(self.tx, id).await?.is_some())
     }
 
     async fn account_by_customer(&self, customer: Option<&str>) -> Result<Option<Uuid>, Error> {
@@ -347,13 +344,10 @@ impl Ctx<'_, '_> {
             DEFAULT_TIER
         };
         let current = accounts::get(self.tx, account)
-            .await
-            .map_err(Error::Accounts)?
+            .await?
             .ok_or(Error::AccountNotFound)?;
         if current.tier != tier {
-            accounts::set_tier(self.tx, self.tiers, account, tier)
-                .await
-                .map_err(Error::Accounts)?;
+            accounts::set_tier(self.tx, self.tiers, account, tier).await?;
         }
         Ok(())
     }

@@ -49,10 +49,9 @@ pub enum Error {
     PaymentProviderUnavailable { detail: &'static str },
     #[error("No account with that id.")]
     AccountNotFound,
-    /// Transitional: `accounts` still answers with the HTTP error on this branch; this
-    /// becomes `accounts::Error` when the accounts work merges.
+    /// The account could not be read or its tier set.
     #[error(transparent)]
-    Accounts(crate::http::problem::ApiError),
+    Accounts(#[from] crate::accounts::Error),
     #[error(transparent)]
     Credits(#[from] crate::credits::Error),
     #[error(transparent)]
@@ -148,8 +147,7 @@ pub async fn customer_for(db: &Pool, api: &StripeApi, account_id: Uuid) -> Resul
         return Ok(row.get(0));
     }
     let account = accounts::get(&client, account_id)
-        .await
-        .map_err(Error::Accounts)?
+        .await?
         .ok_or(Error::AccountNotFound)?;
     drop(client);
     let created = api
@@ -341,8 +339,7 @@ pub struct Summary {
 
 pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summary, Error> {
     let account = accounts::get(db, account_id)
-        .await
-        .map_err(Error::Accounts)?
+        .await?
         .ok_or(Error::AccountNotFound)?;
     let customer: Option<String> = db
         .query_opt(

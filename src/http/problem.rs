@@ -535,3 +535,5 @@ mod billing;
 mod credits;
 mod idempotency;
 mod jobs;
+mod operator;
+mod pagination;

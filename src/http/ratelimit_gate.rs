@@ -51,12 +51,12 @@ pub async fn keyed(
     let caller = match verified {
         Ok(a) => a,
         Err(e) => {
-            if matches!(e, ApiError::InvalidApiKey) {
+            if matches!(e, crate::auth::Error::InvalidApiKey) {
                 if let Some(ip) = ip {
                     state.limits.note_auth_failure_from(ip);
                 }
             }
-            return Ok(refuse(req, e));
+            return Ok(refuse(req, e.into()));
         }
     };
     tracing::Span::current().record("key_id", caller.key_id.as_str());

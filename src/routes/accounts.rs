@@ -3,20 +3,18 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use std::collections::BTreeMap;
 
-use chrono::{Duration, Utc};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::accounts::password::Password;
-use crate::accounts::{self, login, Account, Email, NewAccount};
-use crate::audit::{self, Action};
-use crate::auth::key_store::{self, CreatedKey, KeySpec};
+use crate::accounts::{self, Account};
+use crate::audit::Actor;
+use crate::auth::key_store::CreatedKey;
 use crate::auth::{Authenticated, Scope};
 use crate::http::problem::{ApiError, ApiResult};
 use crate::routes::{Access, Routes};
 use crate::startup::AppState;
-use crate::tiers::{Tier, DEFAULT_TIER};
+use crate::tiers::Tier;
 
 /// `/v1/signup` and `/v1/login` are open to anyone behind the per-IP gate; the account
 /// itself needs a key.
@@ -85,30 +83,15 @@ pub async fn signup(
         ));
     }
     let Credentials { email, password } = body.into_inner();
-    let email = Email::parse(&email)?;
-    let password = Password::parse(password)?;
-    let hash = state
-        .passwords
-        .slot_for_hash()
-        .await?
-        .hash(password)
-        .await?;
-    let mut client = state.db.get().await?;
-    let tx = client.transaction().await?;
-    let (account, key) = accounts::create(
-        &tx,
+    let (account, key) = accounts::signup(
+        &state.db,
         &state.tiers,
-        NewAccount {
-            email,
-            password_hash: Some(hash),
-            tier: DEFAULT_TIER.to_owned(),
-            credits: state.config.signup_credits,
-        },
-        &KeySpec::full_access("default"),
+        &state.passwords,
+        &email,
+        password,
+        state.config.signup_credits,
     )
     .await?;
-    tx.commit().await?;
-    tracing::info!(account_id = %account.id, key_id = %key.view.id, "account created");
     Ok(HttpResponse::Created().json(SignupResponse {
         account,
         api_key: key,
@@ -149,75 +132,16 @@ pub async fn login(
     body: web::Json<Credentials>,
 ) -> ApiResult<HttpResponse> {
     let Credentials { email, password } = body.into_inner();
-    let email = Email::parse(&email)?;
-    let email_key = email.key();
-    let locked = |secs| ApiError::RateLimited {
-        retry_after_secs: secs,
-        detail: "Too many failed logins for this email; try again later.".into(),
-    };
+    let who = Actor::login(state.limits.client_ip(&req));
     let window = state.config.login_lockout;
-    let found = {
-        let client = state.db.get().await?;
-        // A locked email is refused before it can take a hashing slot.
-        if let Some(secs) = login::locked_for(&client, &email_key).await? {
-            return Err(locked(secs));
-        }
-        accounts::password_hash_for(&client, &email).await?
-    };
-    let (account_id, stored, status) = match found {
-        Some((id, hash, status)) => (Some(id), hash, status),
-        None => (None, None, String::new()),
-    };
-    // The slot first: an attempt refused for lack of one is not counted against the email.
-    let slot = state.passwords.slot_for_verify().await?;
-    {
-        let client = state.db.get().await?;
-        // Counted before the check, so parallel guesses cannot all be checked (see
-        // `accounts::login`).
-        if let login::Attempt::Locked(secs) =
-            login::reserve_attempt(&client, &email_key, window).await?
-        {
-            return Err(locked(secs));
-        }
-    }
-    // No pooled connection is held during the deliberately slow hash.
-    let ok = slot.verify(password, stored).await? && status == "active";
-    let mut client = state.db.get().await?;
-    let who = audit::Actor::login(state.limits.client_ip(&req));
-    let Some(account_id) = account_id.filter(|_| ok) else {
-        // The failure was counted when the attempt was reserved; the trail records it, and
-        // the lockout when this attempt's reservation (or a concurrent one) set it.
-        let tx = client.transaction().await?;
-        let locked = login::locked_for(&tx, &email_key).await?.is_some();
-        audit::login_failed(&tx, &who, account_id, locked).await?;
-        tx.commit().await?;
-        state.limits.note_auth_failure(&req);
-        return Err(ApiError::InvalidCredentials);
-    };
-    login::clear(&client, &email_key).await?;
-    let tx = client.transaction().await?;
-    let spec = KeySpec {
-        name: format!("login {}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ")),
-        scopes: vec![Scope::KeysManage, Scope::Read],
-        expires_at: Some(Utc::now() + Duration::hours(12)),
-        rate_limit: None,
-    };
-    // Not held to the tier's `max_keys`: logging in with the password must never lock the
-    // owner out of their own account. Login keys expire in 12 hours and are throttled per
-    // email and per address, so they cannot pile up; they do count towards the cap for keys
-    // created with `POST /v1/keys`.
-    let key = key_store::insert(&tx, account_id, &spec).await?;
-    let detail = serde_json::json!({"expires_at": key.view.expires_at});
-    audit::record(
-        &tx,
-        &who,
-        Action::LoginSuccess,
-        Some(account_id),
-        Some(&key.view.id),
-        detail,
-    )
-    .await?;
-    tx.commit().await?;
+    let key = accounts::password_login(&state.db, &state.passwords, &email, password, window, &who)
+        .await
+        .inspect_err(|e| {
+            // A wrong password also counts against the client's address, like a wrong key.
+            if matches!(e, accounts::Error::InvalidCredentials) {
+                state.limits.note_auth_failure(&req);
+            }
+        })?;
     Ok(HttpResponse::Created().json(LoginResponse { api_key: key }))
 }
 

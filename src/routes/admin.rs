@@ -1,5 +1,5 @@
 //! `/admin`: the operator API, behind `Authorization: Bearer $KEYMETER_ADMIN_TOKEN`. The
-//! same operations as `keymeter admin …` (both call `crate::admin`).
+//! same operations as `keymeter admin …` (both call `crate::operator`).
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::accounts::{self, Account};
+use crate::accounts::Account;
 use crate::audit::{self, Actor, AuditEvent};
 use crate::auth::key_store::{CreatedKey, KeySpec, KeyView};
 use crate::auth::Scope;
@@ -122,10 +122,7 @@ pub async fn get_account(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let client = state.db.get().await?;
-    let account = accounts::get(&client, id)
-        .await?
-        .ok_or_else(accounts::not_found)?;
+    let account = operator::get_account(&state.db, id).await?;
     Ok(HttpResponse::Ok().json(account))
 }
 

@@ -337,7 +337,7 @@ fn require_read(caller: &Authenticated) -> Result<(), ApiError> {
     if caller.scopes.contains(Scope::Scrape) {
         return Ok(());
     }
-    caller.require(Scope::Read)
+    Ok(caller.require(Scope::Read)?)
 }
 
 /// `GET /v1/jobs/{id}` (`read` or `scrape`).

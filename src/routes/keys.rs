@@ -8,10 +8,9 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::audit::{self, Action, Actor};
-use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView, Power, DEFAULT_GRACE_SECONDS};
-use crate::auth::{api_key, Authenticated, Scope};
-use crate::http::problem::{ApiError, ApiResult};
+use crate::auth::key_store::{CreatedKey, KeySpec, KeyView};
+use crate::auth::{key_actions, Authenticated, Scope};
+use crate::http::problem::ApiResult;
 use crate::pagination::{Page, PageQuery};
 use crate::routes::{Access, Routes};
 use crate::startup::AppState;
@@ -82,27 +81,8 @@ pub async fn create(
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::KeysManage)?;
     let b = body.into_inner();
-    let tier = state.tiers.get_or_default(&caller.tier);
-    let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?
-        .with_rate_limit(b.rate_limit, tier.requests_per_minute)?
-        .bounded_by(&Power::from(&caller))?;
-    let mut client = state.db.get().await?;
-    let tx = client.transaction().await?;
-    let created = key_store::insert_capped(&tx, &state.tiers, caller.account_id, &spec).await?;
-    let v = &created.view;
-    let detail =
-        serde_json::json!({"name": v.name, "scopes": v.scopes, "expires_at": v.expires_at});
-    audit::record(
-        &tx,
-        &Actor::Key(caller.key_id.clone()),
-        Action::KeyCreate,
-        Some(caller.account_id),
-        Some(&v.id),
-        detail,
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::info!(new_key_id = %created.view.id, "key created");
+    let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
+    let created = key_actions::create(&state.db, &state.tiers, &caller, spec, b.rate_limit).await?;
     Ok(HttpResponse::Created().json(created))
 }
 
@@ -130,8 +110,7 @@ pub async fn list(
     caller.require(Scope::Read)?;
     let limit = query.limit()?;
     let cursor = query.cursor()?;
-    let client = state.db.get().await?;
-    let rows = key_store::list(&client, caller.account_id, limit, cursor).await?;
+    let rows = key_actions::list(&state.db, caller.account_id, limit, cursor).await?;
     Ok(
         HttpResponse::Ok().json(Page::from_overfetch(rows, limit, |k| {
             (k.created_at, k.id.clone())
@@ -158,16 +137,7 @@ pub async fn get(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::Read)?;
-    let id = path.into_inner();
-    if !api_key::is_key_id(&id) {
-        return Err(ApiError::NotFound(
-            "No API key with that id on this account.".into(),
-        ));
-    }
-    let client = state.db.get().await?;
-    let k = key_store::get(&client, caller.account_id, &id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound("No API key with that id on this account.".into()))?;
+    let k = key_actions::get(&state.db, caller.account_id, &path).await?;
     Ok(HttpResponse::Ok().json(k))
 }
 
@@ -192,23 +162,7 @@ pub async fn revoke(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::KeysManage)?;
-    let id = path.into_inner();
-    let mut client = state.db.get().await?;
-    let tx = client.transaction().await?;
-    let k = key_store::revoke(&tx, Some(caller.account_id), &id).await?;
-    audit::record(
-        &tx,
-        &Actor::Key(caller.key_id.clone()),
-        Action::KeyRevoke,
-        Some(caller.account_id),
-        Some(&id),
-        serde_json::json!({}),
-    )
-    .await?;
-    tx.commit().await?;
-    // This instance need not wait for its own NOTIFY to come back.
-    state.auth.cache.invalidate_key(&id).await;
-    tracing::info!(revoked_key_id = %id, "key revoked");
+    let k = key_actions::revoke(&state.db, &state.auth.cache, &caller, &path).await?;
     Ok(HttpResponse::Ok().json(k))
 }
 
@@ -255,25 +209,14 @@ pub async fn rotate(
     body: web::Bytes,
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::KeysManage)?;
-    let id = path.into_inner();
     let body: Rotate = crate::http::extractors::json_or_default(&body)?;
-    let grace = body.grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
-    let mut client = state.db.get().await?;
-    let tx = client.transaction().await?;
-    let created =
-        key_store::rotate(&tx, caller.account_id, &id, grace, &Power::from(&caller)).await?;
-    let detail = serde_json::json!({"new_key_id": created.view.id, "grace_seconds": grace});
-    audit::record(
-        &tx,
-        &Actor::Key(caller.key_id.clone()),
-        Action::KeyRotate,
-        Some(caller.account_id),
-        Some(&id),
-        detail,
+    let created = key_actions::rotate(
+        &state.db,
+        &state.auth.cache,
+        &caller,
+        &path,
+        body.grace_seconds,
     )
     .await?;
-    tx.commit().await?;
-    state.auth.cache.invalidate_key(&id).await;
-    tracing::info!(old_key_id = %id, new_key_id = %created.view.id, grace_seconds = grace, "key rotated");
     Ok(HttpResponse::Created().json(created))
 }

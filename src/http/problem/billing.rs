@@ -23,7 +23,7 @@ impl From<Error> for ApiError {
                 ApiError::problem(ProblemType::PaymentProviderUnavailable, detail)
             }
             Error::AccountNotFound => ApiError::NotFound(e.to_string()),
-            Error::Accounts(e) => e,
+            Error::Accounts(e) => e.into(),
             Error::Credits(e) => e.into(),
             Error::Idempotency(e) => e.into(),
             Error::Db(e) => e.into(),

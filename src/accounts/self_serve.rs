@@ -1,0 +1,141 @@
+//! Self-serve accounts: signup and password login, the two ways in that need no key. Both
+//! hash with Argon2 under [`Passwords`]' bound, and neither holds a pooled connection while a
+//! password is being hashed (the slow part on purpose).
+
+use std::time::Duration;
+
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use secrecy::SecretString;
+
+use super::login::{self, Attempt};
+use super::password::{Password, Passwords};
+use super::{create, password_hash_for, Account, Email, Error, NewAccount};
+use crate::audit::{self, Action, Actor};
+use crate::auth::key_store::{self, CreatedKey, KeySpec};
+use crate::auth::Scope;
+use crate::tiers::{Tiers, DEFAULT_TIER};
+
+/// How long a login key works.
+const LOGIN_KEY_HOURS: i64 = 12;
+
+/// A new account on the default tier with `credits` starting credits, and its first key (all
+/// scopes), in one transaction.
+pub async fn signup(
+    db: &Pool,
+    tiers: &Tiers,
+    passwords: &Passwords,
+    email: &str,
+    password: SecretString,
+    credits: i64,
+) -> Result<(Account, CreatedKey), Error> {
+    let email = Email::parse(email)?;
+    let password = Password::parse(password)?;
+    let hash = passwords
+        .slot_for_hash()
+        .await?
+        .hash(password)
+        .await
+        .map_err(Error::Password)?;
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    let (account, key) = create(
+        &tx,
+        tiers,
+        NewAccount {
+            email,
+            password_hash: Some(hash),
+            tier: DEFAULT_TIER.to_owned(),
+            credits,
+        },
+        &KeySpec::full_access("default"),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(account_id = %account.id, key_id = %key.view.id, "account created");
+    Ok((account, key))
+}
+
+/// A password login: a new 12-hour key with `keys:manage` and `read`.
+///
+/// Refused with [`Error::InvalidCredentials`] for a wrong email or password, an unknown
+/// email or a suspended account alike (that failure is counted and on the audit trail, as
+/// `who`), and with [`Error::LockedOut`] while the email is locked out (see
+/// `accounts::login`; `lockout_window` is `KEYMETER_LOGIN_LOCKOUT_SECS`).
+pub async fn password_login(
+    db: &Pool,
+    passwords: &Passwords,
+    email: &str,
+    password: SecretString,
+    lockout_window: Duration,
+    who: &Actor,
+) -> Result<CreatedKey, Error> {
+    let email = Email::parse(email)?;
+    let email_key = email.key();
+    let locked = |retry_after| Error::LockedOut { retry_after };
+    let found = {
+        let client = db.get().await?;
+        // A locked email is refused before it can take a hashing slot.
+        if let Some(secs) = login::locked_for(&client, &email_key).await? {
+            return Err(locked(secs));
+        }
+        password_hash_for(&client, &email).await?
+    };
+    let (account_id, stored, status) = match found {
+        Some((id, hash, status)) => (Some(id), hash, status),
+        None => (None, None, String::new()),
+    };
+    // The slot first: an attempt refused for lack of one is not counted against the email.
+    let slot = passwords.slot_for_verify().await?;
+    {
+        let client = db.get().await?;
+        // Counted before the check, so parallel guesses cannot all be checked (see
+        // `accounts::login`).
+        if let Attempt::Locked(secs) =
+            login::reserve_attempt(&client, &email_key, lockout_window).await?
+        {
+            return Err(locked(secs));
+        }
+    }
+    // No pooled connection is held during the deliberately slow hash.
+    let ok = slot
+        .verify(password, stored)
+        .await
+        .map_err(Error::Password)?
+        && status == "active";
+    let mut client = db.get().await?;
+    let Some(account_id) = account_id.filter(|_| ok) else {
+        // The failure was counted when the attempt was reserved; the trail records it, and
+        // the lockout when this attempt's reservation (or a concurrent one) set it.
+        let tx = client.transaction().await?;
+        let locked = login::locked_for(&tx, &email_key).await?.is_some();
+        audit::login_failed(&tx, who, account_id, locked).await?;
+        tx.commit().await?;
+        return Err(Error::InvalidCredentials);
+    };
+    login::clear(&client, &email_key).await?;
+    let tx = client.transaction().await?;
+    let now = Utc::now();
+    let spec = KeySpec {
+        name: format!("login {}", now.format("%Y-%m-%dT%H:%M:%SZ")),
+        scopes: vec![Scope::KeysManage, Scope::Read],
+        expires_at: Some(now + chrono::Duration::hours(LOGIN_KEY_HOURS)),
+        rate_limit: None,
+    };
+    // Not held to the tier's `max_keys`: logging in with the password must never lock the
+    // owner out of their own account. Login keys expire in 12 hours and are throttled per
+    // email and per address, so they cannot pile up; they do count towards the cap for keys
+    // created with `POST /v1/keys`.
+    let key = key_store::insert(&tx, account_id, &spec).await?;
+    audit::record(
+        &tx,
+        who,
+        Action::LoginSuccess,
+        Some(account_id),
+        Some(&key.view.id),
+        serde_json::json!({"expires_at": key.view.expires_at}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(key)
+}
