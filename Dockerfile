@@ -4,7 +4,7 @@
 # non-root user.
 #
 # The build stage copies every path the build reads: src/, sql/ (migrations embedded by
-# refinery), assets/ (the docs page src/openapi.rs includes) and benches/ (Cargo.toml
+# refinery), assets/ (the docs page src/openapi/page.rs includes) and benches/ (Cargo.toml
 # declares the `verify` bench; cargo reads every declared target). CI proves this list is
 # enough without a Docker daemon: scripts/check-image-inputs.sh copies exactly what these
 # COPY lines name into an empty folder and builds the binary there.
