@@ -2,7 +2,7 @@
 //! [`idempotency::Request`], and answering a replay. The sequence itself (claim, work, record
 //! or release) is [`idempotency::run`]; a route uses it like this:
 //!
-//! ```ignore
+//! ```text
 //! let request = idempotent::request(&req, caller.account_id, &raw, StatusCode::CREATED)?;
 //! let outcome = idempotency::run(&state.db, state.config.request_timeout, request, |guard| {
 //!     domain::do_it(&state.db, …, guard) // records its outcome with guard.record(&tx, …)
