@@ -19,8 +19,9 @@
 #    /health/live at 1 and VUS VUs; POST /v1/scrape {url: page, formats: [metadata]} with
 #    1 VU on one account, VUS VUs over 16 accounts, VUS VUs on one account; with BREAKER=1
 #    also the open-breaker answer at 1 and VUS VUs. Between scenarios it reads
-#    pg_stat_database.xact_commit of the run's database: commits per job. The ledger
-#    invariant is checked, the server stopped and the database dropped before the next.
+#    pg_stat_database.xact_commit + xact_rollback of the run's database: transactions per
+#    job (autocommit reads included; jobs-profile.sh counts the durable commits). The
+#    ledger invariant is checked, the server stopped and the database dropped before the next.
 # 4. One table: rows = scenarios, columns = base, new, raw fetch, new/base and the goals of
 #    issue 14. Also kept in load/out/jobs-bench-table.txt (and one JSON per k6 run).
 #

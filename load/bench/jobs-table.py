@@ -53,10 +53,10 @@ def per_job(r):
     return f"{r['commits'] / r['requests']:.2f}"
 
 
-def ratio(a, b, key):
+def ratio(a, b, key, what):
     if a is None or b is None or not a.get(key) or b.get(key) is None:
         return "—"
-    return f"{b[key] / a[key]:.2f}×"
+    return f"{b[key] / a[key]:.2f}× {what}"
 
 
 def ok(cond):
@@ -90,28 +90,28 @@ def goal(col_rows, fn):
 
 rows = [
     ("1 client, 1 account (p50, p99)", lat(base["scrape_1vu"]), lat(new["scrape_1vu"]), lat(raw1),
-     ratio(base["scrape_1vu"], new["scrape_1vu"], "p50") + " p50",
+     ratio(base["scrape_1vu"], new["scrape_1vu"], "p50", "p50"),
      goal([("new", new["scrape_1vu"]), ("base", base["scrape_1vu"])], goal_1)),
     (f"{VUS} clients, 16 accounts", thr(base["scrape_accounts"]), thr(new["scrape_accounts"]), thr(raw),
-     ratio(base["scrape_accounts"], new["scrape_accounts"], "rps") + " jobs/s",
+     ratio(base["scrape_accounts"], new["scrape_accounts"], "rps", "jobs/s"),
      goal([("new", new["scrape_accounts"]), ("base", base["scrape_accounts"])], lambda r: goal_rate(r, 1500, 50))),
     (f"{VUS} clients, 1 account", thr(base["scrape_one"]), thr(new["scrape_one"]), thr(raw),
-     ratio(base["scrape_one"], new["scrape_one"], "rps") + " jobs/s",
+     ratio(base["scrape_one"], new["scrape_one"], "rps", "jobs/s"),
      goal([("new", new["scrape_one"]), ("base", base["scrape_one"])], lambda r: goal_rate(r, 1000))),
-    ("commits per job (1 client / 16 accounts / 1 account)",
+    ("transactions per job, reads included (1 client / 16 accounts / 1 account)",
      " / ".join(per_job(base[s]) for s in ["scrape_1vu", "scrape_accounts", "scrape_one"]),
      " / ".join(per_job(new[s]) for s in ["scrape_1vu", "scrape_accounts", "scrape_one"]),
-     "—", "—", "floor: 2 (reserve, settle)"),
+     "—", "—", "pg_stat_database commit+rollback; durable commits: jobs-profile.sh"),
     ("/health/live, 1 VU", lat(base["health_1vu"]), lat(new["health_1vu"]), "—",
-     ratio(base["health_1vu"], new["health_1vu"], "p50") + " p50", "reference"),
+     ratio(base["health_1vu"], new["health_1vu"], "p50", "p50"), "reference"),
     (f"/health/live, {VUS} VUs", thr(base["health"]), thr(new["health"]), "—",
-     ratio(base["health"], new["health"], "rps") + " req/s", "reference"),
+     ratio(base["health"], new["health"], "rps", "req/s"), "reference"),
 ]
 if base["breaker_1vu"] or new["breaker_1vu"]:
     rows.append(("open breaker 503, 1 VU", lat(base["breaker_1vu"]), lat(new["breaker_1vu"]), "—",
-                 ratio(base["breaker_1vu"], new["breaker_1vu"], "p50") + " p50", "unchanged answer"))
+                 ratio(base["breaker_1vu"], new["breaker_1vu"], "p50", "p50"), "unchanged answer"))
     rows.append((f"open breaker 503, {VUS} VUs", thr(base["breaker"]), thr(new["breaker"]), "—",
-                 ratio(base["breaker"], new["breaker"], "rps") + " req/s", "unchanged answer"))
+                 ratio(base["breaker"], new["breaker"], "rps", "req/s"), "unchanged answer"))
 
 print()
 print(f"jobs-bench: {os.environ.get('DURATION')} per scenario; base = {os.environ.get('BASE_NAME')}, new = this tree; "
