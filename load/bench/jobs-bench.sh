@@ -159,6 +159,17 @@ BASE_URL=
 scenario raw raw_1vu
 scenario raw raw
 
+# The disk's flush time, the floor of every durable commit: pg_test_fsync's fdatasync of one
+# 8 kB write (PostgreSQL's default wal_sync_method on Linux), 1 s, in load/out/ — the same
+# disk as the database's on a one-disk machine. FSYNC=0 skips it.
+rm -f "$OUT_DIR/jobs-bench-fsync.txt"
+if [ "${FSYNC:-1}" = 1 ] && bindir=$(pg_bindir) && [ -x "$bindir/pg_test_fsync" ]; then
+    timeout 60 "$bindir/pg_test_fsync" -s 1 -f "$OUT_DIR/jobs-bench-fsync.tmp" 2>/dev/null |
+        awk '$1 == "fdatasync" && /usecs\/op/ {print $(NF-1); exit}' >"$OUT_DIR/jobs-bench-fsync.txt" || true
+    rm -f "$OUT_DIR/jobs-bench-fsync.tmp"
+    log "disk flush (fdatasync): $(cat "$OUT_DIR/jobs-bench-fsync.txt") µs"
+fi
+
 for i in "${!BINS[@]}"; do
     label=${LABELS[i]}
     KM_BIN=${BINS[i]}

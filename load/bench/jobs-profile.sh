@@ -29,6 +29,7 @@ PG_LOG=${PG_LOG:-$(ls -t /var/log/postgresql/postgresql-*.log 2>/dev/null | head
 [ -r "$PG_LOG" ] || { log "cannot read the PostgreSQL log ($PG_LOG); set PG_LOG"; exit 1; }
 
 load_init
+rm -f "$OUT_DIR"/jobs-bench-profile-*.json
 ensure_k6
 if [ -n "${PROFILE_BIN:-}" ]; then
     LOAD_SKIP_BUILD=1 LOAD_BINARY=$PROFILE_BIN load_build

@@ -107,6 +107,13 @@ rows = [
     (f"/health/live, {VUS} VUs", thr(base["health"]), thr(new["health"]), "—",
      ratio(base["health"], new["health"], "rps", "req/s"), "reference"),
 ]
+try:
+    with open(f"{OUT}/jobs-bench-fsync.txt") as f:
+        fsync_ms = float(f.read().strip()) / 1000
+    rows.append(("disk flush (pg_test_fsync, fdatasync 8 kB)", "—", "—", f"{fsync_ms:.2f} ms", "—",
+                 f"2 flushes in series = {2 * fsync_ms:.1f} ms of the 1-client latency"))
+except (FileNotFoundError, ValueError):
+    pass
 if base["breaker_1vu"] or new["breaker_1vu"]:
     rows.append(("open breaker 503, 1 VU", lat(base["breaker_1vu"]), lat(new["breaker_1vu"]), "—",
                  ratio(base["breaker_1vu"], new["breaker_1vu"], "p50", "p50"), "unchanged answer"))
