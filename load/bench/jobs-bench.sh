@@ -50,36 +50,46 @@ mkdir -p target/jobs-bench
 rm -f "$OUT_DIR"/jobs-bench-*.json "$OUT_DIR"/jobs-bench-*.commits
 
 # --- binaries -------------------------------------------------------------------------------
-# build_base: prints the path of the baseline binary, building it once per commit.
+# build_base: sets BASE_PATH to the baseline binary, building it once per commit. Runs in
+# this shell (not a command substitution), so an interrupted build's worktree and temporary
+# directory are removed by the exit trap.
+BASE_TMP=
+remove_base_worktree() {
+    [ -n "$BASE_TMP" ] || return 0
+    git worktree remove --force "$BASE_TMP/src" >/dev/null 2>&1 || true
+    rm -rf "$BASE_TMP"
+    git worktree prune >/dev/null 2>&1 || true
+    BASE_TMP=
+}
+LOAD_CLEANUP_HOOKS+=(remove_base_worktree)
 build_base() {
-    if [ -n "${BASE_BIN:-}" ]; then echo "$BASE_BIN"; return 0; fi
+    if [ -n "${BASE_BIN:-}" ]; then BASE_PATH=$BASE_BIN; return 0; fi
     local rev
     rev=$(git rev-parse --verify "$BASE_REV^{commit}")
-    local bin=$PWD/target/jobs-bench/keymeter-$rev
-    if [ -x "$bin" ]; then log "baseline $BASE_REV ($rev): cached $bin"; echo "$bin"; return 0; fi
-    local tmp
-    tmp=$(mktemp -d "${TMPDIR:-/tmp}/keymeter-base.XXXXXX")
+    BASE_PATH=$PWD/target/jobs-bench/keymeter-$rev
+    if [ -x "$BASE_PATH" ]; then log "baseline $BASE_REV ($rev): cached $BASE_PATH"; return 0; fi
     # Its own target directory: sharing this tree's would let cargo take one tree's build
-    # for the other's (same package, same relative paths, fresh by mtime). Seeded with this
-    # tree's release dependencies so only keymeter itself is compiled; keymeter's own
-    # fingerprints are dropped from the copy so that part is always rebuilt from the commit.
+    # for the other's (same package, same relative paths, fresh by mtime). Seeded with a
+    # copy of this tree's release build, timestamps kept (cargo decides freshness by them),
+    # so the dependencies are not compiled again; keymeter's own fingerprints and artifacts
+    # are dropped from the copy, so keymeter itself is always compiled from the commit.
     local target=$PWD/target/jobs-bench/target-$rev
-    if [ ! -d "$target/release" ] && [ -d target/release/deps ]; then
-        log "seeding $target with this tree's release dependencies"
-        mkdir -p "$target/release"
-        cp -r target/release/deps target/release/build target/release/.fingerprint "$target/release/"
-        rm -rf "$target"/release/.fingerprint/keymeter-* "$target"/release/deps/*keymeter*
-    fi
-    log "building baseline $BASE_REV ($rev) in $tmp"
-    git worktree add --detach --quiet "$tmp/src" "$rev" >&2
-    local rc=0
-    (cd "$tmp/src" && CARGO_TARGET_DIR=$target cargo build --release --locked --bin keymeter >&2) || rc=$?
-    git worktree remove --force "$tmp/src" >&2 || true
-    rm -rf "$tmp"
-    [ "$rc" = 0 ] || { log "building $BASE_REV failed"; return 1; }
-    cp "$target/release/keymeter" "$bin"
     rm -rf "$target"
-    echo "$bin"
+    if [ -d target/release/deps ]; then
+        log "seeding $target with a copy of this tree's release dependencies"
+        mkdir -p "$target/release"
+        cp -a target/release/deps target/release/build target/release/.fingerprint "$target/release/"
+        rm -rf "$target"/release/.fingerprint/keymeter-* "$target"/release/deps/*keymeter* \
+            "$target"/release/build/keymeter-*
+    fi
+    BASE_TMP=$(mktemp -d "${TMPDIR:-/tmp}/keymeter-base.XXXXXX")
+    log "building baseline $BASE_REV ($rev) in $BASE_TMP/src"
+    git worktree add --detach --quiet "$BASE_TMP/src" "$rev"
+    (cd "$BASE_TMP/src" && CARGO_TARGET_DIR=$target cargo build --release --locked --bin keymeter)
+    cp "$target/release/keymeter" "$BASE_PATH.tmp"
+    mv "$BASE_PATH.tmp" "$BASE_PATH"
+    remove_base_worktree
+    rm -rf "$target"
 }
 
 want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
@@ -87,7 +97,8 @@ want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
 BINS=()
 LABELS=()
 if want base; then
-    BINS+=("$(build_base)")
+    build_base
+    BINS+=("$BASE_PATH")
     LABELS+=(base)
 fi
 if [ -n "${NEW_BIN:-}" ]; then
