@@ -41,6 +41,57 @@ with open(f"{OUT}/jobs-profile.pglog", errors="replace") as f:
         # continuation lines of a multi-line statement and DETAIL lines are skipped
 
 per = lambda n: n / JOBS if JOBS else float("nan")
+
+
+def timeline():
+    """With one client, jobs follow one another: the log's timestamps (statement ends, ms)
+    give each job's steps. Returns the mean of each gap over the jobs, in ms."""
+    from datetime import datetime
+
+    events = []  # (t, pid, kind, text)
+    with open(f"{OUT}/jobs-profile.pglog", errors="replace") as f:
+        for raw in f:
+            m = LINE.match(raw.rstrip("\n"))
+            if not m or m.group(3) != DB or m.group(5) == "parse" or m.group(5) == "bind":
+                continue
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp() * 1000
+            events.append((t, m.group(2), m.group(5), m.group(7)))
+    txs = []  # (start, end, kind) per committed transaction
+    open_tx = {}
+    for t, pid, kind, text in events:
+        if text.startswith("START TRANSACTION") or text.startswith("BEGIN"):
+            open_tx[pid] = [t, None]
+        elif pid in open_tx and text.startswith("WITH acct AS"):
+            open_tx[pid][1] = "submit"
+        elif pid in open_tx and text.startswith("UPDATE jobs SET status = 'running'"):
+            open_tx[pid][1] = "claim"
+        elif pid in open_tx and text.startswith("UPDATE jobs SET status = $2"):
+            open_tx[pid][1] = "finish"
+        elif text.startswith("COMMIT") and pid in open_tx:
+            start, k = open_tx.pop(pid)
+            if k:
+                txs.append((start, t, k))
+        elif text.startswith("ROLLBACK"):
+            open_tx.pop(pid, None)
+    gets = [t for t, _, kind, text in events if kind == "execute" and text.startswith("SELECT j.id, j.account_id, j.status")]
+    gaps = defaultdict(list)
+    for i, (s0, s1, k) in enumerate(txs):
+        if k != "submit" or i + 2 >= len(txs) or txs[i + 1][2] != "claim" or txs[i + 2][2] != "finish":
+            continue
+        c0, c1, _ = txs[i + 1]
+        f0, f1, _ = txs[i + 2]
+        nxt = next((t for t, _, kk in txs[i + 3:] if kk == "submit"), None)
+        after = [g for g in gets if g > f1]
+        gaps["submit tx (START → COMMIT done)"].append(s1 - s0)
+        gaps["submit done → claim START (wake-up)"].append(c0 - s1)
+        gaps["claim tx"].append(c1 - c0)
+        gaps["claim done → finish START (fetch, extract)"].append(f0 - c1)
+        gaps["finish tx"].append(f1 - f0)
+        if after:
+            gaps["finish done → waiter's read (wake-up)"].append(after[0] - f1)
+        if nxt is not None and after:
+            gaps["waiter's read → next submit START (answer, client, next request)"].append(nxt - after[0])
+    return gaps
 print()
 print(f"jobs-profile: {JOBS} jobs; database {DB}")
 print(f"commits + rollbacks (pg_stat_database): {COMMITS} = {per(COMMITS):.2f} per job")
@@ -81,6 +132,13 @@ if phases:
     print(f"phases from the jobs table ({len(phases)} finished jobs), ms: "
           f"queued→running p50 {pct(q, 50):.2f} p99 {pct(q, 99):.2f}; "
           f"running→finished p50 {pct(r, 50):.2f} p99 {pct(r, 99):.2f}")
+if os.environ.get("VUS", "1") == "1":
+    gaps = timeline()
+    if gaps:
+        print()
+        print("one job after another (1 client; log timestamps are statement ends, 1 ms resolution, means over the jobs):")
+        for k, v in gaps.items():
+            print(f"  {sum(v) / len(v):7.2f} ms  {k}  (n={len(v)})")
 for name in os.listdir(OUT):
     if name.startswith("jobs-bench-profile-") and name.endswith(".json"):
         with open(f"{OUT}/{name}") as f:

@@ -79,5 +79,5 @@ db_psql -F ' ' -c "SELECT extract(epoch FROM started_at - created_at) * 1000,
                           extract(epoch FROM finished_at - started_at) * 1000
                      FROM jobs WHERE created_at >= '$t0' AND finished_at IS NOT NULL" >"$OUT_DIR/jobs-profile.phases"
 tail -c +"$((offset + 1))" "$PG_LOG" >"$OUT_DIR/jobs-profile.pglog"
-JOBS=$(cat "$OUT_DIR/jobs-profile.jobs") COMMITS=$((c1 - c0)) DB_NAME=$DB_NAME OUT_DIR=$OUT_DIR \
+JOBS=$(cat "$OUT_DIR/jobs-profile.jobs") COMMITS=$((c1 - c0)) DB_NAME=$DB_NAME OUT_DIR=$OUT_DIR VUS=$VUS \
     python3 load/bench/jobs-profile.py | tee "$OUT_DIR/jobs-profile.txt"
