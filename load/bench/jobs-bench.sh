@@ -3,7 +3,7 @@
 # with the raw fetch of the same page and /health/live measured in the same run.
 #   load/bench/jobs-bench.sh                 (baseline d841c24 vs this tree, DURATION=10s)
 #   QUICK=1 load/bench/jobs-bench.sh         (3 s per scenario, no breaker scenarios)
-#   BASE_REV=<rev> | BASE_BIN=<path>  NEW_BIN=<path>  ONLY=new|base  BREAKER=1
+#   BASE_REV=<rev> | BASE_BIN=<path>  NEW_BIN=<path>  ONLY=new|base  BREAKER=1  ROUNDS=3
 #
 # 1. Binaries. "base": BASE_BIN, else the commit BASE_REV (default d841c24, the code before
 #    issue 14), checked out with `git worktree add` into a temporary directory and built with
@@ -43,6 +43,7 @@ ONLY=${ONLY:-}
 BREAKER=${BREAKER:-0}
 ACCOUNTS=${ACCOUNTS:-16}
 PAUSE_S=${PAUSE_S:-2} # between scenarios: the server's idle work settles, stats are flushed
+ROUNDS=${ROUNDS:-1}
 
 load_init
 ensure_k6
@@ -149,12 +150,12 @@ new_accounts() {
 K6_FAILED=()
 scenario() {
     local label=$1 name=$2 before=
-    [ "$label" != raw ] && before=$(db_commits)
+    [ "${label#raw}" = "$label" ] && before=$(db_commits)
     local rc=0
     LABEL=$label SCENARIO=$name API_KEYS=${KEYS:-} run_k6 load/k6/jobs-bench.js --quiet || rc=$?
     [ "$rc" = 0 ] || K6_FAILED+=("$label/$name (k6 exit $rc)")
     sleep "$PAUSE_S"
-    if [ "$label" != raw ]; then
+    if [ "${label#raw}" = "$label" ]; then
         echo $(($(db_commits) - before)) >"$OUT_DIR/jobs-bench-$label-$name.commits"
     fi
 }
@@ -162,13 +163,15 @@ scenario() {
 SERVER_SCENARIOS=(health_1vu health scrape_1vu scrape_accounts scrape_one)
 [ "$BREAKER" = 1 ] && SERVER_SCENARIOS+=(breaker_1vu breaker)
 
+# note_load PART: the load average at the start of each part, for the table.
+note_load() {
+    local l
+    l=$(uptime | sed 's/.*load average: //')
+    echo "$1: $l" >>"$OUT_DIR/jobs-bench-loads.txt"
+    log "$1; load average $l"
+}
+rm -f "$OUT_DIR/jobs-bench-loads.txt"
 start_upstream
-declare -A LOADS
-LOADS[raw]=$(uptime | sed 's/.*load average: //')
-log "raw fetch; load average ${LOADS[raw]}"
-BASE_URL=
-scenario raw raw_1vu
-scenario raw raw
 
 # The disk's flush time, the floor of every durable commit: pg_test_fsync's fdatasync of one
 # 8 kB write (PostgreSQL's default wal_sync_method on Linux), 1 s, in load/out/ — the same
@@ -181,26 +184,32 @@ if [ "${FSYNC:-1}" = 1 ] && bindir=$(pg_bindir) && [ -x "$bindir/pg_test_fsync" 
     log "disk flush (fdatasync): $(cat "$OUT_DIR/jobs-bench-fsync.txt") µs"
 fi
 
-for i in "${!BINS[@]}"; do
-    label=${LABELS[i]}
-    KM_BIN=${BINS[i]}
-    LOADS[$label]=$(uptime | sed 's/.*load average: //')
-    log "$label: $KM_BIN; load average ${LOADS[$label]}"
-    create_database
-    start_server "jobs-bench-$label" KEYMETER_TIERS="$TIERS_FILE" \
-        KEYMETER_BREAKER_OPEN_SECS=3600 KEYMETER_BREAKER_MAX_OPEN_SECS=3600
-    KEYS=$(new_accounts "$ACCOUNTS")
-    [ "$(echo "$KEYS" | tr ',' '\n' | grep -c .)" = "$ACCOUNTS" ] || { log "could not create $ACCOUNTS accounts"; exit 1; }
-    for s in "${SERVER_SCENARIOS[@]}"; do scenario "$label" "$s"; done
-    check_ledger_invariant || K6_FAILED+=("$label: ledger invariant")
-    stop_pid "$SERVER_PID" 20
-    drop_database
+# ROUNDS > 1 interleaves: raw, base, new, raw, base, new, …; the table takes each figure's
+# median over the rounds, so a drift in the machine's load hits both binaries alike.
+for round in $(seq 1 "$ROUNDS"); do
+    note_load "round $round raw"
+    BASE_URL=
+    scenario "raw.r$round" raw_1vu
+    scenario "raw.r$round" raw
+    for i in "${!BINS[@]}"; do
+        label=${LABELS[i]}.r$round
+        KM_BIN=${BINS[i]}
+        note_load "round $round ${LABELS[i]} ($KM_BIN)"
+        create_database
+        start_server "jobs-bench-${LABELS[i]}" KEYMETER_TIERS="$TIERS_FILE" \
+            KEYMETER_BREAKER_OPEN_SECS=3600 KEYMETER_BREAKER_MAX_OPEN_SECS=3600
+        KEYS=$(new_accounts "$ACCOUNTS")
+        [ "$(echo "$KEYS" | tr ',' '\n' | grep -c .)" = "$ACCOUNTS" ] || { log "could not create $ACCOUNTS accounts"; exit 1; }
+        for s in "${SERVER_SCENARIOS[@]}"; do scenario "$label" "$s"; done
+        check_ledger_invariant || K6_FAILED+=("$label: ledger invariant")
+        stop_pid "$SERVER_PID" 20
+        drop_database
+    done
 done
 KM_BIN=$NEW_BUILD_BIN
 
 # --- the table ------------------------------------------------------------------------------
-LOAD_RAW=${LOADS[raw]} LOAD_BASE=${LOADS[base]:-} LOAD_NEW=${LOADS[new]:-} \
-    BASE_NAME="${BASE_BIN:-$BASE_REV}" OUT_DIR=$OUT_DIR VUS=$VUS DURATION=$DURATION \
+ROUNDS=$ROUNDS BASE_NAME="${BASE_BIN:-$BASE_REV}" OUT_DIR=$OUT_DIR VUS=$VUS DURATION=$DURATION \
     python3 load/bench/jobs-table.py | tee "$OUT_DIR/jobs-bench-table.txt"
 
 if [ "${#K6_FAILED[@]}" != 0 ]; then

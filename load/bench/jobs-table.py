@@ -8,23 +8,39 @@ between them), so no single k6 summary sees all the figures.
 
 import json
 import os
+import re
+import statistics
 
 OUT = os.environ["OUT_DIR"]
 VUS = os.environ.get("VUS", "16")
 
 
-def load(label, scenario):
+def load_one(path):
+    with open(path) as f:
+        row = json.load(f)["row"]
     try:
-        with open(f"{OUT}/jobs-bench-{label}-{scenario}.json") as f:
-            row = json.load(f)["row"]
-    except FileNotFoundError:
-        return None
-    try:
-        with open(f"{OUT}/jobs-bench-{label}-{scenario}.commits") as f:
-            row["commits"] = int(f.read().strip())
+        with open(path[: -len(".json")] + ".commits") as f:
+            commits = int(f.read().strip())
+        row["per_job"] = commits / row["requests"] if row["requests"] else None
     except (FileNotFoundError, ValueError):
-        row["commits"] = None
+        row["per_job"] = None
     return row
+
+
+def load(label, scenario):
+    """The figures of LABEL (base, new, raw) in SCENARIO: with several rounds, the median of
+    each figure over them (the lowest check rate)."""
+    pat = re.compile(rf"^jobs-bench-{label}\.r(\d+)-{scenario}\.json$")
+    rows = [load_one(f"{OUT}/{n}") for n in sorted(os.listdir(OUT)) if pat.match(n)]
+    if not rows:
+        return None
+    out = {}
+    for k in ("requests", "rps", "p50", "p90", "p95", "p99", "max", "per_job"):
+        xs = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = statistics.median(xs) if xs else None
+    rates = [r["checks_rate"] for r in rows if r.get("checks_rate") is not None]
+    out["checks_rate"] = min(rates) if rates else None
+    return out
 
 
 def ms(x):
@@ -48,9 +64,9 @@ def thr(r):
 
 
 def per_job(r):
-    if r is None or r.get("commits") is None or not r["requests"]:
+    if r is None or r.get("per_job") is None:
         return "—"
-    return f"{r['commits'] / r['requests']:.2f}"
+    return f"{r['per_job']:.2f}"
 
 
 def ratio(a, b, key, what):
@@ -120,10 +136,15 @@ if base["breaker_1vu"] or new["breaker_1vu"]:
     rows.append((f"open breaker 503, {VUS} VUs", thr(base["breaker"]), thr(new["breaker"]), "—",
                  ratio(base["breaker"], new["breaker"], "rps", "req/s"), "unchanged answer"))
 
+rounds = int(os.environ.get("ROUNDS", "1"))
 print()
-print(f"jobs-bench: {os.environ.get('DURATION')} per scenario; base = {os.environ.get('BASE_NAME')}, new = this tree; "
-      f"load average at the start of raw / base / new: {os.environ.get('LOAD_RAW') or '—'} / "
-      f"{os.environ.get('LOAD_BASE') or '—'} / {os.environ.get('LOAD_NEW') or '—'}")
+print(f"jobs-bench: {os.environ.get('DURATION')} per scenario; base = {os.environ.get('BASE_NAME')}, new = this tree"
+      + (f"; each figure the median of {rounds} interleaved rounds" if rounds > 1 else ""))
+try:
+    with open(f"{OUT}/jobs-bench-loads.txt") as f:
+        print("load average at the start of each part: " + "; ".join(line.strip() for line in f))
+except FileNotFoundError:
+    pass
 print()
 print("| scenario | base | new | raw fetch | new/base | goal (issue 14) |")
 print("|---|---|---|---|---|---|")
