@@ -33,5 +33,5 @@ step BALANCE=200 EXTRA=100 VUS=8 load/run.sh credits.js --quiet
 step EVENTS=20 DUPLICATES=3 VUS=4 load/run.sh webhooks.js --quiet
 step ACCOUNTS=20 DURATION=2s VUS=4 load/run.sh deduct.js --quiet
 step KEYS_SMALL=1000 KEYS_BIG=10000 COLD_KEYS=100 DURATION=2s VUS=4 load/bench/keys.sh --quiet
-step DURATION=1s VUS=4 load/bench/jobs-bench.sh
+step DURATION=1s VUS=4 ONLY=new PAUSE_S=1 load/bench/jobs-bench.sh
 log "smoke: all passed in $(($(date +%s) - started)) s"
