@@ -22,12 +22,14 @@ use crate::jobs::extract::{Extracted, Format};
 mod claim;
 mod enqueue;
 mod finish;
+mod finish_lane;
 mod reaper;
 mod stats;
 
 pub use claim::{claim, release_owned, renew, Claimed, ConcurrencyLimits};
 pub use enqueue::create;
 pub use finish::{cancel, finalize, time_out, End, Fence};
+pub use finish_lane::Finisher;
 pub use reaper::{purge, reap, Reaped};
 pub use stats::{backlog, depth, Backlog};
 
