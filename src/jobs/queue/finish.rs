@@ -1,5 +1,7 @@
-//! Ending a job: every way a job ends goes through [`finalize`] (a worker's result, a
-//! cancel, a waiting request's timeout, the reaper).
+//! Ending a job: [`finalize`] in the caller's transaction (a cancel, a waiting request's
+//! timeout, the reaper), or, for a worker's result, the same writes for many jobs at once
+//! through the group-commit lane in `finish_lane` ([`super::Finisher`]), which falls back to
+//! [`finalize`] job by job when a batch fails.
 
 use chrono::Utc;
 use deadpool_postgres::{Pool, Transaction};
