@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence, QueueError};
+use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence, Finisher, QueueError};
 use super::wakeups::Wakeups;
 use super::webhooks;
 
@@ -43,6 +43,8 @@ pub struct Jobs {
     pub limits: ConcurrencyLimits,
     pub settings: JobSettings,
     pub webhooks: webhooks::Sender,
+    /// The group-commit lane the workers' finishes share (`queue::Finisher`).
+    pub finisher: Finisher,
 }
 
 impl Jobs {
@@ -182,11 +184,20 @@ impl Jobs {
         end: &End,
         fence: Fence,
     ) -> Result<bool, QueueError> {
-        let mut client = db.get().await?;
-        let tx = client.transaction().await?;
-        let done = queue::finalize(&tx, job.id, end, fence).await?;
-        tx.commit().await?;
-        Ok(done.is_some())
+        match fence {
+            Fence::Lease { owner, attempt } => {
+                self.finisher
+                    .finish(db, job.id, job.account_id, end.clone(), owner, attempt)
+                    .await
+            }
+            Fence::From(_) => {
+                let mut client = db.get().await?;
+                let tx = client.transaction().await?;
+                let done = queue::finalize(&tx, job.id, end, fence).await?;
+                tx.commit().await?;
+                Ok(done.is_some())
+            }
+        }
     }
 
     /// Renews the lease every third of its length; returns only when it was lost.

@@ -15,6 +15,7 @@ mod db_tls;
 mod foundation;
 mod isolation;
 mod jobs;
+mod jobs_finish;
 mod keys;
 mod metrics;
 mod openapi;

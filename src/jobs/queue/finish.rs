@@ -1,5 +1,7 @@
-//! Ending a job: every way a job ends goes through [`finalize`] (a worker's result, a
-//! cancel, a waiting request's timeout, the reaper).
+//! Ending a job: [`finalize`] in the caller's transaction (a cancel, a waiting request's
+//! timeout, the reaper), or, for a worker's result, the same writes for many jobs at once
+//! through the group-commit lane in `finish_lane` ([`super::Finisher`]), which falls back to
+//! [`finalize`] job by job when a batch fails.
 
 use chrono::Utc;
 use deadpool_postgres::{Pool, Transaction};
@@ -33,7 +35,42 @@ impl End {
         }
     }
 
-    fn status(&self) -> &'static str {
+    /// The `result`, `error` and `upstream_status` columns a job ending this way gets.
+    pub(super) fn columns(&self) -> (Option<&Value>, Option<Value>, Option<i32>) {
+        match self {
+            End::Succeeded {
+                result,
+                upstream_status,
+            } => (Some(result), None, Some(i32::from(*upstream_status))),
+            End::Failed {
+                reason,
+                detail,
+                upstream_status,
+            } => (
+                None,
+                Some(
+                    json!({"reason": reason, "detail": detail, "upstream_status": upstream_status}),
+                ),
+                upstream_status.map(i32::from),
+            ),
+            End::Cancelled => (
+                None,
+                Some(json!({"reason": "cancelled", "detail": "Cancelled before it ran."})),
+                None,
+            ),
+        }
+    }
+
+    /// The refund's ledger reason; `None` when the job keeps its charge (it succeeded).
+    pub(super) fn refund_reason(&self) -> Option<&str> {
+        match self {
+            End::Succeeded { .. } => None,
+            End::Failed { reason, .. } => Some(reason),
+            End::Cancelled => Some("cancelled"),
+        }
+    }
+
+    pub(super) fn status(&self) -> &'static str {
         match self {
             End::Succeeded { .. } => "succeeded",
             End::Failed { .. } => "failed",
@@ -58,26 +95,7 @@ pub async fn finalize(
     end: &End,
     fence: Fence,
 ) -> Result<Option<Job>, QueueError> {
-    let (result, error, upstream_status): (Option<&Value>, Option<Value>, Option<i32>) = match end {
-        End::Succeeded {
-            result,
-            upstream_status,
-        } => (Some(result), None, Some(i32::from(*upstream_status))),
-        End::Failed {
-            reason,
-            detail,
-            upstream_status,
-        } => (
-            None,
-            Some(json!({"reason": reason, "detail": detail, "upstream_status": upstream_status})),
-            upstream_status.map(i32::from),
-        ),
-        End::Cancelled => (
-            None,
-            Some(json!({"reason": "cancelled", "detail": "Cancelled before it ran."})),
-            None,
-        ),
-    };
+    let (result, error, upstream_status) = end.columns();
     let (owner, attempt, from): (Option<Uuid>, Option<i32>, Vec<&str>) = match fence {
         Fence::Lease { owner, attempt } => (Some(owner), Some(attempt), vec!["running"]),
         Fence::From(statuses) => (None, None, statuses.to_vec()),
@@ -106,30 +124,25 @@ pub async fn finalize(
     };
     crate::metrics::jobs().transition(end.status());
     let webhook_url: Option<String> = row.get(0);
-    if !matches!(end, End::Succeeded { .. }) {
-        let reason = match end {
-            End::Failed { reason, .. } => reason.as_str(),
-            _ => "cancelled",
-        };
+    if let Some(reason) = end.refund_reason() {
         ledger::refund(tx, id, reason).await?;
     }
     let job = get_any(tx, id)
         .await?
         .ok_or_else(|| QueueError::Invariant("a finalized job vanished"))?;
     if let Some(url) = webhook_url {
-        let event_id = Uuid::now_v7();
-        let event_type = format!("job.{}", job.status);
-        let payload = json!({
-            "id": format!("evt_{}", event_id.simple()),
-            "object": "event",
-            "type": event_type,
-            "created": Utc::now().timestamp(),
-            "data": job,
-        });
+        let hook = Webhook::new(&job, url);
         tx.execute(
             "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload)
              VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&id, &job.account_id, &url, &event_id, &event_type, &payload],
+            &[
+                &id,
+                &job.account_id,
+                &hook.url,
+                &hook.event_id,
+                &hook.event_type,
+                &hook.payload,
+            ],
         )
         .await?;
     }
@@ -139,6 +152,34 @@ pub async fn finalize(
     )
     .await?;
     Ok(Some(job))
+}
+
+/// The delivery row of a finished job's webhook: `job.<status>` with the job as its data.
+pub(super) struct Webhook {
+    pub url: String,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub payload: Value,
+}
+
+impl Webhook {
+    pub fn new(job: &Job, url: String) -> Webhook {
+        let event_id = Uuid::now_v7();
+        let event_type = format!("job.{}", job.status);
+        let payload = json!({
+            "id": format!("evt_{}", event_id.simple()),
+            "object": "event",
+            "type": event_type,
+            "created": Utc::now().timestamp(),
+            "data": job,
+        });
+        Webhook {
+            url,
+            event_id,
+            event_type,
+            payload,
+        }
+    }
 }
 
 /// `DELETE /v1/jobs/{id}`: cancels a queued job and refunds it. A job already running or

@@ -3,12 +3,13 @@
 //! lock), lease renewal, finishing (fenced by lease owner and attempt, refund and webhook in
 //! the same transaction) and the reaper for expired leases.
 //!
-//! Every way a job ends goes through [`finalize`]: one UPDATE that only succeeds from an
-//! expected status (and, for a worker, only while it still holds the lease), followed in the
-//! same transaction by the refund when the job did not succeed, the webhook delivery row
-//! and the notification that wakes a waiting `POST /v1/scrape`. A worker that lost its lease
-//! (the reaper re-queued the job, a waiting request timed it out) finds zero rows and
-//! writes nothing.
+//! Every way a job ends goes through [`finalize`] (or, for the workers' results, its batched
+//! twin [`Finisher`], which writes the same rows for many jobs in one transaction): one
+//! UPDATE that only succeeds from an expected status (and, for a worker, only while it still
+//! holds the lease), followed in the same transaction by the refund when the job did not
+//! succeed, the webhook delivery row and the notification that wakes a waiting
+//! `POST /v1/scrape`. A worker that lost its lease (the reaper re-queued the job, a waiting
+//! request timed it out) finds zero rows and writes nothing.
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -22,12 +23,14 @@ use crate::jobs::extract::{Extracted, Format};
 mod claim;
 mod enqueue;
 mod finish;
+mod finish_lane;
 mod reaper;
 mod stats;
 
 pub use claim::{claim, release_owned, renew, Claimed, ConcurrencyLimits};
 pub use enqueue::create;
 pub use finish::{cancel, finalize, time_out, End, Fence};
+pub use finish_lane::Finisher;
 pub use reaper::{purge, reap, Reaped};
 pub use stats::{backlog, depth, Backlog};
 
