@@ -6,13 +6,21 @@
 //! serves, so those requests get their answers) and `stop` (no more claims; jobs already
 //! running finish within the shutdown timeout; whatever is still running after it is put
 //! back in the queue for another instance).
+//!
+//! A sync job whose account had a free slot skips the queue: its request inserts it already
+//! running and leased to this instance, and [`Jobs::start_inline`] runs it here at once,
+//! through the same [`Jobs::run`] a worker uses. Those runs are tracked apart from the
+//! workers but stop the same way: the grace covers them, then they go back to the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use url::Url;
 use uuid::Uuid;
 
@@ -43,6 +51,35 @@ pub struct Jobs {
     pub limits: ConcurrencyLimits,
     pub settings: JobSettings,
     pub webhooks: webhooks::Sender,
+    pub inline: Inline,
+}
+
+/// The sync jobs this instance started for its own requests ([`Jobs::start_inline`]).
+pub struct Inline {
+    tracker: TaskTracker,
+    /// The runtime the workers run on. A request's handler runs on an HTTP worker's runtime,
+    /// which stops when the HTTP drain ends; a job started there would die with it instead of
+    /// getting the jobs' shutdown grace like a claimed one.
+    runtime: Option<Handle>,
+    /// Set once the workers stopped: from then on sync jobs go through the queue.
+    stopped: AtomicBool,
+}
+
+impl Inline {
+    /// Runs started later are spawned on the current runtime (the one the workers use).
+    pub fn new() -> Inline {
+        Inline {
+            tracker: TaskTracker::new(),
+            runtime: Handle::try_current().ok(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Default for Inline {
+    fn default() -> Self {
+        Inline::new()
+    }
 }
 
 impl Jobs {
@@ -62,7 +99,13 @@ impl Jobs {
         }
         tracker.close();
         stop.cancelled().await;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        self.inline.stopped.store(true, Ordering::SeqCst);
+        self.inline.tracker.close();
+        let all_ended = async {
+            tracker.wait().await;
+            self.inline.tracker.wait().await;
+        };
+        if tokio::time::timeout(grace, all_ended).await.is_err() {
             tracing::warn!(
                 "jobs still running at the shutdown timeout; putting them back in the queue"
             );
@@ -116,6 +159,23 @@ impl Jobs {
                 () = stop.cancelled() => return,
                 () = drain.cancelled(), if !drain.is_cancelled() => {}
             }
+        }
+    }
+
+    /// Whether a sync job may be started by its own request on this instance: not once the
+    /// workers have stopped (the job then waits in the queue for another instance).
+    pub fn runs_inline(&self) -> bool {
+        !self.inline.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Runs a job its request just inserted running and leased to this instance
+    /// ([`queue::create`] with [`queue::StartHere`]), at once, as a worker runs a claimed job.
+    pub fn start_inline(self: &Arc<Self>, db: Pool, job: Claimed) {
+        let jobs = self.clone();
+        let run = async move { jobs.run(&db, job).await };
+        match &self.inline.runtime {
+            Some(handle) => drop(self.inline.tracker.spawn_on(run, handle)),
+            None => drop(self.inline.tracker.spawn(run)),
         }
     }
 

@@ -194,5 +194,6 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
             extract: ExtractLimits::default(),
         },
         webhooks,
+        inline: crate::jobs::runner::Inline::new(),
     })
 }

@@ -26,7 +26,7 @@ mod reaper;
 mod stats;
 
 pub use claim::{claim, release_owned, renew, Claimed, ConcurrencyLimits};
-pub use enqueue::create;
+pub use enqueue::{create, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use reaper::{purge, reap, Reaped};
 pub use stats::{backlog, depth, Backlog};
