@@ -17,6 +17,8 @@ use crate::support::prometheus::metrics_text;
 use crate::support::upstream::Upstream;
 use crate::support::{assert_problem, spawn_app_on, TestApp, ADMIN_TOKEN};
 
+mod inline;
+
 /// An app whose SSRF guard lets `up` through (see [`spawn_jobs_app`]), with `customise`.
 async fn jobs_app(up: &Upstream, customise: impl FnOnce(&mut Config)) -> TestApp {
     spawn_jobs_app(&up.allow(), customise).await
