@@ -199,11 +199,14 @@ impl Jobs {
             attempt: job.attempt,
         };
         let mut tries = 0;
+        // Waiters and workers here are woken below; the commit's notification is for others.
+        self.wakeups.ending_here(job.id);
         loop {
             tries += 1;
             match self.finish(db, &job, &end, fence).await {
                 Ok(true) => break,
                 Ok(false) => {
+                    self.wakeups.not_ended_here(job.id);
                     tracing::info!(job_id = %job.id, "job ended elsewhere before this attempt finished");
                     break;
                 }
@@ -212,6 +215,7 @@ impl Jobs {
                     tokio::time::sleep(Duration::from_millis(200 * tries)).await;
                 }
                 Err(e) => {
+                    self.wakeups.not_ended_here(job.id);
                     tracing::error!(job_id = %job.id, error = %e, "could not record the job's end; its lease will expire and it will run again");
                     break;
                 }

@@ -3,8 +3,13 @@
 //! and by the LISTEN connection (other instances' commits). Both are hints: workers and
 //! waiters also look at the database on a short timer, so a lost notification delays, never
 //! loses, anything.
+//!
+//! A job this instance ends wakes its waiter and a worker in process ([`Wakeups::job_done`],
+//! [`Wakeups::job_queued`]); the `done:` notification its commit sends comes back through
+//! LISTEN too, and is then dropped ([`Wakeups::ending_here`]): it would only wake a worker for
+//! a second, empty claim. Notifications for jobs ended elsewhere wake as before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -14,10 +19,15 @@ use uuid::Uuid;
 use super::queue::CHANNEL;
 use crate::db::listen::Subscription;
 
+/// At most this many ends recorded here may wait for their notification to come back.
+const MAX_ENDING_HERE: usize = 65_536;
+
 #[derive(Default)]
 pub struct Wakeups {
     work: Notify,
     waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    /// Jobs whose end this instance is recording, until their `done:` comes back.
+    ending_here: Mutex<HashSet<Uuid>>,
     /// Fired shortly before a shutdown's HTTP drain times out: requests still waiting for a
     /// job answer with where to find it instead of being cut off with the connection.
     handoff: CancellationToken,
@@ -85,8 +95,39 @@ impl Wakeups {
         self.handoff.cancelled().await;
     }
 
+    /// This instance is about to record `id`'s end and will wake in process whoever waits
+    /// on it: its `done:` notification, when it comes back through LISTEN, is not needed.
+    pub fn ending_here(&self, id: Uuid) {
+        if let Ok(mut set) = self.ending_here.lock() {
+            // Entries leave when their notification comes back; one only stays when it is
+            // lost (a dropped LISTEN connection clears them all). Bound what that can keep.
+            if set.len() >= MAX_ENDING_HERE {
+                set.clear();
+            }
+            set.insert(id);
+        }
+    }
+
+    /// `id`'s end was not recorded here after all (no notification will come from us).
+    pub fn not_ended_here(&self, id: Uuid) {
+        if let Ok(mut set) = self.ending_here.lock() {
+            set.remove(&id);
+        }
+    }
+
+    /// Whether `id`'s `done:` is this instance's own, already acted on (and forgets it).
+    fn ended_here(&self, id: Uuid) -> bool {
+        self.ending_here
+            .lock()
+            .map(|mut set| set.remove(&id))
+            .unwrap_or(false)
+    }
+
     /// After a reconnect: anything may have happened meanwhile.
     fn wake_everyone(&self) {
+        if let Ok(mut set) = self.ending_here.lock() {
+            set.clear();
+        }
         self.work.notify_waiters();
         if let Ok(map) = self.waiters.lock() {
             for n in map.values() {
@@ -104,6 +145,9 @@ impl Wakeups {
                     on_msg.job_queued();
                 } else if let Some(id) = payload.strip_prefix("done:") {
                     if let Ok(id) = id.parse() {
+                        if on_msg.ended_here(id) {
+                            return;
+                        }
                         on_msg.job_done(id);
                     }
                     // A finished job frees a concurrency slot for its account.
@@ -112,5 +156,48 @@ impl Wakeups {
             }),
             on_connect: Arc::new(move || on_connect.wake_everyone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    async fn woken(wakeups: &Wakeups) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), wakeups.work_available())
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_done_notification_wakes_a_worker_only_for_jobs_ended_elsewhere() {
+        let wakeups = Arc::new(Wakeups::default());
+        let sub = wakeups.subscription();
+        let (mine, theirs) = (Uuid::now_v7(), Uuid::now_v7());
+        wakeups.ending_here(mine);
+        (sub.on_message)(&format!("done:{mine}"));
+        assert!(!woken(&wakeups).await, "our own end already woke a worker");
+        (sub.on_message)(&format!("done:{theirs}"));
+        assert!(woken(&wakeups).await, "another instance's end frees a slot");
+        // Forgotten once it came back: a later notification for it wakes again.
+        (sub.on_message)(&format!("done:{mine}"));
+        assert!(woken(&wakeups).await);
+    }
+
+    #[tokio::test]
+    async fn an_end_not_recorded_here_leaves_its_notification_alone() {
+        let wakeups = Arc::new(Wakeups::default());
+        let sub = wakeups.subscription();
+        let id = Uuid::now_v7();
+        let waiter = wakeups.register(id);
+        wakeups.ending_here(id);
+        wakeups.not_ended_here(id);
+        (sub.on_message)(&format!("done:{id}"));
+        assert!(woken(&wakeups).await);
+        tokio::time::timeout(Duration::from_millis(20), waiter.notified())
+            .await
+            .expect("the waiter is woken by the other instance's end");
     }
 }
