@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence, QueueError};
+use super::queue::{self, Claim, Claimed, ConcurrencyLimits, End, Fence, QueueError};
 use super::wakeups::Wakeups;
 use super::webhooks;
 
@@ -121,11 +121,15 @@ impl Jobs {
 
     async fn worker(&self, n: usize, db: Pool, drain: CancellationToken, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        // Counted among the workers that may be waiting for a running slot from before each
+        // claim until one finds the queue empty (see `Wakeups::slot_freed`).
+        let watching = self.wakeups.watch_slots();
         loop {
             if stop.is_cancelled() {
                 return;
             }
             let only_origin = drain.is_cancelled().then_some(self.instance);
+            watching.set(true);
             match queue::claim(
                 &db,
                 self.instance,
@@ -135,14 +139,15 @@ impl Jobs {
             )
             .await
             {
-                Ok(Some(job)) => {
+                Ok(Claim::Job(job)) => {
                     backoff = Duration::from_millis(100);
                     // A job, once claimed, runs to its end even while stopping: its own
                     // deadline bounds it, and the grace period bounds the wait for it.
                     self.run(&db, job).await;
                     continue;
                 }
-                Ok(None) => {}
+                Ok(Claim::Waiting) => {}
+                Ok(Claim::Empty) => watching.set(false),
                 Err(e) => {
                     tracing::warn!(worker = n, error = %e, "claiming a job failed");
                     tokio::select! {
@@ -236,7 +241,7 @@ impl Jobs {
         );
         self.wakeups.job_done(job.id);
         // Its concurrency slot is free: another of the account's jobs may run.
-        self.wakeups.job_queued();
+        self.wakeups.slot_freed();
     }
 
     async fn finish(

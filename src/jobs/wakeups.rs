@@ -10,6 +10,7 @@
 //! a second, empty claim. Notifications for jobs ended elsewhere wake as before.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -28,6 +29,8 @@ pub struct Wakeups {
     waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
     /// Jobs whose end this instance is recording, until their `done:` comes back.
     ending_here: Mutex<HashSet<Uuid>>,
+    /// Workers whose last look at the queue did not find it empty ([`SlotWatch`]).
+    watching_slots: AtomicUsize,
     /// Fired shortly before a shutdown's HTTP drain times out: requests still waiting for a
     /// job answer with where to find it instead of being cut off with the connection.
     handoff: CancellationToken,
@@ -54,10 +57,54 @@ impl Drop for Waiter {
     }
 }
 
+/// One worker's say in whether a freed slot should wake a worker: on from before each claim
+/// (so a job that ends while the claim looks cannot be missed) until a claim finds nothing
+/// queued; off again when the worker stops.
+pub struct SlotWatch {
+    wakeups: Arc<Wakeups>,
+    on: std::cell::Cell<bool>,
+}
+
+impl SlotWatch {
+    pub fn set(&self, on: bool) {
+        if self.on.replace(on) != on {
+            if on {
+                self.wakeups.watching_slots.fetch_add(1, Ordering::SeqCst);
+            } else {
+                self.wakeups.watching_slots.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+impl Drop for SlotWatch {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 impl Wakeups {
     /// One more job may be claimable.
     pub fn job_queued(&self) {
         self.work.notify_one();
+    }
+
+    /// A running job ended, so its account has a free slot: wake a worker if one may be
+    /// waiting for it. When every worker's last claim found the queue empty, no queued job
+    /// waits for a slot here (one queued since woke a worker itself), and waking one would
+    /// only cost an empty claim per finished job.
+    pub fn slot_freed(&self) {
+        if self.watching_slots.load(Ordering::SeqCst) > 0 {
+            self.work.notify_one();
+        }
+    }
+
+    /// A worker's place in the count [`Wakeups::slot_freed`] reads.
+    pub fn watch_slots(self: &Arc<Self>) -> SlotWatch {
+        SlotWatch {
+            wakeups: self.clone(),
+            on: std::cell::Cell::new(false),
+        }
     }
 
     pub async fn work_available(&self) {
@@ -151,7 +198,7 @@ impl Wakeups {
                         on_msg.job_done(id);
                     }
                     // A finished job frees a concurrency slot for its account.
-                    on_msg.job_queued();
+                    on_msg.slot_freed();
                 }
             }),
             on_connect: Arc::new(move || on_connect.wake_everyone()),
@@ -175,6 +222,8 @@ mod tests {
     async fn a_done_notification_wakes_a_worker_only_for_jobs_ended_elsewhere() {
         let wakeups = Arc::new(Wakeups::default());
         let sub = wakeups.subscription();
+        let worker = wakeups.watch_slots();
+        worker.set(true);
         let (mine, theirs) = (Uuid::now_v7(), Uuid::now_v7());
         wakeups.ending_here(mine);
         (sub.on_message)(&format!("done:{mine}"));
@@ -190,6 +239,8 @@ mod tests {
     async fn an_end_not_recorded_here_leaves_its_notification_alone() {
         let wakeups = Arc::new(Wakeups::default());
         let sub = wakeups.subscription();
+        let worker = wakeups.watch_slots();
+        worker.set(true);
         let id = Uuid::now_v7();
         let waiter = wakeups.register(id);
         wakeups.ending_here(id);
@@ -199,5 +250,24 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(20), waiter.notified())
             .await
             .expect("the waiter is woken by the other instance's end");
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_wakes_a_worker_only_while_one_saw_jobs_waiting() {
+        let wakeups = Arc::new(Wakeups::default());
+        let (a, b) = (wakeups.watch_slots(), wakeups.watch_slots());
+        wakeups.slot_freed();
+        assert!(!woken(&wakeups).await, "no worker looks for a slot");
+        a.set(true);
+        b.set(true);
+        b.set(false);
+        wakeups.slot_freed();
+        assert!(woken(&wakeups).await, "a still saw jobs waiting");
+        drop(a);
+        wakeups.slot_freed();
+        assert!(!woken(&wakeups).await, "a stopped");
+        // A queued job wakes a worker whatever the count.
+        wakeups.job_queued();
+        assert!(woken(&wakeups).await);
     }
 }

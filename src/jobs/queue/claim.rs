@@ -120,48 +120,69 @@ pub(super) async fn take_slot(
     Ok(running < max_running)
 }
 
-/// Claims the oldest queued job whose account is under its running-jobs limit, or `None`.
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claim {
+    /// A job, now running and leased to the claimer.
+    Job(Claimed),
+    /// Jobs are queued, but none could start: each waits for its account's running slot.
+    Waiting,
+    /// Nothing is queued (that the claimer may take).
+    Empty,
+}
+
+/// Claims the oldest queued job whose account is under its running-jobs limit.
 ///
 /// The limit must hold across instances: two workers must not both see "one slot left"
 /// for the same account. The candidate row is locked (SKIP LOCKED: other workers take
-/// other rows), then a transaction-scoped advisory lock on the account serialises claimers
-/// for it and the running count is taken again under that lock before the job is marked
-/// running. `only_origin`: while draining for shutdown, claim only the sync jobs of requests
-/// this instance is still serving.
+/// other rows), then [`take_slot`] checks the account's running count again before the job
+/// is marked running. `only_origin`: while draining for shutdown, claim only the sync jobs
+/// of requests this instance is still serving. The same statement says whether anything is
+/// queued at all, so the worker knows whether a freed slot may be what a job waits for.
 pub async fn claim(
     db: &Pool,
     owner: Uuid,
     limits: &ConcurrencyLimits,
     lease: Duration,
     only_origin: Option<Uuid>,
-) -> Result<Option<Claimed>, QueueError> {
+) -> Result<Claim, QueueError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let candidate = tx
-        .query_opt(
-            "SELECT j.id, j.account_id,
-                    COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                               WHERE l.tier = a.tier), $3) AS max_running
-               FROM jobs j JOIN accounts a ON a.id = j.account_id
-              WHERE j.status = 'queued'
-                AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
-                AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
-                    < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                                 WHERE l.tier = a.tier), $3)
-              ORDER BY j.created_at
-              LIMIT 1
-              FOR UPDATE OF j SKIP LOCKED",
+    let found = tx
+        .query_one(
+            "WITH c AS (
+                 SELECT j.id, j.account_id,
+                        COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                   WHERE l.tier = a.tier), $3) AS max_running
+                   FROM jobs j JOIN accounts a ON a.id = j.account_id
+                  WHERE j.status = 'queued'
+                    AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
+                    AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
+                        < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                     WHERE l.tier = a.tier), $3)
+                  ORDER BY j.created_at
+                  LIMIT 1
+                  FOR UPDATE OF j SKIP LOCKED)
+             SELECT c.id, c.account_id, c.max_running,
+                    EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued'
+                              AND ($4::uuid IS NULL OR (q.mode = 'sync' AND q.origin = $4))) AS waiting
+               FROM (SELECT 1) AS one LEFT JOIN c ON true",
             &[&limits.names, &limits.limits, &limits.default, &only_origin],
         )
         .await?;
-    let Some(candidate) = candidate else {
-        return Ok(None);
+    let candidate: Option<Uuid> = found.get(0);
+    let Some(id) = candidate else {
+        let waiting: bool = found.get(3);
+        return Ok(if waiting {
+            Claim::Waiting
+        } else {
+            Claim::Empty
+        });
     };
-    let id: Uuid = candidate.get(0);
-    let account_id: Uuid = candidate.get(1);
-    let max_running: i64 = candidate.get(2);
+    let account_id: Uuid = found.get(1);
+    let max_running: i64 = found.get(2);
     if !take_slot(&tx, account_id, max_running).await? {
-        return Ok(None);
+        return Ok(Claim::Waiting);
     }
     let row = tx
         .query_one(
@@ -177,7 +198,7 @@ pub async fn claim(
         .await?;
     tx.commit().await?;
     crate::metrics::jobs().transition("running");
-    Ok(Some(claimed_from_row(&row)))
+    Ok(Claim::Job(claimed_from_row(&row)))
 }
 
 /// What a worker reads of a job it starts, in [`claimed_from_row`]'s order.

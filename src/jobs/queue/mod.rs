@@ -25,7 +25,7 @@ mod finish;
 mod reaper;
 mod stats;
 
-pub use claim::{claim, release_owned, renew, Claimed, ConcurrencyLimits};
+pub use claim::{claim, release_owned, renew, Claim, Claimed, ConcurrencyLimits};
 pub use enqueue::{create, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use reaper::{purge, reap, Reaped};
