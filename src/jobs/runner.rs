@@ -6,20 +6,28 @@
 //! serves, so those requests get their answers) and `stop` (no more claims; jobs already
 //! running finish within the shutdown timeout; whatever is still running after it is put
 //! back in the queue for another instance).
+//!
+//! A sync job whose account had a free slot skips the queue: its request inserts it already
+//! running and leased to this instance, and [`Jobs::start_inline`] runs it here at once,
+//! through the same [`Jobs::run`] a worker uses. Those runs are tracked apart from the
+//! workers but stop the same way: the grace covers them, then they go back to the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use deadpool_postgres::Pool;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use url::Url;
 use uuid::Uuid;
 
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::queue::{self, Claimed, ConcurrencyLimits, End, Fence, Finisher, QueueError};
+use super::queue::{self, Claim, Claimed, ConcurrencyLimits, End, Fence, Finisher, QueueError};
 use super::wakeups::Wakeups;
 use super::webhooks;
 
@@ -45,6 +53,35 @@ pub struct Jobs {
     pub webhooks: webhooks::Sender,
     /// The group-commit lane the workers' finishes share (`queue::Finisher`).
     pub finisher: Finisher,
+    pub inline: Inline,
+}
+
+/// The sync jobs this instance started for its own requests ([`Jobs::start_inline`]).
+pub struct Inline {
+    tracker: TaskTracker,
+    /// The runtime the workers run on. A request's handler runs on an HTTP worker's runtime,
+    /// which stops when the HTTP drain ends; a job started there would die with it instead of
+    /// getting the jobs' shutdown grace like a claimed one.
+    runtime: Option<Handle>,
+    /// Set once the workers stopped: from then on sync jobs go through the queue.
+    stopped: AtomicBool,
+}
+
+impl Inline {
+    /// Runs started later are spawned on the current runtime (the one the workers use).
+    pub fn new() -> Inline {
+        Inline {
+            tracker: TaskTracker::new(),
+            runtime: Handle::try_current().ok(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Default for Inline {
+    fn default() -> Self {
+        Inline::new()
+    }
 }
 
 impl Jobs {
@@ -64,7 +101,13 @@ impl Jobs {
         }
         tracker.close();
         stop.cancelled().await;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        self.inline.stopped.store(true, Ordering::SeqCst);
+        self.inline.tracker.close();
+        let all_ended = async {
+            tracker.wait().await;
+            self.inline.tracker.wait().await;
+        };
+        if tokio::time::timeout(grace, all_ended).await.is_err() {
             tracing::warn!(
                 "jobs still running at the shutdown timeout; putting them back in the queue"
             );
@@ -80,11 +123,15 @@ impl Jobs {
 
     async fn worker(&self, n: usize, db: Pool, drain: CancellationToken, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        // Counted among the workers that may be waiting for a running slot from before each
+        // claim until one finds the queue empty (see `Wakeups::slot_freed`).
+        let watching = self.wakeups.watch_slots();
         loop {
             if stop.is_cancelled() {
                 return;
             }
             let only_origin = drain.is_cancelled().then_some(self.instance);
+            watching.set(true);
             match queue::claim(
                 &db,
                 self.instance,
@@ -94,14 +141,15 @@ impl Jobs {
             )
             .await
             {
-                Ok(Some(job)) => {
+                Ok(Claim::Job(job)) => {
                     backoff = Duration::from_millis(100);
                     // A job, once claimed, runs to its end even while stopping: its own
                     // deadline bounds it, and the grace period bounds the wait for it.
                     self.run(&db, job).await;
                     continue;
                 }
-                Ok(None) => {}
+                Ok(Claim::Waiting) => {}
+                Ok(Claim::Empty) => watching.set(false),
                 Err(e) => {
                     tracing::warn!(worker = n, error = %e, "claiming a job failed");
                     tokio::select! {
@@ -118,6 +166,23 @@ impl Jobs {
                 () = stop.cancelled() => return,
                 () = drain.cancelled(), if !drain.is_cancelled() => {}
             }
+        }
+    }
+
+    /// Whether a sync job may be started by its own request on this instance: not once the
+    /// workers have stopped (the job then waits in the queue for another instance).
+    pub fn runs_inline(&self) -> bool {
+        !self.inline.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Runs a job its request just inserted running and leased to this instance
+    /// ([`queue::create`] with [`queue::StartHere`]), at once, as a worker runs a claimed job.
+    pub fn start_inline(self: &Arc<Self>, db: Pool, job: Claimed) {
+        let jobs = self.clone();
+        let run = async move { jobs.run(&db, job).await };
+        match &self.inline.runtime {
+            Some(handle) => drop(self.inline.tracker.spawn_on(run, handle)),
+            None => drop(self.inline.tracker.spawn(run)),
         }
     }
 
@@ -141,11 +206,14 @@ impl Jobs {
             attempt: job.attempt,
         };
         let mut tries = 0;
+        // Waiters and workers here are woken below; the commit's notification is for others.
+        self.wakeups.ending_here(job.id);
         loop {
             tries += 1;
             match self.finish(db, &job, &end, fence).await {
                 Ok(true) => break,
                 Ok(false) => {
+                    self.wakeups.not_ended_here(job.id);
                     tracing::info!(job_id = %job.id, "job ended elsewhere before this attempt finished");
                     break;
                 }
@@ -154,6 +222,7 @@ impl Jobs {
                     tokio::time::sleep(Duration::from_millis(200 * tries)).await;
                 }
                 Err(e) => {
+                    self.wakeups.not_ended_here(job.id);
                     tracing::error!(job_id = %job.id, error = %e, "could not record the job's end; its lease will expire and it will run again");
                     break;
                 }
@@ -174,7 +243,7 @@ impl Jobs {
         );
         self.wakeups.job_done(job.id);
         // Its concurrency slot is free: another of the account's jobs may run.
-        self.wakeups.job_queued();
+        self.wakeups.slot_freed();
     }
 
     async fn finish(

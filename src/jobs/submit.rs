@@ -8,6 +8,7 @@
 //! HTTP layer gives each its status and problem type.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Pool, Transaction};
@@ -15,7 +16,7 @@ use uuid::Uuid;
 
 use super::breaker::{origin_of, Refused};
 use super::fetch::{CustomerHeaders, FetchError, HeaderError};
-use super::queue::{self, Job, Mode, NewJob, QueueError};
+use super::queue::{self, Job, Mode, NewJob, QueueError, StartHere};
 use super::ssrf::UrlNotAllowed;
 use super::wait::FINISH_GRACE;
 use super::webhooks::{self, WebhookUrlError};
@@ -30,7 +31,7 @@ pub const DEFAULT_TIMEOUT_MS: i64 = 30_000;
 /// (a route, a console, a test) can submit without the HTTP application's state.
 pub struct Context<'a> {
     pub db: &'a Pool,
-    pub jobs: &'a Jobs,
+    pub jobs: &'a Arc<Jobs>,
     pub tiers: &'a Tiers,
     /// The server's request timeout: a sync job must be able to end within it.
     pub request_timeout: Duration,
@@ -127,6 +128,11 @@ pub trait Record {
 
 /// Checks `request`, then reserves its cost and queues it as job `id` in one transaction,
 /// in which `record` is written too; wakes the workers once it is committed.
+///
+/// A sync job whose account has a free running slot is not queued: the same transaction
+/// inserts it running and leased to this instance, which starts it as soon as it commits
+/// (one commit and no claim before the work; see [`queue::create`]). Its request then
+/// waits for it like for any job.
 pub async fn submit<R: Record>(
     ctx: &Context<'_>,
     who: &Submitter<'_>,
@@ -158,7 +164,12 @@ pub async fn submit<R: Record>(
     };
     let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
     let tx = client.transaction().await.map_err(SubmitError::from)?;
-    queue::create(&tx, &new, max_queued)
+    let start = (mode == Mode::Sync && ctx.jobs.runs_inline()).then(|| StartHere {
+        owner: ctx.jobs.instance,
+        lease: ctx.jobs.settings.lease,
+        max_running: ctx.jobs.limits.of(who.tier),
+    });
+    let started = queue::create(&tx, &new, max_queued, start)
         .await
         .map_err(SubmitError::from)?;
     let job = queue::get(&tx, who.account_id, id)
@@ -169,7 +180,10 @@ pub async fn submit<R: Record>(
         )))?;
     record.record(&tx, &job).await?;
     tx.commit().await.map_err(SubmitError::from)?;
-    ctx.jobs.wakeups.job_queued();
+    match started {
+        Some(claimed) => ctx.jobs.start_inline(ctx.db.clone(), claimed),
+        None => ctx.jobs.wakeups.job_queued(),
+    }
     Ok(job)
 }
 

@@ -4,8 +4,9 @@
 //! Both POSTs go the same way: [`crate::jobs::submit`] checks the request (422 before any
 //! charge — an SSRF refusal included), refuses fast while the target's breaker is open (503,
 //! nothing charged), then one transaction reserves the cost, checks the queue cap and
-//! queues the job (with the `Idempotency-Key` record). The sync route then waits for the
-//! job's end ([`crate::jobs::wait`]); its job is as durable and visible as any other.
+//! queues the job (with the `Idempotency-Key` record) — or, for a sync job with a free running
+//! slot, starts it on this instance in that same transaction. The sync route then waits for
+//! the job's end ([`crate::jobs::wait`]); its job is as durable and visible as any other.
 //!
 //! A sync request's idempotency record stores "202 + Location of the job": a retry with the
 //! same key waits for that same job instead of running another.

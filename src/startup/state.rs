@@ -195,5 +195,6 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
         },
         webhooks,
         finisher: crate::jobs::queue::Finisher::new(tokio::runtime::Handle::current()),
+        inline: crate::jobs::runner::Inline::new(),
     })
 }

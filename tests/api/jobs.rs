@@ -17,6 +17,8 @@ use crate::support::prometheus::metrics_text;
 use crate::support::upstream::Upstream;
 use crate::support::{assert_problem, spawn_app_on, TestApp, ADMIN_TOKEN};
 
+mod inline;
+
 /// An app whose SSRF guard lets `up` through (see [`spawn_jobs_app`]), with `customise`.
 async fn jobs_app(up: &Upstream, customise: impl FnOnce(&mut Config)) -> TestApp {
     spawn_jobs_app(&up.allow(), customise).await
@@ -621,15 +623,18 @@ async fn graceful_shutdown_puts_unfinished_jobs_back_for_another_instance() {
 #[tokio::test]
 async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
     let up = Upstream::start().await;
-    // One worker, busy with a long job: the sync scrape queues behind it and cannot end
-    // before the drain times out.
+    // A tier that runs one job at a time, busy with a long job: the sync scrape has no free
+    // slot to start in at once, so it queues behind it and cannot end before the drain
+    // times out.
+    let tiers = tiers_file("single", 1, 10);
     let mut a = jobs_app(&up, |c| {
         c.shutdown_timeout = Duration::from_secs(2);
         c.shutdown_job_grace = Duration::from_secs(2);
         c.jobs.workers = 1;
+        c.tiers_path = Some(tiers.clone());
     })
     .await;
-    let (account, key) = a.create_account("pro", 100).await;
+    let (account, key) = a.create_account("single", 100).await;
     let long: Value = a
         .post_json(
             "/v1/jobs",
@@ -675,7 +680,11 @@ async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
         started.elapsed()
     );
     // Another instance runs both to their ends, each charged once.
-    let b = spawn_app_on(a.db_name.clone(), |c| allow_scraping(c, &up.allow())).await;
+    let b = spawn_app_on(a.db_name.clone(), |c| {
+        allow_scraping(c, &up.allow());
+        c.tiers_path = Some(tiers.clone());
+    })
+    .await;
     let done = b.wait_for_job(&key, &id, &["succeeded"]).await;
     assert_eq!(done["refunded"], false);
     b.wait_for_job(&key, &long_id, &["succeeded"]).await;
@@ -683,6 +692,7 @@ async fn a_sync_scrape_still_waiting_at_shutdown_is_answered_with_its_job() {
     assert_eq!(movements(&b, &long_id).await, (1, 0));
     assert_eq!(balance(&b, account).await.credits, 98);
     assert_ledger_invariant(&b).await;
+    let _ = std::fs::remove_file(tiers);
 }
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Pool, Transaction};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -74,88 +74,143 @@ impl ConcurrencyLimits {
             default,
         }
     }
+
+    /// The running-jobs limit of `tier` (`i64::MAX`: unlimited), as [`claim`] reads it.
+    pub fn of(&self, tier: &str) -> i64 {
+        self.names
+            .iter()
+            .position(|n| n == tier)
+            .and_then(|i| self.limits.get(i).copied())
+            .unwrap_or(self.default)
+    }
 }
 
-/// Claims the oldest queued job whose account is under its running-jobs limit, or `None`.
+/// Whether one more of `account_id`'s jobs may start running, in the caller's transaction,
+/// which then marks it running before it commits. Every way a job starts (a worker's claim,
+/// a sync job started by its own request) asks here, so the limit holds across them and
+/// across instances: two transactions must not both see "one slot left". A transaction-scoped
+/// advisory lock on the account serialises them and the running count is taken under it; an
+/// unlimited tier has no slot to race for and takes no lock.
+pub(super) async fn take_slot(
+    tx: &Transaction<'_>,
+    account_id: Uuid,
+    max_running: i64,
+) -> Result<bool, QueueError> {
+    if max_running == i64::MAX {
+        return Ok(true);
+    }
+    // Wait for, rather than skip, a concurrent start for the same account: it holds the
+    // lock for a few milliseconds. A worker that gave up here went back to sleep until
+    // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with its job still
+    // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
+    // a claimer holds only its own job row (SKIP LOCKED) besides, and a submitter the
+    // account row, which claimers never take.
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
+        &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
+    )
+    .await?;
+    let running: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
+            &[&account_id],
+        )
+        .await?
+        .get(0);
+    Ok(running < max_running)
+}
+
+/// What a claim found.
+#[derive(Debug)]
+pub enum Claim {
+    /// A job, now running and leased to the claimer.
+    Job(Claimed),
+    /// Jobs are queued, but none could start: each waits for its account's running slot.
+    Waiting,
+    /// Nothing is queued (that the claimer may take).
+    Empty,
+}
+
+/// Claims the oldest queued job whose account is under its running-jobs limit.
 ///
 /// The limit must hold across instances: two workers must not both see "one slot left"
 /// for the same account. The candidate row is locked (SKIP LOCKED: other workers take
-/// other rows), then a transaction-scoped advisory lock on the account serialises claimers
-/// for it and the running count is taken again under that lock before the job is marked
-/// running. `only_origin`: while draining for shutdown, claim only the sync jobs of requests
-/// this instance is still serving.
+/// other rows), then [`take_slot`] checks the account's running count again before the job
+/// is marked running. `only_origin`: while draining for shutdown, claim only the sync jobs
+/// of requests this instance is still serving. The same statement says whether anything is
+/// queued at all, so the worker knows whether a freed slot may be what a job waits for.
 pub async fn claim(
     db: &Pool,
     owner: Uuid,
     limits: &ConcurrencyLimits,
     lease: Duration,
     only_origin: Option<Uuid>,
-) -> Result<Option<Claimed>, QueueError> {
+) -> Result<Claim, QueueError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let candidate = tx
-        .query_opt(
-            "SELECT j.id, j.account_id,
-                    COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                               WHERE l.tier = a.tier), $3) AS max_running
-               FROM jobs j JOIN accounts a ON a.id = j.account_id
-              WHERE j.status = 'queued'
-                AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
-                AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
-                    < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                                 WHERE l.tier = a.tier), $3)
-              ORDER BY j.created_at
-              LIMIT 1
-              FOR UPDATE OF j SKIP LOCKED",
+    let found = tx
+        .query_one(
+            "WITH c AS (
+                 SELECT j.id, j.account_id,
+                        COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                   WHERE l.tier = a.tier), $3) AS max_running
+                   FROM jobs j JOIN accounts a ON a.id = j.account_id
+                  WHERE j.status = 'queued'
+                    AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
+                    AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
+                        < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                     WHERE l.tier = a.tier), $3)
+                  ORDER BY j.created_at
+                  LIMIT 1
+                  FOR UPDATE OF j SKIP LOCKED)
+             SELECT c.id, c.account_id, c.max_running,
+                    EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued'
+                              AND ($4::uuid IS NULL OR (q.mode = 'sync' AND q.origin = $4))) AS waiting
+               FROM (SELECT 1) AS one LEFT JOIN c ON true",
             &[&limits.names, &limits.limits, &limits.default, &only_origin],
         )
         .await?;
-    let Some(candidate) = candidate else {
-        return Ok(None);
+    let candidate: Option<Uuid> = found.get(0);
+    let Some(id) = candidate else {
+        let waiting: bool = found.get(3);
+        return Ok(if waiting {
+            Claim::Waiting
+        } else {
+            Claim::Empty
+        });
     };
-    let id: Uuid = candidate.get(0);
-    let account_id: Uuid = candidate.get(1);
-    let max_running: i64 = candidate.get(2);
-    // An unlimited tier has no slot to race for: claims for it need no per-account lock.
-    if max_running < i64::MAX {
-        // Wait for, rather than skip, a concurrent claim for the same account: it holds the
-        // lock for a few milliseconds. A worker that gave up here went back to sleep until
-        // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with this job still
-        // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
-        // the other claimer holds a different job row (SKIP LOCKED) and never waits for ours.
-        tx.execute(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-            &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
-        )
-        .await?;
-        let running: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
-                &[&account_id],
-            )
-            .await?
-            .get(0);
-        if running >= max_running {
-            return Ok(None);
-        }
+    let account_id: Uuid = found.get(1);
+    let max_running: i64 = found.get(2);
+    if !take_slot(&tx, account_id, max_running).await? {
+        return Ok(Claim::Waiting);
     }
     let row = tx
         .query_one(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = $2,
-                    lease_expires_at = now() + make_interval(secs => $3),
-                    started_at = COALESCE(started_at, now())
-              WHERE id = $1
-              RETURNING id, account_id, url, formats, headers, timeout_ms, attempts, created_at",
+            &format!(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = $2,
+                        lease_expires_at = now() + make_interval(secs => $3),
+                        started_at = COALESCE(started_at, now())
+                  WHERE id = $1
+                  RETURNING {CLAIMED_COLUMNS}"
+            ),
             &[&id, &owner, &lease.as_secs_f64()],
         )
         .await?;
     tx.commit().await?;
     crate::metrics::jobs().transition("running");
+    Ok(Claim::Job(claimed_from_row(&row)))
+}
+
+/// What a worker reads of a job it starts, in [`claimed_from_row`]'s order.
+pub(super) const CLAIMED_COLUMNS: &str =
+    "id, account_id, url, formats, headers, timeout_ms, attempts, created_at";
+
+pub(super) fn claimed_from_row(row: &tokio_postgres::Row) -> Claimed {
     let headers: Option<Value> = row.get(4);
     let headers: Vec<(String, String)> = headers
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
-    Ok(Some(Claimed {
+    Claimed {
         id: row.get(0),
         account_id: row.get(1),
         url: row.get(2),
@@ -164,7 +219,7 @@ pub async fn claim(
         timeout_ms: row.get(5),
         attempt: row.get(6),
         created_at: row.get(7),
-    }))
+    }
 }
 
 /// Extends a running job's lease. `false`: the lease is no longer ours (the job was timed

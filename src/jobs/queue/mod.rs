@@ -27,8 +27,8 @@ mod finish_lane;
 mod reaper;
 mod stats;
 
-pub use claim::{claim, release_owned, renew, Claimed, ConcurrencyLimits};
-pub use enqueue::create;
+pub use claim::{claim, release_owned, renew, Claim, Claimed, ConcurrencyLimits};
+pub use enqueue::{create, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use finish_lane::Finisher;
 pub use reaper::{purge, reap, Reaped};
