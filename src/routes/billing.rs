@@ -58,8 +58,10 @@ pub struct WebhookAck {
     /// Present (true) when this event was already processed; nothing changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
-    /// What processing did (`credits_purchased`, `plan_period_paid`, `tier_set`, `ignored`,
-    /// `unmatched`, …), for a first delivery.
+    /// What processing did (`credits_purchased`, `plan_period_paid`,
+    /// `plan_invoice_without_credits`, `invoice_already_credited`, `tier_set`, `tier_reset`,
+    /// `not_current_plan`, `credits_clawed_back`, `credits_disputed`, `credits_restored`,
+    /// `ignored`, `unmatched`, …), for a first delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<&'static str>,
 }
@@ -203,7 +205,11 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
     description = "For Stripe, not for API clients: authenticated by `Stripe-Signature` (any \
         `v1` under any configured secret, 300 s tolerance), not by key. Each event is applied \
         exactly once; a redelivery answers 200 and changes nothing; a processing failure \
-        answers 5xx so Stripe retries.",
+        answers 5xx so Stripe retries. Acted on: `checkout.session.completed`, \
+        `checkout.session.async_payment_succeeded`, `invoice.paid`, \
+        `customer.subscription.created`, `.updated`, `.deleted`, `charge.refunded`, \
+        `charge.dispute.created`, `charge.dispute.closed`; every other type is recorded and \
+        ignored.",
     params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256>`, as Stripe signs.")),
     request_body = StripeEvent,
     responses(
