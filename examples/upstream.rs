@@ -13,9 +13,9 @@
 //! - `POST /hook` — a job-webhook receiver that counts deliveries and answers 200, verifying
 //!   nothing; `GET /stats` — `{"hook_deliveries": n, "requests": n}`;
 //! - `POST /stripe/v1/customers`, `POST /stripe/v1/checkout/sessions` — a minimal stand-in
-//!   for the two Stripe API calls keymeter makes (point `STRIPE_API_BASE` at
-//!   `http://127.0.0.1:<port>/stripe`): each answers a fresh id, the same one again for a
-//!   repeated `Idempotency-Key`, as Stripe does.
+//!   for the Stripe API calls the load scripts make keymeter make (point `STRIPE_API_BASE` at
+//!   `http://127.0.0.1:<port>/stripe`): each answers Stripe's fixture object with a fresh id,
+//!   the same one again for a repeated `Idempotency-Key`, as Stripe does.
 //!
 //! Built as an example so it shares the crate's dependencies and needs no extra crate.
 
@@ -130,8 +130,19 @@ async fn stripe(req: HttpRequest, counters: web::Data<Counters>) -> HttpResponse
         }
         None => fresh(),
     };
-    let url = format!("https://checkout.stripe.test/pay/{id}");
-    HttpResponse::Ok().json(json!({"id": id, "object": "load_stub", "url": url}))
+    // Stripe's own object shape (the tests' fixtures): keymeter's client (stripe-rust) reads
+    // the answer as a typed Customer or Checkout Session, so a bare `{id}` would not do.
+    let fixture = if prefix == "cus_load" {
+        include_str!("../tests/fixtures/stripe/customer.json")
+    } else {
+        include_str!("../tests/fixtures/stripe/checkout.session.json")
+    };
+    let mut object: serde_json::Value = serde_json::from_str(fixture).unwrap_or_default();
+    object["id"] = json!(id);
+    if prefix != "cus_load" {
+        object["url"] = json!(format!("https://checkout.stripe.test/pay/{id}"));
+    }
+    HttpResponse::Ok().json(object)
 }
 
 fn port_from_args() -> std::io::Result<u16> {

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::accounts;
 use crate::config::BillingSettings;
 use crate::idempotency::Guard;
-use stripe_api::{Created, StripeApi};
+use stripe_api::{Created, NewSession, StripeApi};
 
 /// Why a billing request or a Stripe event was refused, in billing's words;
 /// `http::problem` gives each its status. The message of a refusal is the client's `detail`.
@@ -49,6 +49,9 @@ pub enum Error {
     PaymentProviderUnavailable { detail: &'static str },
     #[error("No account with that id.")]
     AccountNotFound,
+    /// A second plan while one is live: plans change (or end) through the customer portal.
+    #[error("The account already has a plan ({subscription}); change or cancel it through the customer portal.")]
+    PlanActive { subscription: String },
     /// The account could not be read or its tier set.
     #[error(transparent)]
     Accounts(#[from] crate::accounts::Error),
@@ -214,6 +217,21 @@ fn check_url(field: &'static str, u: &str) -> Result<(), Error> {
     }
 }
 
+/// The account's live subscription, if any: one that is not over (`canceled`,
+/// `incomplete_expired`). A plan checkout is refused while there is one, so an account never
+/// pays for two plans at once.
+pub async fn live_plan(db: &impl GenericClient, account_id: Uuid) -> Result<Option<String>, Error> {
+    Ok(db
+        .query_opt(
+            "SELECT subscription_id FROM billing_subscriptions
+              WHERE account_id = $1 AND status NOT IN ('canceled', 'incomplete_expired')
+              ORDER BY current DESC, last_event_created DESC LIMIT 1",
+            &[&account_id],
+        )
+        .await?
+        .map(|r| r.get(0)))
+}
+
 /// A Stripe Checkout Session to send the customer to.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CheckoutSession {
@@ -279,39 +297,42 @@ pub async fn create_checkout(
     account_id: Uuid,
     req: CheckoutRequest<'_>,
 ) -> Result<Created, Error> {
-    let customer = customer_for(db, api, account_id).await?;
-    let account = account_id.to_string();
-    let (mode, name, price_id, credits) = match req.item {
+    let (subscription, kind, name, price_id, credits) = match req.item {
         Item::Pack {
             name,
             price_id,
             credits,
-        } => ("payment", name, price_id, *credits),
-        Item::Plan { name, price_id } => ("subscription", name, price_id, 0),
+        } => (false, "pack", name, price_id, *credits),
+        Item::Plan { name, price_id } => (true, "plan", name, price_id, 0),
     };
-    let mut form: Vec<(String, String)> = vec![
-        ("mode".into(), mode.into()),
-        ("customer".into(), customer),
-        ("client_reference_id".into(), account.clone()),
-        ("line_items[0][price]".into(), price_id.clone()),
-        ("line_items[0][quantity]".into(), "1".into()),
-        ("success_url".into(), req.success_url.into()),
-        ("cancel_url".into(), req.cancel_url.into()),
-        ("metadata[account_id]".into(), account.clone()),
-    ];
-    match req.item {
-        Item::Pack { .. } => form.push(("metadata[pack]".into(), name.clone())),
-        Item::Plan { .. } => {
-            form.push(("metadata[plan]".into(), name.clone()));
-            form.push((
-                "subscription_data[metadata][account_id]".into(),
-                account.clone(),
-            ));
-            form.push(("subscription_data[metadata][plan]".into(), name.clone()));
+    if subscription {
+        let live = live_plan(&db.get().await?, account_id).await?;
+        if let Some(current) = live {
+            return Err(Error::PlanActive {
+                subscription: current,
+            });
         }
     }
+    let customer = customer_for(db, api, account_id).await?;
+    let account = account_id.to_string();
+    let mode = if subscription {
+        "subscription"
+    } else {
+        "payment"
+    };
     let created = api
-        .create_checkout_session(&req.idempotency_key, &form)
+        .create_checkout_session(
+            &req.idempotency_key,
+            NewSession {
+                subscription,
+                customer: &customer,
+                account_id: &account,
+                price_id,
+                success_url: req.success_url,
+                cancel_url: req.cancel_url,
+                item: (kind, name),
+            },
+        )
         .await?;
     let client = db.get().await?;
     client
@@ -324,6 +345,36 @@ pub async fn create_checkout(
     Ok(created)
 }
 
+/// A Stripe billing-portal session: where the customer updates their card, sees invoices
+/// and changes or cancels their plan (which flows back through the subscription webhooks).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PortalSession {
+    #[schema(value_type = String, example = "billing_portal_session")]
+    pub object: &'static str,
+    /// Stripe's session id.
+    pub id: String,
+    /// The page to send the customer to.
+    pub url: Option<String>,
+}
+
+/// Opens a billing-portal session for the account, creating its Stripe customer first if it
+/// has none (as checkout does). `return_url` must be an absolute http(s) URL.
+pub async fn portal(
+    db: &Pool,
+    api: &StripeApi,
+    account_id: Uuid,
+    return_url: &str,
+) -> Result<PortalSession, Error> {
+    check_url("return_url", return_url)?;
+    let customer = customer_for(db, api, account_id).await?;
+    let created = api.create_portal_session(&customer, return_url).await?;
+    Ok(PortalSession {
+        object: "billing_portal_session",
+        id: created.id,
+        url: created.url,
+    })
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[schema(as = BillingSummary)]
 pub struct Summary {
@@ -333,7 +384,7 @@ pub struct Summary {
     pub plan: Option<String>,
     pub subscription_status: Option<String>,
     pub stripe_customer: Option<String>,
-    /// The last 20 purchases and clawbacks, newest first.
+    /// The last 20 purchases, clawbacks and dispute movements, newest first.
     pub purchases: Vec<crate::credits::Movement>,
 }
 
@@ -351,14 +402,14 @@ pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summar
     let sub = db
         .query_opt(
             "SELECT plan, status FROM billing_subscriptions WHERE account_id = $1
-              ORDER BY last_event_created DESC LIMIT 1",
+              ORDER BY current DESC, last_event_created DESC LIMIT 1",
             &[&account_id],
         )
         .await?;
     let purchases = db
         .query(
             &format!(
-                "SELECT {} FROM credit_ledger WHERE account_id = $1 AND kind IN ('purchase', 'clawback')
+                "SELECT {} FROM credit_ledger WHERE account_id = $1 AND kind IN ('purchase', 'clawback', 'dispute', 'dispute_won')
                   ORDER BY id DESC LIMIT 20",
                 crate::credits::ledger::MOVEMENT_COLUMNS
             ),

@@ -1,125 +1,197 @@
-//! The two Stripe API calls keymeter makes: create a customer, create a Checkout Session.
+//! Every Stripe API call keymeter makes, through stripe-rust (`async-stripe`, the 1.0 line):
+//! create a customer, create and retrieve a Checkout Session, open a billing-portal session.
 //!
-//! Plain form-encoded HTTPS with reqwest rather than async-stripe: two calls do not justify
-//! an RC client whose resource crates add minutes to every build on small CI machines, and
-//! the base URL (`STRIPE_API_BASE`) must point at a local server in tests, which a plain
-//! client does trivially. Every call carries an `Idempotency-Key`, so a retried request can
-//! never create a second customer or session.
+//! Only the resource crates and request features used are compiled in (checkout sessions,
+//! customers, billing-portal sessions); the client speaks rustls with the ring provider
+//! already in the build. `STRIPE_API_BASE` points the client at a local stand-in in tests.
+//! Every creating call carries an idempotency key of ours, so a retried request can never
+//! create a second customer or session.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
+use stripe_billing::billing_portal_session::CreateBillingPortalSession;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionSubscriptionData,
+    RetrieveCheckoutSession,
+};
+use stripe_checkout::{CheckoutSession, CheckoutSessionMode};
+use stripe_core::customer::CreateCustomer;
 
 use super::Error;
 
 #[derive(Clone)]
 pub struct StripeApi {
-    http: reqwest::Client,
-    base: String,
-    secret: SecretString,
+    client: Client,
 }
 
-#[derive(Debug, Deserialize)]
+/// What a creating call hands back: Stripe's id and, for sessions, the page to send the
+/// customer to.
+#[derive(Debug)]
 pub struct Created {
     pub id: String,
-    #[serde(default)]
     pub url: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct StripeErrorBody {
-    error: StripeErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct StripeErrorDetail {
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(rename = "type", default)]
-    kind: Option<String>,
+/// A Checkout Session to create: mode, what it sells, whose it is.
+pub struct NewSession<'a> {
+    pub subscription: bool,
+    pub customer: &'a str,
+    pub account_id: &'a str,
+    pub price_id: &'a str,
+    pub success_url: &'a str,
+    pub cancel_url: &'a str,
+    /// `("pack", name)` or `("plan", name)`: informational only, never trusted on the way back.
+    pub item: (&'static str, &'a str),
 }
 
 impl StripeApi {
+    /// `base` is `STRIPE_API_BASE` without a trailing slash; the client appends `/v1/…`.
     pub fn new(base: &str, secret: SecretString) -> anyhow::Result<StripeApi> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        let client = ClientBuilder::new(secret.expose_secret())
+            .url(format!("{}/", base.trim_end_matches('/')))
             .timeout(Duration::from_secs(20))
-            .user_agent(concat!("keymeter/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(StripeApi {
-            http,
-            base: base.to_owned(),
-            secret,
-        })
-    }
-
-    async fn post(
-        &self,
-        path: &str,
-        idempotency_key: &str,
-        form: &[(String, String)],
-    ) -> Result<Created, Error> {
-        let res = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(self.secret.expose_secret())
-            .header("Idempotency-Key", idempotency_key)
-            .form(form)
-            .send()
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, path, "Stripe API unreachable");
-                Error::PaymentProviderUnavailable {
-                    detail: "The payment provider could not be reached; retry shortly.",
-                }
-            })?;
-        let status = res.status();
-        let bytes = res
-            .bytes()
-            .await
-            .map_err(|_| Error::PaymentProviderUnavailable {
-                detail: "The payment provider's answer was cut off; retry shortly.",
-            })?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Internal(anyhow::anyhow!("unexpected Stripe answer to {path}: {e}"))
-            });
-        }
-        let (kind, message) = serde_json::from_slice::<StripeErrorBody>(&bytes)
-            .map(|b| (b.error.kind, b.error.message))
-            .unwrap_or((None, None));
-        tracing::warn!(status = status.as_u16(), kind = ?kind, message = ?message, path, "Stripe refused a request");
-        if status.is_server_error() || status.as_u16() == 429 {
-            return Err(Error::PaymentProviderUnavailable {
-                detail: "The payment provider is unavailable; retry shortly.",
-            });
-        }
-        Err(Error::Internal(anyhow::anyhow!(
-            "Stripe refused {path} with {status}: {}",
-            message.unwrap_or_default()
-        )))
+            .app_info("keymeter", Some(env!("CARGO_PKG_VERSION").to_owned()), None)
+            .build()
+            .map_err(|e| anyhow::anyhow!("Stripe client: {e}"))?;
+        Ok(StripeApi { client })
     }
 
     pub async fn create_customer(&self, email: &str, account_id: &str) -> Result<Created, Error> {
-        let form = vec![
-            ("email".to_owned(), email.to_owned()),
-            ("metadata[account_id]".to_owned(), account_id.to_owned()),
-        ];
-        self.post(
-            "/v1/customers",
-            &format!("keymeter-customer-{account_id}"),
-            &form,
-        )
-        .await
+        let c = CreateCustomer::new()
+            .email(email)
+            .metadata(HashMap::from([(
+                "account_id".to_owned(),
+                account_id.to_owned(),
+            )]))
+            .customize()
+            .request_strategy(idempotent(&format!("keymeter-customer-{account_id}"))?)
+            .send(&self.client)
+            .await
+            .map_err(|e| refused("/v1/customers", e))?;
+        Ok(Created {
+            id: c.id.to_string(),
+            url: None,
+        })
     }
 
     pub async fn create_checkout_session(
         &self,
         idempotency_key: &str,
-        form: &[(String, String)],
+        s: NewSession<'_>,
     ) -> Result<Created, Error> {
-        self.post("/v1/checkout/sessions", idempotency_key, form)
+        let metadata = HashMap::from([
+            ("account_id".to_owned(), s.account_id.to_owned()),
+            (s.item.0.to_owned(), s.item.1.to_owned()),
+        ]);
+        let mut line = CreateCheckoutSessionLineItems::new();
+        line.price = Some(s.price_id.to_owned());
+        line.quantity = Some(1);
+        let mut req = CreateCheckoutSession::new()
+            .mode(if s.subscription {
+                CheckoutSessionMode::Subscription
+            } else {
+                CheckoutSessionMode::Payment
+            })
+            .customer(s.customer)
+            .client_reference_id(s.account_id)
+            .line_items(vec![line])
+            .success_url(s.success_url)
+            .cancel_url(s.cancel_url)
+            .metadata(metadata.clone());
+        if s.subscription {
+            let mut data = CreateCheckoutSessionSubscriptionData::new();
+            data.metadata = Some(metadata);
+            req = req.subscription_data(data);
+        }
+        let session = req
+            .customize()
+            .request_strategy(idempotent(idempotency_key)?)
+            .send(&self.client)
             .await
+            .map_err(|e| refused("/v1/checkout/sessions", e))?;
+        Ok(Created {
+            id: session.id.to_string(),
+            url: session.url,
+        })
+    }
+
+    /// The session with its line items, as Stripe holds it: what was really bought (`None`
+    /// when Stripe has no such session).
+    pub async fn checkout_session_with_items(
+        &self,
+        id: &str,
+    ) -> Result<Option<CheckoutSession>, Error> {
+        match RetrieveCheckoutSession::new(id)
+            .expand(vec!["line_items".to_owned()])
+            .send(&self.client)
+            .await
+        {
+            Ok(s) => Ok(Some(s)),
+            Err(StripeError::Stripe(_, 404)) => Ok(None),
+            Err(e) => Err(refused("/v1/checkout/sessions/{id}", e)),
+        }
+    }
+
+    /// A billing-portal session for `customer`, returning to `return_url`.
+    pub async fn create_portal_session(
+        &self,
+        customer: &str,
+        return_url: &str,
+    ) -> Result<Created, Error> {
+        let s = CreateBillingPortalSession::new()
+            .customer(customer)
+            .return_url(return_url)
+            .send(&self.client)
+            .await
+            .map_err(|e| refused("/v1/billing_portal/sessions", e))?;
+        Ok(Created {
+            id: s.id.to_string(),
+            url: Some(s.url),
+        })
+    }
+}
+
+fn idempotent(key: &str) -> Result<RequestStrategy, Error> {
+    IdempotencyKey::new(key)
+        .map(RequestStrategy::Idempotent)
+        .map_err(|e| Error::Internal(anyhow::anyhow!("Stripe idempotency key: {e:?}")))
+}
+
+/// Stripe's failures in billing's words: unreachable or failing (5xx, 429) is
+/// `PaymentProviderUnavailable`, so the client retries; Stripe refusing our own request is
+/// internal.
+fn refused(path: &str, e: StripeError) -> Error {
+    match e {
+        StripeError::ClientError(msg) => {
+            tracing::warn!(error = %msg, path, "Stripe API unreachable");
+            Error::PaymentProviderUnavailable {
+                detail: "The payment provider could not be reached; retry shortly.",
+            }
+        }
+        StripeError::Timeout => {
+            tracing::warn!(path, "Stripe API timed out");
+            Error::PaymentProviderUnavailable {
+                detail: "The payment provider's answer was cut off; retry shortly.",
+            }
+        }
+        StripeError::Stripe(err, status) => {
+            tracing::warn!(status, kind = ?err.type_, message = ?err.message, path, "Stripe refused a request");
+            if status >= 500 || status == 429 {
+                Error::PaymentProviderUnavailable {
+                    detail: "The payment provider is unavailable; retry shortly.",
+                }
+            } else {
+                Error::Internal(anyhow::anyhow!(
+                    "Stripe refused {path} with {status}: {}",
+                    err.message.unwrap_or_default()
+                ))
+            }
+        }
+        other => Error::Internal(anyhow::anyhow!(
+            "unexpected Stripe answer to {path}: {other}"
+        )),
     }
 }

@@ -51,6 +51,11 @@ impl BillingSettings {
     pub fn plan_by_price(&self, price_id: &str) -> Option<&Plan> {
         self.plans.iter().find(|p| p.price_id == price_id)
     }
+
+    /// The pack a Stripe price sells: how a session keymeter did not record is fulfilled.
+    pub fn pack_by_price(&self, price_id: &str) -> Option<&Pack> {
+        self.packs.iter().find(|p| p.price_id == price_id)
+    }
 }
 
 /// The billing settings and the webhook route's body limit (`KEYMETER_WEBHOOK_BODY_LIMIT`).

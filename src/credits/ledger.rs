@@ -18,6 +18,10 @@ pub enum Kind {
     Refund,
     Adjustment,
     Clawback,
+    /// Credits taken back when a purchase's charge is disputed (like a full refund).
+    Dispute,
+    /// Credits given back when a dispute closes in the merchant's favour.
+    DisputeWon,
 }
 
 impl Kind {
@@ -29,6 +33,8 @@ impl Kind {
             Kind::Refund => "refund",
             Kind::Adjustment => "adjustment",
             Kind::Clawback => "clawback",
+            Kind::Dispute => "dispute",
+            Kind::DisputeWon => "dispute_won",
         }
     }
 
@@ -40,6 +46,8 @@ impl Kind {
             Kind::Refund,
             Kind::Adjustment,
             Kind::Clawback,
+            Kind::Dispute,
+            Kind::DisputeWon,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -331,6 +339,26 @@ pub async fn clawback(
     reason: &str,
     stripe_event_id: &str,
 ) -> Result<Movement, Error> {
+    take_back(
+        db,
+        account_id,
+        amount,
+        Kind::Clawback,
+        reason,
+        stripe_event_id,
+    )
+    .await
+}
+
+/// A clawback under another ledger kind (`dispute`): the same below-zero semantics.
+pub async fn take_back(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    amount: i64,
+    kind: Kind,
+    reason: &str,
+    stripe_event_id: &str,
+) -> Result<Movement, Error> {
     if amount <= 0 {
         return Err(Error::Internal(anyhow::anyhow!(
             "clawback of a non-positive amount"
@@ -346,10 +374,10 @@ pub async fn clawback(
                       WHERE id = $1
                   RETURNING credit_balance)
                  INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, stripe_event_id)
-                 SELECT $1, -$2, credit_balance, 'clawback', $3, $4 FROM acct
+                 SELECT $1, -$2, credit_balance, $5, $3, $4 FROM acct
                  RETURNING {MOVEMENT_COLUMNS}"
             ),
-            &[&account_id, &amount, &reason, &stripe_event_id],
+            &[&account_id, &amount, &reason, &stripe_event_id, &kind.as_str()],
         )
         .await?
         .ok_or(Error::AccountNotFound)?;

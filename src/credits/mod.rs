@@ -39,7 +39,7 @@ pub enum Error {
     #[error("An adjustment of {amount} would take the balance ({balance}) below zero.")]
     BelowZero { amount: i64, balance: i64 },
     /// A ledger filter naming no [`Kind`].
-    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback.")]
+    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback, dispute, dispute_won.")]
     UnknownKind,
     /// A usage report's granularity that is neither `day` nor `hour`.
     #[error("granularity must be day or hour.")]

@@ -109,6 +109,9 @@ problem_types! {
     JobCancelled => ("job_cancelled", [409], "Job cancelled",
         "The job `POST /v1/scrape` waited for was cancelled before it ran; refunded \
          (`job_id`, `reason`, `refunded`, `cost`)."),
+    PlanActive => ("plan_active", [409], "Plan active",
+        "The account already has a plan (`subscription`); change or cancel it through the \
+         customer portal (`POST /v1/billing/portal`) instead of buying a second one."),
     IdempotencyConflict => ("idempotency_conflict", [409], "Conflict",
         "A request with this `Idempotency-Key` is still running; retry later. Also the answer \
          of an attempt that outlived its claim (a retry took the key over): that attempt was \

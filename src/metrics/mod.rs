@@ -215,7 +215,7 @@ impl Families {
             )?,
             credits: counter(
                 "keymeter_credits_total",
-                "Credits moved by ledger kind (charge, refund, purchase, grant, adjustment, clawback), as absolute amounts.",
+                "Credits moved by ledger kind (charge, refund, purchase, grant, adjustment, clawback, dispute, dispute_won), as absolute amounts.",
                 &["kind"],
             )?,
             credit_movements: counter(
@@ -369,6 +369,8 @@ const STRIPE_TYPES: &[&str] = &[
     "customer.subscription.updated",
     "customer.subscription.deleted",
     "charge.refunded",
+    "charge.dispute.created",
+    "charge.dispute.closed",
 ];
 
 /// One Stripe webhook delivery: its event type (`unverified` when the signature failed and

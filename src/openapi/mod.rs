@@ -97,6 +97,7 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         credits::charge,
         billing::summary,
         billing::checkout,
+        billing::portal,
         billing::webhook,
         jobs::scrape,
         jobs::create_job,

@@ -7,7 +7,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{Authenticated, Scope};
 use crate::billing::events::{self, Processed};
-use crate::billing::{self, Checkout, CheckoutSession};
+use crate::billing::{self, Checkout, CheckoutSession, PortalSession};
 use crate::http::idempotent;
 use crate::http::problem::{ApiError, ApiResult};
 use crate::idempotency;
@@ -20,7 +20,8 @@ pub fn configure(routes: &mut Routes) {
     routes
         .post(Access::Signed, "/v1/billing/webhook", webhook)
         .get(Access::Key, "/v1/billing", summary)
-        .post(Access::Key, "/v1/billing/checkout", checkout);
+        .post(Access::Key, "/v1/billing/checkout", checkout)
+        .post(Access::Key, "/v1/billing/portal", portal);
 }
 
 /// Name exactly one of `pack` or `plan`.
@@ -40,6 +41,16 @@ struct CheckoutBody {
     cancel_url: String,
 }
 
+/// Where Stripe's portal sends the customer back to.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = Portal)]
+struct PortalBody {
+    /// An absolute http(s) URL.
+    #[schema(max_length = 2048, example = "https://example.com/account")]
+    return_url: String,
+}
+
 /// What the webhook answers Stripe.
 #[derive(Serialize, ToSchema)]
 pub struct WebhookAck {
@@ -47,8 +58,10 @@ pub struct WebhookAck {
     /// Present (true) when this event was already processed; nothing changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     duplicate: Option<bool>,
-    /// What processing did (`credits_purchased`, `plan_period_paid`, `tier_set`, `ignored`,
-    /// `unmatched`, …), for a first delivery.
+    /// What processing did (`credits_purchased`, `plan_period_paid`,
+    /// `plan_invoice_without_credits`, `invoice_already_credited`, `tier_set`, `tier_reset`,
+    /// `not_current_plan`, `credits_clawed_back`, `credits_disputed`, `credits_restored`,
+    /// `ignored`, `unmatched`, …), for a first delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<&'static str>,
 }
@@ -89,7 +102,9 @@ pub struct StripeEventData {
             `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
             be read."),
         (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
-        (status = 409, description = "`idempotency_conflict`: a request with this \
+        (status = 409, description = "`plan_active`: a plan checkout while the account already \
+            has a live plan (`subscription`; change it through `POST /v1/billing/portal`); \
+            `idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
         (status = 422, description = "`validation_failed`: an unknown pack or plan, both or \
@@ -124,6 +139,42 @@ pub async fn checkout(
     }))
 }
 
+/// `POST /v1/billing/portal` (`billing`) {return_url} → `{id, url}` of a Stripe
+/// billing-portal session.
+#[utoipa::path(
+    post,
+    path = "/v1/billing/portal",
+    operation_id = "create_portal_session",
+    tag = "billing",
+    summary = "Open the customer portal",
+    description = "Opens a Stripe billing-portal session for the account (creating its Stripe \
+        customer first if it has none); send the customer to its `url` to update their card, \
+        see invoices, or change or cancel their plan. Plan changes and cancellations made \
+        there arrive through Stripe's subscription webhooks.",
+    request_body = PortalBody,
+    responses(
+        (status = 201, description = "The portal session.", body = PortalSession),
+        (status = 400, description = "`invalid_json`: the body is not JSON; `bad_request`: \
+            the body could not be read."),
+        (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
+        (status = 422, description = "`validation_failed`: `return_url` is not an absolute \
+            http(s) URL, or an unknown field."),
+        (status = 503, description = "`payment_provider_unavailable`: Stripe did not answer; retry."),
+    ),
+    security(("ApiKey" = ["billing"]), ("ApiKeyHeader" = ["billing"])),
+)]
+pub async fn portal(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(Scope::Billing)?;
+    let api = state.stripe.as_ref().ok_or(billing::Error::NotConfigured)?;
+    let (_, b): (serde_json::Value, PortalBody) = crate::http::extractors::json_body(&body)?;
+    let session = billing::portal(&state.db, api, caller.account_id, &b.return_url).await?;
+    Ok(HttpResponse::Created().json(session))
+}
+
 /// `GET /v1/billing` (`read`): plan, tier, Stripe customer, recent purchases.
 #[utoipa::path(
     get,
@@ -154,7 +205,11 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
     description = "For Stripe, not for API clients: authenticated by `Stripe-Signature` (any \
         `v1` under any configured secret, 300 s tolerance), not by key. Each event is applied \
         exactly once; a redelivery answers 200 and changes nothing; a processing failure \
-        answers 5xx so Stripe retries.",
+        answers 5xx so Stripe retries. Acted on: `checkout.session.completed`, \
+        `checkout.session.async_payment_succeeded`, `invoice.paid`, \
+        `customer.subscription.created`, `.updated`, `.deleted`, `charge.refunded`, \
+        `charge.dispute.created`, `charge.dispute.closed`; every other type is recorded and \
+        ignored.",
     params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256>`, as Stripe signs.")),
     request_body = StripeEvent,
     responses(
@@ -177,14 +232,17 @@ pub async fn webhook(
         .unwrap_or("");
     let now = chrono::Utc::now().timestamp();
     let event = events::verified_event(&state.config.billing.webhook_secrets, header, &body, now)?;
-    let processed = events::process(&state.db, &state.config.billing, &state.tiers, &event)
-        .await
-        .map_err(ApiError::from);
+    let processed = events::process(
+        &state.db,
+        state.stripe.as_ref(),
+        &state.config.billing,
+        &state.tiers,
+        &event,
+    )
+    .await
+    .map_err(ApiError::from);
     metrics::webhook_event(
-        event
-            .get("type")
-            .and_then(|t| t.as_str())
-            .unwrap_or("unknown"),
+        &event.kind,
         match &processed {
             Ok(Processed::Duplicate) => "duplicate",
             Ok(Processed::Applied(outcome)) => outcome,

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::support::db::{assert_ledger_invariant, balance};
-use crate::support::stripe::{deliver_with, event, fixture, form, local_stripe, now, signature};
+use crate::support::stripe::{
+    deliver_with, event, fixture, form, local_stripe, now, signature, stand_in, LocalStripe,
+};
 use crate::support::{assert_problem, spawn_app_with, TestApp};
 
 const OLD_SECRET: &str = "whsec_test_old_0123456789";
@@ -44,6 +46,20 @@ async fn billing_app(stripe_base: Option<String>) -> TestApp {
     .await
 }
 
+/// [`billing_app`] with the local Stripe stand-in, which a session keymeter did not record is
+/// retrieved from.
+async fn billing_app_with_stripe() -> (TestApp, LocalStripe) {
+    let stripe = stand_in().await;
+    (billing_app(Some(stripe.base.clone())).await, stripe)
+}
+
+/// A paid pack session Stripe knows, selling one `price`.
+fn known_paid_session(stripe: &LocalStripe, account: Uuid, pack: &str, price: &str) -> Value {
+    let s = paid_session(account, pack);
+    stripe.knows_session(&s, price, 1);
+    s
+}
+
 fn pack(name: &str, price_id: &str, credits: i64) -> Pack {
     Pack {
         name: name.to_owned(),
@@ -75,11 +91,11 @@ fn paid_session(account: Uuid, pack: &str) -> Value {
 
 #[tokio::test]
 async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
-    let app = billing_app(None).await;
+    let (app, stripe) = billing_app_with_stripe().await;
     let (account, _) = app.create_account("free", 0).await;
     let e = event(
         "checkout.session.completed",
-        paid_session(account, "small"),
+        known_paid_session(&stripe, account, "small", "price_small"),
         now(),
     );
     let res = deliver(&app, &e).await;
@@ -103,10 +119,10 @@ async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
     assert_eq!(row.get::<_, i64>(1), 100);
     assert_eq!(row.get::<_, String>(2), e["id"].as_str().unwrap());
 
-    // Metadata alone cannot name the amount: an unknown pack credits nothing.
+    // Metadata alone cannot name the amount: an unknown price credits nothing.
     let e = event(
         "checkout.session.completed",
-        paid_session(account, "galactic"),
+        known_paid_session(&stripe, account, "galactic", "price_galactic"),
         now(),
     );
     assert_eq!(deliver(&app, &e).await.status(), 200);
@@ -116,11 +132,11 @@ async fn a_paid_checkout_buys_the_configured_credits_exactly_once() {
 
 #[tokio::test]
 async fn concurrent_deliveries_of_one_event_credit_once() {
-    let app = billing_app(None).await;
+    let (app, stripe) = billing_app_with_stripe().await;
     let (account, _) = app.create_account("free", 0).await;
     let e = event(
         "checkout.session.completed",
-        paid_session(account, "large"),
+        known_paid_session(&stripe, account, "large", "price_large"),
         now(),
     );
     let results = join_all((0..12).map(|_| deliver(&app, &e))).await;
@@ -138,9 +154,9 @@ async fn concurrent_deliveries_of_one_event_credit_once() {
 
 #[tokio::test]
 async fn delayed_payments_credit_when_they_succeed() {
-    let app = billing_app(None).await;
+    let (app, stripe) = billing_app_with_stripe().await;
     let (account, _) = app.create_account("free", 0).await;
-    let mut s = paid_session(account, "small");
+    let mut s = known_paid_session(&stripe, account, "small", "price_small");
     s["payment_status"] = json!("unpaid");
     assert_eq!(
         deliver(&app, &event("checkout.session.completed", s.clone(), now()))
@@ -161,11 +177,11 @@ async fn delayed_payments_credit_when_they_succeed() {
 
 #[tokio::test]
 async fn forged_stale_and_unsigned_deliveries_are_refused_and_write_nothing() {
-    let app = billing_app(None).await;
+    let (app, stripe) = billing_app_with_stripe().await;
     let (account, _) = app.create_account("free", 0).await;
     let e = event(
         "checkout.session.completed",
-        paid_session(account, "large"),
+        known_paid_session(&stripe, account, "large", "price_large"),
         now(),
     );
     let body = serde_json::to_vec(&e).unwrap();
@@ -231,6 +247,7 @@ fn plan_invoice(customer: &str, subscription: &str, price: &str, account: Uuid) 
     inv["customer"] = json!(customer);
     inv["status"] = json!("paid");
     inv["billing_reason"] = json!("subscription_cycle");
+    inv["amount_paid"] = json!(2000);
     inv["parent"] = json!({
         "type": "subscription_details",
         "quote_details": null,
@@ -298,9 +315,9 @@ async fn plans_move_tiers_and_old_deliveries_never_overwrite_newer_ones() {
 
 #[tokio::test]
 async fn a_refund_claws_back_credits_even_below_zero_and_charges_stop() {
-    let app = billing_app(None).await;
+    let (app, stripe) = billing_app_with_stripe().await;
     let (account, key) = app.create_account("internal", 0).await;
-    let session = paid_session(account, "small");
+    let session = known_paid_session(&stripe, account, "small", "price_small");
     let pi = session["payment_intent"].as_str().unwrap().to_owned();
     assert_eq!(
         deliver(&app, &event("checkout.session.completed", session, now()))
@@ -494,4 +511,364 @@ async fn checkout_creates_a_session_on_stripe_with_the_expected_fields() {
         .unwrap();
     assert_eq!(summary["stripe_customer"], "cus_local_1");
     assert_eq!(summary["tier"], "pro");
+}
+
+async fn ledger_kinds(app: &TestApp, account: Uuid) -> Vec<(String, i64)> {
+    app.db
+        .query(
+            "SELECT kind, delta FROM credit_ledger WHERE account_id = $1 ORDER BY id",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn outcome_of(app: &TestApp, e: &Value) -> Value {
+    let res = deliver(app, e).await;
+    assert_eq!(res.status(), 200);
+    res.json::<Value>().await.unwrap()["outcome"].clone()
+}
+
+#[tokio::test]
+async fn a_second_plan_checkout_is_refused_while_one_is_live() {
+    let (app, stripe) = billing_app_with_stripe().await;
+    let (account, key) = app.create_account("free", 0).await;
+    let order = json!({"plan": "pro", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"});
+    assert_eq!(
+        app.post_json("/v1/billing/checkout", &key, order.clone())
+            .await
+            .status(),
+        201
+    );
+    // The first plan is paid: the subscription is live.
+    let sub = format!("sub_{}", Uuid::new_v4().simple());
+    let e = event(
+        "invoice.paid",
+        plan_invoice("cus_local_1", &sub, "price_pro", account),
+        now(),
+    );
+    assert_eq!(outcome_of(&app, &e).await, "plan_period_paid");
+    let sessions_before = stripe.requests_to("/v1/checkout/sessions").len();
+    let p = assert_problem(
+        app.post_json("/v1/billing/checkout", &key, order.clone())
+            .await,
+        409,
+        "plan_active",
+    )
+    .await;
+    assert_eq!(p["subscription"], sub.as_str());
+    // Biz is refused too (a change goes through the portal); Stripe was not asked.
+    let biz = json!({"plan": "biz", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"});
+    assert_problem(
+        app.post_json("/v1/billing/checkout", &key, biz).await,
+        409,
+        "plan_active",
+    )
+    .await;
+    assert_eq!(
+        stripe.requests_to("/v1/checkout/sessions").len(),
+        sessions_before
+    );
+    // Packs stay on sale.
+    let pack = json!({"pack": "small", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"});
+    assert_eq!(
+        app.post_json("/v1/billing/checkout", &key, pack)
+            .await
+            .status(),
+        201
+    );
+    // Once the plan is cancelled, a new one can be bought.
+    let del = event(
+        "customer.subscription.deleted",
+        subscription(&sub, "cus_local_1", "price_pro", "canceled"),
+        now() + 1,
+    );
+    assert_eq!(outcome_of(&app, &del).await, "tier_reset");
+    assert_eq!(
+        app.post_json("/v1/billing/checkout", &key, order)
+            .await
+            .status(),
+        201
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_subscription_that_is_not_the_current_plan_changes_nothing() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let t0 = now() - 100;
+    let current = format!("sub_{}", Uuid::new_v4().simple());
+    let stray = format!("sub_{}", Uuid::new_v4().simple());
+    let e = event(
+        "invoice.paid",
+        plan_invoice("cus_unknown", &current, "price_biz", account),
+        t0,
+    );
+    assert_eq!(outcome_of(&app, &e).await, "plan_period_paid");
+    assert_eq!(balance(&app, account).await.tier, "business");
+    // A second subscription of the same account (e.g. opened on Stripe's dashboard) pays
+    // and then ends: its credits were paid for, but the tier stays the current plan's.
+    let mut inv = plan_invoice("cus_unknown", &stray, "price_pro", account);
+    inv["parent"]["subscription_details"]["metadata"]["plan"] = json!("pro");
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", inv, t0 + 1)).await,
+        "plan_period_paid"
+    );
+    assert_eq!(balance(&app, account).await.tier, "business");
+    let mut sub = subscription(&stray, "cus_unknown", "price_pro", "canceled");
+    sub["metadata"] = json!({"account_id": account.to_string()});
+    let del = event("customer.subscription.deleted", sub, t0 + 2);
+    assert_eq!(outcome_of(&app, &del).await, "not_current_plan");
+    let b = balance(&app, account).await;
+    assert_eq!(b.tier, "business");
+    let summary: (String, String) = app
+        .db
+        .query_one(
+            "SELECT subscription_id, status FROM billing_subscriptions WHERE account_id = $1 AND current",
+            &[&account],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(summary, (current.clone(), "active".to_owned()));
+    // The current plan's own cancellation does reset the tier.
+    let del = event(
+        "customer.subscription.deleted",
+        subscription(&current, "cus_unknown", "price_biz", "canceled"),
+        t0 + 3,
+    );
+    assert_eq!(outcome_of(&app, &del).await, "tier_reset");
+    assert_eq!(balance(&app, account).await.tier, "free");
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn an_invoice_credits_once_and_zero_or_proration_invoices_credit_nothing() {
+    let app = billing_app(None).await;
+    let (account, _) = app.create_account("free", 0).await;
+    let sub = format!("sub_{}", Uuid::new_v4().simple());
+    let inv = plan_invoice("cus_unknown", &sub, "price_pro", account);
+    // Two different events about one invoice (e.g. invoice.paid sent again under a new
+    // event id): one grant.
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", inv.clone(), now())).await,
+        "plan_period_paid"
+    );
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", inv.clone(), now())).await,
+        "invoice_already_credited"
+    );
+    assert_eq!(balance(&app, account).await.credits, 5000);
+    // A $0 invoice (trial, full discount) credits nothing but keeps the plan's tier.
+    let mut free = plan_invoice("cus_unknown", &sub, "price_pro", account);
+    free["amount_paid"] = json!(0);
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", free, now())).await,
+        "plan_invoice_without_credits"
+    );
+    // A proration invoice (a plan change mid-period) credits nothing either.
+    let mut proration = plan_invoice("cus_unknown", &sub, "price_pro", account);
+    proration["billing_reason"] = json!("subscription_update");
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", proration, now())).await,
+        "plan_invoice_without_credits"
+    );
+    let b = balance(&app, account).await;
+    assert_eq!((b.credits, b.tier.as_str()), (5000, "pro"));
+    let n: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM billing_invoices WHERE account_id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+    // The next renewal credits again.
+    let renewal = plan_invoice("cus_unknown", &sub, "price_pro", account);
+    assert_eq!(
+        outcome_of(&app, &event("invoice.paid", renewal, now())).await,
+        "plan_period_paid"
+    );
+    assert_eq!(balance(&app, account).await.credits, 10000);
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn an_unrecorded_session_is_fulfilled_only_from_what_stripe_says_was_bought() {
+    let (app, stripe) = billing_app_with_stripe().await;
+    let (account, _) = app.create_account("free", 0).await;
+    // Metadata claims the large pack; Stripe's line items say two small ones.
+    let s = paid_session(account, "large");
+    stripe.knows_session(&s, "price_small", 2);
+    let e = event("checkout.session.completed", s.clone(), now());
+    assert_eq!(outcome_of(&app, &e).await, "credits_purchased");
+    assert_eq!(balance(&app, account).await.credits, 200);
+    let retrievals = stripe.requests_to(&format!(
+        "/v1/checkout/sessions/{}",
+        s["id"].as_str().unwrap()
+    ));
+    assert_eq!(retrievals.len(), 1);
+    assert!(
+        retrievals[0].2.contains("line_items"),
+        "retrieved with its line items: {}",
+        retrievals[0].2
+    );
+    // A session Stripe does not know: nothing, whatever its metadata says.
+    let e = event(
+        "checkout.session.completed",
+        paid_session(account, "large"),
+        now(),
+    );
+    assert_eq!(outcome_of(&app, &e).await, "unmatched");
+    // Paid according to the event, unpaid according to Stripe: nothing.
+    let s = paid_session(account, "large");
+    let mut unpaid = s.clone();
+    unpaid["payment_status"] = json!("unpaid");
+    stripe.knows_session(&unpaid, "price_large", 1);
+    let e = event("checkout.session.completed", s, now());
+    assert_eq!(outcome_of(&app, &e).await, "unmatched");
+    assert_eq!(balance(&app, account).await.credits, 200);
+    // A session keymeter created is fulfilled from its own record, without asking Stripe.
+    let (buyer, buyer_key) = app.create_account("free", 0).await;
+    let res = app
+        .post_json(
+            "/v1/billing/checkout",
+            &buyer_key,
+            json!({"pack": "large", "success_url": "https://example.com/ok", "cancel_url": "https://example.com/no"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut s = paid_session(buyer, "small");
+    s["id"] = json!(id);
+    let e = event("checkout.session.completed", s, now());
+    assert_eq!(outcome_of(&app, &e).await, "credits_purchased");
+    assert_eq!(balance(&app, buyer).await.credits, 1000);
+    assert!(stripe
+        .requests_to(&format!("/v1/checkout/sessions/{id}"))
+        .is_empty());
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_dispute_claws_back_once_and_a_won_dispute_restores() {
+    let (app, stripe) = billing_app_with_stripe().await;
+    let (account, _) = app.create_account("free", 0).await;
+    let session = known_paid_session(&stripe, account, "large", "price_large");
+    let pi = session["payment_intent"].as_str().unwrap().to_owned();
+    let e = event("checkout.session.completed", session, now());
+    assert_eq!(outcome_of(&app, &e).await, "credits_purchased");
+    let mut dispute = fixture("dispute");
+    dispute["payment_intent"] = json!(pi);
+    dispute["status"] = json!("needs_response");
+    let created = event("charge.dispute.created", dispute.clone(), now());
+    assert_eq!(outcome_of(&app, &created).await, "credits_disputed");
+    assert_eq!(balance(&app, account).await.credits, 0);
+    // Another event about the same dispute, and the refund Stripe may report later for the
+    // same charge, take nothing more.
+    let again = event("charge.dispute.created", dispute.clone(), now());
+    assert_eq!(outcome_of(&app, &again).await, "nothing_to_claw_back");
+    let mut charge = fixture("charge");
+    charge["payment_intent"] = json!(pi);
+    charge["amount"] = json!(2000);
+    charge["amount_refunded"] = json!(2000);
+    charge["refunded"] = json!(true);
+    let refunded = event("charge.refunded", charge, now());
+    assert_eq!(outcome_of(&app, &refunded).await, "nothing_to_claw_back");
+    assert_eq!(balance(&app, account).await.credits, 0);
+    // Won: the credits come back, once.
+    dispute["status"] = json!("won");
+    let won = event("charge.dispute.closed", dispute.clone(), now());
+    assert_eq!(outcome_of(&app, &won).await, "credits_restored");
+    let won_again = event("charge.dispute.closed", dispute, now());
+    assert_eq!(outcome_of(&app, &won_again).await, "nothing_to_restore");
+    assert_eq!(balance(&app, account).await.credits, 1000);
+    assert_eq!(
+        ledger_kinds(&app, account).await,
+        vec![
+            ("purchase".to_owned(), 1000),
+            ("dispute".to_owned(), -1000),
+            ("dispute_won".to_owned(), 1000),
+        ]
+    );
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn a_lost_dispute_keeps_the_credits_taken() {
+    let (app, stripe) = billing_app_with_stripe().await;
+    let (account, _) = app.create_account("free", 0).await;
+    let session = known_paid_session(&stripe, account, "small", "price_small");
+    let pi = session["payment_intent"].as_str().unwrap().to_owned();
+    deliver(&app, &event("checkout.session.completed", session, now())).await;
+    let mut dispute = fixture("dispute");
+    dispute["payment_intent"] = json!(pi);
+    assert_eq!(
+        outcome_of(
+            &app,
+            &event("charge.dispute.created", dispute.clone(), now())
+        )
+        .await,
+        "credits_disputed"
+    );
+    dispute["status"] = json!("lost");
+    assert_eq!(
+        outcome_of(&app, &event("charge.dispute.closed", dispute, now())).await,
+        "dispute_not_won"
+    );
+    assert_eq!(balance(&app, account).await.credits, 0);
+}
+
+#[tokio::test]
+async fn the_portal_opens_a_stripe_session_for_the_accounts_customer() {
+    let (app, stripe) = billing_app_with_stripe().await;
+    let (_, key) = app.create_account("free", 0).await;
+    let res = app
+        .post_json(
+            "/v1/billing/portal",
+            &key,
+            json!({"return_url": "https://example.com/account"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["object"], "billing_portal_session");
+    assert!(body["id"].as_str().unwrap().starts_with("bps_local_"));
+    assert_eq!(body["url"], "https://billing.stripe.com/p/session/local");
+    // The customer was created first, then the portal session opened for it.
+    assert_eq!(stripe.requests_to("/v1/customers").len(), 1);
+    let portal = stripe.requests_to("/v1/billing_portal/sessions");
+    assert_eq!(portal.len(), 1);
+    let f = form(&portal[0].2);
+    assert_eq!(f["customer"], "cus_local_1");
+    assert_eq!(f["return_url"], "https://example.com/account");
+    // A second portal session reuses the customer.
+    let res = app
+        .post_json(
+            "/v1/billing/portal",
+            &key,
+            json!({"return_url": "https://example.com/account"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(stripe.requests_to("/v1/customers").len(), 1);
+    // A bad URL: 422, Stripe not called.
+    let res = app
+        .post_json(
+            "/v1/billing/portal",
+            &key,
+            json!({"return_url": "javascript:alert(1)"}),
+        )
+        .await;
+    let p = assert_problem(res, 422, "validation_failed").await;
+    assert_eq!(p["field"], "return_url");
+    assert_eq!(stripe.requests_to("/v1/billing_portal/sessions").len(), 2);
 }

@@ -23,6 +23,11 @@ impl From<Error> for ApiError {
                 ApiError::problem(ProblemType::PaymentProviderUnavailable, detail)
             }
             Error::AccountNotFound => ApiError::NotFound(e.to_string()),
+            Error::PlanActive { ref subscription } => {
+                let subscription = subscription.clone();
+                ApiError::problem(ProblemType::PlanActive, e.to_string())
+                    .with("subscription", subscription)
+            }
             Error::Accounts(e) => e.into(),
             Error::Credits(e) => e.into(),
             Error::Idempotency(e) => e.into(),

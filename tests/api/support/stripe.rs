@@ -78,18 +78,76 @@ pub async fn deliver(app: &TestApp, secret: &str, e: &Value) -> reqwest::Respons
 /// What the local Stripe API received: (path, Idempotency-Key, form body), in order.
 pub type Recorded = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
 
+/// Objects the local Stripe API answers retrievals with, by id (Checkout Sessions with their
+/// line items, as `GET /v1/checkout/sessions/{id}?expand[]=line_items` answers).
+pub type Objects = Arc<Mutex<HashMap<String, Value>>>;
+
+/// The local stand-in for api.stripe.com, as a test holds it.
+pub struct LocalStripe {
+    pub base: String,
+    pub recorded: Recorded,
+    pub objects: Objects,
+}
+
+impl LocalStripe {
+    /// Makes Stripe know `session` (by its id), selling `quantity` of `price`: what a
+    /// retrieval with its line items answers.
+    pub fn knows_session(&self, session: &Value, price: &str, quantity: u64) {
+        let mut s = session.clone();
+        let mut item = fixture("item");
+        item["id"] = json!(format!("li_{}", Uuid::new_v4().simple()));
+        item["price"] = {
+            let mut p = fixture("price");
+            p["id"] = json!(price);
+            p
+        };
+        item["quantity"] = json!(quantity);
+        let id = s["id"].as_str().unwrap().to_owned();
+        s["line_items"] = json!({
+            "object": "list",
+            "data": [item],
+            "has_more": false,
+            "url": format!("/v1/checkout/sessions/{id}/line_items"),
+        });
+        self.objects.lock().unwrap().insert(id, s);
+    }
+
+    /// The requests made to `path`.
+    pub fn requests_to(&self, path: &str) -> Vec<(String, Option<String>, String)> {
+        self.recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == path)
+            .cloned()
+            .collect()
+    }
+}
+
 /// A local stand-in for api.stripe.com: answers with Stripe's fixture objects (a customer
-/// `cus_local_1`, Checkout sessions `cs_local_…`), refuses any key but `sk_test_keymeter`,
-/// and records each request. Returns its base URL (for `config.billing.api_base`).
+/// `cus_local_1`, Checkout sessions `cs_local_…`, billing-portal sessions), retrieves the
+/// Checkout Sessions a test made it know (404 `resource_missing` for others), refuses any
+/// key but `sk_test_keymeter`, and records each request. Returns its base URL (for
+/// `config.billing.api_base`).
 pub async fn local_stripe() -> (String, Recorded) {
+    let s = stand_in().await;
+    (s.base, s.recorded)
+}
+
+/// [`local_stripe`], with the objects it answers retrievals with.
+pub async fn stand_in() -> LocalStripe {
     let recorded: Recorded = Arc::default();
+    let objects: Objects = Arc::default();
     let rec = recorded.clone();
+    let objs = objects.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = HttpServer::new(move || {
         let rec = rec.clone();
+        let objs = objs.clone();
         App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
             let rec = rec.clone();
+            let objs = objs.clone();
             async move {
                 let key = req
                     .headers()
@@ -104,27 +162,51 @@ pub async fn local_stripe() -> (String, Recorded) {
                 rec.lock().unwrap().push((
                     req.path().to_owned(),
                     key,
-                    String::from_utf8_lossy(&body).into_owned(),
+                    if body.is_empty() {
+                        req.query_string().to_owned()
+                    } else {
+                        String::from_utf8_lossy(&body).into_owned()
+                    },
                 ));
                 if !auth_ok {
                     return HttpResponse::Unauthorized().json(
                         json!({"error": {"type": "invalid_request_error", "message": "bad key"}}),
                     );
                 }
-                match req.path() {
-                    "/v1/customers" => {
+                let missing = || {
+                    HttpResponse::NotFound().json(json!({"error": {
+                        "type": "invalid_request_error", "code": "resource_missing",
+                        "message": "No such object"}}))
+                };
+                match (req.method().as_str(), req.path()) {
+                    ("POST", "/v1/customers") => {
                         let mut c = fixture("customer");
                         c["id"] = json!("cus_local_1");
                         HttpResponse::Ok().json(c)
                     }
-                    "/v1/checkout/sessions" => {
+                    ("POST", "/v1/checkout/sessions") => {
                         let mut s = fixture("checkout.session");
                         s["id"] = json!(format!("cs_local_{}", Uuid::new_v4().simple()));
                         s["url"] = json!("https://checkout.stripe.com/c/pay/cs_local");
                         HttpResponse::Ok().json(s)
                     }
-                    _ => HttpResponse::NotFound()
-                        .json(json!({"error": {"type": "invalid_request_error"}})),
+                    ("POST", "/v1/billing_portal/sessions") => {
+                        let f = form(&String::from_utf8_lossy(&body));
+                        let mut s = fixture("billing_portal.session");
+                        s["id"] = json!(format!("bps_local_{}", Uuid::new_v4().simple()));
+                        s["customer"] = json!(f.get("customer"));
+                        s["return_url"] = json!(f.get("return_url"));
+                        s["url"] = json!("https://billing.stripe.com/p/session/local");
+                        HttpResponse::Ok().json(s)
+                    }
+                    ("GET", p) if p.starts_with("/v1/checkout/sessions/") => {
+                        let id = &p["/v1/checkout/sessions/".len()..];
+                        match objs.lock().unwrap().get(id) {
+                            Some(s) => HttpResponse::Ok().json(s),
+                            None => missing(),
+                        }
+                    }
+                    _ => missing(),
                 }
             }
         }))
@@ -135,7 +217,11 @@ pub async fn local_stripe() -> (String, Recorded) {
     .unwrap()
     .run();
     tokio::spawn(server);
-    (format!("http://127.0.0.1:{port}"), recorded)
+    LocalStripe {
+        base: format!("http://127.0.0.1:{port}"),
+        recorded,
+        objects,
+    }
 }
 
 /// A recorded form body (`a=1&b%5B0%5D=x`), decoded into its fields.
