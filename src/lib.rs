@@ -14,6 +14,7 @@ pub mod config;
 pub mod credits;
 pub mod db;
 pub mod dev;
+pub mod events;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;
