@@ -15,6 +15,7 @@ pub mod credits;
 pub mod db;
 pub mod dev;
 pub mod events;
+pub mod gateway;
 pub mod http;
 pub mod idempotency;
 pub mod jobs;

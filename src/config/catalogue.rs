@@ -102,6 +102,13 @@ pub const VARS: &[(&str, &[Var])] = &[
         ],
     ),
     (
+        "Gateway mode",
+        &[
+            var("KEYMETER_GATEWAY_ROUTES", "(every proxied route unmetered: 404)", "path of the priced-routes TOML file for /v1/authz"),
+            var("KEYMETER_SERVICE_TOKENS", "(service routes refuse every token)", "comma-separated tokens of your servers (refunds, verify); 32+ characters in production"),
+        ],
+    ),
+    (
         "Scrape jobs",
         &[
             var("KEYMETER_JOB_WORKERS", "16", "job workers per instance (at most 1024)"),

@@ -29,6 +29,7 @@ mod auth;
 mod billing;
 pub mod catalogue;
 mod database;
+mod gateway;
 mod http;
 mod jobs;
 mod rate_limits;
@@ -37,6 +38,7 @@ mod telemetry;
 
 pub use billing::{BillingSettings, Pack, Plan};
 pub use database::DatabaseSettings;
+pub use gateway::exposed as exposed_service_tokens;
 pub use jobs::JobsSettings;
 pub use source::{ProcessEnv, Source};
 pub use telemetry::LogFormat;
@@ -155,6 +157,12 @@ pub struct Config {
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,
     pub jobs: JobsSettings,
+    /// `KEYMETER_GATEWAY_ROUTES`: the file the priced routes were read from, if any.
+    pub gateway_routes_path: Option<String>,
+    /// The priced routes of gateway mode (empty: every proxied route is unmetered, 404).
+    pub gateway_routes: crate::gateway::RouteTable,
+    /// `KEYMETER_SERVICE_TOKENS`: what the operator's servers authenticate with.
+    pub service_tokens: Vec<SecretString>,
 }
 
 impl Config {
@@ -174,6 +182,7 @@ impl Config {
         let (billing, webhook_body_limit) = billing::parse(src, env)?;
         let charge_coalescing = source::boolean(src, "KEYMETER_CHARGE_COALESCING", true)?;
         let jobs = jobs::parse(src, env, http.bind)?;
+        let gateway = gateway::parse(src, env)?;
         Ok(Config {
             env,
             bind: http.bind,
@@ -209,6 +218,9 @@ impl Config {
             charge_coalescing,
             webhook_body_limit,
             jobs,
+            gateway_routes_path: gateway.routes_path,
+            gateway_routes: gateway.routes,
+            service_tokens: gateway.service_tokens,
         })
     }
 

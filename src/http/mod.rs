@@ -11,3 +11,4 @@ pub mod idempotent;
 pub mod problem;
 pub mod ratelimit_gate;
 pub mod request_id;
+pub mod service_token;

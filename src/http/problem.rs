@@ -174,6 +174,16 @@ problem_types! {
         "The request took longer than the server allows."),
     JobTimeout => ("job_timeout", [504], "Job timed out",
         "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`)."),
+    RouteNotMetered => ("route_not_metered", [404], "Route not metered",
+        "Gateway mode: no priced route in `KEYMETER_GATEWAY_ROUTES` covers the proxied request \
+         (`method`, `path`); nothing was charged."),
+    InvalidServiceToken => ("invalid_service_token", [401], "Invalid service token",
+        "The service token (`KEYMETER_SERVICE_TOKENS`) is missing or wrong."),
+    GatewayChargeNotFound => ("gateway_charge_not_found", [404], "Charge not found",
+        "No gateway charge has this id (`X-Keymeter-Charge` names one)."),
+    ChargeAlreadyRefunded => ("charge_already_refunded", [409], "Charge already refunded",
+        "The gateway charge was refunded already (`refund` names the refund); a charge is \
+         refunded at most once."),
 }
 
 impl ProblemType {
@@ -536,6 +546,7 @@ mod accounts;
 mod auth;
 mod billing;
 mod credits;
+mod gateway;
 mod idempotency;
 mod jobs;
 mod operator;

@@ -56,7 +56,7 @@ pub fn const_schema(value: impl Into<Value>) -> ObjectBuilder {
         .extensions(Some(Extensions::from_iter([("const", value.into())])))
 }
 
-fn security_schemes() -> [(&'static str, SecurityScheme); 3] {
+fn security_schemes() -> [(&'static str, SecurityScheme); 4] {
     let mut api_key = Http::new(HttpAuthScheme::Bearer);
     api_key.bearer_format =
         Some("km_live_<12-char key id>_<43-char secret><6-char checksum>".into());
@@ -83,7 +83,20 @@ fn security_schemes() -> [(&'static str, SecurityScheme); 3] {
             ))),
         ),
         ("AdminToken", SecurityScheme::Http(admin)),
+        ("ServiceToken", SecurityScheme::Http(service_token())),
     ]
+}
+
+/// Gateway mode's service tokens, for the operator's own servers.
+fn service_token() -> Http {
+    let mut token = Http::new(HttpAuthScheme::Bearer);
+    token.description = Some(
+        "One of the operator's service tokens, `KEYMETER_SERVICE_TOKENS`, in `Authorization: \
+         Bearer <token>`: for the upstream behind the gateway (refunds) and servers that verify \
+         keys in code."
+            .into(),
+    );
+    token
 }
 
 /// The response headers operations refer to as `#/components/headers/<name>`.

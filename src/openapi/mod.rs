@@ -39,7 +39,7 @@ use utoipa::OpenApi;
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
 use crate::http::problem::ProblemType;
-use crate::routes::{accounts, admin, billing, credits, docs, health, jobs, keys};
+use crate::routes::{accounts, admin, billing, credits, docs, gateway, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
 pub use self::operations::JsonBody;
@@ -115,6 +115,22 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::revoke_key,
         admin::audit_trail,
         jobs::breakers,
+        gateway::authz_get,
+        gateway::authz_head,
+        gateway::authz_post,
+        gateway::authz_put,
+        gateway::authz_patch,
+        gateway::authz_delete,
+        gateway::authz_options,
+        gateway::authz_under_get,
+        gateway::authz_under_head,
+        gateway::authz_under_post,
+        gateway::authz_under_put,
+        gateway::authz_under_patch,
+        gateway::authz_under_delete,
+        gateway::authz_under_options,
+        gateway::refund,
+        gateway::verify,
     ),
     components(schemas(ProblemType)),
     modifiers(&SharedComponents, &OperationDefaults),
@@ -129,6 +145,10 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
             refunded unless the site gave a usable answer."),
         (name = "admin", description = "The operator's API, behind `KEYMETER_ADMIN_TOKEN`. \
             It does not exist (404) while no token is configured."),
+        (name = "gateway", description = "Gateway mode: keymeter as the authorizer of nginx \
+            `auth_request`, Traefik `forwardAuth` and Envoy `ext_authz` in front of your own API \
+            (priced routes from `KEYMETER_GATEWAY_ROUTES`), refunds for the upstream, and key \
+            verification for servers, both with a service token."),
         (name = "meta", description = "This document and its human-readable page."),
     ),
 )]

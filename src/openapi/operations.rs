@@ -165,6 +165,39 @@ fn gate_responses(access: Access, touches_db: bool) -> Vec<(u16, &'static str)> 
             ),
         ]),
         Access::PerIp => extra.push((429, "`rate_limited`: too many requests from this address.")),
+        Access::Gateway => extra.extend([
+            (
+                401,
+                "`invalid_api_key`: the key is missing, malformed, unknown, expired or revoked, \
+                 or its account is suspended (the same body in every case).",
+            ),
+            (
+                403,
+                "`insufficient_scope`: the key lacks the scope of the original request's route \
+                 (`required_scope`).",
+            ),
+            (
+                429,
+                "`rate_limited`: the tier's limit for this account (shared by all its keys, \
+                 across proxied and API calls), the key's own `rate_limit`, or too many failed \
+                 authentications from this address.",
+            ),
+            (
+                503,
+                "`rate_limiter_unavailable`: the shared rate-limit store is unreachable and \
+                 the server refuses rather than fall back.",
+            ),
+        ]),
+        Access::Service => extra.extend([
+            (
+                401,
+                "`invalid_service_token`: the service token is missing or wrong.",
+            ),
+            (
+                429,
+                "`rate_limited`: too many failed authentications from this address.",
+            ),
+        ]),
         Access::Open | Access::Signed => {}
     }
     extra
@@ -175,7 +208,7 @@ fn decorate(op: &mut Operation, access: Access) {
     unwrap_optional_body(op);
 
     let rate_limit = match access {
-        Access::Key => Some("key"),
+        Access::Key | Access::Gateway => Some("key"),
         Access::PerIp => Some("ip"),
         _ => None,
     };
@@ -220,9 +253,9 @@ fn decorate(op: &mut Operation, access: Access) {
 
     // A `Key` route is limited except when the key was refused before the limit applied.
     let limited = |code: u16| match access {
-        Access::Key => code != 401,
+        Access::Key | Access::Gateway => code != 401,
         Access::PerIp => true,
-        Access::Open | Access::Signed | Access::Admin => false,
+        Access::Open | Access::Signed | Access::Admin | Access::Service => false,
     };
     for (status, response) in responses.iter_mut() {
         let RefOr::T(response) = response else {
@@ -243,7 +276,7 @@ fn decorate(op: &mut Operation, access: Access) {
             503 => {
                 headers.insert("Retry-After".into(), header_ref("Retry-After"));
             }
-            401 if matches!(access, Access::Key | Access::Admin) => {
+            401 if matches!(access, Access::Key | Access::Admin | Access::Gateway) => {
                 headers.insert("WWW-Authenticate".into(), header_ref("WWW-Authenticate"));
             }
             // `POST /v1/scrape` stores the queued job under the key: a retry waits for that
@@ -424,8 +457,9 @@ mod tests {
                 .flat_map(|o| o.keys().map(String::as_str))
                 .collect();
             let expected: &[&str] = match r.access {
-                Access::Key => &["ApiKey", "ApiKeyHeader"],
+                Access::Key | Access::Gateway => &["ApiKey", "ApiKeyHeader"],
                 Access::Admin => &["AdminToken"],
+                Access::Service => &["ServiceToken"],
                 Access::Open | Access::PerIp | Access::Signed => &[],
             };
             assert_eq!(

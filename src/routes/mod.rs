@@ -14,6 +14,7 @@ pub mod admin;
 pub mod billing;
 pub mod credits;
 pub mod docs;
+pub mod gateway;
 pub mod health;
 pub mod jobs;
 pub mod keys;
@@ -54,6 +55,13 @@ pub enum Access {
     Key,
     /// The operator's token, under `/admin`.
     Admin,
+    /// Gateway mode's authorizer (`/v1/authz`): the handler runs the keyed gate's checks
+    /// itself (`ratelimit_gate::admit`), so that its refusals can carry what proxies need.
+    /// Registered outside the keyed scope, before it.
+    Gateway,
+    /// The operator's servers, with a service token (`KEYMETER_SERVICE_TOKENS`): registered
+    /// outside the keyed scope, before it; the handler's `ServiceToken` extractor checks it.
+    Service,
 }
 
 /// One registered operation, as the checks see it.
@@ -169,6 +177,7 @@ fn all() -> Routes {
         credits::configure,
         billing::configure,
         jobs::configure,
+        gateway::configure,
         admin::configure,
     ] {
         configure(&mut routes);
@@ -199,6 +208,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 let resource =
                     web::resource(path).app_data(web::PayloadConfig::new(WEBHOOK_BODY_LIMIT_MAX));
                 cfg.service(with_routes(resource, routes));
+            }
+            Access::Gateway | Access::Service => {
+                // `{path}` of the authorizer takes the rest of the path, slashes and all.
+                let pattern = path.replace("{path}", "{path:.*}");
+                cfg.service(with_routes(web::resource(pattern), routes));
             }
             Access::Key => {
                 let local = path.strip_prefix(KEYED_SCOPE).unwrap_or(path);
@@ -250,7 +264,9 @@ mod tests {
                 Access::Admin => assert!(under(path, ADMIN_SCOPE), "{method} {path}"),
                 // Outside the scopes, only public routes may sit under `/v1` (registered
                 // before the keyed scope, they are matched first), and none under `/admin`.
-                Access::PerIp | Access::Signed => assert!(!under(path, ADMIN_SCOPE)),
+                Access::PerIp | Access::Signed | Access::Gateway | Access::Service => {
+                    assert!(!under(path, ADMIN_SCOPE))
+                }
                 Access::Open => assert!(
                     !under(path, KEYED_SCOPE) && !under(path, ADMIN_SCOPE),
                     "{method} {path}"

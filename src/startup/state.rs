@@ -37,6 +37,8 @@ pub struct AppState {
     pub account_reads: Arc<crate::accounts::reads::AccountReads>,
     /// Bounds the Argon2 work of signups and logins.
     pub passwords: Arc<crate::accounts::password::Passwords>,
+    /// Gateway mode: the priced routes, their charge lane, the service tokens.
+    pub gateway: Arc<crate::gateway::Gateway>,
 }
 
 impl AppState {
@@ -59,6 +61,13 @@ impl AppState {
             metrics.register(c)?;
         }
         let jobs = Arc::new(build_jobs(&config, &tiers)?);
+        let gateway = Arc::new(crate::gateway::Gateway {
+            routes: config.gateway_routes.clone(),
+            charges: crate::gateway::GatewayCharges::new(tokio::runtime::Handle::current()),
+            service_tokens: crate::gateway::ServiceTokens::new(
+                &crate::config::exposed_service_tokens(&config.service_tokens),
+            ),
+        });
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -82,6 +91,7 @@ impl AppState {
                 tokio::runtime::Handle::current(),
             )),
             passwords,
+            gateway,
         };
         state.read_queue_gauges_on_scrape();
         Ok(state)

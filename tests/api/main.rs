@@ -13,6 +13,8 @@ mod billing;
 mod credits;
 mod db_tls;
 mod foundation;
+mod gateway;
+mod gateway_nginx;
 mod isolation;
 mod jobs;
 mod jobs_finish;

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Gateway mode (#18), measured in one run, with the reference of each figure next to it:
+#   1. /v1/authz for a free route vs /health/live (wrk, CLIENTS connections): throughput ratio
+#      (target >= 0.85) and the authorizer's p99 (target < 2 ms);
+#   2. /v1/authz for a priced route (1 credit) over 1000 accounts, each request with a fresh
+#      X-Request-Id as nginx sends it, vs the bare single-statement UPDATE (pgbench, the same
+#      reference as load/bench/deduct.sh): ratio (target >= 0.8);
+#   3. through nginx with deploy/nginx/keymeter.conf, one connection: p50 of a free route with
+#      the auth_request subrequest vs the same upstream page through nginx without it — the
+#      added latency of the authorization.
+# Prints the figures and the load average before and after (the machine may be shared);
+# fails if any request was refused or errored, or the ledger invariant is broken.
+set -euo pipefail
+cd "$(dirname "$0")/../.." # the repository root
+. scripts/lib.sh
+. load/lib.sh
+DURATION=${DURATION:-15s}
+CLIENTS=${CLIENTS:-32}
+ACCOUNTS=${ACCOUNTS:-1000}
+secs=${DURATION%s}
+
+for tool in wrk nginx; do
+    if ! command -v "$tool" >/dev/null && ! [ -x /usr/sbin/$tool ]; then
+        log "$tool not found; installing it with apt-get"
+        as_root apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$tool" >&2
+    fi
+done
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+
+load_init
+load_build
+create_database
+log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+ROUTES=$OUT_DIR/gateway-routes.toml
+cat >"$ROUTES" <<'TOML'
+[[routes]]
+method = "GET"
+path = "/free/*"
+cost = 0
+scope = "read"
+
+[[routes]]
+method = "GET"
+path = "/priced/*"
+cost = 1
+scope = "read"
+
+[[routes]]
+method = "GET"
+path = "/page"
+cost = 0
+scope = "read"
+TOML
+
+# A tier whose limit is checked on every request (GCRA, as for any paying tier) but never
+# reached: the `internal` tier skips the limiter, which would flatter the authorizer.
+TIERS=$OUT_DIR/gateway-tiers.toml
+cat >"$TIERS" <<'TOML'
+[tiers.bench]
+requests_per_minute = 100000000
+burst = 10000000
+max_concurrent_jobs = 10
+max_queued_jobs = 10
+TOML
+
+new_accounts() { # N FILE: accounts on the bench tier; keys in FILE
+    seq 1 "$1" | xargs -P 8 -I{} curl -fsS --max-time 10 \
+        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
+        -d "{\"email\":\"gw{}-$(random_suffix)@example.com\",\"tier\":\"bench\",\"credits\":1000000000}" \
+        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$2"
+    [ "$(wc -l <"$2")" = "$1" ] || { log "created $(wc -l <"$2") of $1 accounts"; return 1; }
+}
+
+# run_wrk NAME URL CONNECTIONS [lua-env ...]: wrk; sets RATE (req/s), P50, P99 (ms) and fails
+# on any non-2xx answer or socket error.
+run_wrk() {
+    local name=$1 url=$2 conns=$3
+    shift 3
+    local out=$OUT_DIR/gateway-$name.txt script=()
+    [ $# -gt 0 ] && script=(-s load/bench/authz.lua)
+    env "$@" wrk -t2 -c"$conns" -d"$DURATION" --latency "${script[@]}" "$url" >"$out"
+    local total bad errors
+    total=$(sed -nE 's/^ *([0-9]+) requests in .*/\1/p' "$out")
+    bad=$(sed -nE 's/^ *Non-2xx or 3xx responses: ([0-9]+)/\1/p' "$out")
+    errors=$(grep -c '^ *Socket errors' "$out" || true)
+    if [ "${bad:-0}" != 0 ] || [ "$errors" != 0 ]; then log "$name: refusals or errors (see $out)"; return 1; fi
+    RATE=$(python3 -c "print(f'{$total / $secs:.0f}')")
+    ms() { awk -v p="$1" '$1==p {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.3f", v}' "$out"; }
+    P50=$(ms 50%)
+    P99=$(ms 99%)
+    log "$name: $RATE req/s, p50 $P50 ms, p99 $P99 ms"
+}
+
+start_server gateway KEYMETER_GATEWAY_ROUTES="$ROUTES" KEYMETER_TIERS="$TIERS"
+new_accounts "$ACCOUNTS" "$OUT_DIR/gateway-keys.txt"
+head -n1 "$OUT_DIR/gateway-keys.txt" >"$OUT_DIR/gateway-key-one.txt"
+
+run_wrk live "$BASE_URL/health/live" "$CLIENTS"
+live_rate=$RATE live_p99=$P99
+run_wrk authz-free "$BASE_URL/v1/authz" "$CLIENTS" KEYS_FILE="$OUT_DIR/gateway-keys.txt" URI=/free/x
+free_rate=$RATE free_p99=$P99 free_p50=$P50
+run_wrk authz-priced "$BASE_URL/v1/authz" "$CLIENTS" KEYS_FILE="$OUT_DIR/gateway-keys.txt" URI=/priced/x REQUEST_IDS=1
+priced_rate=$RATE priced_p99=$P99
+
+# nginx in front of the local upstream: the recipe (with auth_request) and, on a second port,
+# the same proxying without it.
+start_upstream
+NGINX_DIR=$OUT_DIR/nginx
+rm -rf "$NGINX_DIR" && mkdir -p "$NGINX_DIR"
+authed_port=$(free_port) plain_port=$(free_port)
+sed "s/^    listen 80;$/    listen 127.0.0.1:$authed_port;/" deploy/nginx/keymeter.conf >"$NGINX_DIR/keymeter.conf"
+user=
+[ "$(id -u)" = 0 ] && user="user root;"
+cat >"$NGINX_DIR/nginx.conf" <<NGINX
+$user
+worker_processes 1;
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $NGINX_DIR/body; proxy_temp_path $NGINX_DIR/proxy;
+    fastcgi_temp_path $NGINX_DIR/fastcgi; uwsgi_temp_path $NGINX_DIR/uwsgi; scgi_temp_path $NGINX_DIR/scgi;
+    upstream keymeter { server 127.0.0.1:$SERVER_PORT; keepalive 32; }
+    upstream api { server 127.0.0.1:$UPSTREAM_PORT; keepalive 32; }
+    include $NGINX_DIR/keymeter.conf;
+    server {
+        listen 127.0.0.1:$plain_port;
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://api;
+        }
+    }
+}
+NGINX
+"$NGINX_BIN" -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -g 'daemon off;' &
+LOAD_PIDS+=("$!")
+for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://127.0.0.1:$plain_port/page" 2>/dev/null && break; sleep 0.1; done
+KEY=$(head -n1 "$OUT_DIR/gateway-keys.txt")
+curl -fsS -o /dev/null -H "X-API-Key: $KEY" "http://127.0.0.1:$authed_port/page" || { log "nginx with the recipe does not answer"; cat "$NGINX_DIR/error.log" >&2; exit 1; }
+cat >"$OUT_DIR/nginx-key.lua" <<LUA
+wrk.headers["X-API-Key"] = "$KEY"
+LUA
+nginx_p50() { # NAME PORT [lua]
+    local out=$OUT_DIR/gateway-$1.txt
+    wrk -t1 -c1 -d"$DURATION" --latency ${3:+-s "$3"} "http://127.0.0.1:$2/page" >"$out"
+    if grep -q 'Non-2xx' "$out"; then log "$1: refusals (see $out)"; return 1; fi
+    awk '$1=="50%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)}; printf "%.3f", v}' "$out"
+}
+plain_p50=$(nginx_p50 nginx-plain "$plain_port")
+authed_p50=$(nginx_p50 nginx-authz "$authed_port" "$OUT_DIR/nginx-key.lua")
+stop_pid "$SERVER_PID"
+check_ledger_invariant
+
+# The bare UPDATE (the reference of load/bench/deduct.sh), on the same PostgreSQL.
+db_psql >/dev/null <<SQL
+CREATE TABLE bench_ids (n int PRIMARY KEY, id uuid NOT NULL);
+INSERT INTO accounts (id, email, tier, credit_balance)
+SELECT gen_random_uuid(), 'bare' || g || '@example.com', 'internal', 1000000000
+  FROM generate_series(1, $ACCOUNTS) g;
+INSERT INTO bench_ids SELECT row_number() OVER (ORDER BY id), id FROM accounts WHERE email LIKE 'bare%';
+VACUUM ANALYZE;
+SQL
+printf '\\set n random(1, %s)\nUPDATE accounts SET credit_balance = credit_balance - 1 WHERE id = (SELECT id FROM bench_ids WHERE n = :n) AND credit_balance >= 1;\n' "$ACCOUNTS" >"$OUT_DIR/bare.sql"
+bare=$("$(pg_bindir)/pgbench" -n -c "$CLIENTS" -j 2 -T "$secs" -f "$OUT_DIR/bare.sql" "$DB_URL" 2>/dev/null |
+    sed -nE 's/^tps = ([0-9.]+).*/\1/p' | cut -d. -f1)
+
+ratio() { python3 -c "print(f'{float($1)/float($2):.2f}')"; }
+cat <<REPORT
+gateway mode, ${CLIENTS} connections, ${DURATION} each, one run (load average after: $(cut -d' ' -f1-3 /proc/loadavg)):
+  /v1/authz free route   ${free_rate}/s (p50 ${free_p50} ms, p99 ${free_p99} ms)   /health/live ${live_rate}/s (p99 ${live_p99} ms)
+                         ratio $(ratio "$free_rate" "$live_rate") (target >= 0.85), p99 ${free_p99} ms (target < 2)
+  /v1/authz priced route ${priced_rate} charges/s (p99 ${priced_p99} ms), bare UPDATE ${bare}/s over ${ACCOUNTS} accounts
+                         ratio $(ratio "$priced_rate" "$bare") (target >= 0.8)
+  nginx, 1 connection    p50 with auth_request ${authed_p50} ms, without ${plain_p50} ms
+                         added by the authorization subrequest: $(python3 -c "print(f'{$authed_p50 - $plain_p50:.3f}')") ms at p50
+REPORT

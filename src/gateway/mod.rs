@@ -1,0 +1,247 @@
+//! Gateway mode: keymeter as the authorizer in front of a customer-facing API it does not
+//! implement — nginx `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz` (HTTP) — and the
+//! verify API for servers that check keys in code.
+//!
+//! For every proxied request: the key is verified and the account's tier limit applied
+//! exactly as on keymeter's own API (`http::ratelimit_gate::admit`, the same code), then the
+//! original request's route is looked up in the operator's priced routes
+//! ([`routes_file`]), its scope checked, and its cost charged ([`charge`]: group-committed,
+//! once per `X-Request-Id`, refundable once). This module decides; `routes/gateway.rs` turns
+//! the decision into what each proxy understands.
+//!
+//! Service tokens (`KEYMETER_SERVICE_TOKENS`) authenticate the operator's own servers (the
+//! refund and verify endpoints): only their SHA-256 digests are kept, and a presented token is
+//! compared with every one of them in constant time, so neither a token's content nor which
+//! one matched leaks through timing.
+
+pub mod charge;
+pub mod routes_file;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use charge::{Charged, GatewayCharges, Refunded};
+pub use routes_file::{GatewayRoute, RouteTable};
+
+/// Why a gateway request was refused (beyond the key and the rate limit, which are the
+/// auth and rate-limit modules' own refusals).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No priced route covers the original request.
+    #[error("{method} {path} is not a metered route.")]
+    RouteNotMetered { method: String, path: String },
+    /// The proxy did not say which request it asks about.
+    #[error("The original request's method and path are missing or malformed (send X-Original-Method and X-Original-URI, X-Forwarded-Method and X-Forwarded-Uri, or call /v1/authz/<path>).")]
+    NoOriginalRequest,
+    /// A refund of a charge the gateway never made.
+    #[error("No gateway charge with that id.")]
+    ChargeNotFound,
+    /// A second refund of one charge.
+    #[error("This charge was refunded already (refund {refund_id}).")]
+    AlreadyRefunded { refund_id: i64 },
+    #[error(transparent)]
+    Credits(#[from] crate::credits::Error),
+    #[error(transparent)]
+    Db(#[from] crate::db::Error),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+crate::impl_db_error_from!(Error);
+
+/// The configured service tokens, as digests.
+#[derive(Clone, Default)]
+pub struct ServiceTokens {
+    digests: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ServiceTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServiceTokens({} configured)", self.digests.len())
+    }
+}
+
+impl ServiceTokens {
+    pub fn new<S: AsRef<str>>(tokens: &[S]) -> ServiceTokens {
+        ServiceTokens {
+            digests: tokens
+                .iter()
+                .map(|t| Sha256::digest(t.as_ref().as_bytes()).into())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+
+    /// Whether `presented` is one of the tokens. Every digest is compared, whatever matched.
+    pub fn accepts(&self, presented: &str) -> bool {
+        let d: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        self.digests
+            .iter()
+            .fold(subtle::Choice::from(0u8), |acc, t| acc | t.ct_eq(&d))
+            .into()
+    }
+}
+
+/// Everything gateway mode needs at run time.
+pub struct Gateway {
+    pub routes: RouteTable,
+    pub charges: GatewayCharges,
+    pub service_tokens: ServiceTokens,
+}
+
+/// The request a proxy asks about: its method and its normalized path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Original {
+    pub method: String,
+    pub path: String,
+}
+
+impl Original {
+    /// From what the proxy sent: nginx's `X-Original-Method` + `X-Original-URI`, Traefik's
+    /// `X-Forwarded-Method` + `X-Forwarded-Uri`, or — Envoy's `ext_authz`, which sends the
+    /// original request line itself under a path prefix — the request's own method and the
+    /// path after `/v1/authz` (`tail`).
+    ///
+    /// When more than one of them is present they must agree, or the request is refused: a
+    /// proxy that passes the client's headers through (Traefik does, unless told otherwise)
+    /// would otherwise let a client name a cheap route in the family the proxy does not set
+    /// while requesting an expensive one.
+    pub fn from_parts(
+        header: impl Fn(&str) -> Option<String>,
+        own_method: &str,
+        tail: Option<&str>,
+    ) -> Result<Original, Error> {
+        let targets = [
+            header("x-original-uri"),
+            header("x-forwarded-uri"),
+            tail.map(str::to_owned),
+        ];
+        let mut path: Option<String> = None;
+        for t in targets.into_iter().flatten() {
+            let p = routes_file::normalize(t.trim()).ok_or(Error::NoOriginalRequest)?;
+            match &path {
+                Some(seen) if *seen != p => return Err(Error::NoOriginalRequest),
+                _ => path = Some(p),
+            }
+        }
+        let path = path.ok_or(Error::NoOriginalRequest)?;
+        let methods = [
+            header("x-original-method"),
+            header("x-forwarded-method"),
+            tail.map(|_| own_method.to_owned()),
+        ];
+        let mut method: Option<String> = None;
+        for m in methods.into_iter().flatten() {
+            let m = m.trim().to_ascii_uppercase();
+            if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(Error::NoOriginalRequest);
+            }
+            match &method {
+                Some(seen) if *seen != m => return Err(Error::NoOriginalRequest),
+                _ => method = Some(m),
+            }
+        }
+        Ok(Original {
+            method: method.unwrap_or_else(|| own_method.to_ascii_uppercase()),
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn each_proxy_says_which_request_in_its_own_words() {
+        let nginx = Original::from_parts(
+            headers(&[
+                ("X-Original-Method", "post"),
+                ("X-Original-URI", "/v1/x?q=1"),
+            ]),
+            "GET",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (nginx.method.as_str(), nginx.path.as_str()),
+            ("POST", "/v1/x")
+        );
+        let traefik = Original::from_parts(
+            headers(&[
+                ("X-Forwarded-Method", "DELETE"),
+                ("X-Forwarded-Uri", "/a/../b"),
+            ]),
+            "GET",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            (traefik.method.as_str(), traefik.path.as_str()),
+            ("DELETE", "/b")
+        );
+        let envoy = Original::from_parts(headers(&[]), "PATCH", Some("/v1/items/7")).unwrap();
+        assert_eq!(
+            (envoy.method.as_str(), envoy.path.as_str()),
+            ("PATCH", "/v1/items/7")
+        );
+        assert!(Original::from_parts(headers(&[]), "GET", None).is_err());
+        // A client's header in the family the proxy does not set cannot reprice the request.
+        let spoofed = [
+            ("X-Forwarded-Method", "GET"),
+            ("X-Forwarded-Uri", "/v1/expensive"),
+            ("X-Original-URI", "/v1/cheap"),
+        ];
+        assert!(Original::from_parts(headers(&spoofed), "GET", None).is_err());
+        assert!(Original::from_parts(
+            headers(&[("X-Original-URI", "/v1/cheap")]),
+            "GET",
+            Some("/v1/expensive")
+        )
+        .is_err());
+        assert!(Original::from_parts(
+            headers(&[("X-Original-Method", "GET"), ("X-Original-URI", "/v1/x")]),
+            "POST",
+            Some("/v1/x")
+        )
+        .is_err());
+        let agreeing = [
+            ("X-Forwarded-Uri", "/v1/x?a"),
+            ("X-Original-URI", "/v1/./x"),
+        ];
+        assert_eq!(
+            Original::from_parts(headers(&agreeing), "GET", None)
+                .unwrap()
+                .path,
+            "/v1/x"
+        );
+        assert!(Original::from_parts(
+            headers(&[("X-Original-Method", "G T"), ("X-Original-URI", "/")]),
+            "GET",
+            None
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn service_tokens_match_only_themselves() {
+        let t = ServiceTokens::new(&["a".repeat(32), "b".repeat(40)]);
+        assert!(t.accepts(&"a".repeat(32)));
+        assert!(t.accepts(&"b".repeat(40)));
+        assert!(!t.accepts(&"a".repeat(31)));
+        assert!(!t.accepts(""));
+        assert!(!ServiceTokens::default().accepts(""));
+        assert!(!format!("{t:?}").contains("aaaa"));
+    }
+}
