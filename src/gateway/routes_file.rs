@@ -373,7 +373,7 @@ scope = "read"
             ("[[routes]]\nmethod = \"GET\"\npath = \"/v1/../x\"\ncost = 1\nscope = \"read\"\n", 3, "normal form"),
             ("[[routes]]\nmethod = \"GET\"\npath = \"/v1\"\ncost = 1\n", 1, "scope"),
             ("[[routes]]\nmethod = \"GET\"\npath = \"/v1\"\ncost = 1\nscope = \"read\"\nprice = 3\n", 6, "price"),
-            ("[[routes]]\nmethod = \"GET\"\npath = \"/v1\"\ncost = \"2\"\nscope = \"read\"\n", 4, "integer"),
+            ("[[routes]]\nmethod = \"GET\"\npath = \"/v1\"\ncost = \"2\"\nscope = \"read\"\n", 4, "invalid type"),
             ("[[routes]]\nmethod = \"GET\"\npath = \"/a\"\ncost = 1\nscope = \"read\"\n\n[[routes]]\nmethod = \"get\"\npath = \"/a\"\ncost = 1\nscope = \"read\"\n", 8, "twice"),
             ("[[routes]\n", 1, ""),
         ];
