@@ -174,6 +174,10 @@ problem_types! {
         "The request took longer than the server allows."),
     JobTimeout => ("job_timeout", [504], "Job timed out",
         "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`)."),
+    PaymentMethodRequired => ("payment_method_required", [409], "Payment method required",
+        "Auto-recharge needs a card saved for off-session payments: buy a pack through \
+         Checkout (it saves the card) or save one with `POST /v1/billing/auto-recharge/setup`, \
+         then enable it again."),
 }
 
 impl ProblemType {
