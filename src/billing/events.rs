@@ -14,6 +14,7 @@
 
 mod payments;
 mod plans;
+mod recharge;
 
 use deadpool_postgres::{Pool, Transaction};
 use secrecy::{ExposeSecret, SecretString};
@@ -45,6 +46,10 @@ pub const HANDLED: &[&str] = &[
     "charge.refunded",
     "charge.dispute.created",
     "charge.dispute.closed",
+    "checkout.session.expired",
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "payment_intent.requires_action",
 ];
 
 /// A verified delivery: the envelope every event has, and the typed object for the types
@@ -145,12 +150,15 @@ pub async fn process(
     tiers: &Tiers,
     event: &Delivery,
 ) -> Result<Processed, Error> {
-    let retrieved = match &event.object {
+    let (retrieved, card) = match &event.object {
         Some(
             EventObject::CheckoutSessionCompleted(s)
             | EventObject::CheckoutSessionAsyncPaymentSucceeded(s),
-        ) => payments::retrieve_if_unknown(db, api, s).await?,
-        _ => None,
+        ) => (
+            payments::retrieve_if_unknown(db, api, s).await?,
+            payments::saved_card(db, api, s).await?,
+        ),
+        _ => (None, None),
     };
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
@@ -176,7 +184,40 @@ pub async fn process(
         Some(
             EventObject::CheckoutSessionCompleted(s)
             | EventObject::CheckoutSessionAsyncPaymentSucceeded(s),
-        ) => ctx.checkout_paid(kind, s, retrieved.as_ref()).await?,
+        ) => {
+            let saved_for = ctx.save_card(s, card.as_deref()).await?;
+            if matches!(s.mode, stripe_shared::CheckoutSessionMode::Setup) {
+                (
+                    saved_for,
+                    if saved_for.is_some() {
+                        "payment_method_saved"
+                    } else {
+                        "unmatched"
+                    },
+                )
+            } else {
+                ctx.checkout_paid(kind, s, retrieved.as_ref()).await?
+            }
+        }
+        Some(EventObject::CheckoutSessionExpired(s)) => {
+            // An abandoned plan checkout no longer holds the account's one open plan checkout.
+            let closed = tx
+                .query_opt(
+                    "UPDATE billing_checkouts SET plan_open = false WHERE session_id = $1 AND plan_open
+                     RETURNING account_id",
+                    &[&s.id.as_str()],
+                )
+                .await?;
+            match closed {
+                Some(r) => (Some(r.get(0)), "plan_checkout_closed"),
+                None => (None, "ignored"),
+            }
+        }
+        Some(EventObject::PaymentIntentSucceeded(pi)) => ctx.recharge_succeeded(pi).await?,
+        Some(
+            EventObject::PaymentIntentPaymentFailed(pi)
+            | EventObject::PaymentIntentRequiresAction(pi),
+        ) => ctx.recharge_failed(kind, pi).await?,
         Some(EventObject::InvoicePaid(inv)) => ctx.invoice_paid(inv).await?,
         Some(
             EventObject::CustomerSubscriptionCreated(sub)

@@ -1,9 +1,11 @@
 //! Billing through Stripe: Checkout Sessions for credit packs and plans, and the webhook that
 //! turns Stripe's events into ledger rows and tier changes — each exactly once.
 //!
-//! This module owns `billing_customers`, `billing_checkouts`, `billing_subscriptions` and
-//! `stripe_events`; balances move only through `credits`, tiers only through `accounts`.
+//! This module owns `billing_customers`, `billing_checkouts`, `billing_subscriptions`,
+//! `billing_auto_recharge`, `billing_recharges` and `stripe_events` (and the
+//! `accounts.recharge_*` arming columns it writes for the charge statements to test); balances move only through `credits`, tiers only through `accounts`.
 
+pub mod auto_recharge;
 pub mod events;
 pub mod signature;
 pub mod stripe_api;
@@ -52,6 +54,19 @@ pub enum Error {
     /// A second plan while one is live: plans change (or end) through the customer portal.
     #[error("The account already has a plan ({subscription}); change or cancel it through the customer portal.")]
     PlanActive { subscription: String },
+    /// A plan checkout opened while another one is still open: pay or abandon that one
+    /// first (its session expires within 30 minutes).
+    #[error("A plan checkout is already open for this account ({session}); complete it, or retry once it expires.")]
+    PlanCheckoutOpen { session: String },
+    /// Auto-recharge enabled without a card saved for off-session payments.
+    #[error("Auto-recharge needs a saved card: buy a pack through Checkout, or save one with POST /v1/billing/auto-recharge/setup.")]
+    PaymentMethodRequired,
+    /// An auto-recharge setting out of range.
+    #[error("{detail}")]
+    InvalidSetting { field: &'static str, detail: String },
+    /// A card can be saved only against a pack's currency, and none is configured.
+    #[error("No credit pack is configured on this server.")]
+    NoPacks,
     /// The account could not be read or its tier set.
     #[error(transparent)]
     Accounts(#[from] crate::accounts::Error),
@@ -74,6 +89,7 @@ impl Error {
             Error::UnknownPack { .. } | Error::PackOrPlan => Some("pack"),
             Error::UnknownPlan { .. } => Some("plan"),
             Error::InvalidUrl { field } => Some(field),
+            Error::InvalidSetting { field, .. } => Some(field),
             _ => None,
         }
     }
@@ -305,44 +321,165 @@ pub async fn create_checkout(
         } => (false, "pack", name, price_id, *credits),
         Item::Plan { name, price_id } => (true, "plan", name, price_id, 0),
     };
-    if subscription {
-        let live = live_plan(&db.get().await?, account_id).await?;
-        if let Some(current) = live {
-            return Err(Error::PlanActive {
-                subscription: current,
-            });
+    let claim = if subscription {
+        Some(claim_plan_checkout(db, account_id, name).await?)
+    } else {
+        None
+    };
+    let created = open_session(
+        db,
+        api,
+        account_id,
+        &req,
+        subscription,
+        (kind, name.as_str(), price_id.as_str()),
+    )
+    .await;
+    let created = match (created, &claim) {
+        (Ok(c), _) => c,
+        (Err(e), Some(claim)) => {
+            // Stripe did not open it: release the claim so the customer can try again.
+            db.get()
+                .await?
+                .execute(
+                    "DELETE FROM billing_checkouts WHERE session_id = $1",
+                    &[claim],
+                )
+                .await?;
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let client = db.get().await?;
+    match &claim {
+        Some(claim) => {
+            client
+                .execute(
+                    "UPDATE billing_checkouts SET session_id = $2 WHERE session_id = $1",
+                    &[claim, &created.id],
+                )
+                .await?;
+        }
+        None => {
+            client
+                .execute(
+                    "INSERT INTO billing_checkouts (session_id, account_id, mode, item, credits)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING",
+                    &[&created.id, &account_id, &"payment", name, &credits],
+                )
+                .await?;
         }
     }
+    Ok(created)
+}
+
+/// How long a plan checkout stays open (Stripe's shortest session life): the account's one
+/// open plan checkout is released by then even if `checkout.session.expired` never arrives.
+const PLAN_CHECKOUT_MINUTES: i64 = 30;
+
+/// Claims the account's one open plan checkout, exactly: in one transaction, expired claims
+/// are released, a live plan refuses (`plan_active`), and the claim row is inserted under the
+/// unique index `billing_checkouts_one_open_plan` — of two racing requests (on any
+/// instances) one inserts, the other waits on the index and is refused. No lock is held
+/// while Stripe answers. Returns the claim's placeholder session id.
+async fn claim_plan_checkout(db: &Pool, account_id: Uuid, plan: &str) -> Result<String, Error> {
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    tx.execute(
+        "UPDATE billing_checkouts SET plan_open = false
+          WHERE account_id = $1 AND plan_open AND expires_at < now()",
+        &[&account_id],
+    )
+    .await?;
+    if let Some(current) = live_plan(&tx, account_id).await? {
+        return Err(Error::PlanActive {
+            subscription: current,
+        });
+    }
+    let claim = format!("claim_{}", Uuid::now_v7().simple());
+    let inserted = tx
+        .execute(
+            &format!(
+                "INSERT INTO billing_checkouts (session_id, account_id, mode, item, credits, plan_open, expires_at)
+                 VALUES ($1, $2, 'subscription', $3, 0, true, now() + interval '{PLAN_CHECKOUT_MINUTES} minutes')
+                 ON CONFLICT (account_id) WHERE plan_open DO NOTHING"
+            ),
+            &[&claim, &account_id, &plan],
+        )
+        .await?;
+    if inserted == 0 {
+        let open: String = tx
+            .query_opt(
+                "SELECT session_id FROM billing_checkouts WHERE account_id = $1 AND plan_open",
+                &[&account_id],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        return Err(Error::PlanCheckoutOpen { session: open });
+    }
+    tx.commit().await?;
+    Ok(claim)
+}
+
+async fn open_session(
+    db: &Pool,
+    api: &StripeApi,
+    account_id: Uuid,
+    req: &CheckoutRequest<'_>,
+    subscription: bool,
+    (kind, name, price_id): (&'static str, &str, &str),
+) -> Result<Created, Error> {
     let customer = customer_for(db, api, account_id).await?;
     let account = account_id.to_string();
-    let mode = if subscription {
-        "subscription"
-    } else {
-        "payment"
-    };
+    api.create_checkout_session(
+        &req.idempotency_key,
+        NewSession {
+            subscription,
+            customer: &customer,
+            account_id: &account,
+            price_id,
+            success_url: req.success_url,
+            cancel_url: req.cancel_url,
+            item: (kind, name),
+            expires_at: subscription
+                .then(|| chrono::Utc::now().timestamp() + PLAN_CHECKOUT_MINUTES * 60),
+        },
+    )
+    .await
+}
+
+/// Opens a Checkout Session in `setup` mode: the customer saves a card for auto-recharge
+/// without buying anything (a pack bought through Checkout saves one too). Its currency is
+/// the first configured pack's, read from Stripe.
+pub async fn setup_checkout(
+    db: &Pool,
+    api: &StripeApi,
+    settings: &BillingSettings,
+    account_id: Uuid,
+    success_url: &str,
+    cancel_url: &str,
+) -> Result<CheckoutSession, Error> {
+    check_url("success_url", success_url)?;
+    check_url("cancel_url", cancel_url)?;
+    let pack = settings.packs.first().ok_or(Error::NoPacks)?;
+    let price = api.price(&pack.price_id).await?;
+    let customer = customer_for(db, api, account_id).await?;
     let created = api
-        .create_checkout_session(
-            &req.idempotency_key,
-            NewSession {
-                subscription,
-                customer: &customer,
-                account_id: &account,
-                price_id,
-                success_url: req.success_url,
-                cancel_url: req.cancel_url,
-                item: (kind, name),
-            },
+        .create_setup_session(
+            &format!("keymeter-setup-{}", Uuid::now_v7()),
+            &customer,
+            &account_id.to_string(),
+            price.currency,
+            success_url,
+            cancel_url,
         )
         .await?;
-    let client = db.get().await?;
-    client
-        .execute(
-            "INSERT INTO billing_checkouts (session_id, account_id, mode, item, credits)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id) DO NOTHING",
-            &[&created.id, &account_id, &mode, name, &credits],
-        )
-        .await?;
-    Ok(created)
+    Ok(CheckoutSession {
+        object: "checkout_session",
+        id: created.id,
+        url: created.url,
+    })
 }
 
 /// A Stripe billing-portal session: where the customer updates their card, sees invoices
@@ -384,8 +521,10 @@ pub struct Summary {
     pub plan: Option<String>,
     pub subscription_status: Option<String>,
     pub stripe_customer: Option<String>,
-    /// The last 20 purchases, clawbacks and dispute movements, newest first.
+    /// The last 20 purchases, auto-recharges, clawbacks and dispute movements, newest first.
     pub purchases: Vec<crate::credits::Movement>,
+    /// Auto-recharge, with why keymeter turned it off (`disabled_reason`) if it did.
+    pub auto_recharge: auto_recharge::Settings,
 }
 
 pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summary, Error> {
@@ -409,7 +548,7 @@ pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summar
     let purchases = db
         .query(
             &format!(
-                "SELECT {} FROM credit_ledger WHERE account_id = $1 AND kind IN ('purchase', 'clawback', 'dispute', 'dispute_won')
+                "SELECT {} FROM credit_ledger WHERE account_id = $1 AND kind IN ('purchase', 'auto_recharge', 'clawback', 'dispute', 'dispute_won')
                   ORDER BY id DESC LIMIT 20",
                 crate::credits::ledger::MOVEMENT_COLUMNS
             ),
@@ -426,5 +565,6 @@ pub async fn summary(db: &impl GenericClient, account_id: Uuid) -> Result<Summar
         subscription_status: sub.as_ref().map(|r| r.get(1)),
         stripe_customer: customer,
         purchases,
+        auto_recharge: auto_recharge::get(db, account_id).await?,
     })
 }

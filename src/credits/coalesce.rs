@@ -131,8 +131,10 @@ async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
 }
 
 /// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE).
+/// Also reads each account's auto-recharge arming (see `recharge_signal`), so the batch
+/// can tell which accounts it takes below their threshold without another query.
 const LOCK: &str =
-    "SELECT id, credit_balance FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+    "SELECT id, credit_balance, recharge_below, recharge_after <= now() FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
 /// Each touched account's final balance, then all ledger rows, in one statement.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
@@ -186,6 +188,16 @@ async fn flush_on(
         client.query(lock, &lock_params)
     )?;
     let mut balances: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // Armed accounts and their thresholds: the only ones a crossing is looked for in.
+    let armed: HashMap<Uuid, i64> = locked
+        .iter()
+        .filter_map(
+            |r| match (r.get::<_, Option<i64>>(2), r.get::<_, bool>(3)) {
+                (Some(below), true) => Some((r.get(0), below)),
+                _ => None,
+            },
+        )
+        .collect();
     let (mut accounts, mut deltas, mut afters, mut reasons) = (
         Vec::new(),
         Vec::new(),
@@ -221,6 +233,16 @@ async fn flush_on(
         for (a, b) in accounts.iter().zip(&afters) {
             finals.insert(*a, *b);
         }
+        // Accounts this batch leaves below their armed threshold: one NOTIFY each, naming the
+        // row that crossed, pipelined before COMMIT (no extra round trip; none at all when
+        // no account crossed, which is nearly always).
+        let (mut crossed, mut crossed_at) = (Vec::new(), Vec::new());
+        for (a, b) in &finals {
+            if armed.get(a).is_some_and(|below| b < below) {
+                crossed.push(*a);
+                crossed_at.push(*b);
+            }
+        }
         let (final_ids, final_balances): (Vec<Uuid>, Vec<i64>) = finals.into_iter().unzip();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
             &final_ids,
@@ -230,9 +252,24 @@ async fn flush_on(
             &afters,
             &reasons,
         ];
-        let (rows, ()) =
-            tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;
-        rows
+        if crossed.is_empty() {
+            let (rows, ()) =
+                tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;
+            rows
+        } else {
+            // Prepared (once per connection) before the pipeline, so its execution is sent
+            // between the write and the COMMIT rather than after a Parse round trip.
+            let notify_stmt = client
+                .prepare_cached(super::recharge_signal::NOTIFY_CROSSINGS)
+                .await?;
+            let notify: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&crossed, &crossed_at];
+            let (rows, _, ()) = tokio::try_join!(
+                client.query(write, &params),
+                client.execute(&notify_stmt, &notify),
+                client.batch_execute("COMMIT")
+            )?;
+            rows
+        }
     };
     // Ledger ids follow insertion order; pair them back up with the accepted requests.
     let mut sorted: Vec<Movement> = rows.iter().map(|r| ledger::counted(movement(r))).collect();

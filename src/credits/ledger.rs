@@ -22,6 +22,8 @@ pub enum Kind {
     Dispute,
     /// Credits given back when a dispute closes in the merchant's favour.
     DisputeWon,
+    /// Credits bought by an auto-recharge's off-session payment.
+    AutoRecharge,
 }
 
 impl Kind {
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Clawback => "clawback",
             Kind::Dispute => "dispute",
             Kind::DisputeWon => "dispute_won",
+            Kind::AutoRecharge => "auto_recharge",
         }
     }
 
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Clawback,
             Kind::Dispute,
             Kind::DisputeWon,
+            Kind::AutoRecharge,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -216,14 +220,22 @@ pub async fn charge(
     if cost <= 0 {
         return Err(Error::ChargeNotPositive);
     }
+    // The auto-recharge test rides on the row this statement updates anyway: a comparison,
+    // and a NOTIFY only when it holds (see `recharge_signal`).
     let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
                      UPDATE accounts SET credit_balance = credit_balance - $2
                       WHERE id = $1 AND credit_balance >= $2
-                  RETURNING credit_balance)
+                  RETURNING credit_balance, {armed} AS recharge),
+                 ins AS (
                  INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key)
                  SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5 FROM acct
-                 RETURNING {MOVEMENT_COLUMNS}"
+                 RETURNING {MOVEMENT_COLUMNS})
+                 SELECT ins.*, (SELECT pg_notify('{channel}', ins.account_id::text || ':' || ins.id::text)::text = ''
+                                 WHERE acct.recharge)
+                   FROM ins, acct",
+                armed = super::recharge_signal::ARMED,
+                channel = super::recharge_signal::CHANNEL,
             )).await?;
     let res = db
         .query_opt(

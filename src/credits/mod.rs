@@ -7,6 +7,7 @@
 pub mod coalesce;
 pub mod ledger;
 pub mod metered;
+pub mod recharge_signal;
 pub mod report;
 
 pub use ledger::{ChargeContext, Kind, Movement, Once};
@@ -39,7 +40,7 @@ pub enum Error {
     #[error("An adjustment of {amount} would take the balance ({balance}) below zero.")]
     BelowZero { amount: i64, balance: i64 },
     /// A ledger filter naming no [`Kind`].
-    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback, dispute, dispute_won.")]
+    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback, dispute, dispute_won, auto_recharge.")]
     UnknownKind,
     /// A usage report's granularity that is neither `day` nor `hour`.
     #[error("granularity must be day or hour.")]

@@ -184,6 +184,10 @@ problem_types! {
     ChargeAlreadyRefunded => ("charge_already_refunded", [409], "Charge already refunded",
         "The gateway charge was refunded already (`refund` names the refund); a charge is \
          refunded at most once."),
+    PaymentMethodRequired => ("payment_method_required", [409], "Payment method required",
+        "Auto-recharge needs a card saved for off-session payments: buy a pack through \
+         Checkout (it saves the card) or save one with `POST /v1/billing/auto-recharge/setup`, \
+         then enable it again."),
 }
 
 impl ProblemType {

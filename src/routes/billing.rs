@@ -21,7 +21,160 @@ pub fn configure(routes: &mut Routes) {
         .post(Access::Signed, "/v1/billing/webhook", webhook)
         .get(Access::Key, "/v1/billing", summary)
         .post(Access::Key, "/v1/billing/checkout", checkout)
-        .post(Access::Key, "/v1/billing/portal", portal);
+        .post(Access::Key, "/v1/billing/portal", portal)
+        .get(Access::Key, "/v1/billing/auto-recharge", get_auto_recharge)
+        .put(Access::Key, "/v1/billing/auto-recharge", put_auto_recharge)
+        .post(
+            Access::Key,
+            "/v1/billing/auto-recharge/setup",
+            setup_auto_recharge,
+        );
+}
+
+/// Auto-recharge settings. `enabled` is required; the others keep their stored values when
+/// left out, and all three are needed to enable.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = AutoRechargeUpdate)]
+struct AutoRechargeBody {
+    enabled: bool,
+    /// A charge leaving the balance below this starts a recharge (0 to 10^12).
+    #[schema(example = 100)]
+    threshold: Option<i64>,
+    /// The credit pack bought (`KEYMETER_CREDIT_PACKS`).
+    #[schema(example = "small")]
+    pack: Option<String>,
+    /// At most this many recharges per calendar month, UTC (1 to 1000).
+    #[schema(example = 4)]
+    max_per_month: Option<i32>,
+}
+
+/// Where Stripe sends the customer after saving a card, or on cancel.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = AutoRechargeSetup)]
+struct SetupBody {
+    #[schema(max_length = 2048, example = "https://example.com/card-saved")]
+    success_url: String,
+    #[schema(max_length = 2048, example = "https://example.com/cancelled")]
+    cancel_url: String,
+}
+
+/// `GET /v1/billing/auto-recharge` (`billing`).
+#[utoipa::path(
+    get,
+    path = "/v1/billing/auto-recharge",
+    operation_id = "get_auto_recharge",
+    tag = "billing",
+    summary = "Auto-recharge settings",
+    responses(
+        (status = 200, description = "The account's auto-recharge.", body = crate::billing::auto_recharge::Settings),
+    ),
+    security(("ApiKey" = ["billing"]), ("ApiKeyHeader" = ["billing"])),
+)]
+pub async fn get_auto_recharge(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+) -> ApiResult<HttpResponse> {
+    caller.require(Scope::Billing)?;
+    let client = state.db.get().await?;
+    let settings = billing::auto_recharge::get(&client, caller.account_id).await?;
+    Ok(HttpResponse::Ok().json(settings))
+}
+
+/// `PUT /v1/billing/auto-recharge` (`billing`) {enabled, threshold, pack, max_per_month}.
+#[utoipa::path(
+    put,
+    path = "/v1/billing/auto-recharge",
+    operation_id = "set_auto_recharge",
+    tag = "billing",
+    summary = "Turn auto-recharge on or off",
+    description = "When a charge (metered, or a job's reservation) leaves the balance below \
+        `threshold`, keymeter buys `pack` with the card saved for off-session payments (an \
+        off-session Stripe PaymentIntent), at most once every 10 minutes and `max_per_month` \
+        times a calendar month (UTC), one at a time. The credits arrive with Stripe's \
+        `payment_intent.succeeded` (ledger kind `auto_recharge`, event `credits.granted`). A \
+        declined payment or one that needs the customer (`authentication_required`) turns it \
+        off, with the reason in `disabled_reason` here and in `GET /v1/billing`; enabling it \
+        again clears that. A balance already below the threshold recharges at the next charge.",
+    request_body = AutoRechargeBody,
+    responses(
+        (status = 200, description = "The settings now in force.", body = crate::billing::auto_recharge::Settings),
+        (status = 400, description = "`invalid_json`: the body is not JSON."),
+        (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
+        (status = 409, description = "`payment_method_required`: enabling with no card saved \
+            for off-session payments (buy a pack through Checkout, or `POST \
+            /v1/billing/auto-recharge/setup`)."),
+        (status = 422, description = "`validation_failed`: an unknown pack, a threshold or \
+            `max_per_month` out of range, enabling without all three, or an unknown field."),
+    ),
+    security(("ApiKey" = ["billing"]), ("ApiKeyHeader" = ["billing"])),
+)]
+pub async fn put_auto_recharge(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(Scope::Billing)?;
+    state.stripe.as_ref().ok_or(billing::Error::NotConfigured)?;
+    let (_, b): (serde_json::Value, AutoRechargeBody) = crate::http::extractors::json_body(&body)?;
+    let settings = billing::auto_recharge::set(
+        &state.db,
+        &state.config.billing,
+        caller.account_id,
+        billing::auto_recharge::Update {
+            enabled: b.enabled,
+            threshold: b.threshold,
+            pack: b.pack,
+            max_per_month: b.max_per_month,
+        },
+    )
+    .await?;
+    Ok(HttpResponse::Ok().json(settings))
+}
+
+/// `POST /v1/billing/auto-recharge/setup` (`billing`) {success_url, cancel_url} → a
+/// Checkout Session in `setup` mode.
+#[utoipa::path(
+    post,
+    path = "/v1/billing/auto-recharge/setup",
+    operation_id = "setup_auto_recharge",
+    tag = "billing",
+    summary = "Save a card for auto-recharge",
+    description = "Opens a Stripe Checkout Session in `setup` mode: the customer saves a card \
+        for off-session payments without buying anything. Once Stripe reports the session \
+        complete (`checkout.session.completed`), the card is the one auto-recharge uses. A \
+        pack bought through `POST /v1/billing/checkout` saves its card the same way.",
+    request_body = SetupBody,
+    responses(
+        (status = 201, description = "The Checkout Session.", body = CheckoutSession),
+        (status = 400, description = "`invalid_json`: the body is not JSON."),
+        (status = 404, description = "`feature_disabled`: billing (or any credit pack) is not \
+            configured on this server."),
+        (status = 422, description = "`validation_failed`: a URL that is not absolute \
+            http(s), or an unknown field."),
+        (status = 503, description = "`payment_provider_unavailable`: Stripe did not answer; retry."),
+    ),
+    security(("ApiKey" = ["billing"]), ("ApiKeyHeader" = ["billing"])),
+)]
+pub async fn setup_auto_recharge(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    body: web::Bytes,
+) -> ApiResult<HttpResponse> {
+    caller.require(Scope::Billing)?;
+    let api = state.stripe.as_ref().ok_or(billing::Error::NotConfigured)?;
+    let (_, b): (serde_json::Value, SetupBody) = crate::http::extractors::json_body(&body)?;
+    let session = billing::setup_checkout(
+        &state.db,
+        api,
+        &state.config.billing,
+        caller.account_id,
+        &b.success_url,
+        &b.cancel_url,
+    )
+    .await?;
+    Ok(HttpResponse::Created().json(session))
 }
 
 /// Name exactly one of `pack` or `plan`.
@@ -61,7 +214,9 @@ pub struct WebhookAck {
     /// What processing did (`credits_purchased`, `plan_period_paid`,
     /// `plan_invoice_without_credits`, `invoice_already_credited`, `tier_set`, `tier_reset`,
     /// `not_current_plan`, `credits_clawed_back`, `credits_disputed`, `credits_restored`,
-    /// `ignored`, `unmatched`, …), for a first delivery.
+    /// `payment_method_saved`, `auto_recharged`, `already_recharged`,
+    /// `auto_recharge_disabled`, `plan_checkout_closed`, `ignored`, `unmatched`, …), for a
+    /// first delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<&'static str>,
 }
@@ -103,7 +258,8 @@ pub struct StripeEventData {
             be read."),
         (status = 404, description = "`feature_disabled`: billing is not configured on this server."),
         (status = 409, description = "`plan_active`: a plan checkout while the account already \
-            has a live plan (`subscription`; change it through `POST /v1/billing/portal`); \
+            has a live plan (`subscription`; change it through `POST /v1/billing/portal`) or \
+            another plan checkout still open (`checkout`; open 30 minutes at most); \
             `idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
@@ -208,7 +364,9 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
         answers 5xx so Stripe retries. Acted on: `checkout.session.completed`, \
         `checkout.session.async_payment_succeeded`, `invoice.paid`, \
         `customer.subscription.created`, `.updated`, `.deleted`, `charge.refunded`, \
-        `charge.dispute.created`, `charge.dispute.closed`; every other type is recorded and \
+        `charge.dispute.created`, `charge.dispute.closed`, `checkout.session.expired`, \
+        `payment_intent.succeeded`, `payment_intent.payment_failed`, \
+        `payment_intent.requires_action` (auto-recharge); every other type is recorded and \
         ignored.",
     params(("Stripe-Signature" = String, Header, description = "`t=<unix time>,v1=<hex HMAC-SHA256>`, as Stripe signs.")),
     request_body = StripeEvent,

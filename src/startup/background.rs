@@ -32,14 +32,20 @@ impl Background {
         let (config, pool, jobs) = (&state.config, &state.db, &state.jobs);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(db::listen::run(
-            pg.clone(),
-            vec![
-                auth::listener::subscription(state.auth.cache.clone()),
-                jobs.wakeups.subscription(),
-            ],
-            shutdown.clone(),
-        ));
+        let mut subscriptions = vec![
+            auth::listener::subscription(state.auth.cache.clone()),
+            jobs.wakeups.subscription(),
+        ];
+        if let Some(api) = &state.stripe {
+            // Auto-recharge: crossings the charge statements NOTIFY (billing::auto_recharge).
+            let recharger = crate::billing::auto_recharge::Recharger::new(
+                pool.clone(),
+                api.clone(),
+                config.billing.clone(),
+            );
+            subscriptions.push(recharger.subscription());
+        }
+        tasks.spawn(db::listen::run(pg.clone(), subscriptions, shutdown.clone()));
         let (drain_jobs, stop_jobs) = (CancellationToken::new(), CancellationToken::new());
         let workers = tokio::spawn(jobs.clone().run_workers(
             pool.clone(),

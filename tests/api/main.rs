@@ -9,6 +9,7 @@ mod support;
 
 mod accounts;
 mod audit;
+mod auto_recharge;
 mod billing;
 mod credits;
 mod db_tls;

@@ -52,6 +52,67 @@ pub(super) async fn retrieve_if_unknown(
     }
 }
 
+/// The card a completed session saved for off-session use, from Stripe's copy of it with
+/// its intents expanded (`None` without a Stripe client or a customer). A setup session
+/// exists for nothing else, so a failure to read it fails the delivery (Stripe retries); for
+/// a pack it is best effort — the credits must not wait on it, and the customer can still
+/// save a card with a setup session.
+pub(super) async fn saved_card(
+    db: &Pool,
+    api: Option<&StripeApi>,
+    s: &CheckoutSession,
+) -> Result<Option<String>, Error> {
+    let Some(api) = api else { return Ok(None) };
+    if s.customer.is_none() {
+        return Ok(None);
+    }
+    let setup = matches!(s.mode, CheckoutSessionMode::Setup)
+        && matches!(
+            s.status,
+            Some(stripe_shared::CheckoutSessionStatus::Complete)
+        );
+    let pack = matches!(s.mode, CheckoutSessionMode::Payment) && paid(s);
+    if !setup && !pack {
+        return Ok(None);
+    }
+    if pack {
+        // A purchase already fulfilled (a redelivery) has had its card read: no second call.
+        let fulfilled = db
+            .get()
+            .await?
+            .query_opt(
+                "SELECT fulfilled_at IS NOT NULL FROM billing_checkouts WHERE session_id = $1",
+                &[&s.id.as_str()],
+            )
+            .await?
+            .is_some_and(|r| r.get(0));
+        if fulfilled {
+            return Ok(None);
+        }
+    }
+    let copy = match api.checkout_session_with_intents(s.id.as_str()).await {
+        Ok(c) => c,
+        Err(e) if !setup => {
+            tracing::warn!(session = %s.id.as_str(), error = %e, "could not read the card a pack checkout saved");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(copy) = copy else { return Ok(None) };
+    let pm = if setup {
+        copy.setup_intent
+            .as_ref()
+            .and_then(|i| i.as_object())
+            .and_then(|i| i.payment_method.as_ref())
+    } else {
+        copy.payment_intent
+            .as_ref()
+            .and_then(|i| i.as_object())
+            .and_then(|i| i.payment_method.as_ref())
+    };
+    Ok(pm.map(|p| p.id().as_str().to_owned()))
+}
+
 impl Ctx<'_, '_> {
     /// The packs (by configured price) and credits Stripe's copy of a session sold, if it is
     /// paid and every credit it grants is a configured pack's.
@@ -100,6 +161,13 @@ impl Ctx<'_, '_> {
                     Some(a) if self.account_exists(a).await? => a,
                     _ => return Ok((None, "unmatched")),
                 };
+                self.tx
+                    .execute(
+                        "UPDATE billing_checkouts SET plan_open = false, fulfilled_at = now()
+                          WHERE session_id = $1",
+                        &[&session_id],
+                    )
+                    .await?;
                 if let Some(sub) = &s.subscription {
                     let plan = s.metadata.as_ref().and_then(|m| m.get("plan"));
                     self.tx
@@ -159,7 +227,7 @@ impl Ctx<'_, '_> {
             return Ok((reference, "already_fulfilled"));
         };
         let (account, credits, item): (Uuid, i64, String) = (row.get(0), row.get(1), row.get(2));
-        ledger::credit(
+        let m = ledger::credit(
             self.tx,
             account,
             credits,
@@ -168,6 +236,7 @@ impl Ctx<'_, '_> {
             Some(self.event_id),
         )
         .await?;
+        self.granted(&m, "purchase", Some(session_id)).await?;
         Ok((Some(account), "credits_purchased"))
     }
 
@@ -209,7 +278,7 @@ impl Ctx<'_, '_> {
         if claw <= 0 {
             return Ok((Some(account), "nothing_to_claw_back"));
         }
-        ledger::clawback(
+        let m = ledger::clawback(
             self.tx,
             account,
             claw,
@@ -217,6 +286,7 @@ impl Ctx<'_, '_> {
             self.event_id,
         )
         .await?;
+        self.clawed_back(&m, "refund", charge.id.as_str()).await?;
         self.tx
             .execute(
                 "UPDATE billing_checkouts SET clawed_back = $2 WHERE session_id = $1",
@@ -240,7 +310,7 @@ impl Ctx<'_, '_> {
         if claw <= 0 {
             return Ok((Some(account), "nothing_to_claw_back"));
         }
-        ledger::take_back(
+        let m = ledger::take_back(
             self.tx,
             account,
             claw,
@@ -249,6 +319,7 @@ impl Ctx<'_, '_> {
             self.event_id,
         )
         .await?;
+        self.clawed_back(&m, "dispute", d.id.as_str()).await?;
         self.tx
             .execute(
                 "UPDATE billing_checkouts SET clawed_back = credits, dispute_clawed = dispute_clawed + $2
@@ -275,7 +346,7 @@ impl Ctx<'_, '_> {
         if taken <= 0 {
             return Ok((Some(account), "nothing_to_restore"));
         }
-        ledger::credit(
+        let m = ledger::credit(
             self.tx,
             account,
             taken,
@@ -284,6 +355,7 @@ impl Ctx<'_, '_> {
             Some(self.event_id),
         )
         .await?;
+        self.granted(&m, "dispute_won", Some(d.id.as_str())).await?;
         self.tx
             .execute(
                 "UPDATE billing_checkouts SET clawed_back = clawed_back - dispute_clawed, dispute_clawed = 0

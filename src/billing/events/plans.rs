@@ -117,7 +117,7 @@ impl Ctx<'_, '_> {
             return Ok((Some(account), "invoice_already_credited"));
         }
         if credits > 0 {
-            ledger::credit(
+            let m = ledger::credit(
                 self.tx,
                 account,
                 credits,
@@ -126,6 +126,7 @@ impl Ctx<'_, '_> {
                 Some(self.event_id),
             )
             .await?;
+            self.granted(&m, "plan", Some(invoice_id)).await?;
             // Recorded like a checkout, so a refund or dispute of this invoice's payment can
             // take the credits back.
             let payment_intent = inv.payments.as_ref().and_then(|p| {
@@ -209,6 +210,15 @@ impl Ctx<'_, '_> {
         self.tx
             .execute(
                 "SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE",
+                &[&account],
+            )
+            .await?;
+        // A live subscription is what the open plan checkout was for (its
+        // `checkout.session.completed` may come later, or never): release the claim, so the
+        // account can buy a plan again once this one ends.
+        self.tx
+            .execute(
+                "UPDATE billing_checkouts SET plan_open = false WHERE account_id = $1 AND plan_open",
                 &[&account],
             )
             .await?;

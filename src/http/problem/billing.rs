@@ -28,6 +28,18 @@ impl From<Error> for ApiError {
                 ApiError::problem(ProblemType::PlanActive, e.to_string())
                     .with("subscription", subscription)
             }
+            Error::PlanCheckoutOpen { ref session } => {
+                let session = session.clone();
+                ApiError::problem(ProblemType::PlanActive, e.to_string()).with("checkout", session)
+            }
+            Error::PaymentMethodRequired => {
+                ApiError::problem(ProblemType::PaymentMethodRequired, e.to_string())
+            }
+            Error::InvalidSetting { field, detail } => ApiError::Validation {
+                detail,
+                field: Some(field),
+            },
+            Error::NoPacks => ApiError::Disabled(e.to_string()),
             Error::Accounts(e) => e.into(),
             Error::Credits(e) => e.into(),
             Error::Idempotency(e) => e.into(),

@@ -82,11 +82,26 @@ pub type Recorded = Arc<Mutex<Vec<(String, Option<String>, String)>>>;
 /// line items, as `GET /v1/checkout/sessions/{id}?expand[]=line_items` answers).
 pub type Objects = Arc<Mutex<HashMap<String, Value>>>;
 
+/// How the stand-in answers `POST /v1/payment_intents` (an auto-recharge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PiAnswer {
+    /// 200, status `succeeded`.
+    Succeeded,
+    /// 200, status `processing` (the outcome comes by webhook).
+    Processing,
+    /// 200, status `requires_action` (the bank wants the customer).
+    RequiresAction,
+    /// 402 `card_error` with this code and decline code, as Stripe refuses an off-session
+    /// confirmation (`authentication_required`, `card_declined`).
+    Declined(&'static str, Option<&'static str>),
+}
+
 /// The local stand-in for api.stripe.com, as a test holds it.
 pub struct LocalStripe {
     pub base: String,
     pub recorded: Recorded,
     pub objects: Objects,
+    pub pi_answer: Arc<Mutex<PiAnswer>>,
 }
 
 impl LocalStripe {
@@ -110,6 +125,40 @@ impl LocalStripe {
             "url": format!("/v1/checkout/sessions/{id}/line_items"),
         });
         self.objects.lock().unwrap().insert(id, s);
+    }
+
+    /// Makes Stripe know a completed session whose intent saved card `pm`: a pack session
+    /// (mode `payment`, its PaymentIntent expanded) or a setup session (its SetupIntent).
+    pub fn knows_session_with_card(&self, session: &Value, pm: &str) {
+        let mut s = session.clone();
+        if s["mode"] == "setup" {
+            let mut si = fixture("setup_intent");
+            si["payment_method"] = json!(pm);
+            si["status"] = json!("succeeded");
+            s["setup_intent"] = si;
+        } else {
+            let mut pi = fixture("payment_intent");
+            pi["id"] = s["payment_intent"].clone();
+            pi["payment_method"] = json!(pm);
+            pi["status"] = json!("succeeded");
+            pi["last_payment_error"] = Value::Null;
+            pi["next_action"] = Value::Null;
+            s["payment_intent"] = pi;
+        }
+        let id = s["id"].as_str().unwrap().to_owned();
+        self.objects.lock().unwrap().insert(id, s);
+    }
+
+    /// The PaymentIntents the stand-in created, as it answered them (replays excluded).
+    pub fn payment_intents(&self) -> Vec<Value> {
+        let objs = self.objects.lock().unwrap();
+        let mut v: Vec<Value> = objs
+            .iter()
+            .filter(|(k, _)| k.starts_with("pi_local_"))
+            .map(|(_, v)| v.clone())
+            .collect();
+        v.sort_by_key(|p| p["created"].as_i64());
+        v
     }
 
     /// The requests made to `path`.
@@ -138,16 +187,24 @@ pub async fn local_stripe() -> (String, Recorded) {
 pub async fn stand_in() -> LocalStripe {
     let recorded: Recorded = Arc::default();
     let objects: Objects = Arc::default();
+    let pi_answer = Arc::new(Mutex::new(PiAnswer::Succeeded));
+    // Stripe's idempotency: a key seen before gets the first answer again.
+    let replays: Arc<Mutex<HashMap<String, (u16, Value)>>> = Arc::default();
     let rec = recorded.clone();
     let objs = objects.clone();
+    let answer = pi_answer.clone();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = HttpServer::new(move || {
         let rec = rec.clone();
         let objs = objs.clone();
+        let answer = answer.clone();
+        let replays = replays.clone();
         App::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
             let rec = rec.clone();
             let objs = objs.clone();
+            let answer = answer.clone();
+            let replays = replays.clone();
             async move {
                 let key = req
                     .headers()
@@ -199,6 +256,74 @@ pub async fn stand_in() -> LocalStripe {
                         s["url"] = json!("https://billing.stripe.com/p/session/local");
                         HttpResponse::Ok().json(s)
                     }
+                    ("GET", p) if p.starts_with("/v1/prices/") => {
+                        let mut price = fixture("price");
+                        price["id"] = json!(&p["/v1/prices/".len()..]);
+                        price["unit_amount"] = json!(1000);
+                        price["currency"] = json!("usd");
+                        HttpResponse::Ok().json(price)
+                    }
+                    ("POST", "/v1/payment_intents") => {
+                        let key = req
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned();
+                        if let Some((status, v)) = replays.lock().unwrap().get(&key).cloned() {
+                            return HttpResponse::build(
+                                actix_web::http::StatusCode::from_u16(status).unwrap(),
+                            )
+                            .json(v);
+                        }
+                        let f = form(&String::from_utf8_lossy(&body));
+                        let mut pi = fixture("payment_intent");
+                        let id = format!("pi_local_{}", Uuid::new_v4().simple());
+                        pi["id"] = json!(id);
+                        pi["created"] = json!(now_nanos());
+                        pi["amount"] = json!(f.get("amount").and_then(|a| a.parse::<i64>().ok()));
+                        pi["currency"] = json!(f.get("currency"));
+                        pi["customer"] = json!(f.get("customer"));
+                        pi["payment_method"] = json!(f.get("payment_method"));
+                        pi["last_payment_error"] = Value::Null;
+                        pi["next_action"] = Value::Null;
+                        pi["metadata"] = json!(f
+                            .iter()
+                            .filter_map(|(k, v)| k
+                                .strip_prefix("metadata[")
+                                .and_then(|k| k.strip_suffix(']'))
+                                .map(|k| (k.to_owned(), json!(v))))
+                            .collect::<serde_json::Map<_, _>>());
+                        let (status, body) = match answer.lock().unwrap().clone() {
+                            PiAnswer::Succeeded => {
+                                pi["status"] = json!("succeeded");
+                                pi["amount_received"] = pi["amount"].clone();
+                                (200, pi.clone())
+                            }
+                            PiAnswer::Processing => {
+                                pi["status"] = json!("processing");
+                                (200, pi.clone())
+                            }
+                            PiAnswer::RequiresAction => {
+                                pi["status"] = json!("requires_action");
+                                (200, pi.clone())
+                            }
+                            PiAnswer::Declined(code, decline) => {
+                                pi["status"] = json!("requires_payment_method");
+                                (
+                                    402,
+                                    json!({"error": {
+                                    "type": "card_error", "code": code, "decline_code": decline,
+                                    "message": "Your card was declined.",
+                                    "payment_intent": pi.clone()}}),
+                                )
+                            }
+                        };
+                        objs.lock().unwrap().insert(id, pi);
+                        replays.lock().unwrap().insert(key, (status, body.clone()));
+                        HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+                            .json(body)
+                    }
                     ("GET", p) if p.starts_with("/v1/checkout/sessions/") => {
                         let id = &p["/v1/checkout/sessions/".len()..];
                         match objs.lock().unwrap().get(id) {
@@ -221,7 +346,15 @@ pub async fn stand_in() -> LocalStripe {
         base: format!("http://127.0.0.1:{port}"),
         recorded,
         objects,
+        pi_answer,
     }
+}
+
+fn now_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
 }
 
 /// A recorded form body (`a=1&b%5B0%5D=x`), decoded into its fields.
