@@ -18,7 +18,8 @@
 //!   transaction), reap.
 //! - [`submit`]: checking and queueing a job for `POST /v1/jobs` and `POST /v1/scrape` (a
 //!   sync job whose account has a free running slot is inserted running and leased to the
-//!   request's instance instead, and run there at once: no queue hop, no claim);
+//!   request's instance instead, and run there at once: no queue hop, no claim — within the
+//!   instance's bound on inline runs, fair per account: `runner::MAX_INLINE`);
 //!   [`wait`]: the sync request's wait for its job's end, and why it did not succeed.
 //! - [`runner`]: the workers; [`breaker`]: failsafe circuit breakers per provider, origin,
 //!   and account and origin;

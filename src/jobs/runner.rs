@@ -56,8 +56,20 @@ pub struct Jobs {
     pub inline: Inline,
 }
 
+/// The most sync jobs one instance runs inline at once, over all accounts. Each is a task
+/// with an open upstream connection; without a bound, accounts of an unlimited tier (or many
+/// accounts, each under its own running limit) could start as many as they send. Beyond it a
+/// sync job is queued as before, for the workers (a fixed number), and nothing is refused.
+pub const MAX_INLINE: usize = 256;
+/// The most of those one account may hold: an eighth, so one account's flood of sync
+/// requests leaves the rest to the others' sync jobs, which still start at once. (Its own
+/// further jobs queue, and run as the workers and its running limit allow.)
+pub const MAX_INLINE_PER_ACCOUNT: usize = MAX_INLINE / 8;
+
 /// The sync jobs this instance started for its own requests ([`Jobs::start_inline`]).
 pub struct Inline {
+    /// Inline runs in progress, in total and per account ([`Jobs::inline_slot`]).
+    slots: std::sync::Mutex<InlineSlots>,
     tracker: TaskTracker,
     /// The runtime the workers run on. A request's handler runs on an HTTP worker's runtime,
     /// which stops when the HTTP drain ends; a job started there would die with it instead of
@@ -71,9 +83,43 @@ impl Inline {
     /// Runs started later are spawned on the current runtime (the one the workers use).
     pub fn new() -> Inline {
         Inline {
+            slots: std::sync::Mutex::new(InlineSlots::default()),
             tracker: TaskTracker::new(),
             runtime: Handle::try_current().ok(),
             stopped: AtomicBool::new(false),
+        }
+    }
+}
+
+#[derive(Default)]
+struct InlineSlots {
+    total: usize,
+    /// Only accounts that hold a slot: the map is bounded by [`MAX_INLINE`].
+    by_account: std::collections::HashMap<Uuid, usize>,
+}
+
+/// One of the instance's inline slots, held by a sync job from its submission to its end;
+/// given back when dropped (whether or not the job was started inline).
+pub struct InlineSlot {
+    jobs: Arc<Jobs>,
+    account_id: Uuid,
+}
+
+impl Drop for InlineSlot {
+    fn drop(&mut self) {
+        // A poisoned lock still holds consistent counts: every change is one short step.
+        let mut slots = self
+            .jobs
+            .inline
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        slots.total = slots.total.saturating_sub(1);
+        if let Some(n) = slots.by_account.get_mut(&self.account_id) {
+            *n -= 1;
+            if *n == 0 {
+                slots.by_account.remove(&self.account_id);
+            }
         }
     }
 }
@@ -175,11 +221,33 @@ impl Jobs {
         !self.inline.stopped.load(Ordering::SeqCst)
     }
 
+    /// A slot for running one of `account_id`'s sync jobs inline, if the instance and the
+    /// account are under their bounds ([`MAX_INLINE`], [`MAX_INLINE_PER_ACCOUNT`]); `None`:
+    /// queue the job instead. Taken before the job's transaction, so a slot is never
+    /// over-promised; a job that finds no running slot in it gives its inline slot back.
+    pub fn inline_slot(self: &Arc<Self>, account_id: Uuid) -> Option<InlineSlot> {
+        let mut slots = self.inline.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let held = slots.by_account.get(&account_id).copied().unwrap_or(0);
+        if slots.total >= MAX_INLINE || held >= MAX_INLINE_PER_ACCOUNT {
+            return None;
+        }
+        slots.total += 1;
+        slots.by_account.insert(account_id, held + 1);
+        Some(InlineSlot {
+            jobs: self.clone(),
+            account_id,
+        })
+    }
+
     /// Runs a job its request just inserted running and leased to this instance
-    /// ([`queue::create`] with [`queue::StartHere`]), at once, as a worker runs a claimed job.
-    pub fn start_inline(self: &Arc<Self>, db: Pool, job: Claimed) {
+    /// ([`queue::create`] with [`queue::StartHere`]), at once, as a worker runs a claimed job,
+    /// holding its inline `slot` until it ends.
+    pub fn start_inline(self: &Arc<Self>, db: Pool, job: Claimed, slot: Option<InlineSlot>) {
         let jobs = self.clone();
-        let run = async move { jobs.run(&db, job).await };
+        let run = async move {
+            jobs.run(&db, job).await;
+            drop(slot);
+        };
         match &self.inline.runtime {
             Some(handle) => drop(self.inline.tracker.spawn_on(run, handle)),
             None => drop(self.inline.tracker.spawn(run)),
@@ -256,7 +324,7 @@ impl Jobs {
         match fence {
             Fence::Lease { owner, attempt } => {
                 self.finisher
-                    .finish(db, job.id, job.account_id, end.clone(), owner, attempt)
+                    .finish_claimed(db, job, end.clone(), owner, attempt)
                     .await
             }
             Fence::From(_) => {

@@ -164,24 +164,23 @@ pub async fn submit<R: Record>(
     };
     let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
     let tx = client.transaction().await.map_err(SubmitError::from)?;
-    let start = (mode == Mode::Sync && ctx.jobs.runs_inline()).then(|| StartHere {
+    // Inline only with one of the instance's inline slots (bounded, fair per account).
+    let slot = (mode == Mode::Sync && ctx.jobs.runs_inline())
+        .then(|| ctx.jobs.inline_slot(who.account_id))
+        .flatten();
+    let start = slot.as_ref().map(|_| StartHere {
         owner: ctx.jobs.instance,
         lease: ctx.jobs.settings.lease,
         max_running: ctx.jobs.limits.of(who.tier),
     });
-    let started = queue::create(&tx, &new, max_queued, start)
+    let (job, started) = queue::create(&tx, &new, max_queued, start)
         .await
         .map_err(SubmitError::from)?;
-    let job = queue::get(&tx, who.account_id, id)
-        .await
-        .map_err(SubmitError::from)?
-        .ok_or(SubmitError::Queue(QueueError::Invariant(
-            "a queued job vanished",
-        )))?;
     record.record(&tx, &job).await?;
     tx.commit().await.map_err(SubmitError::from)?;
     match started {
-        Some(claimed) => ctx.jobs.start_inline(ctx.db.clone(), claimed),
+        // `start` was asked only with a slot: `slot` is `Some` here.
+        Some(claimed) => ctx.jobs.start_inline(ctx.db.clone(), claimed, slot),
         None => ctx.jobs.wakeups.job_queued(),
     }
     Ok(job)

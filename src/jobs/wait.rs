@@ -21,8 +21,8 @@ pub const FINISH_GRACE: Duration = Duration::from_secs(2);
 
 /// Which job to wait for.
 pub enum Follow {
-    /// One just queued, with the waiter registered before it was (so its end cannot be
-    /// missed).
+    /// One just queued, as its transaction returned it, with the waiter registered before
+    /// it was (so its end cannot be missed, and the wait need not read it first).
     Queued(Box<Job>, Waiter),
     /// One queued by an earlier request with the same `Idempotency-Key`.
     Replayed(Uuid),
@@ -60,8 +60,8 @@ pub async fn follow(
     account_id: Uuid,
     what: Follow,
 ) -> Result<Waited, WaitError> {
-    let (job, waiter) = match what {
-        Follow::Queued(job, waiter) => (*job, waiter),
+    let (job, waiter, fresh) = match what {
+        Follow::Queued(job, waiter) => (*job, waiter, true),
         Follow::Replayed(id) => {
             // Register first: the job may end between the read and the wait.
             let waiter = wakeups.register(id);
@@ -72,10 +72,10 @@ pub async fn follow(
             .await
             .map_err(WaitError::Read)?
             .ok_or(WaitError::Read(QueueError::JobNotFound))?;
-            (job, waiter)
+            (job, waiter, false)
         }
     };
-    wait(db, wakeups, account_id, &job, &waiter)
+    wait(db, wakeups, account_id, &job, &waiter, fresh)
         .await
         .map_err(|source| WaitError::LostTrack {
             job_id: job.id,
@@ -89,12 +89,26 @@ async fn wait(
     account_id: Uuid,
     job: &Job,
     waiter: &Waiter,
+    fresh: bool,
 ) -> Result<Waited, QueueError> {
     let timeout = Duration::from_millis(u64::try_from(job.timeout_ms).unwrap_or(0));
     let elapsed = (Utc::now() - job.created_at).to_std().unwrap_or_default();
     let deadline = tokio::time::Instant::now() + timeout.saturating_sub(elapsed) + FINISH_GRACE;
     let mut handed_off = false;
+    // A job its own request just created cannot have ended unseen: its waiter was there
+    // first. Reading it back at once would be a round trip per sync job that can only find
+    // it queued or running, so the first read waits for the first wake-up.
+    let mut skip_read = fresh && !job.is_finished();
     loop {
+        if std::mem::take(&mut skip_read) {
+            tokio::select! {
+                () = waiter.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                () = wakeups.handed_off() => handed_off = true,
+            }
+            continue;
+        }
         let current = {
             let client = db.get().await?;
             queue::get(&client, account_id, job.id).await?

@@ -301,10 +301,10 @@ pub async fn scrape(
     })
     .await?;
     let what = match created {
-        Outcome::Ran(Created(job, waiter)) => {
-            let waiter = waiter.unwrap_or_else(|| wakeups.register(job.id));
-            Follow::Queued(job, waiter)
-        }
+        Outcome::Ran(Created(job, Some(waiter))) => Follow::Queued(job, waiter),
+        // (Not reached: `create` asks for the waiter. One registered only now could miss the
+        // end, so the wait reads the job first.)
+        Outcome::Ran(Created(job, None)) => Follow::Replayed(job.id),
         // A retry of a sync request: wait for the job the first request queued.
         Outcome::Replayed(stored) => match replayed_job_id(&stored) {
             Some(id) => Follow::Replayed(id),

@@ -1,6 +1,7 @@
 //! Claiming: workers take the oldest queued job whose account is under its running-jobs
 //! limit, hold it by a lease they renew, and hand it back at shutdown.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -10,9 +11,6 @@ use uuid::Uuid;
 
 use super::{QueueError, CHANNEL};
 use crate::tiers::Tiers;
-
-/// Namespace of the per-account advisory lock taken while claiming.
-const CLAIM_LOCK_NAMESPACE: i32 = 0x6b6d_6a62; // "kmjb"
 
 /// A job a worker has claimed: what it needs to run it.
 #[derive(Debug, Clone)]
@@ -25,6 +23,8 @@ pub struct Claimed {
     pub timeout_ms: i32,
     pub attempt: i32,
     pub created_at: DateTime<Utc>,
+    /// Whether its end is POSTed to a webhook (the finish then writes a delivery row).
+    pub has_webhook: bool,
 }
 
 impl Claimed {
@@ -85,12 +85,25 @@ impl ConcurrencyLimits {
     }
 }
 
-/// Whether one more of `account_id`'s jobs may start running, in the caller's transaction,
-/// which then marks it running before it commits. Every way a job starts (a worker's claim,
-/// a sync job started by its own request) asks here, so the limit holds across them and
-/// across instances: two transactions must not both see "one slot left". A transaction-scoped
-/// advisory lock on the account serialises them and the running count is taken under it; an
-/// unlimited tier has no slot to race for and takes no lock.
+/// Whether one more of `account_id`'s jobs may start running, in a worker's claim
+/// transaction, which then marks it running before it commits.
+///
+/// The limit must hold across every way a job starts (a worker's claim here, a sync job
+/// started by its own request in [`super::create`]) and across instances: two transactions
+/// must not both see "one slot left". Both serialise on the account's row: a submitter holds
+/// it already (its reservation updated it), and a claimer takes it here, before counting.
+/// The count is a statement of its own, so it reads what the previous holder committed (in
+/// READ COMMITTED a statement's snapshot is taken when it starts; a lock wait inside one
+/// statement would leave its subqueries on the older snapshot). An unlimited tier has no
+/// slot to race for and takes no lock.
+///
+/// `FOR NO KEY UPDATE`, as the reservation's `UPDATE` takes it: it excludes other starts for
+/// the account but not the foreign-key checks of rows inserted for it elsewhere. No deadlock:
+/// a claimer holds only its own job row (SKIP LOCKED) besides, a submitter only the account
+/// row, and every other writer takes a job's row before its account's.
+///
+/// (It was a transaction-scoped advisory lock on the account: one more round trip for every
+/// sync job, whose request already held the row.)
 pub(super) async fn take_slot(
     tx: &Transaction<'_>,
     account_id: Uuid,
@@ -100,25 +113,24 @@ pub(super) async fn take_slot(
         return Ok(true);
     }
     // Wait for, rather than skip, a concurrent start for the same account: it holds the
-    // lock for a few milliseconds. A worker that gave up here went back to sleep until
-    // the next notification or poll (up to KEYMETER_JOB_POLL_MS) with its job still
-    // queued, so a burst of jobs for one account ran one claim at a time. No deadlock:
-    // a claimer holds only its own job row (SKIP LOCKED) besides, and a submitter the
-    // account row, which claimers never take.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext($2::text))",
-        &[&CLAIM_LOCK_NAMESPACE, &account_id.to_string()],
-    )
-    .await?;
-    let running: i64 = tx
-        .query_one(
-            "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'",
-            &[&account_id],
-        )
-        .await?
-        .get(0);
+    // row for a few milliseconds. A worker that gave up here went back to sleep until the
+    // next notification or poll (up to KEYMETER_JOB_POLL_MS) with its job still queued, so
+    // a burst of jobs for one account ran one claim at a time.
+    let lock = tx.prepare_cached(LOCK_ACCOUNT).await?;
+    let count = tx.prepare_cached(RUNNING).await?;
+    // Sent together; executed in order, the count after the lock was granted.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&account_id];
+    let (locked, running) =
+        tokio::try_join!(tx.query_opt(&lock, &params), tx.query_one(&count, &params),)?;
+    if locked.is_none() {
+        return Ok(false);
+    }
+    let running: i64 = running.get(0);
     Ok(running < max_running)
 }
+
+const LOCK_ACCOUNT: &str = "SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE";
+const RUNNING: &str = "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'running'";
 
 /// What a claim found.
 #[derive(Debug)]
@@ -148,25 +160,10 @@ pub async fn claim(
 ) -> Result<Claim, QueueError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
+    let find = tx.prepare_cached(FIND).await?;
     let found = tx
         .query_one(
-            "WITH c AS (
-                 SELECT j.id, j.account_id,
-                        COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                                   WHERE l.tier = a.tier), $3) AS max_running
-                   FROM jobs j JOIN accounts a ON a.id = j.account_id
-                  WHERE j.status = 'queued'
-                    AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
-                    AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
-                        < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
-                                     WHERE l.tier = a.tier), $3)
-                  ORDER BY j.created_at
-                  LIMIT 1
-                  FOR UPDATE OF j SKIP LOCKED)
-             SELECT c.id, c.account_id, c.max_running,
-                    EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued'
-                              AND ($4::uuid IS NULL OR (q.mode = 'sync' AND q.origin = $4))) AS waiting
-               FROM (SELECT 1) AS one LEFT JOIN c ON true",
+            &find,
             &[&limits.names, &limits.limits, &limits.default, &only_origin],
         )
         .await?;
@@ -184,26 +181,49 @@ pub async fn claim(
     if !take_slot(&tx, account_id, max_running).await? {
         return Ok(Claim::Waiting);
     }
+    let start = tx.prepare_cached(&START).await?;
     let row = tx
-        .query_one(
-            &format!(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = $2,
-                        lease_expires_at = now() + make_interval(secs => $3),
-                        started_at = COALESCE(started_at, now())
-                  WHERE id = $1
-                  RETURNING {CLAIMED_COLUMNS}"
-            ),
-            &[&id, &owner, &lease.as_secs_f64()],
-        )
+        .query_one(&start, &[&id, &owner, &lease.as_secs_f64()])
         .await?;
     tx.commit().await?;
     crate::metrics::jobs().transition("running");
     Ok(Claim::Job(claimed_from_row(&row)))
 }
 
+/// The oldest queued job whose account is under its limit, and whether any job is queued.
+const FIND: &str = "WITH c AS (
+                 SELECT j.id, j.account_id,
+                        COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                   WHERE l.tier = a.tier), $3) AS max_running
+                   FROM jobs j JOIN accounts a ON a.id = j.account_id
+                  WHERE j.status = 'queued'
+                    AND ($4::uuid IS NULL OR (j.mode = 'sync' AND j.origin = $4))
+                    AND (SELECT count(*) FROM jobs r WHERE r.account_id = j.account_id AND r.status = 'running')
+                        < COALESCE((SELECT l.max FROM unnest($1::text[], $2::int8[]) AS l(tier, max)
+                                     WHERE l.tier = a.tier), $3)
+                  ORDER BY j.created_at
+                  LIMIT 1
+                  FOR UPDATE OF j SKIP LOCKED)
+             SELECT c.id, c.account_id, c.max_running,
+                    EXISTS (SELECT 1 FROM jobs q WHERE q.status = 'queued'
+                              AND ($4::uuid IS NULL OR (q.mode = 'sync' AND q.origin = $4))) AS waiting
+               FROM (SELECT 1) AS one LEFT JOIN c ON true";
+
+/// Marks a claimed job running, leased to the claimer.
+static START: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_owner = $2,
+                lease_expires_at = now() + make_interval(secs => $3),
+                started_at = COALESCE(started_at, now())
+          WHERE id = $1
+          RETURNING {CLAIMED_COLUMNS}"
+    )
+});
+
 /// What a worker reads of a job it starts, in [`claimed_from_row`]'s order.
 pub(super) const CLAIMED_COLUMNS: &str =
-    "id, account_id, url, formats, headers, timeout_ms, attempts, created_at";
+    "id, account_id, url, formats, headers, timeout_ms, attempts, created_at,
+     webhook_url IS NOT NULL";
 
 pub(super) fn claimed_from_row(row: &tokio_postgres::Row) -> Claimed {
     let headers: Option<Value> = row.get(4);
@@ -219,6 +239,7 @@ pub(super) fn claimed_from_row(row: &tokio_postgres::Row) -> Claimed {
         timeout_ms: row.get(5),
         attempt: row.get(6),
         created_at: row.get(7),
+        has_webhook: row.get(8),
     }
 }
 
@@ -232,12 +253,14 @@ pub async fn renew(
     lease: Duration,
 ) -> Result<bool, QueueError> {
     let client = db.get().await?;
-    let n = client
-        .execute(
+    let renew = client
+        .prepare_cached(
             "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
               WHERE id = $1 AND status = 'running' AND lease_owner = $2 AND attempts = $3",
-            &[&id, &owner, &attempt, &lease.as_secs_f64()],
         )
+        .await?;
+    let n = client
+        .execute(&renew, &[&id, &owner, &attempt, &lease.as_secs_f64()])
         .await?;
     Ok(n == 1)
 }

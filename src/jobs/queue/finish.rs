@@ -100,13 +100,18 @@ pub async fn finalize(
         Fence::Lease { owner, attempt } => (Some(owner), Some(attempt), vec!["running"]),
         Fence::From(statuses) => (None, None, statuses.to_vec()),
     };
-    let updated = tx
-        .query_opt(
+    let end_stmt = tx
+        .prepare_cached(
             "UPDATE jobs SET status = $2, result = $3, error = $4, upstream_status = $5,
                     finished_at = now(), headers = NULL, lease_owner = NULL, lease_expires_at = NULL
               WHERE id = $1 AND status = ANY($6)
                 AND ($7::uuid IS NULL OR (lease_owner = $7 AND attempts = $8))
               RETURNING webhook_url",
+        )
+        .await?;
+    let updated = tx
+        .query_opt(
+            &end_stmt,
             &[
                 &id,
                 &end.status(),
@@ -132,9 +137,14 @@ pub async fn finalize(
         .ok_or_else(|| QueueError::Invariant("a finalized job vanished"))?;
     if let Some(url) = webhook_url {
         let hook = Webhook::new(&job, url);
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            &insert,
             &[
                 &id,
                 &job.account_id,
@@ -146,11 +156,10 @@ pub async fn finalize(
         )
         .await?;
     }
-    tx.execute(
-        "SELECT pg_notify($1, 'done:' || $2::text)",
-        &[&CHANNEL, &id.to_string()],
-    )
-    .await?;
+    let notify = tx
+        .prepare_cached("SELECT pg_notify($1, 'done:' || $2::text)")
+        .await?;
+    tx.execute(&notify, &[&CHANNEL, &id.to_string()]).await?;
     Ok(Some(job))
 }
 

@@ -3,16 +3,16 @@
 //! [`super::finalize`] is a transaction of five to seven round trips (BEGIN, the fenced
 //! UPDATE, the refund, the re-read, the webhook row, the notification, COMMIT) and one commit
 //! per job. Here, finishes that arrive while a batch is in flight queue in one lane (the
-//! [`crate::db::batch`] lane the charges use) and go as one transaction in two round trips,
-//! one commit for the whole batch:
+//! [`crate::db::batch`] lane the charges use) and go as one transaction in one or two round
+//! trips, one commit for the whole batch:
 //!
 //! 1. BEGIN, the batch's job rows locked in id order, the refunded accounts' rows locked in
 //!    id order, and one statement that writes every result (each fenced by its lease, as
 //!    [`super::finalize`] does), every refund (ledger row and balance together, each ledger
-//!    row with its own running `balance_after`) and returns the jobs it ended — sent
-//!    together;
-//! 2. the webhook rows of the jobs that have one, the notifications and COMMIT — sent
-//!    together.
+//!    row with its own running `balance_after`), the notification of each job it ended, and
+//!    returns those jobs — sent together, with COMMIT when no job of the batch has a webhook
+//!    (a sync job never has one: one round trip);
+//! 2. otherwise the webhook rows of the jobs that have one and COMMIT — sent together.
 //!
 //! Jobs first, then accounts, each in id order: the order [`super::finalize`] takes them in
 //! (job row, then its account), and the order the charge batches lock accounts in, so no
@@ -45,7 +45,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::finish::Webhook;
-use super::{finalize, job_from_row, End, Fence, QueueError, CHANNEL};
+use super::{finalize, job_from_row, Claimed, End, Fence, QueueError, CHANNEL};
 use crate::credits::ledger::Kind;
 use crate::db::batch::Batcher;
 
@@ -55,6 +55,7 @@ const MAX_BATCH: usize = 256;
 struct Pending {
     id: Uuid,
     account_id: Uuid,
+    has_webhook: bool,
     end: End,
     owner: Uuid,
     attempt: i32,
@@ -86,10 +87,49 @@ impl Finisher {
         owner: Uuid,
         attempt: i32,
     ) -> Result<bool, QueueError> {
+        // Not knowing whether it has a webhook, its batch writes the webhook rows' flight.
+        self.push(db, id, account_id, true, end, owner, attempt)
+            .await
+    }
+
+    /// [`Finisher::finish`] for a job a worker or its request ran: it knows whether the job
+    /// has a webhook, so a batch without any commits in one round trip.
+    pub async fn finish_claimed(
+        &self,
+        db: &Pool,
+        job: &Claimed,
+        end: End,
+        owner: Uuid,
+        attempt: i32,
+    ) -> Result<bool, QueueError> {
+        self.push(
+            db,
+            job.id,
+            job.account_id,
+            job.has_webhook,
+            end,
+            owner,
+            attempt,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn push(
+        &self,
+        db: &Pool,
+        id: Uuid,
+        account_id: Uuid,
+        has_webhook: bool,
+        end: End,
+        owner: Uuid,
+        attempt: i32,
+    ) -> Result<bool, QueueError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             id,
             account_id,
+            has_webhook,
             end,
             owner,
             attempt,
@@ -199,14 +239,13 @@ const END: &str = "WITH f AS (
             (r.delta IS NOT NULL
                OR EXISTS (SELECT 1 FROM credit_ledger l
                            WHERE l.job_id = u.id AND l.kind = 'refund')) AS refunded,
-            r.delta AS refund_delta
+            r.delta AS refund_delta,
+            pg_notify($9, 'done:' || u.id::text) IS NULL AS notified
        FROM upd u LEFT JOIN refunds r ON r.job_id = u.id";
 
 const WEBHOOKS: &str =
     "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload)
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::jsonb[])";
-
-const NOTIFY: &str = "SELECT pg_notify($1, 'done:' || id::text) FROM unnest($2::uuid[]) AS id";
 
 /// One transaction for the whole batch; the jobs it ended (by id, with their status).
 async fn flush(db: &Pool, batch: &[Pending]) -> Result<HashMap<Uuid, &'static str>, QueueError> {
@@ -231,7 +270,6 @@ async fn flush_on(
     let lock_accounts = client.prepare_cached(LOCK_ACCOUNTS).await?;
     let end = client.prepare_cached(END).await?;
     let webhooks = client.prepare_cached(WEBHOOKS).await?;
-    let notify = client.prepare_cached(NOTIFY).await?;
 
     let mut job_ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
     job_ids.sort_unstable();
@@ -265,17 +303,40 @@ async fn flush_on(
         attempts.push(p.attempt);
         reasons.push(p.end.refund_reason());
     }
-    let params: [&(dyn ToSql + Sync); 8] = [
-        &ids, &statuses, &results, &errors, &upstream, &owners, &attempts, &reasons,
+    let params: [&(dyn ToSql + Sync); 9] = [
+        &ids, &statuses, &results, &errors, &upstream, &owners, &attempts, &reasons, &CHANNEL,
     ];
     let jobs_param: [&(dyn ToSql + Sync); 1] = [&job_ids];
     let accounts_param: [&(dyn ToSql + Sync); 1] = [&refunded_accounts];
-    let ((), _, _, rows) = tokio::try_join!(
-        client.batch_execute("BEGIN"),
-        client.query(&lock_jobs, &jobs_param),
-        client.query(&lock_accounts, &accounts_param),
-        client.query(&end, &params),
-    )?;
+    // Nothing to write after the END once no job of the batch has a webhook (sync jobs never
+    // have one): the COMMIT goes in the same flight, one round trip for the whole batch.
+    // Should the END fail, PostgreSQL turns that COMMIT into a rollback.
+    //
+    // (Whatever is added to a job's end must be written in this transaction too: a
+    // statement that needs the END's rows goes in the second flight below, and makes it
+    // needed — `second_flight`; one that does not can join this flight, prepared first,
+    // since only statements already prepared keep their order in a pipeline. The account
+    // events of job ends, `events::record_many`, belong in the second flight, built from
+    // `rows` like the webhooks, unless they are written by the END itself.)
+    let second_flight = batch.iter().any(|p| p.has_webhook);
+    let rows = if second_flight {
+        let ((), _, _, rows) = tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock_jobs, &jobs_param),
+            client.query(&lock_accounts, &accounts_param),
+            client.query(&end, &params),
+        )?;
+        rows
+    } else {
+        let ((), _, _, rows, ()) = tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock_jobs, &jobs_param),
+            client.query(&lock_accounts, &accounts_param),
+            client.query(&end, &params),
+            client.batch_execute("COMMIT"),
+        )?;
+        rows
+    };
 
     let by_id: HashMap<Uuid, &Pending> = batch.iter().map(|p| (p.id, p)).collect();
     let mut ended = HashMap::with_capacity(rows.len());
@@ -307,15 +368,7 @@ async fn flush_on(
             hook_payloads.push(hook.payload);
         }
     }
-    let ended_ids: Vec<Uuid> = ended.keys().copied().collect();
-    if hook_jobs.is_empty() {
-        let notify_params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &ended_ids];
-        tokio::try_join!(
-            client.execute(&notify, &notify_params),
-            client.batch_execute("COMMIT")
-        )?;
-    } else {
-        let notify_params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &ended_ids];
+    if second_flight {
         let hook_params: [&(dyn ToSql + Sync); 6] = [
             &hook_jobs,
             &hook_accounts,
@@ -326,7 +379,6 @@ async fn flush_on(
         ];
         tokio::try_join!(
             client.execute(&webhooks, &hook_params),
-            client.execute(&notify, &notify_params),
             client.batch_execute("COMMIT")
         )?;
     }

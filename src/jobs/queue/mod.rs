@@ -1,7 +1,8 @@
 //! The `jobs` table: creating (with the cost reserved in the same transaction), claiming
-//! (FOR UPDATE SKIP LOCKED, the account's concurrency limit checked under a per-account
-//! lock), lease renewal, finishing (fenced by lease owner and attempt, refund and webhook in
-//! the same transaction) and the reaper for expired leases.
+//! (FOR UPDATE SKIP LOCKED, the account's concurrency limit checked under the account's row
+//! lock, which a creation holds already), lease renewal, finishing (fenced by lease owner
+//! and attempt, refund and webhook in the same transaction) and the reaper for expired
+//! leases.
 //!
 //! Every way a job ends goes through [`finalize`] (or, for the workers' results, its batched
 //! twin [`Finisher`], which writes the same rows for many jobs in one transaction): one
@@ -10,6 +11,12 @@
 //! succeed, the webhook delivery row and the notification that wakes a waiting
 //! `POST /v1/scrape`. A worker that lost its lease (the reaper re-queued the job, a waiting
 //! request timed it out) finds zero rows and writes nothing.
+//!
+//! Every statement on a job's path is prepared once per connection (`prepare_cached`): a
+//! statement sent as text is a Parse and its round trip before each execution, and a sync
+//! job used to make about seventeen of them.
+
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -271,22 +278,19 @@ pub async fn get(
     account_id: Uuid,
     id: Uuid,
 ) -> Result<Option<Job>, QueueError> {
-    let row = db
-        .query_opt(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1 AND j.account_id = $2"),
-            &[&id, &account_id],
-        )
-        .await?;
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1 AND j.account_id = $2")
+    });
+    let stmt = db.prepare_cached(&SQL).await?;
+    let row = db.query_opt(&stmt, &[&id, &account_id]).await?;
     Ok(row.as_ref().map(job_from_row))
 }
 
 async fn get_any(db: &impl GenericClient, id: Uuid) -> Result<Option<Job>, QueueError> {
-    let row = db
-        .query_opt(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1"),
-            &[&id],
-        )
-        .await?;
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE j.id = $1"));
+    let stmt = db.prepare_cached(&SQL).await?;
+    let row = db.query_opt(&stmt, &[&id]).await?;
     Ok(row.as_ref().map(job_from_row))
 }
 

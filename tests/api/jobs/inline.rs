@@ -208,3 +208,64 @@ async fn a_sync_job_started_on_an_instance_that_dies_is_recovered_charged_once()
     assert_eq!(up.hits("/slow/2500"), 2);
     assert_ledger_invariant(&b).await;
 }
+
+#[tokio::test]
+async fn one_accounts_sync_flood_leaves_the_instances_inline_slots_to_other_accounts() {
+    use keymeter::jobs::runner::MAX_INLINE_PER_ACCOUNT;
+    let up = Upstream::start().await;
+    // Both accounts' running limits are far above the instance's per-account share, so only
+    // that share decides what runs inline.
+    let tiers = tiers_file("wide", 500, 1000);
+    let app = jobs_app(&up, |c| c.tiers_path = Some(tiers.clone())).await;
+    let (_, flooder) = app.create_account("wide", 10_000).await;
+    let (victim, key) = app.create_account("wide", 10).await;
+    let flood = MAX_INLINE_PER_ACCOUNT + 8;
+    let body = json!({"url": format!("{}/slow/6000", up.base), "timeout_ms": 30000});
+    let requests: Vec<_> = (0..flood)
+        .map(|_| {
+            let (client, url, key, body) = (
+                app.client.clone(),
+                app.url("/v1/scrape"),
+                flooder.clone(),
+                body.clone(),
+            );
+            tokio::spawn(async move { client.post(url).bearer_auth(key).json(&body).send().await })
+        })
+        .collect();
+    // Wait until the flood holds every inline slot it may have: with the test app's four
+    // workers running queued ones, that many at the upstream at once means all its share.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up.hits("/slow/6000") < MAX_INLINE_PER_ACCOUNT + 4 {
+        assert!(Instant::now() < deadline, "the flood never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let res = app
+        .scrape(&key, json!({"url": format!("{}/page", up.base)}))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(res.status(), 200);
+    let job: Value = res.json().await.unwrap();
+    assert!(
+        started_inline(&app.db, job["id"].as_str().unwrap()).await,
+        "the other account's sync job still started in its request: {job}"
+    );
+    assert!(
+        took < Duration::from_millis(4000),
+        "answered before any of the flood's jobs ended ({took:?})"
+    );
+    assert_eq!(balance(&app, victim).await.credits, 9);
+    let mut inline = 0;
+    for r in requests {
+        let res = r.await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        let job: Value = res.json().await.unwrap();
+        inline += usize::from(started_inline(&app.db, job["id"].as_str().unwrap()).await);
+    }
+    assert_eq!(
+        inline, MAX_INLINE_PER_ACCOUNT,
+        "one account runs at most its share inline; the rest went through the queue"
+    );
+    assert_ledger_invariant(&app).await;
+    let _ = std::fs::remove_file(tiers);
+}
