@@ -174,6 +174,10 @@ problem_types! {
         "The request took longer than the server allows."),
     JobTimeout => ("job_timeout", [504], "Job timed out",
         "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`)."),
+    KeySpendLimitExceeded => ("key_spend_limit_exceeded", [402], "Key spend limit exceeded",
+        "The charge or job would take the calling key's spend in its period past the key's \
+         `spend_limit`; nothing was charged or queued. `key_id`, `limit`, `period`, `spent`, \
+         `cost` and `resets_at` (when the period ends) say by how much and until when."),
 }
 
 impl ProblemType {

@@ -16,6 +16,7 @@ mod foundation;
 mod isolation;
 mod jobs;
 mod jobs_finish;
+mod key_caps;
 mod keys;
 mod metrics;
 mod openapi;
