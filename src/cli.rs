@@ -8,6 +8,7 @@ use uuid::Uuid;
 use crate::audit::{self, Actor};
 use crate::auth::key_store::KeySpec;
 use crate::config::Config;
+use crate::credits::key_caps::{Period, SpendLimit};
 use crate::db;
 use crate::operator as ops;
 use crate::startup::Application;
@@ -37,6 +38,9 @@ pub enum AdminCommand {
         scopes: Option<Vec<String>>,
         #[arg(long)]
         name: Option<String>,
+        /// What the key may spend per UTC day or month, as `CREDITS/day` or `CREDITS/month`.
+        #[arg(long, value_parser = parse_spend_limit)]
+        spend_limit: Option<SpendLimit>,
         #[arg(long)]
         json: bool,
     },
@@ -192,10 +196,11 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             account,
             scopes,
             name,
+            spend_limit,
             json,
         } => {
             let spec = KeySpec::parse(name, scopes, None)?;
-            let key = ops::create_key(&pool, &actor, account, &spec).await?;
+            let key = ops::create_key(&pool, &actor, account, &spec, spend_limit).await?;
             if json {
                 println!(
                     "{}",
@@ -334,6 +339,7 @@ async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String
                 &Actor::cli(),
                 id,
                 &KeySpec::full_access("dev demo"),
+                None,
             )
             .await?
             .key
@@ -361,4 +367,18 @@ async fn demo_account(state: &crate::startup::AppState) -> anyhow::Result<String
         }
     }
     Ok(key)
+}
+
+/// `--spend-limit 100/day` or `100/month`.
+fn parse_spend_limit(s: &str) -> Result<SpendLimit, String> {
+    let (credits, period) = s
+        .split_once('/')
+        .ok_or_else(|| "expected CREDITS/day or CREDITS/month".to_owned())?;
+    let credits: i64 = credits
+        .parse()
+        .map_err(|_| format!("{credits:?} is not a number of credits"))?;
+    let period = Period::parse(period).ok_or_else(|| format!("{period:?} is not day or month"))?;
+    SpendLimit { credits, period }
+        .check()
+        .map_err(|e| e.to_string())
 }

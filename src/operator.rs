@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::accounts::{self, Account, Email, NewAccount};
 use crate::audit::{self, Action, Actor};
 use crate::auth::key_store::{self, CreatedKey, KeySpec, KeyView};
+use crate::credits::key_caps::{self, SpendLimit};
 use crate::credits::{self, Movement};
 use crate::db;
 use crate::tiers::{Tiers, DEFAULT_TIER};
@@ -84,18 +85,33 @@ pub async fn create_account(
     Ok(out)
 }
 
+/// An operator's key for an account, with its `spend_limit` if given (`credits::key_caps`).
 pub async fn create_key(
     db: &Pool,
     actor: &Actor,
     account_id: Uuid,
     spec: &KeySpec,
+    spend_limit: Option<SpendLimit>,
 ) -> Result<CreatedKey, Error> {
+    let spend_limit = spend_limit
+        .map(SpendLimit::check)
+        .transpose()
+        .map_err(Error::Credits)?;
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     if accounts::get(&tx, account_id).await?.is_none() {
         return Err(accounts::not_found().into());
     }
-    let k = key_store::insert(&tx, account_id, spec).await?;
+    let mut k = key_store::insert(&tx, account_id, spec).await?;
+    if spend_limit.is_some() {
+        key_caps::set(&tx, account_id, &k.view.id, spend_limit)
+            .await
+            .map_err(Error::Credits)?;
+        k.view.spend_limit = key_caps::views(&tx, &[k.view.id.as_str()])
+            .await
+            .map_err(Error::Credits)?
+            .remove(&k.view.id);
+    }
     audit::record(
         &tx,
         actor,

@@ -38,6 +38,15 @@ pub enum Error {
          higher limit."
     )]
     RateAboveCreator { verb: &'static str, rate: u32 },
+    #[error(
+        "This key may spend {credits} credits per {period}; it cannot {verb} a key without \
+         such a limit, or with a higher one or another period."
+    )]
+    SpendAboveCreator {
+        verb: &'static str,
+        credits: i64,
+        period: &'static str,
+    },
 
     // A new key's own settings.
     #[error("name must be 1 to 100 characters, without control characters.")]
@@ -67,6 +76,10 @@ pub enum Error {
     KeyNotFound,
     #[error("No such account.")]
     AccountNotFound,
+
+    /// A spend limit the credits module refused (out of range), or its failure.
+    #[error(transparent)]
+    Credits(#[from] crate::credits::Error),
 
     #[error(transparent)]
     Db(#[from] db::Error),

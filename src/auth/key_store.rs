@@ -47,6 +47,9 @@ pub struct KeyView {
     /// limit (which all the account's keys share); `null`: only the tier's.
     #[schema(minimum = 1)]
     pub rate_limit: Option<u32>,
+    /// What the key may spend per UTC day or month, and what it spent in the current
+    /// period; `null`: only the balance limits it.
+    pub spend_limit: Option<crate::credits::key_caps::SpendLimitView>,
 }
 
 /// The creating response: the view plus the plaintext, which appears here and nowhere else.
@@ -86,6 +89,7 @@ fn view(row: &Row) -> KeyView {
         rate_limit: row
             .get::<_, Option<i32>>(10)
             .and_then(|r| u32::try_from(r).ok()),
+        spend_limit: None,
     }
 }
 
@@ -330,6 +334,30 @@ pub async fn get(
         )
         .await?;
     Ok(row.as_ref().map(view))
+}
+
+/// Renames one of the account's keys (`name` checked by the caller, as [`KeySpec::parse`]
+/// does).
+pub async fn rename(
+    tx: &Transaction<'_>,
+    account_id: Uuid,
+    key_id: &str,
+    name: &str,
+) -> Result<KeyView, Error> {
+    if !api_key::is_key_id(key_id) {
+        return Err(Error::KeyNotFound);
+    }
+    let row = tx
+        .query_opt(
+            &format!(
+                "UPDATE api_keys SET name = $3 WHERE id = $1 AND account_id = $2
+                  RETURNING {COLUMNS}"
+            ),
+            &[&key_id, &account_id, &name],
+        )
+        .await?
+        .ok_or(Error::KeyNotFound)?;
+    Ok(view(&row))
 }
 
 /// Revokes a key (idempotent). `account_id` of `None` is the operator's path: any account.

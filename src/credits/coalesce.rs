@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::key_caps;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use super::Error;
 use crate::db;
@@ -42,6 +43,8 @@ struct Pending {
     account_id: Uuid,
     cost: i64,
     reason: Option<String>,
+    /// The key whose request it is (recorded on the ledger row; its spend limit applies).
+    key_id: Option<String>,
     reply: Reply,
 }
 
@@ -64,12 +67,14 @@ impl Coalescer {
         account_id: Uuid,
         cost: i64,
         reason: Option<String>,
+        key_id: Option<String>,
     ) -> Result<Movement, Error> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             account_id,
             cost,
             reason,
+            key_id,
             reply,
         };
         self.lane.push(pending, |lane| drain(lane, db.clone()));
@@ -114,15 +119,29 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
     }
 }
 
-/// A lone charge: the ordinary one-statement charge, one round trip.
+/// A lone charge: the ordinary one-statement charge, one round trip — or, for an account
+/// with keys under spend limits, a batch of one (which checks and counts the key).
 async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
     let ctx = ChargeContext {
         job_id: None,
         reason: p.reason.as_deref(),
         idempotency_key: None,
+        key_id: p.key_id.as_deref(),
     };
     let client = db.get().await?;
-    match ledger::charge(&client, p.account_id, p.cost, &ctx).await? {
+    let once = match ledger::charge(&client, p.account_id, p.cost, &ctx).await {
+        Err(Error::KeyLimitsApply) => {
+            drop(client);
+            let mut outcomes = flush(db, std::slice::from_ref(p)).await?;
+            return outcomes.pop().unwrap_or_else(|| {
+                Err(Error::Internal(anyhow::anyhow!(
+                    "a batch of one lost its charge"
+                )))
+            });
+        }
+        other => other?,
+    };
+    match once {
         Once::Done(m) => Ok(m),
         Once::AlreadyDone => Err(Error::Internal(anyhow::anyhow!(
             "duplicate charge without a job"
@@ -132,9 +151,10 @@ async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
 
 /// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE).
 /// Also reads each account's auto-recharge arming (see `recharge_signal`), so the batch
-/// can tell which accounts it takes below their threshold without another query.
+/// can tell which accounts it takes below their threshold without another query, and
+/// whether it has keys under spend limits (`key_caps`).
 const LOCK: &str =
-    "SELECT id, credit_balance, recharge_below, recharge_after <= now() FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+    "SELECT id, credit_balance, recharge_below, recharge_after <= now(), key_spend_limits FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 
 /// Each touched account's final balance, then all ledger rows, in one statement.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
@@ -143,10 +163,10 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
              UPDATE accounts a SET credit_balance = f.b
                FROM unnest($1::uuid[], $2::bigint[]) AS f(id, b)
               WHERE a.id = f.id)
-         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
-         SELECT u.a, u.d, u.b, 'charge', u.r
-           FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[])
-                WITH ORDINALITY AS u(a, d, b, r, n)
+         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, key_id)
+         SELECT u.a, u.d, u.b, 'charge', u.r, u.k
+           FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[], $7::text[])
+                WITH ORDINALITY AS u(a, d, b, r, k, n)
           ORDER BY u.n
          RETURNING {MOVEMENT_COLUMNS}"
     )
@@ -198,10 +218,12 @@ async fn flush_on(
             },
         )
         .collect();
-    let (mut accounts, mut deltas, mut afters, mut reasons) = (
+    let mut caps = BatchCaps::lock(client, &locked, batch).await?;
+    let (mut accounts, mut deltas, mut afters, mut reasons, mut keys) = (
         Vec::new(),
         Vec::new(),
         Vec::new(),
+        Vec::<Option<String>>::new(),
         Vec::<Option<String>>::new(),
     );
     let mut decisions = Vec::with_capacity(batch.len());
@@ -211,11 +233,16 @@ async fn flush_on(
             continue;
         };
         if p.cost > 0 && *balance >= p.cost {
+            if let Err(refusal) = caps.try_spend(p) {
+                decisions.push(Some(refusal));
+                continue;
+            }
             *balance -= p.cost;
             accounts.push(p.account_id);
             deltas.push(-p.cost);
             afters.push(*balance);
             reasons.push(p.reason.clone());
+            keys.push(p.key_id.clone());
             decisions.push(None);
         } else {
             decisions.push(Some(Error::InsufficientCredits {
@@ -244,14 +271,20 @@ async fn flush_on(
             }
         }
         let (final_ids, final_balances): (Vec<Uuid>, Vec<i64>) = finals.into_iter().unzip();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
             &final_ids,
             &final_balances,
             &accounts,
             &deltas,
             &afters,
             &reasons,
+            &keys,
         ];
+        if !caps.is_empty() {
+            // Its own round trips, before the pipelined write and COMMIT: a future of several
+            // statements must not be polled alongside COMMIT, which could overtake its later ones.
+            caps.write(client).await?;
+        }
         if crossed.is_empty() {
             let (rows, ()) =
                 tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;
@@ -284,4 +317,75 @@ async fn flush_on(
                 .ok_or_else(|| Error::Internal(anyhow::anyhow!("batched charge lost a row"))),
         })
         .collect())
+}
+
+/// The spend-limit counters of a batch's keys (`key_caps`): locked after the accounts, only
+/// for keys of accounts whose flag says some of their keys have limits — a batch of
+/// accounts without any costs nothing more.
+struct BatchCaps {
+    counters: HashMap<String, key_caps::Counter>,
+    now: Option<chrono::DateTime<chrono::Utc>>,
+    touched: Vec<String>,
+    reached: Vec<crate::events::NewEvent>,
+}
+
+impl BatchCaps {
+    async fn lock(
+        client: &deadpool_postgres::Client,
+        locked: &[tokio_postgres::Row],
+        batch: &[Pending],
+    ) -> Result<BatchCaps, Error> {
+        let limited: std::collections::HashSet<Uuid> = locked
+            .iter()
+            .filter(|r| r.get::<_, bool>(4))
+            .map(|r| r.get(0))
+            .collect();
+        let keys: Vec<&str> = batch
+            .iter()
+            .filter(|p| limited.contains(&p.account_id))
+            .filter_map(|p| p.key_id.as_deref())
+            .collect();
+        let (counters, now) = if keys.is_empty() {
+            (HashMap::new(), None)
+        } else {
+            key_caps::lock(client, &keys).await?
+        };
+        Ok(BatchCaps {
+            counters,
+            now,
+            touched: Vec::new(),
+            reached: Vec::new(),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.touched.is_empty()
+    }
+
+    /// Decides `p` against its key's running counter, in arrival order; a refusal leaves it
+    /// as it was.
+    fn try_spend(&mut self, p: &Pending) -> Result<(), Error> {
+        let (Some(key), Some(now)) = (p.key_id.as_deref(), self.now) else {
+            return Ok(());
+        };
+        let Some(counter) = self.counters.get_mut(key) else {
+            return Ok(());
+        };
+        if counter.try_spend(p.cost, now)? {
+            self.reached.push(counter.reached_event());
+        }
+        if !self.touched.iter().any(|k| k == key) {
+            self.touched.push(key.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn write(&self, client: &deadpool_postgres::Client) -> Result<(), Error> {
+        let counters: Vec<&key_caps::Counter> = self
+            .touched
+            .iter()
+            .filter_map(|k| self.counters.get(k))
+            .collect();
+        key_caps::write(client, &counters, self.reached.clone()).await
+    }
 }

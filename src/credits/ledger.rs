@@ -75,9 +75,12 @@ pub struct Movement {
     pub idempotency_key: Option<String>,
     pub stripe_event_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The key whose request caused a charge or a refund (`null` for other kinds, and for
+    /// rows written before keys were recorded).
+    pub key_id: Option<String>,
 }
 
-pub const MOVEMENT_COLUMNS: &str = "id, account_id, delta, balance_after, kind, reason, job_id, idempotency_key, stripe_event_id, created_at";
+pub const MOVEMENT_COLUMNS: &str = "id, account_id, delta, balance_after, kind, reason, job_id, idempotency_key, stripe_event_id, created_at, key_id";
 
 pub fn movement(row: &tokio_postgres::Row) -> Movement {
     Movement {
@@ -92,6 +95,7 @@ pub fn movement(row: &tokio_postgres::Row) -> Movement {
         idempotency_key: row.get(7),
         stripe_event_id: row.get(8),
         created_at: row.get(9),
+        key_id: row.get(10),
     }
 }
 
@@ -191,6 +195,9 @@ pub struct ChargeContext<'a> {
     pub job_id: Option<Uuid>,
     pub reason: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
+    /// The key whose request causes the charge: recorded on the ledger row, and its spend
+    /// limit applies (see `key_caps`).
+    pub key_id: Option<&'a str>,
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
@@ -201,6 +208,9 @@ fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
 }
 
 /// Outcome of a job-scoped movement that may already have happened.
+// Returned once per movement and never kept in bulk: boxing would cost an allocation per
+// charge on the hot path to save stack space nobody holds.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Once {
     Done(Movement),
@@ -211,12 +221,36 @@ pub enum Once {
 /// balance in its WHERE clause, the ledger row is inserted from its RETURNING. No row means
 /// the balance was short: 402 with the balance and cost, nothing written. A suspended
 /// account cannot be charged.
+///
+/// When the account has keys with spend limits and the charge names a key, this statement
+/// stands back ([`Error::KeyLimitsApply`], nothing written): `key_caps` charges it instead.
 pub async fn charge(
     db: &impl GenericClient,
     account_id: Uuid,
     cost: i64,
     ctx: &ChargeContext<'_>,
 ) -> Result<Once, Error> {
+    charge_checked(db, account_id, cost, ctx, false).await
+}
+
+/// [`charge`] once `key_caps` has checked and counted the key's spend under its lock.
+pub(crate) async fn charge_after_key_check(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    cost: i64,
+    ctx: &ChargeContext<'_>,
+) -> Result<Once, Error> {
+    charge_checked(db, account_id, cost, ctx, true).await
+}
+
+async fn charge_checked(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    cost: i64,
+    ctx: &ChargeContext<'_>,
+    key_checked: bool,
+) -> Result<Once, Error> {
+    let key_checked = key_checked || ctx.key_id.is_none();
     if cost <= 0 {
         return Err(Error::ChargeNotPositive);
     }
@@ -225,11 +259,11 @@ pub async fn charge(
     let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
                      UPDATE accounts SET credit_balance = credit_balance - $2
-                      WHERE id = $1 AND credit_balance >= $2
+                      WHERE id = $1 AND credit_balance >= $2 AND ($7 OR NOT key_spend_limits)
                   RETURNING credit_balance, {armed} AS recharge),
                  ins AS (
-                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key)
-                 SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5 FROM acct
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key, key_id)
+                 SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5, $6 FROM acct
                  RETURNING {MOVEMENT_COLUMNS})
                  SELECT ins.*, (SELECT pg_notify('{channel}', ins.account_id::text || ':' || ins.id::text)::text = ''
                                  WHERE acct.recharge)
@@ -246,6 +280,8 @@ pub async fn charge(
                 &ctx.reason,
                 &ctx.job_id,
                 &ctx.idempotency_key,
+                &ctx.key_id,
+                &key_checked,
             ],
         )
         .await;
@@ -254,11 +290,14 @@ pub async fn charge(
         Ok(None) => {
             let row = db
                 .query_opt(
-                    "SELECT credit_balance FROM accounts WHERE id = $1",
+                    "SELECT credit_balance, key_spend_limits FROM accounts WHERE id = $1",
                     &[&account_id],
                 )
                 .await?
                 .ok_or(Error::AccountNotFound)?;
+            if row.get::<_, bool>(1) && !key_checked {
+                return Err(Error::KeyLimitsApply);
+            }
             Err(Error::InsufficientCredits {
                 balance: row.get(0),
                 cost,
@@ -271,15 +310,17 @@ pub async fn charge(
     }
 }
 
-/// Reserves a job's cost: the charge, tied to the job so it can happen only once. Call it in
-/// the transaction that creates the job.
+/// Reserves a job's cost: the charge, tied to the job so it can happen only once, and
+/// counted against the spend limit of `key_id` (the key that submitted it). Call it in the
+/// transaction that creates the job.
 pub async fn reserve(
     db: &impl GenericClient,
     account_id: Uuid,
     cost: i64,
     job_id: Uuid,
+    key_id: Option<&str>,
 ) -> Result<Once, Error> {
-    charge(
+    super::key_caps::charge(
         db,
         account_id,
         cost,
@@ -287,6 +328,7 @@ pub async fn reserve(
             job_id: Some(job_id),
             reason: Some("job"),
             idempotency_key: None,
+            key_id,
         },
     )
     .await
@@ -314,7 +356,7 @@ pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Resu
         .query_opt(
             &format!(
                 "WITH ch AS (
-                     SELECT account_id, -delta AS amount FROM credit_ledger
+                     SELECT account_id, -delta AS amount, key_id FROM credit_ledger
                       WHERE job_id = $1 AND kind = 'charge'),
                  acct AS (
                      UPDATE accounts a
@@ -323,9 +365,9 @@ pub async fn refund(db: &impl GenericClient, job_id: Uuid, reason: &str) -> Resu
                        FROM ch
                       WHERE a.id = ch.account_id
                         AND NOT EXISTS (SELECT 1 FROM credit_ledger WHERE job_id = $1 AND kind = 'refund')
-                  RETURNING a.id, a.credit_balance, ch.amount)
-                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id)
-                 SELECT id, amount, credit_balance, 'refund', $2, $1 FROM acct
+                  RETURNING a.id, a.credit_balance, ch.amount, ch.key_id)
+                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, key_id)
+                 SELECT id, amount, credit_balance, 'refund', $2, $1, key_id FROM acct
                  RETURNING {MOVEMENT_COLUMNS}"
             ),
             &[&job_id, &reason],

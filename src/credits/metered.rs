@@ -7,6 +7,7 @@ use deadpool_postgres::Pool;
 use uuid::Uuid;
 
 use super::coalesce::Coalescer;
+use super::key_caps;
 use super::ledger::{self, ChargeContext, Movement, Once};
 use super::Error;
 use crate::idempotency::Guard;
@@ -44,11 +45,13 @@ impl MeteredCharge {
 /// Spends the charge's credits; 402 ([`Error::InsufficientCredits`]) when short, nothing
 /// written. With a `guard` (an `Idempotency-Key`), the charge and its recorded outcome
 /// commit together. Without one, `lane` (when group commit is on) lets concurrent charges
-/// to any accounts share a commit.
+/// to any accounts share a commit. `key_id`, the calling key, is recorded on the ledger row
+/// and its spend limit applies (`key_caps`).
 pub async fn charge(
     db: &Pool,
     lane: Option<&Coalescer>,
     account_id: Uuid,
+    key_id: &str,
     charge: &MeteredCharge,
     guard: Option<Guard>,
 ) -> Result<Movement, Error> {
@@ -60,8 +63,9 @@ pub async fn charge(
                 job_id: None,
                 reason: charge.reason.as_deref(),
                 idempotency_key: Some(g.key().as_str()),
+                key_id: Some(key_id),
             };
-            let m = ledger::charge(&tx, account_id, charge.amount, &ctx).await?;
+            let m = key_caps::charge(&tx, account_id, charge.amount, &ctx).await?;
             if let Once::Done(movement) = &m {
                 g.record(&tx, movement, None).await?;
             }
@@ -69,17 +73,34 @@ pub async fn charge(
             m
         }
         (None, Some(lane)) => Once::Done(
-            lane.charge(db, account_id, charge.amount, charge.reason.clone())
-                .await?,
+            lane.charge(
+                db,
+                account_id,
+                charge.amount,
+                charge.reason.clone(),
+                Some(key_id.to_owned()),
+            )
+            .await?,
         ),
         (None, None) => {
-            let client = db.get().await?;
+            let mut client = db.get().await?;
             let ctx = ChargeContext {
                 job_id: None,
                 reason: charge.reason.as_deref(),
                 idempotency_key: None,
+                key_id: Some(key_id),
             };
-            ledger::charge(&client, account_id, charge.amount, &ctx).await?
+            match ledger::charge(&client, account_id, charge.amount, &ctx).await {
+                // Keys of this account have spend limits: the key's counter moves with the
+                // charge, so both go in one transaction.
+                Err(Error::KeyLimitsApply) => {
+                    let tx = client.transaction().await?;
+                    let m = key_caps::charge_limited(&tx, account_id, charge.amount, &ctx).await?;
+                    tx.commit().await?;
+                    m
+                }
+                other => other?,
+            }
         }
     };
     match once {

@@ -5,6 +5,7 @@
 //! Refusals are [`Error`]s in the ledger's words; `http::problem` gives them their status.
 
 pub mod coalesce;
+pub mod key_caps;
 pub mod ledger;
 pub mod metered;
 pub mod recharge_signal;
@@ -62,6 +63,34 @@ pub enum Error {
     /// A broken invariant: nothing a client did or can fix.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+    /// The charge would take its key's spend in the period past the key's limit; nothing
+    /// was written (see `key_caps`).
+    #[error(
+        "This costs {cost} credits and key {key_id} has {} of its {limit} credits per {} left until {resets_at}.",
+        limit - spent, period.as_str()
+    )]
+    KeySpendLimitExceeded {
+        key_id: String,
+        limit: i64,
+        period: key_caps::Period,
+        spent: i64,
+        cost: i64,
+        resets_at: chrono::DateTime<chrono::Utc>,
+    },
+    /// Not a refusal: the one-statement charge stood back because the account has keys with
+    /// spend limits; the caller charges through `key_caps` on a transaction instead. Never
+    /// leaves the credits module.
+    #[error("the account has keys with spend limits")]
+    KeyLimitsApply,
+    /// A spend limit's credits outside 1..=`key_caps::MAX_LIMIT`.
+    #[error("spend_limit.credits must be between 1 and {}.", key_caps::MAX_LIMIT)]
+    SpendLimitOutOfRange,
+    /// A usage report's `group_by` other than `key`.
+    #[error("group_by must be key.")]
+    UnknownGroupBy,
+    /// A `key_id` filter that is not a key id (12 characters of 0-9A-Za-z).
+    #[error("key_id must be a key id (12 characters of 0-9, A-Z, a-z).")]
+    InvalidKeyId,
 }
 crate::impl_db_error_from!(Error);
 
@@ -78,6 +107,9 @@ impl Error {
             Error::UnknownKind => Some("kind"),
             Error::UnknownGranularity => Some("granularity"),
             Error::EmptyRange | Error::RangeTooLong { .. } => Some("from"),
+            Error::SpendLimitOutOfRange => Some("spend_limit"),
+            Error::UnknownGroupBy => Some("group_by"),
+            Error::InvalidKeyId => Some("key_id"),
             _ => None,
         }
     }

@@ -67,6 +67,38 @@ pub struct UsageBucket {
     pub charges: i64,
     /// Number of refunds in the bucket.
     pub refunds: i64,
+    /// With `group_by=key`: the key whose charges and refunds these are (`null`: rows
+    /// written before keys were recorded). Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub key_id: Option<Option<String>>,
+}
+
+/// Which rows a usage report counts and how it splits them: only one key's (`key_id`),
+/// and/or one row per key in each bucket (`by_key`).
+#[derive(Debug, Clone, Default)]
+pub struct UsageFilter {
+    pub key_id: Option<String>,
+    pub by_key: bool,
+}
+
+impl UsageFilter {
+    /// `group_by`: absent or `key`; `key_id`: a key id's shape (any account's key id gives
+    /// an empty report, as the rows are the caller's account's only).
+    pub fn parse(group_by: Option<&str>, key_id: Option<&str>) -> Result<UsageFilter, Error> {
+        let by_key = match group_by {
+            None => false,
+            Some("key") => true,
+            Some(_) => return Err(Error::UnknownGroupBy),
+        };
+        if key_id.is_some_and(|k| !crate::auth::api_key::is_key_id(k)) {
+            return Err(Error::InvalidKeyId);
+        }
+        Ok(UsageFilter {
+            key_id: key_id.map(str::to_owned),
+            by_key,
+        })
+    }
 }
 
 /// The width of a usage bucket.
@@ -155,7 +187,17 @@ pub async fn usage(
     account_id: Uuid,
     window: UsageWindow,
 ) -> Result<Usage, Error> {
-    let buckets = buckets(db, account_id, &window).await?;
+    usage_filtered(db, account_id, window, &UsageFilter::default()).await
+}
+
+/// [`usage`], of one key only and/or split per key (see [`UsageFilter`]).
+pub async fn usage_filtered(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    window: UsageWindow,
+    filter: &UsageFilter,
+) -> Result<Usage, Error> {
+    let buckets = buckets(db, account_id, &window, filter).await?;
     let (charged, refunded) = buckets.iter().fold((0i64, 0i64), |acc, b| {
         (acc.0 + b.charged, acc.1 + b.refunded)
     });
@@ -171,6 +213,7 @@ async fn buckets(
     db: &impl GenericClient,
     account_id: Uuid,
     window: &UsageWindow,
+    filter: &UsageFilter,
 ) -> Result<Vec<UsageBucket>, Error> {
     let (from, to, granularity) = (window.from, window.to, window.granularity.as_str());
     let rows = db
@@ -179,12 +222,21 @@ async fn buckets(
                     COALESCE(sum(-delta) FILTER (WHERE kind = 'charge'), 0)::bigint,
                     COALESCE(sum(delta) FILTER (WHERE kind = 'refund'), 0)::bigint,
                     count(*) FILTER (WHERE kind = 'charge'),
-                    count(*) FILTER (WHERE kind = 'refund')
+                    count(*) FILTER (WHERE kind = 'refund'),
+                    CASE WHEN $6 THEN key_id END AS k
                FROM credit_ledger
               WHERE account_id = $1 AND created_at >= $2 AND created_at < $3
                 AND kind IN ('charge', 'refund')
-              GROUP BY bucket ORDER BY bucket",
-            &[&account_id, &from, &to, &granularity],
+                AND ($5::text IS NULL OR key_id = $5)
+              GROUP BY bucket, k ORDER BY bucket, k NULLS FIRST",
+            &[
+                &account_id,
+                &from,
+                &to,
+                &granularity,
+                &filter.key_id,
+                &filter.by_key,
+            ],
         )
         .await?;
     Ok(rows
@@ -199,6 +251,7 @@ async fn buckets(
                 net: charged - refunded,
                 charges: r.get(3),
                 refunds: r.get(4),
+                key_id: filter.by_key.then(|| r.get(5)),
             }
         })
         .collect())

@@ -188,6 +188,10 @@ problem_types! {
         "Auto-recharge needs a card saved for off-session payments: buy a pack through \
          Checkout (it saves the card) or save one with `POST /v1/billing/auto-recharge/setup`, \
          then enable it again."),
+    KeySpendLimitExceeded => ("key_spend_limit_exceeded", [402], "Key spend limit exceeded",
+        "The charge or job would take the calling key's spend in its period past the key's \
+         `spend_limit`; nothing was charged or queued. `key_id`, `limit`, `period`, `spent`, \
+         `cost` and `resets_at` (when the period ends) say by how much and until when."),
 }
 
 impl ProblemType {

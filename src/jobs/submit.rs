@@ -41,6 +41,8 @@ pub struct Context<'a> {
 pub struct Submitter<'a> {
     pub account_id: Uuid,
     pub tier: &'a str,
+    /// The key submitting: the job's charge and refund name it, and its spend limit applies.
+    pub key_id: Option<&'a str>,
 }
 
 /// A job as a client asked for it, before any check.
@@ -161,6 +163,7 @@ pub async fn submit<R: Record>(
         cost: checked.cost,
         origin: ctx.jobs.instance,
         idempotency_key: idempotency_key.map(str::to_owned),
+        key_id: who.key_id.map(str::to_owned),
     };
     let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
     let tx = client.transaction().await.map_err(SubmitError::from)?;

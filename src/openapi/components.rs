@@ -273,6 +273,27 @@ fn problem_schema() -> Schema {
         )
         .property("balance", integer("`insufficient_credits`: the balance."))
         .property(
+            "key_id",
+            text("`key_spend_limit_exceeded`: the key whose spend limit refused the charge."),
+        )
+        .property(
+            "limit",
+            integer("`key_spend_limit_exceeded`: the key's limit, credits per period."),
+        )
+        .property(
+            "period",
+            text("`key_spend_limit_exceeded`: the limit's period, `day` or `month` (UTC)."),
+        )
+        .property(
+            "spent",
+            integer("`key_spend_limit_exceeded`: what the key spent in the current period."),
+        )
+        .property(
+            "resets_at",
+            text("`key_spend_limit_exceeded`: when the period ends (RFC 3339, UTC).")
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime))),
+        )
+        .property(
             "cost",
             integer(
                 "`insufficient_credits`, and a scrape job's problems: what the request (the \

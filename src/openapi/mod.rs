@@ -89,6 +89,7 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         keys::list,
         keys::create,
         keys::get,
+        keys::update,
         keys::revoke,
         keys::rotate,
         credits::summary,

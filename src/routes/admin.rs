@@ -142,6 +142,8 @@ pub struct CreateKey {
     scopes: Option<Vec<String>>,
     /// When the key stops working; must be in the future.
     expires_at: Option<DateTime<Utc>>,
+    /// What the key may spend per UTC calendar day or month (see `POST /v1/keys`).
+    spend_limit: Option<crate::credits::key_caps::SpendLimit>,
 }
 
 #[utoipa::path(
@@ -170,7 +172,7 @@ pub async fn create_key(
     let id = account_id(&path)?;
     let b = body.into_inner();
     let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
-    let key = operator::create_key(&state.db, &Actor::AdminToken, id, &spec).await?;
+    let key = operator::create_key(&state.db, &Actor::AdminToken, id, &spec, b.spend_limit).await?;
     Ok(HttpResponse::Created().json(key))
 }
 

@@ -11,7 +11,7 @@ use crate::accounts;
 use crate::auth::{Authenticated, Scope};
 use crate::credits::ledger::{Kind, Movement};
 use crate::credits::metered::{self, MeteredCharge};
-use crate::credits::report::{self, LedgerFilter, UsageBucket, UsageWindow};
+use crate::credits::report::{self, LedgerFilter, UsageBucket, UsageFilter, UsageWindow};
 use crate::http::idempotent;
 use crate::http::problem::ApiResult;
 use crate::idempotency;
@@ -161,6 +161,57 @@ pub struct UsageQuery {
     /// `day` (default; at most 366 days) or `hour` (at most 31 days).
     #[param(inline, value_type = Option<Granularity>)]
     granularity: Option<String>,
+    /// `key`: one row per key in each bucket, each with its `key_id` (`null` for rows
+    /// written before charges recorded their key).
+    #[param(inline, value_type = Option<UsageGroupBy>)]
+    group_by: Option<String>,
+    /// Only the charges and refunds caused by this key (its 12-character id).
+    #[param(pattern = "^[0-9A-Za-z]{12}$")]
+    key_id: Option<String>,
+    /// `json` (default) or `csv`: `text/csv`, a header row, then one row per bucket (and key).
+    #[param(inline, value_type = Option<UsageFormat>)]
+    format: Option<String>,
+}
+
+/// How `GET /v1/usage` splits its buckets.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only describes the accepted values of `group_by`.
+pub enum UsageGroupBy {
+    Key,
+}
+
+/// The representation of `GET /v1/usage`.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Only describes the accepted values of `format`.
+pub enum UsageFormat {
+    Json,
+    Csv,
+}
+
+/// A usage report as CSV: a header row, then one row per bucket (with `key_id` when split
+/// per key). Every value is a timestamp, a number or a key id (`0-9A-Za-z`), so none needs
+/// quoting and none can start a spreadsheet formula.
+fn usage_csv(buckets: &[UsageBucket], by_key: bool) -> String {
+    let mut out = String::from(if by_key {
+        "start,key_id,charged,refunded,net,charges,refunds\r\n"
+    } else {
+        "start,charged,refunded,net,charges,refunds\r\n"
+    });
+    for b in buckets {
+        let start = b.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let key = if by_key {
+            format!("{},", b.key_id.clone().flatten().unwrap_or_default())
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{start},{key}{},{},{},{},{}\r\n",
+            b.charged, b.refunded, b.net, b.charges, b.refunds
+        ));
+    }
+    out
 }
 
 #[derive(Serialize, ToSchema)]
@@ -190,17 +241,22 @@ pub struct UsageReport {
     path = "/v1/usage",
     operation_id = "usage",
     tag = "credits",
-    summary = "Usage per day or hour",
+    summary = "Usage per day or hour, per key, as JSON or CSV",
     description = "Credits charged and refunded per bucket, with totals. `from` defaults to \
         30 days before `to`, `to` to now; `from` must be before `to`, and a range is at most \
-        366 days (`day`) or 31 days (`hour`).",
+        366 days (`day`) or 31 days (`hour`). `group_by=key` splits each bucket per key \
+        (`key_id`), `key_id=` counts one key's only, and `format=csv` answers the same rows as \
+        `text/csv` with a header row (`start,[key_id,]charged,refunded,net,charges,refunds`).",
     params(UsageQuery),
     responses(
-        (status = 200, description = "The usage report.", body = UsageReport),
+        (status = 200, description = "The usage report.", content(
+            (UsageReport = "application/json"),
+            (String = "text/csv"),
+        )),
         (status = 400, description = "`invalid_request`: a malformed query string or an unknown \
             parameter."),
         (status = 422, description = "`validation_failed`: a bad or out-of-range time (years \
-            0000–9999), granularity or range."),
+            0000–9999), granularity, range, `group_by`, `key_id` or `format`."),
     ),
     security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
 )]
@@ -213,8 +269,28 @@ pub async fn usage(
     let granularity = report::Granularity::parse(q.granularity.as_deref())?;
     let range = TimeRange::parse(q.from.as_deref(), q.to.as_deref())?;
     let window = UsageWindow::new(granularity, range.from, range.to, Utc::now())?;
+    let filter = UsageFilter::parse(q.group_by.as_deref(), q.key_id.as_deref())?;
+    let csv = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => {
+            return Err(crate::http::problem::ApiError::validation(
+                "format",
+                "format must be json or csv.",
+            ))
+        }
+    };
     let client = state.db.get().await?;
-    let usage = report::usage(&client, caller.account_id, window).await?;
+    let usage = report::usage_filtered(&client, caller.account_id, window, &filter).await?;
+    if csv {
+        return Ok(HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .insert_header((
+                actix_web::http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"usage.csv\"",
+            ))
+            .body(usage_csv(&usage.buckets, filter.by_key)));
+    }
     Ok(HttpResponse::Ok().json(UsageReport {
         object: "usage",
         from: usage.window.from,
@@ -260,7 +336,9 @@ struct ChargeBody {
             `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
             be read."),
         (status = 402, description = "`insufficient_credits`: the balance is below `amount` \
-            (`balance` and `cost` say by how much)."),
+            (`balance` and `cost` say by how much); `key_spend_limit_exceeded`: the calling \
+            key's `spend_limit` for the period would be passed (`limit`, `spent`, `resets_at`). \
+            Nothing is charged."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
@@ -282,7 +360,14 @@ pub async fn charge(
     let request = idempotent::request(&req, caller.account_id, &raw, StatusCode::CREATED)?;
     let lane = state.config.charge_coalescing.then_some(&*state.charges);
     let outcome = idempotency::run(&state.db, state.config.request_timeout, request, |guard| {
-        metered::charge(&state.db, lane, caller.account_id, &charge, guard)
+        metered::charge(
+            &state.db,
+            lane,
+            caller.account_id,
+            &caller.key_id,
+            &charge,
+            guard,
+        )
     })
     .await?;
     Ok(idempotent::respond(outcome, |m| {

@@ -143,6 +143,7 @@ async fn create(
             let who = Submitter {
                 account_id: caller.account_id,
                 tier: &caller.tier,
+                key_id: Some(&caller.key_id),
             };
             let job = submit::submit(
                 &ctx,
@@ -200,7 +201,9 @@ impl submit::Record for Answer<'_> {
             `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
             be read."),
         (status = 402, description = "`insufficient_credits`: the balance is below the job's \
-            cost (`balance` and `cost`); nothing is queued."),
+            cost (`balance` and `cost`); `key_spend_limit_exceeded`: the job's cost would take \
+            the calling key past its `spend_limit` for the period (`limit`, `spent`, \
+            `resets_at`). Nothing is queued."),
         (status = 409, description = "`idempotency_conflict`: a request with this \
             `Idempotency-Key` is still running, or this one outlived its claim and a retry took \
             it over (this attempt was undone)."),
@@ -260,7 +263,9 @@ pub async fn create_job(
             `invalid_request`: a malformed `Idempotency-Key`; `bad_request`: the body could not \
             be read."),
         (status = 402, description = "`insufficient_credits`: the balance is below the job's \
-            cost (`balance` and `cost`); nothing is queued."),
+            cost (`balance` and `cost`); `key_spend_limit_exceeded`: the job's cost would take \
+            the calling key past its `spend_limit` for the period (`limit`, `spent`, \
+            `resets_at`). Nothing is queued."),
         (status = 404, description = "`not_found`: a retry with an `Idempotency-Key` whose job \
             has since been deleted (past the job retention)."),
         (status = 409, description = "`idempotency_conflict`: a request with this \

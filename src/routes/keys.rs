@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::auth::key_store::{CreatedKey, KeySpec, KeyView};
 use crate::auth::{key_actions, Authenticated, Scope};
+use crate::credits::key_caps::SpendLimit;
 use crate::http::problem::ApiResult;
 use crate::pagination::{Page, PageQuery};
 use crate::routes::{Access, Routes};
@@ -20,6 +21,7 @@ pub fn configure(routes: &mut Routes) {
         .get(Access::Key, "/v1/keys", list)
         .post(Access::Key, "/v1/keys", create)
         .get(Access::Key, "/v1/keys/{id}", get)
+        .patch(Access::Key, "/v1/keys/{id}", update)
         .delete(Access::Key, "/v1/keys/{id}", revoke)
         .post(Access::Key, "/v1/keys/{id}/rotate", rotate);
 }
@@ -46,6 +48,10 @@ pub struct CreateKey {
     /// limit, if it has one.
     #[schema(minimum = 1)]
     rate_limit: Option<i64>,
+    /// What the key may spend per UTC calendar day or month; a charge or job beyond it is
+    /// `402 key_spend_limit_exceeded`. When absent: the calling key's own limit, if it has
+    /// one (a key with a limit may only create keys with no more credits over the same period).
+    spend_limit: Option<SpendLimit>,
 }
 
 #[utoipa::path(
@@ -64,13 +70,13 @@ pub struct CreateKey {
         crate::openapi::JsonBody,
         (status = 201, description = "The new key, with its plaintext.", body = CreatedKey),
         (status = 403, description = "`insufficient_scope`: also when the new key would carry \
-            more than the calling key: scopes it lacks (`missing_scopes`), a later expiry, or a \
-            higher rate limit."),
+            more than the calling key: scopes it lacks (`missing_scopes`), a later expiry, a \
+            higher rate limit, or no spend limit, a higher one or another period than its own."),
         (status = 409, description = "`key_limit_reached`: the account already holds its \
             tier's `max_keys` active keys (`max_keys`)."),
         (status = 422, description = "`validation_failed`: a bad name, an unknown scope, an \
-            expiry in the past, a `rate_limit` outside 1 to the tier's requests per minute, or \
-            an unknown field."),
+            expiry in the past, a `rate_limit` outside 1 to the tier's requests per minute, \
+            `spend_limit.credits` below 1, or an unknown field."),
     ),
     security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
 )]
@@ -82,7 +88,15 @@ pub async fn create(
     caller.require(Scope::KeysManage)?;
     let b = body.into_inner();
     let spec = KeySpec::parse(b.name, b.scopes, b.expires_at)?;
-    let created = key_actions::create(&state.db, &state.tiers, &caller, spec, b.rate_limit).await?;
+    let created = key_actions::create(
+        &state.db,
+        &state.tiers,
+        &caller,
+        spec,
+        b.rate_limit,
+        b.spend_limit,
+    )
+    .await?;
     Ok(HttpResponse::Created().json(created))
 }
 
@@ -163,6 +177,65 @@ pub async fn revoke(
 ) -> ApiResult<HttpResponse> {
     caller.require(Scope::KeysManage)?;
     let k = key_actions::revoke(&state.db, &state.auth.cache, &caller, &path).await?;
+    Ok(HttpResponse::Ok().json(k))
+}
+
+/// `Some(None)` for an explicit `null`, `None` when the field is absent.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = KeyUpdate)]
+pub struct UpdateKey {
+    /// A new name: 1 to 100 characters, not only spaces, no control characters.
+    #[schema(min_length = 1, max_length = 100)]
+    name: Option<String>,
+    /// A new spend limit; `null` removes it. A new limit, or one whose period changes,
+    /// starts from what the key already spent in the current period; changing only the
+    /// credits keeps the period's count.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<SpendLimit>, nullable)]
+    spend_limit: Option<Option<SpendLimit>>,
+}
+
+#[utoipa::path(
+    patch,
+    path = "/v1/keys/{id}",
+    operation_id = "update_key",
+    tag = "keys",
+    summary = "Change a key's name or spend limit",
+    description = "Changes the fields present: `name`, and `spend_limit` (`null` removes it). \
+        Charges racing the change are decided against it exactly. A key with a spend limit of \
+        its own may only set limits of no more credits over the same period, and cannot remove \
+        one.",
+    params(("id" = String, Path, description = "The key id (12 characters).")),
+    request_body = UpdateKey,
+    responses(
+        crate::openapi::JsonBody,
+        (status = 200, description = "The key as it now is.", body = KeyView),
+        (status = 403, description = "`insufficient_scope`: also when the calling key has a \
+            spend limit and the new one would be higher, of another period, or none."),
+        (status = 404, description = "`not_found`: no key with that id on this account."),
+        (status = 422, description = "`validation_failed`: a bad name, `spend_limit.credits` \
+            below 1, an unknown `period`, or an unknown field."),
+    ),
+    security(("ApiKey" = ["keys:manage"]), ("ApiKeyHeader" = ["keys:manage"])),
+)]
+pub async fn update(
+    state: web::Data<AppState>,
+    caller: Authenticated,
+    path: web::Path<String>,
+    body: web::Json<UpdateKey>,
+) -> ApiResult<HttpResponse> {
+    caller.require(Scope::KeysManage)?;
+    let b = body.into_inner();
+    let k = key_actions::update(&state.db, &caller, &path, b.name, b.spend_limit).await?;
     Ok(HttpResponse::Ok().json(k))
 }
 

@@ -139,6 +139,15 @@ impl Routes {
         self.add(access, Method::PUT, path, handler)
     }
 
+    pub fn patch<F, Args>(&mut self, access: Access, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add(access, Method::PATCH, path, handler)
+    }
+
     pub fn delete<F, Args>(&mut self, access: Access, path: &'static str, handler: F) -> &mut Self
     where
         F: Handler<Args>,

@@ -29,7 +29,7 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
     for i in 0..JOBS {
         let id = Uuid::now_v7();
         let client = pool.get().await.unwrap();
-        match keymeter::credits::ledger::reserve(&client, account, COST, id)
+        match keymeter::credits::ledger::reserve(&client, account, COST, id, None)
             .await
             .unwrap()
         {

@@ -19,6 +19,7 @@ mod gateway_nginx;
 mod isolation;
 mod jobs;
 mod jobs_finish;
+mod key_caps;
 mod keys;
 mod metrics;
 mod openapi;

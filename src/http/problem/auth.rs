@@ -17,9 +17,10 @@ impl From<Error> for ApiError {
             Error::InvalidApiKey => ApiError::InvalidApiKey,
             Error::MissingScope { required } => ApiError::InsufficientScope { required },
             Error::ScopesBeyondCreator { missing, .. } => beyond_power(detail, &missing),
-            Error::OutlivesCreator { .. } | Error::RateAboveCreator { .. } => {
-                beyond_power(detail, &[])
-            }
+            Error::Credits(e) => e.into(),
+            Error::OutlivesCreator { .. }
+            | Error::RateAboveCreator { .. }
+            | Error::SpendAboveCreator { .. } => beyond_power(detail, &[]),
             Error::InvalidName => ApiError::validation("name", detail),
             Error::UnknownScope(_) | Error::NoScopes => ApiError::validation("scopes", detail),
             Error::ExpiryNotInFuture => ApiError::validation("expires_at", detail),

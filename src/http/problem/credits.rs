@@ -1,6 +1,6 @@
 //! How credits refusals become problems (status and [`ProblemType`](super::ProblemType)).
 
-use super::ApiError;
+use super::{ApiError, ProblemType};
 use crate::credits::Error;
 
 impl From<Error> for ApiError {
@@ -10,6 +10,27 @@ impl From<Error> for ApiError {
                 ApiError::InsufficientCredits { balance, cost }
             }
             Error::AccountNotFound => ApiError::NotFound(e.to_string()),
+            Error::KeySpendLimitExceeded {
+                ref key_id,
+                limit,
+                period,
+                spent,
+                cost,
+                resets_at,
+            } => ApiError::problem(ProblemType::KeySpendLimitExceeded, e.to_string())
+                .with("key_id", key_id.clone())
+                .with("limit", limit)
+                .with("period", period.as_str())
+                .with("spent", spent)
+                .with("cost", cost)
+                .with(
+                    "resets_at",
+                    resets_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ),
+            // An internal signal of the charge paths; reaching here is a bug.
+            Error::KeyLimitsApply => ApiError::Internal(anyhow::anyhow!(
+                "a key-limited charge left the credits module unhandled"
+            )),
             Error::Idempotency(e) => e.into(),
             Error::Db(e) => e.into(),
             Error::Internal(e) => ApiError::Internal(e),

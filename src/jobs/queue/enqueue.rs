@@ -60,7 +60,7 @@ pub async fn create(
             return Err(QueueError::AccountNotFound);
         }
     } else {
-        match ledger::reserve(tx, new.account_id, new.cost, new.id).await? {
+        match ledger::reserve(tx, new.account_id, new.cost, new.id, new.key_id.as_deref()).await? {
             ledger::Once::Done(_) => {}
             ledger::Once::AlreadyDone => {
                 return Err(QueueError::Invariant("a new job's id already has a charge"))

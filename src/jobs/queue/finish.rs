@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::{get, get_any, Job, QueueError, CHANNEL};
-use crate::credits::ledger;
+use crate::credits::key_caps;
 
 /// How a job ends.
 #[derive(Debug, Clone)]
@@ -130,7 +130,7 @@ pub async fn finalize(
     crate::metrics::jobs().transition(end.status());
     let webhook_url: Option<String> = row.get(0);
     if let Some(reason) = end.refund_reason() {
-        ledger::refund(tx, id, reason).await?;
+        key_caps::refund(tx, id, reason).await?;
     }
     let job = get_any(tx, id)
         .await?

@@ -205,6 +205,7 @@ const END: &str = "WITH f AS (
                 j.finished_at, f.reason),
      ch AS (
          SELECT u.id AS job_id, l.account_id, -l.delta AS amount, u.reason,
+                l.key_id, l.created_at AS charged_at,
                 row_number() OVER (ORDER BY u.id) AS n
            FROM upd u
            JOIN credit_ledger l ON l.job_id = u.id AND l.kind = 'charge'
@@ -221,16 +222,27 @@ const END: &str = "WITH f AS (
           WHERE a.id = t.account_id
       RETURNING a.id, a.credit_balance),
      refunds AS (
-         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id)
+         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, key_id)
          SELECT c.account_id, c.amount,
                 (a.credit_balance - t.total
                    + sum(c.amount) OVER (PARTITION BY c.account_id ORDER BY c.n))::bigint,
-                'refund', c.reason, c.job_id
+                'refund', c.reason, c.job_id, c.key_id
            FROM ch c
            JOIN acct a ON a.id = c.account_id
            JOIN tot t ON t.account_id = c.account_id
           ORDER BY c.n
-      RETURNING job_id, delta)
+      RETURNING job_id, delta),
+     -- Refunds give back to their keys' spend-limit counters (credits::key_caps), when charge
+     -- and refund fall in the counter's current period; the accounts are already locked, so
+     -- these counter locks come after them, as everywhere.
+     give AS (
+         UPDATE key_spend_limits k SET spent = greatest(k.spent - g.amount, 0)
+           FROM (SELECT c.key_id, sum(c.amount)::bigint AS amount
+                   FROM ch c JOIN key_spend_limits s ON s.key_id = c.key_id
+                  WHERE s.period_start = date_trunc(s.period, now(), 'UTC')
+                    AND c.charged_at >= s.period_start
+                  GROUP BY c.key_id) g
+          WHERE k.key_id = g.key_id)
      SELECT u.id, u.account_id, u.status, u.mode, u.url, u.formats, u.timeout_ms,
             u.webhook_url, u.cost, u.attempts, NULL::jsonb AS result, u.error, u.created_at,
             u.started_at, u.finished_at,

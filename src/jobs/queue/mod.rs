@@ -154,6 +154,8 @@ pub struct NewJob {
     pub cost: i64,
     pub origin: Uuid,
     pub idempotency_key: Option<String>,
+    /// The key that submitted it: its charge and refund name it, and its spend limit applies.
+    pub key_id: Option<String>,
 }
 
 /// Durations of a job's phases, in milliseconds (`null` until the phase has ended).
