@@ -96,6 +96,7 @@ pub async fn create_key(
         return Err(accounts::not_found().into());
     }
     let k = key_store::insert(&tx, account_id, spec).await?;
+    crate::events::sources::key_created(&tx, &k.view).await?;
     audit::record(
         &tx,
         actor,
@@ -169,6 +170,7 @@ pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyVie
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let k = key_store::revoke(&tx, None, key_id).await?;
+    crate::events::sources::key_revoked(&tx, &k).await?;
     audit::record(
         &tx,
         actor,
@@ -203,6 +205,7 @@ pub async fn grant_credits(
     let m = credits::ledger::adjust(&tx, account_id, amount, reason)
         .await
         .map_err(Error::Credits)?;
+    crate::events::sources::credits_granted(&tx, &m).await?;
     let action = if amount > 0 {
         Action::CreditsGrant
     } else {

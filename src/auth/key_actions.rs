@@ -36,6 +36,7 @@ pub async fn create(
     let tx = client.transaction().await?;
     let created = key_store::insert_capped(&tx, tiers, caller.account_id, &spec).await?;
     let v = &created.view;
+    crate::events::sources::key_created(&tx, v).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),
@@ -83,6 +84,7 @@ pub async fn revoke(
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let k = key_store::revoke(&tx, Some(caller.account_id), key_id).await?;
+    crate::events::sources::key_revoked(&tx, &k).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),
@@ -112,6 +114,7 @@ pub async fn rotate(
     let tx = client.transaction().await?;
     let created =
         key_store::rotate(&tx, caller.account_id, key_id, grace, &Power::from(caller)).await?;
+    crate::events::sources::key_created(&tx, &created.view).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),

@@ -29,6 +29,7 @@ mod auth;
 mod billing;
 pub mod catalogue;
 mod database;
+mod events;
 mod http;
 mod jobs;
 mod rate_limits;
@@ -37,6 +38,7 @@ mod telemetry;
 
 pub use billing::{BillingSettings, Pack, Plan};
 pub use database::DatabaseSettings;
+pub use events::EventsSettings;
 pub use jobs::JobsSettings;
 pub use source::{ProcessEnv, Source};
 pub use telemetry::LogFormat;
@@ -155,6 +157,8 @@ pub struct Config {
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,
     pub jobs: JobsSettings,
+    /// Account events' webhook endpoints (see `crate::events::delivery`).
+    pub events: EventsSettings,
 }
 
 impl Config {
@@ -174,6 +178,7 @@ impl Config {
         let (billing, webhook_body_limit) = billing::parse(src, env)?;
         let charge_coalescing = source::boolean(src, "KEYMETER_CHARGE_COALESCING", true)?;
         let jobs = jobs::parse(src, env, http.bind)?;
+        let events = events::parse(src, env, http.bind)?;
         Ok(Config {
             env,
             bind: http.bind,
@@ -209,6 +214,7 @@ impl Config {
             charge_coalescing,
             webhook_body_limit,
             jobs,
+            events,
         })
     }
 

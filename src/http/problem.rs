@@ -174,6 +174,9 @@ problem_types! {
         "The request took longer than the server allows."),
     JobTimeout => ("job_timeout", [504], "Job timed out",
         "The scrape job did not finish within its `timeout_ms`; refunded (`job_id`)."),
+    WebhookEndpointLimitReached => ("webhook_endpoint_limit_reached", [409], "Webhook endpoint limit reached",
+        "The account already holds the most webhook endpoints it may (`max_endpoints`); delete \
+         one first."),
 }
 
 impl ProblemType {
@@ -536,6 +539,7 @@ mod accounts;
 mod auth;
 mod billing;
 mod credits;
+mod events;
 mod idempotency;
 mod jobs;
 mod operator;

@@ -39,7 +39,7 @@ use utoipa::OpenApi;
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
 use crate::http::problem::ProblemType;
-use crate::routes::{accounts, admin, billing, credits, docs, health, jobs, keys};
+use crate::routes::{accounts, admin, billing, credits, docs, events, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
 pub use self::operations::JsonBody;
@@ -115,6 +115,13 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::revoke_key,
         admin::audit_trail,
         jobs::breakers,
+        events::list_events,
+        events::list_endpoints,
+        events::create_endpoint,
+        events::get_endpoint,
+        events::delete_endpoint,
+        events::rotate_secret,
+        events::list_deliveries,
     ),
     components(schemas(ProblemType)),
     modifiers(&SharedComponents, &OperationDefaults),
@@ -130,6 +137,8 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         (name = "admin", description = "The operator's API, behind `KEYMETER_ADMIN_TOKEN`. \
             It does not exist (404) while no token is configured."),
         (name = "meta", description = "This document and its human-readable page."),
+        (name = "events", description = "Account events (`GET /v1/events`) and the webhook \
+            endpoints they are POSTed to, signed, at least once, retried for a day."),
     ),
 )]
 struct ApiDoc;

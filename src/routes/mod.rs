@@ -14,6 +14,7 @@ pub mod admin;
 pub mod billing;
 pub mod credits;
 pub mod docs;
+pub mod events;
 pub mod health;
 pub mod jobs;
 pub mod keys;
@@ -169,6 +170,7 @@ fn all() -> Routes {
         credits::configure,
         billing::configure,
         jobs::configure,
+        events::configure,
         admin::configure,
     ] {
         configure(&mut routes);

@@ -37,6 +37,7 @@ impl Background {
             vec![
                 auth::listener::subscription(state.auth.cache.clone()),
                 jobs.wakeups.subscription(),
+                state.event_sender.subscription(),
             ],
             shutdown.clone(),
         ));
@@ -51,6 +52,10 @@ impl Background {
         {
             let (jobs, pool, stop) = (jobs.clone(), pool.clone(), shutdown.clone());
             tasks.spawn(async move { jobs.webhooks.run(pool, stop).await });
+        }
+        {
+            let (events, pool, stop) = (state.event_sender.clone(), pool.clone(), shutdown.clone());
+            tasks.spawn(async move { events.run(pool, stop).await });
         }
         {
             let (auth, pool, stop) = (state.auth.clone(), pool.clone(), shutdown.clone());

@@ -37,6 +37,8 @@ pub struct AppState {
     pub account_reads: Arc<crate::accounts::reads::AccountReads>,
     /// Bounds the Argon2 work of signups and logins.
     pub passwords: Arc<crate::accounts::password::Passwords>,
+    /// Account events' webhook deliveries (and the guard endpoint URLs are vetted by).
+    pub event_sender: Arc<crate::events::delivery::Sender>,
 }
 
 impl AppState {
@@ -59,6 +61,10 @@ impl AppState {
             metrics.register(c)?;
         }
         let jobs = Arc::new(build_jobs(&config, &tiers)?);
+        let event_sender = Arc::new(crate::events::delivery::Sender::new(
+            AllowList::parse(&config.jobs.scrape_allow)?,
+            config.events.clone(),
+        )?);
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -82,6 +88,7 @@ impl AppState {
                 tokio::runtime::Handle::current(),
             )),
             passwords,
+            event_sender,
         };
         state.read_queue_gauges_on_scrape();
         Ok(state)

@@ -12,6 +12,7 @@ mod audit;
 mod billing;
 mod credits;
 mod db_tls;
+mod events;
 mod foundation;
 mod isolation;
 mod jobs;

@@ -232,6 +232,7 @@ async fn flush_on(
     let end = client.prepare_cached(END).await?;
     let webhooks = client.prepare_cached(WEBHOOKS).await?;
     let notify = client.prepare_cached(NOTIFY).await?;
+    let record_events = client.prepare_cached(crate::events::RECORD_MANY).await?;
 
     let mut job_ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
     job_ids.sort_unstable();
@@ -283,6 +284,7 @@ async fn flush_on(
     let (mut hook_jobs, mut hook_accounts, mut hook_urls, mut hook_events, mut hook_types) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut hook_payloads = Vec::new();
+    let mut job_events = Vec::new();
     for row in &rows {
         let mut job = job_from_row(row);
         let Some(p) = by_id.get(&job.id) else {
@@ -294,6 +296,7 @@ async fn flush_on(
         if let Some(delta) = row.get::<_, Option<i64>>("refund_delta") {
             refunds.push(delta);
         }
+        job_events.extend(crate::events::sources::job_finished(&job));
         if let Some(url) = job.webhook_url.clone() {
             if let End::Succeeded { result, .. } = &p.end {
                 job.result = Some(result.clone());
@@ -308,9 +311,12 @@ async fn flush_on(
         }
     }
     let ended_ids: Vec<Uuid> = ended.keys().copied().collect();
+    let job_events = crate::events::Columns::of(job_events);
+    let event_params = job_events.params();
     if hook_jobs.is_empty() {
         let notify_params: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &ended_ids];
         tokio::try_join!(
+            client.execute(&record_events, &event_params),
             client.execute(&notify, &notify_params),
             client.batch_execute("COMMIT")
         )?;
@@ -326,6 +332,7 @@ async fn flush_on(
         ];
         tokio::try_join!(
             client.execute(&webhooks, &hook_params),
+            client.execute(&record_events, &event_params),
             client.execute(&notify, &notify_params),
             client.batch_execute("COMMIT")
         )?;
