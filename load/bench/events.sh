@@ -66,6 +66,8 @@ quiet=$(charge_rate quiet)
 
 # The producer: every 100 ms, RATE/10 events over the accounts, for DURATION + 2 s (so it
 # covers the whole charge run), in one statement each (one transaction, like a group commit).
+# Rows go in in account-id order: each row's foreign key share-locks its account, and the
+# charge path locks accounts FOR UPDATE in id order, so any other order could deadlock with it.
 per_tick=$((RATE / 10))
 ticks=$(((secs + 2) * 10))
 produce() {
@@ -76,7 +78,8 @@ produce() {
                    'credits.granted', jsonb_build_object('amount', 1, 'source', 'load')
               FROM generate_series(1, $per_tick) g
               JOIN LATERAL (SELECT id FROM accounts WHERE tier = 'internal'
-                             ORDER BY id OFFSET (g * 7919 + $i) % $ACCOUNTS LIMIT 1) a ON true" >/dev/null
+                             ORDER BY id OFFSET (g * 7919 + $i) % $ACCOUNTS LIMIT 1) a ON true
+             ORDER BY a.id" >/dev/null
         sleep 0.1
     done
 }
@@ -105,8 +108,10 @@ done
 drained_ms=$(($(now_ms) - start))
 received=$(($(delivered) - before))
 attempts=$(db_psql -c "SELECT coalesce(sum(attempts), 0) FROM event_deliveries")
-lag=$(db_psql -c "SELECT round(percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM d.delivered_at - e.created_at) * 1000)::numeric, 0)
-                    FROM event_deliveries d JOIN events e ON e.id = d.event_id")
+lag=$(db_psql -F ', ' -c "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric),
+                           round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric)
+                      FROM (SELECT extract(epoch FROM d.delivered_at - e.created_at) * 1000 AS ms
+                              FROM event_deliveries d JOIN events e ON e.id = d.event_id) l")
 stop_pid "$SERVER_PID"
 check_ledger_invariant
 [ "$received" = "$produced" ] || { log "received $received deliveries for $produced events"; exit 1; }
@@ -115,7 +120,7 @@ rate() { python3 -c "print(f'{$1 * 1000 / max($2, 1):.0f}')"; }
 cat <<REPORT
 event pipeline, ${ACCOUNTS} accounts with one endpoint each, ${CLIENTS} charge clients, ${DURATION} each, same run:
   deductions/s: quiet ${quiet}   with events flowing ${busy}   ratio $(python3 -c "print(f'{$busy / $quiet:.2f}')")
-  events: ${produced} recorded at ~${RATE}/s over $((produced_ms / 1000)) s; delivered during the charge run $(rate $((busy_end_delivered - busy_start_delivered)) $((busy_end - busy_start)))/s
+  events: ${produced} recorded over $((produced_ms / 1000)) s ($(rate "$produced" "$produced_ms")/s; asked for ${RATE}/s); delivered during the charge run $(rate $((busy_end_delivered - busy_start_delivered)) $((busy_end - busy_start)))/s
   all ${received} delivered once each (${attempts} attempts) $((drained_ms - produced_ms)) ms after the producer stopped
   commit-to-delivery latency p50, p99 (ms): ${lag}
 REPORT
