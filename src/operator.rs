@@ -112,6 +112,7 @@ pub async fn create_key(
             .map_err(Error::Credits)?
             .remove(&k.view.id);
     }
+    crate::events::sources::key_created(&tx, &k.view).await?;
     audit::record(
         &tx,
         actor,
@@ -185,6 +186,7 @@ pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyVie
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let k = key_store::revoke(&tx, None, key_id).await?;
+    crate::events::sources::key_revoked(&tx, &k).await?;
     audit::record(
         &tx,
         actor,
@@ -219,6 +221,7 @@ pub async fn grant_credits(
     let m = credits::ledger::adjust(&tx, account_id, amount, reason)
         .await
         .map_err(Error::Credits)?;
+    crate::events::sources::credits_granted(&tx, &m).await?;
     let action = if amount > 0 {
         Action::CreditsGrant
     } else {

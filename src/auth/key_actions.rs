@@ -50,6 +50,7 @@ pub async fn create(
         attach(&tx, std::slice::from_mut(&mut created.view)).await?;
     }
     let v = &created.view;
+    crate::events::sources::key_created(&tx, v).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),
@@ -180,6 +181,7 @@ pub async fn revoke(
     let tx = client.transaction().await?;
     let mut k = key_store::revoke(&tx, Some(caller.account_id), key_id).await?;
     attach(&tx, std::slice::from_mut(&mut k)).await?;
+    crate::events::sources::key_revoked(&tx, &k).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),
@@ -218,6 +220,7 @@ pub async fn rotate(
         key_caps::inherit(&tx, key_id, &created.view.id).await?;
         attach(&tx, std::slice::from_mut(&mut created.view)).await?;
     }
+    crate::events::sources::key_created(&tx, &created.view).await?;
     audit::record(
         &tx,
         &Actor::Key(caller.key_id.clone()),

@@ -133,6 +133,13 @@ pub const VARS: &[(&str, &[Var])] = &[
             var("KEYMETER_JOB_WEBHOOK_PER_DESTINATION", "8", "job webhooks in flight per instance to one origin"),
         ],
     ),
+    (
+        "Account events",
+        &[
+            var("KEYMETER_EVENT_SIGNING_KEY", "(a development key on loopback; none in production)", "32+ characters; derives every webhook endpoint's signing secret"),
+            var("KEYMETER_EVENT_WEBHOOK_RETRY_MS", "5000", "wait before an event delivery's first retry (doubling, for a day)"),
+        ],
+    ),
 ];
 
 /// The variables as `--help` prints them, after the options.

@@ -30,6 +30,7 @@ mod billing;
 pub mod catalogue;
 mod database;
 mod gateway;
+mod events;
 mod http;
 mod jobs;
 mod rate_limits;
@@ -39,6 +40,7 @@ mod telemetry;
 pub use billing::{BillingSettings, Pack, Plan};
 pub use database::DatabaseSettings;
 pub use gateway::exposed as exposed_service_tokens;
+pub use events::EventsSettings;
 pub use jobs::JobsSettings;
 pub use source::{ProcessEnv, Source};
 pub use telemetry::LogFormat;
@@ -163,6 +165,8 @@ pub struct Config {
     pub gateway_routes: crate::gateway::RouteTable,
     /// `KEYMETER_SERVICE_TOKENS`: what the operator's servers authenticate with.
     pub service_tokens: Vec<SecretString>,
+    /// Account events' webhook endpoints (see `crate::events::delivery`).
+    pub events: EventsSettings,
 }
 
 impl Config {
@@ -183,6 +187,7 @@ impl Config {
         let charge_coalescing = source::boolean(src, "KEYMETER_CHARGE_COALESCING", true)?;
         let jobs = jobs::parse(src, env, http.bind)?;
         let gateway = gateway::parse(src, env)?;
+        let events = events::parse(src, env, http.bind)?;
         Ok(Config {
             env,
             bind: http.bind,
@@ -221,6 +226,7 @@ impl Config {
             gateway_routes_path: gateway.routes_path,
             gateway_routes: gateway.routes,
             service_tokens: gateway.service_tokens,
+            events,
         })
     }
 

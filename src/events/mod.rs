@@ -17,6 +17,11 @@ use uuid::Uuid;
 
 use crate::db;
 
+pub mod delivery;
+pub mod endpoints;
+pub mod reads;
+pub mod sources;
+
 /// The kinds of event. The string form (`balance.low`…) is the public, stable name a
 /// webhook endpoint subscribes to and `GET /v1/events?type=` filters by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,6 +152,43 @@ pub async fn record(
     Ok(id)
 }
 
+/// The statement behind [`record_many`], for a caller that pipelines it with its own
+/// statements (prepare it with them, execute it with [`Columns::params`] before its COMMIT,
+/// without a round trip of its own): the batched job finish does.
+pub const RECORD_MANY: &str = "INSERT INTO events (id, account_id, type, payload)
+     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::jsonb[])";
+
+/// A batch of events as the columns [`RECORD_MANY`] takes, ids assigned.
+#[derive(Debug, Default)]
+pub struct Columns {
+    pub ids: Vec<String>,
+    pub accounts: Vec<Uuid>,
+    pub types: Vec<&'static str>,
+    pub payloads: Vec<Value>,
+}
+
+impl Columns {
+    pub fn of(events: Vec<NewEvent>) -> Columns {
+        let mut c = Columns {
+            ids: Vec::with_capacity(events.len()),
+            accounts: Vec::with_capacity(events.len()),
+            types: Vec::with_capacity(events.len()),
+            payloads: Vec::with_capacity(events.len()),
+        };
+        for e in events {
+            c.ids.push(new_id());
+            c.accounts.push(e.account_id);
+            c.types.push(e.event_type.as_str());
+            c.payloads.push(object(e.payload));
+        }
+        c
+    }
+
+    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
+        [&self.ids, &self.accounts, &self.types, &self.payloads]
+    }
+}
+
 /// Records many events in one statement (a group commit's batch); returns their ids in order.
 pub async fn record_many(
     client: &impl GenericClient,
@@ -155,26 +197,10 @@ pub async fn record_many(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids = Vec::with_capacity(events.len());
-    let mut accounts = Vec::with_capacity(events.len());
-    let mut types = Vec::with_capacity(events.len());
-    let mut payloads = Vec::with_capacity(events.len());
-    for e in events {
-        ids.push(new_id());
-        accounts.push(e.account_id);
-        types.push(e.event_type.as_str());
-        payloads.push(object(e.payload));
-    }
-    let stmt = client
-        .prepare_cached(
-            "INSERT INTO events (id, account_id, type, payload)
-             SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::jsonb[])",
-        )
-        .await?;
-    client
-        .execute(&stmt, &[&ids, &accounts, &types, &payloads])
-        .await?;
-    Ok(ids)
+    let columns = Columns::of(events);
+    let stmt = client.prepare_cached(RECORD_MANY).await?;
+    client.execute(&stmt, &columns.params()).await?;
+    Ok(columns.ids)
 }
 
 #[cfg(test)]

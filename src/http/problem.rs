@@ -192,6 +192,9 @@ problem_types! {
         "The charge or job would take the calling key's spend in its period past the key's \
          `spend_limit`; nothing was charged or queued. `key_id`, `limit`, `period`, `spent`, \
          `cost` and `resets_at` (when the period ends) say by how much and until when."),
+    WebhookEndpointLimitReached => ("webhook_endpoint_limit_reached", [409], "Webhook endpoint limit reached",
+        "The account already holds the most webhook endpoints it may (`max_endpoints`); delete \
+         one first."),
 }
 
 impl ProblemType {
@@ -555,6 +558,7 @@ mod auth;
 mod billing;
 mod credits;
 mod gateway;
+mod events;
 mod idempotency;
 mod jobs;
 mod operator;

@@ -39,7 +39,7 @@ use utoipa::OpenApi;
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
 use crate::http::problem::ProblemType;
-use crate::routes::{accounts, admin, billing, credits, docs, gateway, health, jobs, keys};
+use crate::routes::{accounts, admin, billing, credits, docs, events, gateway, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
 pub use self::operations::JsonBody;
@@ -135,6 +135,13 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         gateway::authz_under_options,
         gateway::refund,
         gateway::verify,
+        events::list_events,
+        events::list_endpoints,
+        events::create_endpoint,
+        events::get_endpoint,
+        events::delete_endpoint,
+        events::rotate_secret,
+        events::list_deliveries,
     ),
     components(schemas(ProblemType)),
     modifiers(&SharedComponents, &OperationDefaults),
@@ -154,6 +161,8 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
             (priced routes from `KEYMETER_GATEWAY_ROUTES`), refunds for the upstream, and key \
             verification for servers, both with a service token."),
         (name = "meta", description = "This document and its human-readable page."),
+        (name = "events", description = "Account events (`GET /v1/events`) and the webhook \
+            endpoints they are POSTed to, signed, at least once, retried for a day."),
     ),
 )]
 struct ApiDoc;

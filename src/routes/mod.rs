@@ -15,6 +15,7 @@ pub mod billing;
 pub mod credits;
 pub mod docs;
 pub mod gateway;
+pub mod events;
 pub mod health;
 pub mod jobs;
 pub mod keys;
@@ -187,6 +188,7 @@ fn all() -> Routes {
         billing::configure,
         jobs::configure,
         gateway::configure,
+        events::configure,
         admin::configure,
     ] {
         configure(&mut routes);

@@ -35,6 +35,7 @@ impl Background {
         let mut subscriptions = vec![
             auth::listener::subscription(state.auth.cache.clone()),
             jobs.wakeups.subscription(),
+            state.event_sender.subscription(),
         ];
         if let Some(api) = &state.stripe {
             // Auto-recharge: crossings the charge statements NOTIFY (billing::auto_recharge).
@@ -57,6 +58,10 @@ impl Background {
         {
             let (jobs, pool, stop) = (jobs.clone(), pool.clone(), shutdown.clone());
             tasks.spawn(async move { jobs.webhooks.run(pool, stop).await });
+        }
+        {
+            let (events, pool, stop) = (state.event_sender.clone(), pool.clone(), shutdown.clone());
+            tasks.spawn(async move { events.run(pool, stop).await });
         }
         {
             let (auth, pool, stop) = (state.auth.clone(), pool.clone(), shutdown.clone());

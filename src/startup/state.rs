@@ -39,6 +39,8 @@ pub struct AppState {
     pub passwords: Arc<crate::accounts::password::Passwords>,
     /// Gateway mode: the priced routes, their charge lane, the service tokens.
     pub gateway: Arc<crate::gateway::Gateway>,
+    /// Account events' webhook deliveries (and the guard endpoint URLs are vetted by).
+    pub event_sender: Arc<crate::events::delivery::Sender>,
 }
 
 impl AppState {
@@ -68,6 +70,10 @@ impl AppState {
                 &crate::config::exposed_service_tokens(&config.service_tokens),
             ),
         });
+        let event_sender = Arc::new(crate::events::delivery::Sender::new(
+            AllowList::parse(&config.jobs.scrape_allow)?,
+            config.events.clone(),
+        )?);
         let config = Arc::new(config);
         let state = AppState {
             config: config.clone(),
@@ -92,6 +98,7 @@ impl AppState {
             )),
             passwords,
             gateway,
+            event_sender,
         };
         state.read_queue_gauges_on_scrape();
         Ok(state)

@@ -13,6 +13,7 @@ mod auto_recharge;
 mod billing;
 mod credits;
 mod db_tls;
+mod events;
 mod foundation;
 mod gateway;
 mod gateway_nginx;

@@ -135,6 +135,7 @@ pub async fn finalize(
     let job = get_any(tx, id)
         .await?
         .ok_or_else(|| QueueError::Invariant("a finalized job vanished"))?;
+    crate::events::sources::record_job_finished(tx, &job).await?;
     if let Some(url) = webhook_url {
         let hook = Webhook::new(&job, url);
         let insert = tx

@@ -242,7 +242,24 @@ const END: &str = "WITH f AS (
                   WHERE s.period_start = date_trunc(s.period, now(), 'UTC')
                     AND c.charged_at >= s.period_start
                   GROUP BY c.key_id) g
-          WHERE k.key_id = g.key_id)
+          WHERE k.key_id = g.key_id),
+     -- The account events of the jobs this statement ended (`events`: job.succeeded,
+     -- job.failed), in the same statement, so a batch with no webhook still commits in one
+     -- flight. The payload is `events::sources::job_finished`'s. Ids are random (v4) here.
+     evs AS (
+         INSERT INTO events (id, account_id, type, payload)
+         SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), u.account_id,
+                'job.' || u.status,
+                jsonb_build_object(
+                    'job_id', u.id, 'status', u.status, 'url', u.url, 'cost', u.cost,
+                    'charged', EXISTS (SELECT 1 FROM credit_ledger l
+                                        WHERE l.job_id = u.id AND l.kind = 'charge'),
+                    'refunded', (r.delta IS NOT NULL
+                                   OR EXISTS (SELECT 1 FROM credit_ledger l
+                                               WHERE l.job_id = u.id AND l.kind = 'refund')),
+                    'error', u.error)
+           FROM upd u LEFT JOIN refunds r ON r.job_id = u.id
+          WHERE u.status IN ('succeeded', 'failed'))
      SELECT u.id, u.account_id, u.status, u.mode, u.url, u.formats, u.timeout_ms,
             u.webhook_url, u.cost, u.attempts, NULL::jsonb AS result, u.error, u.created_at,
             u.started_at, u.finished_at,
@@ -328,8 +345,7 @@ async fn flush_on(
     // statement that needs the END's rows goes in the second flight below, and makes it
     // needed — `second_flight`; one that does not can join this flight, prepared first,
     // since only statements already prepared keep their order in a pipeline. The account
-    // events of job ends, `events::record_many`, belong in the second flight, built from
-    // `rows` like the webhooks, unless they are written by the END itself.)
+    // events of job ends are written by the END itself, `evs`.)
     let second_flight = batch.iter().any(|p| p.has_webhook);
     let rows = if second_flight {
         let ((), _, _, rows) = tokio::try_join!(

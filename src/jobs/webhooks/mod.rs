@@ -164,7 +164,7 @@ pub fn secret_for(signing_key: &SecretString, account_id: Uuid, version: i32) ->
 /// HMAC-SHA256 keyed with `key`, built infallibly: HMAC pads a key to the hash's 64-byte
 /// block (hashing a longer one first, RFC 2104), which is done here so the block-sized
 /// constructor, which cannot fail, can be used.
-fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
+pub(crate) fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
     let mut block = [0u8; 64];
     if key.len() > block.len() {
         block[..32].copy_from_slice(&Sha256::digest(key));
