@@ -10,6 +10,7 @@ mod support;
 mod accounts;
 mod audit;
 mod billing;
+mod console;
 mod credits;
 mod db_tls;
 mod foundation;
