@@ -127,3 +127,13 @@ ensure_test_postgres_ssl() {
     log "ssl is still off after the reload: see the PostgreSQL server log"
     return 1
 }
+
+# The console's browser tests (tests/api/console.rs) drive Debian's chromium through
+# chromedriver (the chromium-driver package); both are installed when missing.
+ensure_test_browser() {
+    if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then return 0; fi
+    log "chromium or chromedriver not found; installing them with apt-get (console browser tests)"
+    as_root apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium chromium-driver >&2
+    command -v chromedriver >/dev/null || { log "chromium-driver installation failed"; return 1; }
+}

@@ -46,6 +46,9 @@ pub enum Actor {
     /// A password login attempt, by the client address it came from (`unknown` when the
     /// address could not be told).
     Login(String),
+    /// The customer console (a signed-in person, not a key), by the client address the
+    /// request came from.
+    Console(String),
 }
 
 impl Actor {
@@ -72,13 +75,14 @@ impl Actor {
             Actor::Cli(_) => "cli",
             Actor::Key(_) => "api_key",
             Actor::Login(_) => "login",
+            Actor::Console(_) => "console",
         }
     }
 
     fn name(&self) -> &str {
         match self {
             Actor::AdminToken => "admin_token",
-            Actor::Cli(user) | Actor::Key(user) | Actor::Login(user) => user,
+            Actor::Cli(user) | Actor::Key(user) | Actor::Login(user) | Actor::Console(user) => user,
         }
     }
 }

@@ -149,8 +149,12 @@ pub async fn dev(mut config: Config) -> anyhow::Result<()> {
     let result = async {
         let app = Application::build(config).await?;
         let demo_key = demo_account(app.state()).await?;
+        demo_password(app.state()).await?;
         let base = format!("http://127.0.0.1:{}", app.port());
         eprintln!("keymeter dev: serving on {base}");
+        eprintln!(
+            "keymeter dev: console {base}/console/ (sign in as {DEMO_EMAIL}, password {DEMO_PASSWORD})"
+        );
         eprintln!("keymeter dev: demo account demo@keymeter.dev, API key:\n\n    {demo_key}\n");
         eprintln!("try:  curl -H 'Authorization: Bearer {demo_key}' {base}/v1/account\n");
         app.run_until(shutdown_signal()).await
@@ -312,6 +316,32 @@ async fn print_audit(
 
 const DEMO_EMAIL: &str = "demo@keymeter.dev";
 const DEMO_KEY_FILE: &str = ".keymeter/demo-key";
+/// The demo account's console password. Printed by `keymeter dev`, which serves only on this
+/// machine's loopback for trying keymeter out; never used by `serve`.
+const DEMO_PASSWORD: &str = "keymeter-demo";
+
+/// Gives the demo account its console password (again at every start, so it is always the
+/// one printed).
+async fn demo_password(state: &crate::startup::AppState) -> anyhow::Result<()> {
+    let id: Uuid = state
+        .db
+        .get()
+        .await?
+        .query_one(
+            "SELECT id FROM accounts WHERE lower(email) = $1",
+            &[&DEMO_EMAIL],
+        )
+        .await?
+        .get(0);
+    crate::accounts::set_password(
+        &state.db,
+        &state.passwords,
+        id,
+        secrecy::SecretString::from(DEMO_PASSWORD.to_owned()),
+    )
+    .await?;
+    Ok(())
+}
 
 /// The demo account `keymeter dev` prints a key for: created with 1,000 credits on the `pro`
 /// tier on first start. Its key is kept in `.keymeter/demo-key` (mode 0600, development only)

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod credits;
 pub mod db;
 pub mod dev;

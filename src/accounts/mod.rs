@@ -18,7 +18,7 @@ use crate::credits::{self, Kind};
 use crate::db;
 use crate::tiers::Tiers;
 pub use error::Error;
-pub use self_serve::{password_login, signup};
+pub use self_serve::{change_password, check_password, password_login, set_password, signup};
 
 /// An email address that passed a deliberately simple check (one `@`, a dotted domain, no
 /// spaces, ≤ 254 characters). Deliverability is the mail server's business, not a regex's.

@@ -70,6 +70,46 @@ pub async fn password_login(
     lockout_window: Duration,
     who: &Actor,
 ) -> Result<CreatedKey, Error> {
+    let account_id = check_password(db, passwords, email, password, lockout_window, who).await?;
+    let mut client = db.get().await?;
+    let tx = client.transaction().await?;
+    let now = Utc::now();
+    let spec = KeySpec {
+        name: format!("login {}", now.format("%Y-%m-%dT%H:%M:%SZ")),
+        scopes: vec![Scope::KeysManage, Scope::Read],
+        expires_at: Some(now + chrono::Duration::hours(LOGIN_KEY_HOURS)),
+        rate_limit: None,
+    };
+    // Not held to the tier's `max_keys`: logging in with the password must never lock the
+    // owner out of their own account. Login keys expire in 12 hours and are throttled per
+    // email and per address, so they cannot pile up; they do count towards the cap for keys
+    // created with `POST /v1/keys`.
+    let key = key_store::insert(&tx, account_id, &spec).await?;
+    audit::record(
+        &tx,
+        who,
+        Action::LoginSuccess,
+        Some(account_id),
+        Some(&key.view.id),
+        serde_json::json!({"expires_at": key.view.expires_at}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(key)
+}
+
+/// The password check behind [`password_login`] and the console's login: the lockout, the
+/// bounded Argon2 verification and the failure's audit row, without minting anything. `Ok`
+/// is the account whose password it is (an active one); the caller records the success with
+/// whatever it grants.
+pub async fn check_password(
+    db: &Pool,
+    passwords: &Passwords,
+    email: &str,
+    password: SecretString,
+    lockout_window: Duration,
+    who: &Actor,
+) -> Result<uuid::Uuid, Error> {
     let email = Email::parse(email)?;
     let email_key = email.key();
     let locked = |retry_after| Error::LockedOut { retry_after };
@@ -114,28 +154,69 @@ pub async fn password_login(
         return Err(Error::InvalidCredentials);
     };
     login::clear(&client, &email_key).await?;
-    let tx = client.transaction().await?;
-    let now = Utc::now();
-    let spec = KeySpec {
-        name: format!("login {}", now.format("%Y-%m-%dT%H:%M:%SZ")),
-        scopes: vec![Scope::KeysManage, Scope::Read],
-        expires_at: Some(now + chrono::Duration::hours(LOGIN_KEY_HOURS)),
-        rate_limit: None,
+    Ok(account_id)
+}
+
+/// Changes an account's password, given its current one: checked like a login (the same
+/// lockout counts the attempt, under the same Argon2 bound), so a stolen session cannot
+/// guess its way to the password. A wrong current password is [`Error::InvalidCredentials`].
+pub async fn change_password(
+    db: &Pool,
+    passwords: &Passwords,
+    account_id: uuid::Uuid,
+    current: SecretString,
+    new: SecretString,
+    lockout_window: Duration,
+    who: &Actor,
+) -> Result<(), Error> {
+    let new = Password::parse(new)?;
+    let email: String = {
+        let client = db.get().await?;
+        client
+            .query_opt("SELECT email FROM accounts WHERE id = $1", &[&account_id])
+            .await?
+            .ok_or(Error::NotFound)?
+            .get(0)
     };
-    // Not held to the tier's `max_keys`: logging in with the password must never lock the
-    // owner out of their own account. Login keys expire in 12 hours and are throttled per
-    // email and per address, so they cannot pile up; they do count towards the cap for keys
-    // created with `POST /v1/keys`.
-    let key = key_store::insert(&tx, account_id, &spec).await?;
-    audit::record(
-        &tx,
-        who,
-        Action::LoginSuccess,
-        Some(account_id),
-        Some(&key.view.id),
-        serde_json::json!({"expires_at": key.view.expires_at}),
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(key)
+    let checked = check_password(db, passwords, &email, current, lockout_window, who).await?;
+    if checked != account_id {
+        return Err(Error::InvalidCredentials);
+    }
+    store_password(db, passwords, account_id, new).await
+}
+
+/// Sets an account's password without asking for the old one: for `keymeter dev`'s demo
+/// account, which an operator created without a password.
+pub async fn set_password(
+    db: &Pool,
+    passwords: &Passwords,
+    account_id: uuid::Uuid,
+    password: SecretString,
+) -> Result<(), Error> {
+    store_password(db, passwords, account_id, Password::parse(password)?).await
+}
+
+async fn store_password(
+    db: &Pool,
+    passwords: &Passwords,
+    account_id: uuid::Uuid,
+    new: Password,
+) -> Result<(), Error> {
+    let hash = passwords
+        .slot_for_hash()
+        .await?
+        .hash(new)
+        .await
+        .map_err(Error::Password)?;
+    let client = db.get().await?;
+    let n = client
+        .execute(
+            "UPDATE accounts SET password_hash = $2, updated_at = now() WHERE id = $1",
+            &[&account_id, &hash],
+        )
+        .await?;
+    if n == 0 {
+        return Err(Error::NotFound);
+    }
+    Ok(())
 }

@@ -34,6 +34,20 @@ pub async fn create(
     rate_limit: Option<i64>,
     spend_limit: Option<SpendLimit>,
 ) -> Result<CreatedKey, Error> {
+    let actor = Actor::Key(caller.key_id.clone());
+    create_by(db, tiers, caller, &actor, spec, rate_limit).await
+}
+
+/// [`create`], recorded on the audit trail as `actor`'s doing: the console acts with an
+/// owner's power but is not a key (see `console::session::owner`).
+pub async fn create_by(
+    db: &Pool,
+    tiers: &Tiers,
+    caller: &Authenticated,
+    actor: &Actor,
+    spec: KeySpec,
+    rate_limit: Option<i64>,
+) -> Result<CreatedKey, Error> {
     let tier = tiers.get_or_default(&caller.tier);
     let spec = spec
         .with_rate_limit(rate_limit, tier.requests_per_minute)?
@@ -53,7 +67,7 @@ pub async fn create(
     crate::events::sources::key_created(&tx, v).await?;
     audit::record(
         &tx,
-        &Actor::Key(caller.key_id.clone()),
+        actor,
         Action::KeyCreate,
         Some(caller.account_id),
         Some(&v.id),
@@ -177,6 +191,24 @@ pub async fn revoke(
     caller: &Authenticated,
     key_id: &str,
 ) -> Result<KeyView, Error> {
+    revoke_by(
+        db,
+        cache,
+        caller,
+        &Actor::Key(caller.key_id.clone()),
+        key_id,
+    )
+    .await
+}
+
+/// [`revoke`], recorded as `actor`'s doing.
+pub async fn revoke_by(
+    db: &Pool,
+    cache: &KeyCache,
+    caller: &Authenticated,
+    actor: &Actor,
+    key_id: &str,
+) -> Result<KeyView, Error> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let mut k = key_store::revoke(&tx, Some(caller.account_id), key_id).await?;
@@ -184,7 +216,7 @@ pub async fn revoke(
     crate::events::sources::key_revoked(&tx, &k).await?;
     audit::record(
         &tx,
-        &Actor::Key(caller.key_id.clone()),
+        actor,
         Action::KeyRevoke,
         Some(caller.account_id),
         Some(key_id),
@@ -206,6 +238,19 @@ pub async fn rotate(
     key_id: &str,
     grace_seconds: Option<i64>,
 ) -> Result<CreatedKey, Error> {
+    let actor = Actor::Key(caller.key_id.clone());
+    rotate_by(db, cache, caller, &actor, key_id, grace_seconds).await
+}
+
+/// [`rotate`], recorded as `actor`'s doing.
+pub async fn rotate_by(
+    db: &Pool,
+    cache: &KeyCache,
+    caller: &Authenticated,
+    actor: &Actor,
+    key_id: &str,
+    grace_seconds: Option<i64>,
+) -> Result<CreatedKey, Error> {
     let grace = grace_seconds.unwrap_or(DEFAULT_GRACE_SECONDS);
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
@@ -223,7 +268,7 @@ pub async fn rotate(
     crate::events::sources::key_created(&tx, &created.view).await?;
     audit::record(
         &tx,
-        &Actor::Key(caller.key_id.clone()),
+        actor,
         Action::KeyRotate,
         Some(caller.account_id),
         Some(key_id),

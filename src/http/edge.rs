@@ -134,7 +134,12 @@ pub async fn edge(
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(PROBLEM_JSON.as_bytes()));
-        if (status.is_client_error() || status.is_server_error()) && !is_problem {
+        // The console's own error pages (text/html, written on purpose for people) are kept.
+        let is_page = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/html"));
+        if (status.is_client_error() || status.is_server_error()) && !is_problem && !is_page {
             res = into_problem(res, status);
         }
         res

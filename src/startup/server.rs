@@ -44,6 +44,7 @@ pub(super) fn build_server(listener: TcpListener, state: AppState) -> anyhow::Re
             .app_data(web::PayloadConfig::new(body_limit))
             .app_data(extractors::path_config())
             .app_data(extractors::query_config())
+            .configure(crate::console::configure)
             .configure(routes::configure)
             .configure(|cfg| metrics_route(cfg, metrics_on_main))
             .default_service(web::to(not_found))

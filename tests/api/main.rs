@@ -11,6 +11,7 @@ mod accounts;
 mod audit;
 mod auto_recharge;
 mod billing;
+mod console;
 mod credits;
 mod db_tls;
 mod events;

@@ -16,6 +16,7 @@
 //! - `process`: the real `keymeter` binary, run as an operator would.
 
 pub mod app;
+pub mod browser;
 pub mod db;
 pub mod keys;
 pub mod problem;

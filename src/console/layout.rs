@@ -1,0 +1,130 @@
+//! The page shell every console page shares: the document head (the hashed stylesheet and
+//! script, no inline code), the navigation with the current page marked for screen readers,
+//! the sign-out form, and the message area at the top.
+
+use actix_web::http::StatusCode;
+use actix_web::HttpResponse;
+use maud::{html, Markup, DOCTYPE};
+
+use super::assets;
+use super::Owner;
+use super::BASE;
+
+/// The pages in the navigation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Nav {
+    Overview,
+    Keys,
+    Usage,
+    Jobs,
+    Billing,
+    Settings,
+    /// A page outside the navigation (login, errors).
+    None,
+}
+
+const NAV: [(Nav, &str, &str); 6] = [
+    (Nav::Overview, "/", "Overview"),
+    (Nav::Keys, "/keys", "Keys"),
+    (Nav::Usage, "/usage", "Usage"),
+    (Nav::Jobs, "/jobs", "Jobs"),
+    (Nav::Billing, "/billing", "Billing"),
+    (Nav::Settings, "/settings", "Settings"),
+];
+
+/// A message at the top of a page.
+pub enum Notice {
+    Ok(String),
+    Error(String),
+}
+
+pub fn notices(list: &[Notice]) -> Markup {
+    html! {
+        @for n in list {
+            @match n {
+                Notice::Ok(m) => p.notice.ok role="status" { (m) },
+                Notice::Error(m) => p.notice.error role="alert" { (m) },
+            }
+        }
+    }
+}
+
+/// A whole page. `owner` is `None` on the pages shown signed out.
+pub fn page(title: &str, owner: Option<&Owner>, nav: Nav, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · keymeter" }
+                link rel="stylesheet" href=(assets::css_path());
+                script src=(assets::js_path()) defer {}
+            }
+            body {
+                a.skip href="#main" { "Skip to content" }
+                header.top {
+                    a.brand href={(BASE) "/"} { "keymeter" }
+                    @if let Some(o) = owner {
+                        nav aria-label="Console" {
+                            ul {
+                                @for (n, path, label) in NAV {
+                                    li {
+                                        @if n == nav {
+                                            a href={(BASE) (path)} aria-current="page" { (label) }
+                                        } @else {
+                                            a href={(BASE) (path)} { (label) }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        form.signout method="post" action={(BASE) "/logout"} {
+                            input type="hidden" name="csrf" value=(o.csrf());
+                            span.who { (o.account.email) }
+                            button.link type="submit" { "Sign out" }
+                        }
+                    }
+                }
+                main #main {
+                    (body)
+                }
+                footer.foot {
+                    p.muted {
+                        "Times are shown in your browser's time zone ("
+                        noscript { "UTC without JavaScript" }
+                        span.js-only { "local" }
+                        "). API reference: " a href="/docs" { "/docs" } "."
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A rendered page as a response.
+pub fn respond(status: StatusCode, markup: Markup) -> HttpResponse {
+    HttpResponse::build(status)
+        .content_type("text/html; charset=utf-8")
+        .body(markup.into_string())
+}
+
+/// The console's own error pages (404, 403, 500…): plain, with a way back.
+pub fn error_page(status: StatusCode, title: &str, detail: &str) -> HttpResponse {
+    respond(
+        status,
+        page(
+            title,
+            None,
+            Nav::None,
+            html! {
+                section.card.narrow {
+                    h1 { (title) }
+                    p { (detail) }
+                    p.muted { "Error " (status.as_u16()) "." }
+                    p { a.button href={(BASE) "/"} { "Back to the console" } }
+                }
+            },
+        ),
+    )
+}

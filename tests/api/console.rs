@@ -1,0 +1,446 @@
+//! The customer console in a real browser (headless chromium through chromedriver, see
+//! `support::browser`) against the real server on a fresh database, with the local Stripe
+//! stand-in for Checkout and a signed webhook for the payment.
+//!
+//! One browser for the whole journey, as a customer would go through it: starting chromium
+//! costs seconds, and the steps build on each other (the key made in one is revoked in the
+//! next). Each page it visits is saved under `target/console-screenshots/`.
+
+use std::time::Duration;
+
+use keymeter::config::Pack;
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::support::browser::Browser;
+use crate::support::db::{assert_ledger_invariant, balance};
+use crate::support::stripe::{deliver, event, fixture, now, stand_in};
+use crate::support::{spawn_app_with, TestApp};
+
+const WEBHOOK_SECRET: &str = "whsec_console_test_0123456789";
+const EMAIL: &str = "ada@example.com";
+const PASSWORD: &str = "correct horse battery";
+
+/// A client that neither follows redirects nor keeps cookies: requests exactly as sent.
+fn raw_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn account_id(app: &TestApp) -> Uuid {
+    app.db
+        .query_one("SELECT id FROM accounts WHERE email = $1", &[&EMAIL])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn key_count(app: &TestApp) -> i64 {
+    app.db
+        .query_one("SELECT count(*) FROM api_keys", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_customer_signs_up_makes_a_key_uses_it_revokes_it_and_buys_credits_in_a_browser() {
+    let stripe = stand_in().await;
+    let stripe_base = stripe.base.clone();
+    let app = spawn_app_with(move |c| {
+        c.signup_credits = 1000;
+        c.billing.secret_key = Some(SecretString::from("sk_test_keymeter".to_owned()));
+        c.billing.webhook_secrets = vec![SecretString::from(WEBHOOK_SECRET.to_owned())];
+        c.billing.api_base = stripe_base;
+        c.billing.packs = vec![Pack {
+            name: "small".into(),
+            price_id: "price_small".into(),
+            credits: 100,
+        }];
+    })
+    .await;
+    let console = |path: &str| app.url(&format!("/console{path}"));
+    let b = Browser::start(1280, 1000).await;
+
+    // Signed out, a console page sends the browser to the login page, and back afterwards.
+    b.goto(&console("/keys")).await;
+    let url = b.url().await;
+    assert!(
+        url.starts_with(&console("/login?next=")) && url.contains("keys"),
+        "{url}"
+    );
+    b.screenshot("login").await;
+
+    // Sign up: the account, its first key shown once, and a session.
+    b.click("a[href='/console/signup']").await;
+    b.screenshot("signup").await;
+    b.fill("#f-email", EMAIL).await;
+    b.fill("#f-password", "short").await;
+    b.click("form button[type=submit]").await;
+    // The domain's refusal, next to its field; nothing created.
+    assert!(b.text("#f-password-error").await.contains("8 to 128"));
+    assert_eq!(key_count(&app).await, 0);
+    b.fill("#f-password", PASSWORD).await;
+    b.click("form button[type=submit]").await;
+    assert_eq!(b.text("h1").await, "Your account is ready");
+    let first_key = b.property("#new-key", "value").await;
+    assert!(first_key.as_str().unwrap().starts_with("km_live_"));
+    b.screenshot("welcome").await;
+
+    // The overview: the balance in large type, what it buys.
+    b.click("main a.button").await;
+    assert_eq!(b.url().await, console("/"));
+    assert_eq!(b.text(".balance").await, "1,000 credits");
+    assert!(b.text(".buys").await.contains("1,000 metadata jobs"));
+
+    // Create a key: shown once, with a copy button that copies it.
+    b.click("nav a[href='/console/keys']").await;
+    b.fill("#f-name", "ci runner").await;
+    b.click("#create button[type=submit]").await;
+    assert!(b
+        .text(".secret-box .warn")
+        .await
+        .contains("you will not see this key again"));
+    let key = b.property("#new-key", "value").await;
+    let key = key.as_str().unwrap().to_owned();
+    assert_eq!(key.len(), 70, "{key}");
+    b.press("button[data-copy='new-key']").await;
+    b.wait_text("button[data-copy='new-key']", |t| t == "Copied")
+        .await;
+    // What the button put on the clipboard, pasted into a field by the keyboard.
+    b.exec("const i = document.createElement('input'); i.id = 'paste'; document.body.prepend(i); i.focus(); return true;")
+        .await;
+    let pasted = b.exec(
+        "return navigator.clipboard.readText().then(t => t, () => document.execCommand('paste') ? document.getElementById('paste').value : null);",
+    )
+    .await;
+    if let Some(p) = pasted.as_str() {
+        assert_eq!(p, key, "the clipboard holds the key");
+    }
+    b.screenshot("key-created").await;
+    let key_id = key["km_live_".len().."km_live_".len() + 12].to_owned();
+
+    // The key works over HTTP, and its metered call shows in usage.
+    let res = app.get_with_key("/v1/account", &key).await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["email"], EMAIL);
+    let res = app
+        .post_json(
+            "/v1/credits/charge",
+            &key,
+            json!({"amount": 234, "reason": "console test"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    b.click("nav a[href='/console/usage']").await;
+    let table = b.text("#usage-table").await;
+    assert!(table.contains("234"), "{table}");
+    b.screenshot("usage").await;
+    // The CSV of the same range, with the browser's session.
+    let csv_href = b
+        .exec("return document.querySelector('a[download]').getAttribute('href');")
+        .await;
+    let session = b.cookie("km_console").await.expect("a session cookie");
+    let csv = raw_client()
+        .get(app.url(csv_href.as_str().unwrap()))
+        .header("cookie", format!("km_console={session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    assert!(csv.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    let csv = csv.text().await.unwrap();
+    assert!(csv.starts_with("start,charged,refunded,net,charges,refunds\n"));
+    assert!(csv.contains(",234,0,234,1,0\n"), "{csv}");
+
+    // The overview's chart has today's bar, focusable, with its numbers.
+    b.click("nav a[href='/console/']").await;
+    assert_eq!(b.text(".balance").await, "766 credits");
+    let bars = b
+        .exec("return Array.from(document.querySelectorAll('.chart g.bar')).map(g => [g.getAttribute('tabindex'), g.getAttribute('aria-label')]);")
+        .await;
+    let bars = bars.as_array().unwrap();
+    assert_eq!(bars.len(), 30);
+    assert!(bars.iter().all(|b| b[0] == "0"));
+    assert!(bars[29][1]
+        .as_str()
+        .unwrap()
+        .ends_with(": 234 charged, 0 refunded"));
+
+    // Revoke, after a confirmation page; the API refuses the key at once.
+    b.click("nav a[href='/console/keys']").await;
+    b.click(&format!("tr[data-key='{key_id}'] a.danger")).await;
+    assert!(b.text("h1").await.starts_with("Revoke"));
+    b.screenshot("revoke-confirm").await;
+    b.click("main form button.danger").await;
+    assert!(b.text(".notice.ok").await.contains("revoked"));
+    assert_eq!(
+        b.text(&format!("tr[data-key='{key_id}'] .state")).await,
+        "revoked"
+    );
+    b.screenshot("keys").await;
+    let res = app.get_with_key("/v1/account", &key).await;
+    assert_eq!(res.status(), 401);
+
+    // A POST without the session's CSRF token (or with a made-up one) is refused, and
+    // creates nothing — even with the session cookie.
+    let before = key_count(&app).await;
+    for body in [
+        "name=forged&scope_read=on",
+        "name=forged&scope_read=on&csrf=00ff",
+    ] {
+        let res = raw_client()
+            .post(console("/keys"))
+            .header("cookie", format!("km_console={session}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403);
+        assert!(res.text().await.unwrap().contains("This form has expired"));
+    }
+    assert_eq!(key_count(&app).await, before);
+
+    // Every page: this CSP, and no inline script or style to need anything looser.
+    let res = raw_client()
+        .get(console("/"))
+        .header("cookie", format!("km_console={session}"))
+        .send()
+        .await
+        .unwrap();
+    let csp = res.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    let html = res.text().await.unwrap();
+    assert!(
+        !html.contains("<script>") && !html.contains("style="),
+        "{html}"
+    );
+    assert!(html.contains("<script src=\"/console/assets/console."));
+
+    // Buy a pack: the form opens a Checkout Session through the billing domain and sends the
+    // browser to Stripe's page; Stripe's signed webhook then credits the account.
+    b.click("nav a[href='/console/billing']").await;
+    b.screenshot("billing-before").await;
+    b.click("button[aria-label='Buy the small pack']").await;
+    let started = std::time::Instant::now();
+    while !b.url().await.contains("checkout.stripe.com") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            b.url().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stripe.requests_to("/v1/checkout/sessions").len(), 1);
+    let account = account_id(&app).await;
+    let session_id: String = app
+        .db
+        .query_one(
+            "SELECT session_id FROM billing_checkouts WHERE account_id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut s = fixture("checkout.session");
+    s["id"] = json!(session_id);
+    s["mode"] = json!("payment");
+    s["payment_status"] = json!("paid");
+    s["status"] = json!("complete");
+    s["client_reference_id"] = json!(account.to_string());
+    s["payment_intent"] = json!(format!("pi_{}", Uuid::new_v4().simple()));
+    let res = deliver(
+        &app,
+        WEBHOOK_SECRET,
+        &event("checkout.session.completed", s, now()),
+    )
+    .await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(balance(&app, account).await.credits, 1000 - 234 + 100);
+    b.goto(&console("/billing?checkout=done")).await;
+    assert!(b.text(".notice.ok").await.contains("Thank you"));
+    assert!(b.text("#purchases").await.contains("+100"));
+    b.screenshot("billing").await;
+    b.click("nav a[href='/console/']").await;
+    assert_eq!(b.text(".balance").await, "866 credits");
+
+    // The other pages render for this account.
+    b.click("nav a[href='/console/jobs']").await;
+    assert_eq!(b.text("h1").await, "Jobs");
+    b.screenshot("jobs").await;
+    b.click("nav a[href='/console/settings']").await;
+    assert!(b.text(".facts").await.contains(EMAIL));
+    b.screenshot("settings").await;
+    b.goto(&console("/no-such-page")).await;
+    assert_eq!(b.text("h1").await, "Page not found");
+    b.screenshot("not-found").await;
+
+    // 375 px wide: nothing wider than the screen.
+    b.set_size(375, 900).await;
+    b.goto(&console("/")).await;
+    let fits = b
+        .exec("return document.documentElement.scrollWidth <= window.innerWidth;")
+        .await;
+    assert_eq!(fits, true);
+    b.screenshot("overview-375px").await;
+    b.set_size(1280, 1000).await;
+    b.goto(&console("/")).await;
+    b.screenshot("overview").await;
+
+    // Sign out: the session is gone server-side, so the old cookie no longer works either.
+    b.click("form.signout button").await;
+    assert!(b.text(".notice.ok").await.contains("signed out"));
+    b.goto(&console("/")).await;
+    assert!(b.url().await.starts_with(&console("/login")));
+    let res = raw_client()
+        .get(console("/"))
+        .header("cookie", format!("km_console={session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert!(res.headers()["location"]
+        .to_str()
+        .unwrap()
+        .starts_with("/console/login"));
+
+    // Sign in again: a new session id.
+    b.fill("#f-email", EMAIL).await;
+    b.fill("#f-password", "wrong password").await;
+    b.click("form button[type=submit]").await;
+    assert!(b.text(".notice.error").await.contains("wrong"));
+    b.fill("#f-password", PASSWORD).await;
+    b.click("form button[type=submit]").await;
+    assert_eq!(b.text("h1").await, "Overview");
+    let again = b.cookie("km_console").await.expect("a new session");
+    assert_ne!(again, session);
+
+    b.quit().await;
+    assert_ledger_invariant(&app).await;
+}
+
+#[tokio::test]
+async fn console_sessions_are_http_only_lax_cookies_stored_as_digests() {
+    let app = spawn_app_with(|_| {}).await;
+    let client = raw_client();
+    // The login form binds its token to a pre-session cookie.
+    let res = client.get(app.url("/console/login")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let pre = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        pre.starts_with("km_console_pre=")
+            && pre.contains("HttpOnly")
+            && pre.contains("SameSite=Lax")
+    );
+    let pre_value = pre["km_console_pre=".len()..]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let html = res.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap()
+        .to_owned();
+    // Signup with it: a session cookie, and only its SHA-256 in the database.
+    let res = client
+        .post(app.url("/console/signup"))
+        .header("cookie", format!("km_console_pre={pre_value}"))
+        .form(&[
+            ("csrf", csrf.as_str()),
+            ("email", "b@example.com"),
+            ("password", PASSWORD),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let cookies: Vec<String> = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("km_console="))
+        .expect("session cookie");
+    assert!(
+        session.contains("HttpOnly")
+            && session.contains("SameSite=Lax")
+            && session.contains("Path=/console")
+    );
+    // Not Secure outside production (tests speak plain HTTP).
+    assert!(!session.contains("Secure"));
+    let value = session["km_console=".len()..].split(';').next().unwrap();
+    assert_eq!(value.len(), 64);
+    let stored: Vec<u8> = app
+        .db
+        .query_one("SELECT id_hash FROM console_sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    use sha2::Digest;
+    assert_eq!(stored, sha2::Sha256::digest(value.as_bytes()).to_vec());
+    let n: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM console_sessions WHERE encode(id_hash, 'hex') = $1",
+            &[&value],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the plaintext id is not stored");
+    // An idle session is over: aged past the idle timeout, it sends the browser to login.
+    app.db
+        .execute(
+            "UPDATE console_sessions SET last_seen_at = now() - interval '3 hours'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let res = client
+        .get(app.url("/console/"))
+        .header("cookie", format!("km_console={value}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    // So is one past its absolute expiry, however recently used.
+    app.db
+        .execute(
+            "UPDATE console_sessions SET last_seen_at = now(), expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let res = client
+        .get(app.url("/console/"))
+        .header("cookie", format!("km_console={value}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    // A login POST without the pre-session cookie's token is refused.
+    let res = client
+        .post(app.url("/console/login"))
+        .form(&[("email", "b@example.com"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+}
