@@ -35,7 +35,7 @@ pub async fn create(
     spend_limit: Option<SpendLimit>,
 ) -> Result<CreatedKey, Error> {
     let actor = Actor::Key(caller.key_id.clone());
-    create_by(db, tiers, caller, &actor, spec, rate_limit).await
+    create_by(db, tiers, caller, &actor, spec, rate_limit, spend_limit).await
 }
 
 /// [`create`], recorded on the audit trail as `actor`'s doing: the console acts with an
@@ -47,6 +47,7 @@ pub async fn create_by(
     actor: &Actor,
     spec: KeySpec,
     rate_limit: Option<i64>,
+    spend_limit: Option<SpendLimit>,
 ) -> Result<CreatedKey, Error> {
     let tier = tiers.get_or_default(&caller.tier);
     let spec = spec

@@ -283,6 +283,7 @@ pub async fn create(
                     &owner.actor,
                     spec,
                     rate_limit,
+                    None,
                 )
                 .await
             }
