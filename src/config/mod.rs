@@ -123,6 +123,9 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     pub signup_enabled: bool,
     pub signup_credits: i64,
+    /// `KEYMETER_SIGNUP_CREDITS_TTL_DAYS`: signup credits expire this long after signup
+    /// (an expiring grant, see `credits::grants`); `None`: they never expire.
+    pub signup_credits_ttl: Option<Duration>,
     /// Path of the tiers TOML file (`KEYMETER_TIERS`); `None` uses the built-in tiers.
     pub tiers_path: Option<String>,
     /// Take the client IP from `X-Forwarded-For` (only behind a proxy that sets it).
@@ -155,6 +158,9 @@ pub struct Config {
     /// Body limit of the Stripe webhook route (events can exceed the API's default limit).
     pub webhook_body_limit: usize,
     pub jobs: JobsSettings,
+    /// How often each instance expires due credit grants (not a variable: the issue fixes
+    /// "within a minute"; tests shorten it).
+    pub expiry_sweep_every: Duration,
 }
 
 impl Config {
@@ -191,6 +197,7 @@ impl Config {
             admin_token: auth.admin_token,
             signup_enabled: auth.signup_enabled,
             signup_credits: auth.signup_credits,
+            signup_credits_ttl: auth.signup_credits_ttl,
             tiers_path: limits.tiers_path,
             trust_forwarded: http.trust_forwarded,
             trusted_proxies: http.trusted_proxies,
@@ -209,6 +216,7 @@ impl Config {
             charge_coalescing,
             webhook_body_limit,
             jobs,
+            expiry_sweep_every: crate::credits::grants::SWEEP_EVERY,
         })
     }
 

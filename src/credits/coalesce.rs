@@ -28,6 +28,7 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use super::alerts::BatchAlerts;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use super::Error;
 use crate::db;
@@ -130,17 +131,27 @@ async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
     }
 }
 
-/// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE).
-const LOCK: &str =
-    "SELECT id, credit_balance FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE),
+/// with what the batch's decisions need: the balance, the expiring credits spent first
+/// (`grants`) and the low-balance threshold (`alerts`).
+static LOCK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT id, credit_balance, expiring_credits, {} FROM accounts
+          WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        super::alerts::THRESHOLD_SQL
+    )
+});
 
 /// Each touched account's final balance, then all ledger rows, in one statement.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH acct AS (
-             UPDATE accounts a SET credit_balance = f.b
-               FROM unnest($1::uuid[], $2::bigint[]) AS f(id, b)
-              WHERE a.id = f.id)
+             UPDATE accounts a SET credit_balance = f.b, expiring_credits = f.e
+               FROM unnest($1::uuid[], $2::bigint[], $7::bigint[]) AS f(id, b, e)
+              WHERE a.id = f.id),
+         alerts AS (
+             INSERT INTO events (id, account_id, type, payload)
+             SELECT * FROM unnest($8::text[], $9::uuid[], $10::text[], $11::jsonb[]))
          INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason)
          SELECT u.a, u.d, u.b, 'charge', u.r
            FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[])
@@ -158,7 +169,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
 async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, Error>>, Error> {
     let client = db.get().await?;
     // Prepared once per connection: each statement is one message, not parse + execute.
-    let lock = client.prepare_cached(LOCK).await?;
+    let lock = client.prepare_cached(&LOCK).await?;
     let write = client.prepare_cached(&WRITE).await?;
     let outcome = flush_on(&client, &lock, &write, batch).await;
     if outcome.is_err() {
@@ -186,6 +197,12 @@ async fn flush_on(
         client.query(lock, &lock_params)
     )?;
     let mut balances: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // (expiring credits, threshold) per account; see `grants` and `alerts`.
+    let mut expiring: HashMap<Uuid, (i64, i64)> = locked
+        .iter()
+        .map(|r| (r.get(0), (r.get(2), r.get(3))))
+        .collect();
+    let mut alerts = BatchAlerts::default();
     let (mut accounts, mut deltas, mut afters, mut reasons) = (
         Vec::new(),
         Vec::new(),
@@ -199,6 +216,10 @@ async fn flush_on(
             continue;
         };
         if p.cost > 0 && *balance >= p.cost {
+            if let Some((left, threshold)) = expiring.get_mut(&p.account_id) {
+                *left -= p.cost.min(*left);
+                alerts.charged(p.account_id, *balance, *balance - p.cost, *threshold);
+            }
             *balance -= p.cost;
             accounts.push(p.account_id);
             deltas.push(-p.cost);
@@ -222,13 +243,22 @@ async fn flush_on(
             finals.insert(*a, *b);
         }
         let (final_ids, final_balances): (Vec<Uuid>, Vec<i64>) = finals.into_iter().unzip();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+        let final_expiring: Vec<i64> = final_ids
+            .iter()
+            .map(|id| expiring.get(id).map_or(0, |e| e.0))
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 11] = [
             &final_ids,
             &final_balances,
             &accounts,
             &deltas,
             &afters,
             &reasons,
+            &final_expiring,
+            &alerts.ids,
+            &alerts.accounts,
+            &alerts.types,
+            &alerts.payloads,
         ];
         let (rows, ()) =
             tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;

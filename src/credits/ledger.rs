@@ -7,6 +7,8 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::alerts::{CHARGE_EVENTS, THRESHOLD_SQL};
+use super::grants::SPEND_EXPIRING;
 use super::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -22,6 +24,8 @@ pub enum Kind {
     Dispute,
     /// Credits given back when a dispute closes in the merchant's favour.
     DisputeWon,
+    /// The unspent rest of an expiring grant, leaving at its expiry (see `credits::grants`).
+    Expiry,
 }
 
 impl Kind {
@@ -35,6 +39,7 @@ impl Kind {
             Kind::Clawback => "clawback",
             Kind::Dispute => "dispute",
             Kind::DisputeWon => "dispute_won",
+            Kind::Expiry => "expiry",
         }
     }
 
@@ -48,6 +53,7 @@ impl Kind {
             Kind::Clawback,
             Kind::Dispute,
             Kind::DisputeWon,
+            Kind::Expiry,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -216,14 +222,20 @@ pub async fn charge(
     if cost <= 0 {
         return Err(Error::ChargeNotPositive);
     }
+    // Expiring credits are spent first (`credits::grants`) and the low-balance events are
+    // written by the same statement (`credits::alerts`): still one round trip.
     let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
-                     UPDATE accounts SET credit_balance = credit_balance - $2
+                     UPDATE accounts SET credit_balance = credit_balance - $2,
+                                         {SPEND_EXPIRING}
                       WHERE id = $1 AND credit_balance >= $2
-                  RETURNING credit_balance)
+                  RETURNING credit_balance, {THRESHOLD_SQL} AS threshold),
+                 led AS (
                  INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key)
                  SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5 FROM acct
-                 RETURNING {MOVEMENT_COLUMNS}"
+                 RETURNING {MOVEMENT_COLUMNS}),
+                 {CHARGE_EVENTS}
+                 SELECT * FROM led"
             )).await?;
     let res = db
         .query_opt(

@@ -39,7 +39,7 @@ use utoipa::OpenApi;
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
 use crate::http::problem::ProblemType;
-use crate::routes::{accounts, admin, billing, credits, docs, health, jobs, keys};
+use crate::routes::{accounts, admin, alerts, billing, credits, docs, health, jobs, keys};
 
 pub use self::components::IDEMPOTENCY_KEY;
 pub use self::operations::JsonBody;
@@ -86,6 +86,8 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         accounts::signup,
         accounts::login,
         accounts::get_account,
+        alerts::get_alerts,
+        alerts::put_alerts,
         keys::list,
         keys::create,
         keys::get,
@@ -116,7 +118,12 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         admin::audit_trail,
         jobs::breakers,
     ),
-    components(schemas(ProblemType)),
+    components(schemas(
+        ProblemType,
+        crate::credits::alerts::BalanceLowData,
+        crate::credits::alerts::BalanceDepletedData,
+        crate::credits::grants::CreditsExpiredData,
+    )),
     modifiers(&SharedComponents, &OperationDefaults),
     tags(
         (name = "health", description = "Liveness and readiness, for load balancers. No key."),

@@ -8,10 +8,12 @@
 mod support;
 
 mod accounts;
+mod alerts;
 mod audit;
 mod billing;
 mod credits;
 mod db_tls;
+mod expiring_grants;
 mod foundation;
 mod isolation;
 mod jobs;
