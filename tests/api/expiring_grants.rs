@@ -42,21 +42,34 @@ async fn credits(app: &TestApp, key: &str) -> Value {
     res.json().await.unwrap()
 }
 
-/// Waits until the account has no open grant due any more.
+/// Waits until every open grant of the account that expires within the next 10 s has
+/// expired and been swept.
 async fn wait_for_expiry(app: &TestApp, account: uuid::Uuid) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let target: Option<chrono::DateTime<Utc>> = app
+        .db
+        .query_one(
+            "SELECT max(expires_at) FROM credit_grants
+              WHERE account_id = $1 AND expired_at IS NULL
+                AND expires_at < now() + interval '10 seconds'",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let Some(target) = target else { return };
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let due: i64 = app
+        let open: i64 = app
             .db
             .query_one(
                 "SELECT count(*) FROM credit_grants
-                  WHERE account_id = $1 AND expired_at IS NULL AND expires_at <= now()",
-                &[&account],
+                  WHERE account_id = $1 AND expired_at IS NULL AND expires_at <= $2",
+                &[&account, &target],
             )
             .await
             .unwrap()
             .get(0);
-        if due == 0 {
+        if open == 0 {
             return;
         }
         assert!(Instant::now() < deadline, "the grant never expired");
@@ -150,8 +163,8 @@ async fn a_grant_spent_before_it_expires_leaves_nothing_to_expire() {
 async fn charges_racing_the_expiry_on_two_instances_never_overspend_nor_expire_spent_credits() {
     let a = spawn_app_with(|c| c.expiry_sweep_every = FAST_SWEEP).await;
     let b = spawn_app_on(a.db_name.clone(), |c| c.expiry_sweep_every = FAST_SWEEP).await;
-    let (account, key) = a.create_account("internal", 1000).await;
-    grant(&a, account, 500, Some(in_secs(1.5))).await;
+    let (account, key) = a.create_account("internal", 100_000).await;
+    grant(&a, account, 100_000, Some(in_secs(1.5))).await;
 
     // 8 tasks per instance, each charging 1–3 credits every ~20 ms for 3 s: the expiry
     // lands in the middle of them.
@@ -188,7 +201,7 @@ async fn charges_racing_the_expiry_on_two_instances_never_overspend_nor_expire_s
         .await
         .unwrap()
         .get(0);
-    let expected = (500 - charged_before).max(0);
+    let expected = (100_000 - charged_before).max(0);
     assert!(
         charged_before > 0 && expected > 0,
         "the race did not happen: {charged_before} charged before the expiry"
@@ -199,7 +212,7 @@ async fn charges_racing_the_expiry_on_two_instances_never_overspend_nor_expire_s
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["expired"], expected);
     let final_balance = balance(&a, account).await.credits;
-    assert_eq!(final_balance, 1500 - spent - expected);
+    assert_eq!(final_balance, 200_000 - spent - expected);
     let (expiring, closed): (i64, i64) = {
         let r = a
             .db
