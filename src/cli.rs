@@ -73,6 +73,10 @@ pub enum AdminCommand {
         amount: i64,
         #[arg(long)]
         reason: String,
+        /// The grant expires at this RFC 3339 time (e.g. 2027-01-31T00:00:00Z); its unspent
+        /// rest then leaves the balance. Only for a positive amount.
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     /// The audit trail, newest first: operator actions and security events.
     Audit {
@@ -236,8 +240,9 @@ pub async fn admin(config: Config, cmd: AdminCommand) -> anyhow::Result<()> {
             account,
             amount,
             reason,
+            expires_at,
         } => {
-            let m = ops::grant_credits(&pool, &actor, account, amount, &reason).await?;
+            let m = ops::grant_credits(&pool, &actor, account, amount, &reason, expires_at).await?;
             println!(
                 "{} {:+} credits; balance now {}",
                 m.kind, m.delta, m.balance_after

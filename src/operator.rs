@@ -62,6 +62,7 @@ pub async fn create_account(
             password_hash: None,
             tier: tier.unwrap_or(DEFAULT_TIER).to_owned(),
             credits,
+            credits_expire_at: None,
         },
         &KeySpec::full_access("default"),
     )
@@ -201,13 +202,15 @@ pub async fn revoke_key(db: &Pool, actor: &Actor, key_id: &str) -> Result<KeyVie
 }
 
 /// A positive amount is a `grant`; a negative one an `adjustment`, which may not take the
-/// balance below zero.
+/// balance below zero. A grant with `expires_at` expires (`credits::grants`); an adjustment
+/// cannot carry one.
 pub async fn grant_credits(
     db: &Pool,
     actor: &Actor,
     account_id: Uuid,
     amount: i64,
     reason: &str,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Movement, Error> {
     if amount == 0 {
         return Err(Error::ZeroAmount);
@@ -218,9 +221,11 @@ pub async fn grant_credits(
     }
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
-    let m = credits::ledger::adjust(&tx, account_id, amount, reason)
-        .await
-        .map_err(Error::Credits)?;
+    let m = match expires_at {
+        Some(at) => credits::grants::grant_expiring(&tx, account_id, amount, reason, at).await,
+        None => credits::ledger::adjust(&tx, account_id, amount, reason).await,
+    }
+    .map_err(Error::Credits)?;
     crate::events::sources::credits_granted(&tx, &m).await?;
     let action = if amount > 0 {
         Action::CreditsGrant
@@ -238,6 +243,7 @@ pub async fn grant_credits(
             "reason": reason,
             "balance_after": m.balance_after,
             "ledger_entry_id": m.id,
+            "expires_at": expires_at,
         }),
     )
     .await?;

@@ -18,6 +18,8 @@ pub const DEFAULT_TIER: &str = "free";
 pub const INTERNAL_TIER: &str = "internal";
 /// The key cap of a tier a tiers file adds without one (the free tier's).
 pub const DEFAULT_MAX_KEYS: u32 = 10;
+/// The low-balance alert threshold of a tier a tiers file adds without one (the free tier's).
+pub const DEFAULT_LOW_BALANCE_THRESHOLD: i64 = 10;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +42,12 @@ pub struct Tier {
     /// No request or job limits at all.
     #[serde(default)]
     pub unlimited: bool,
+    /// `balance.low` fires when a charge takes the balance below this, unless the account
+    /// set its own (`PUT /v1/account/alerts`). About a day of a small account's use on the
+    /// built-in tiers; 0 turns the default alert off. A file that leaves it out keeps the
+    /// built-in tier's value, or [`DEFAULT_LOW_BALANCE_THRESHOLD`] for a new tier.
+    #[serde(default)]
+    pub low_balance_threshold: Option<i64>,
 }
 
 fn default_prices() -> BTreeMap<String, i64> {
@@ -56,6 +64,14 @@ fn tier(name: &str, rpm: u32, burst: u32, running: u32, queued: u32, keys: u32) 
         max_keys: Some(keys),
         prices: default_prices(),
         unlimited: false,
+        low_balance_threshold: Some(DEFAULT_LOW_BALANCE_THRESHOLD),
+    }
+}
+
+impl Tier {
+    /// The tier's default low-balance threshold (see the field).
+    pub fn low_balance_threshold(&self) -> i64 {
+        self.low_balance_threshold.unwrap_or(0)
     }
 }
 
@@ -75,16 +91,23 @@ struct TiersFile {
 impl Tiers {
     pub fn builtin() -> Tiers {
         let mut m = BTreeMap::new();
-        for t in [
-            tier("free", 10, 5, 2, 10, 10),
-            tier("pro", 120, 30, 10, 1000, 100),
-            tier("business", 1200, 200, 50, 10000, 1000),
+        for (t, low) in [
+            (
+                tier("free", 10, 5, 2, 10, 10),
+                DEFAULT_LOW_BALANCE_THRESHOLD,
+            ),
+            (tier("pro", 120, 30, 10, 1000, 100), 100),
+            (tier("business", 1200, 200, 50, 10000, 1000), 1000),
         ] {
+            let mut t = t;
+            t.low_balance_threshold = Some(low);
             m.insert(t.name.clone(), t);
         }
         let mut internal = tier(INTERNAL_TIER, u32::MAX, u32::MAX, u32::MAX, u32::MAX, 0);
         internal.unlimited = true;
         internal.max_keys = None;
+        // The operator's own services: no alerts.
+        internal.low_balance_threshold = Some(0);
         m.insert(INTERNAL_TIER.to_owned(), internal);
         Tiers {
             by_name: Arc::new(m),
@@ -136,6 +159,20 @@ impl Tiers {
                         m.get(&name)
                             .and_then(|b: &Tier| b.max_keys)
                             .unwrap_or(DEFAULT_MAX_KEYS),
+                    );
+                }
+            }
+            match t.low_balance_threshold {
+                Some(v) if !(0..=crate::credits::alerts::MAX_THRESHOLD).contains(&v) => bail!(
+                    "tier {name}: low_balance_threshold must be between 0 and {}",
+                    crate::credits::alerts::MAX_THRESHOLD
+                ),
+                Some(_) => {}
+                None => {
+                    t.low_balance_threshold = Some(
+                        m.get(&name)
+                            .and_then(|b: &Tier| b.low_balance_threshold)
+                            .unwrap_or(DEFAULT_LOW_BALANCE_THRESHOLD),
                     );
                 }
             }
@@ -223,6 +260,26 @@ mod tests {
             [Some(10), Some(100), Some(1000)]
         );
         assert_eq!(max_keys("internal"), None, "internal: unlimited keys");
+        let low = |n| t.get(n).unwrap().low_balance_threshold();
+        assert_eq!(
+            [low("free"), low("pro"), low("business"), low("internal")],
+            [10, 100, 1000, 0]
+        );
+    }
+
+    #[test]
+    fn a_file_sets_or_keeps_the_low_balance_threshold() {
+        let t = Tiers::from_toml(
+            "[tiers.pro]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\n\
+             [tiers.gold]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\nlow_balance_threshold=5000",
+        )
+        .unwrap();
+        assert_eq!(t.get("pro").unwrap().low_balance_threshold(), 100, "kept");
+        assert_eq!(t.get("gold").unwrap().low_balance_threshold(), 5000);
+        assert!(Tiers::from_toml(
+            "[tiers.x]\nrequests_per_minute=1\nburst=1\nmax_concurrent_jobs=1\nmax_queued_jobs=1\nlow_balance_threshold=-1"
+        )
+        .is_err());
     }
 
     #[test]

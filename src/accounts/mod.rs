@@ -118,6 +118,8 @@ pub struct NewAccount {
     pub password_hash: Option<String>,
     pub tier: String,
     pub credits: i64,
+    /// The starting credits expire then (an expiring grant, `credits::grants`).
+    pub credits_expire_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Creates an account, its starting credits (a `grant` ledger row) and its first key, all in
@@ -146,15 +148,22 @@ pub async fn create(
         return Err(Error::EmailTaken);
     }
     if new.credits > 0 {
-        credits::ledger::credit(
-            tx,
-            id,
-            new.credits,
-            Kind::Grant,
-            Some("starting credits"),
-            None,
-        )
-        .await
+        match new.credits_expire_at {
+            Some(at) => {
+                credits::grants::grant_expiring(tx, id, new.credits, "starting credits", at).await
+            }
+            None => {
+                credits::ledger::credit(
+                    tx,
+                    id,
+                    new.credits,
+                    Kind::Grant,
+                    Some("starting credits"),
+                    None,
+                )
+                .await
+            }
+        }
         .map_err(Error::Credits)?;
     }
     let key = key_store::insert(tx, id, first_key).await?;

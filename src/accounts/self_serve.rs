@@ -28,6 +28,7 @@ pub async fn signup(
     email: &str,
     password: SecretString,
     credits: i64,
+    credits_ttl: Option<std::time::Duration>,
 ) -> Result<(Account, CreatedKey), Error> {
     let email = Email::parse(email)?;
     let password = Password::parse(password)?;
@@ -47,6 +48,10 @@ pub async fn signup(
             password_hash: Some(hash),
             tier: DEFAULT_TIER.to_owned(),
             credits,
+            // `KEYMETER_SIGNUP_CREDITS_TTL_DAYS`
+            credits_expire_at: credits_ttl
+                .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
+                .map(|ttl| chrono::Utc::now() + ttl),
         },
         &KeySpec::full_access("default"),
     )

@@ -12,6 +12,7 @@ pub(super) struct Auth {
     pub admin_token: Option<SecretString>,
     pub signup_enabled: bool,
     pub signup_credits: i64,
+    pub signup_credits_ttl: Option<Duration>,
     pub login_lockout: Duration,
     pub password_hash_concurrency: usize,
     pub password_hash_queue: usize,
@@ -42,6 +43,20 @@ pub(super) fn parse(src: &dyn Source, env: Environment) -> Result<Auth, ConfigEr
             "must not be negative",
         ));
     }
+    let ttl_days = parsed(
+        src,
+        "KEYMETER_SIGNUP_CREDITS_TTL_DAYS",
+        0u32,
+        "a whole number of days (0: signup credits never expire)",
+    )?;
+    if ttl_days > 3650 {
+        return Err(ConfigError::new(
+            "KEYMETER_SIGNUP_CREDITS_TTL_DAYS",
+            "must be at most 3650 (0: never expire)",
+        ));
+    }
+    let signup_credits_ttl =
+        (ttl_days > 0).then(|| Duration::from_secs(u64::from(ttl_days) * 86_400));
     let login_lockout = secs(src, "KEYMETER_LOGIN_LOCKOUT_SECS", 900)?;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let password_hash_concurrency = positive(
@@ -73,6 +88,7 @@ pub(super) fn parse(src: &dyn Source, env: Environment) -> Result<Auth, ConfigEr
         admin_token,
         signup_enabled,
         signup_credits,
+        signup_credits_ttl,
         login_lockout,
         password_hash_concurrency,
         password_hash_queue,

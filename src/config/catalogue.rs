@@ -69,6 +69,7 @@ pub const VARS: &[(&str, &[Var])] = &[
             var("KEYMETER_ADMIN_TOKEN", "(admin API off)", "bearer token for /admin; 32+ characters in production"),
             var("KEYMETER_SIGNUP_ENABLED", "true", "self-serve signup on/off"),
             var("KEYMETER_SIGNUP_CREDITS", "0", "credits granted at signup"),
+            var("KEYMETER_SIGNUP_CREDITS_TTL_DAYS", "0", "signup credits expire after this many days (0: never)"),
             var("KEYMETER_LOGIN_LOCKOUT_SECS", "900", "5 failed logins within this window lock the email as long again"),
             var("KEYMETER_PASSWORD_HASH_CONCURRENCY", "(one per core)", "Argon2 hashes at a time per instance"),
             var("KEYMETER_PASSWORD_HASH_QUEUE", "(4 x the concurrency)", "signups/logins that may wait for a hashing slot"),

@@ -127,6 +127,9 @@ pub struct Config {
     pub admin_token: Option<SecretString>,
     pub signup_enabled: bool,
     pub signup_credits: i64,
+    /// `KEYMETER_SIGNUP_CREDITS_TTL_DAYS`: signup credits expire this long after signup
+    /// (an expiring grant, see `credits::grants`); `None`: they never expire.
+    pub signup_credits_ttl: Option<Duration>,
     /// Path of the tiers TOML file (`KEYMETER_TIERS`); `None` uses the built-in tiers.
     pub tiers_path: Option<String>,
     /// Take the client IP from `X-Forwarded-For` (only behind a proxy that sets it).
@@ -167,6 +170,9 @@ pub struct Config {
     pub service_tokens: Vec<SecretString>,
     /// Account events' webhook endpoints (see `crate::events::delivery`).
     pub events: EventsSettings,
+    /// How often each instance expires due credit grants (not a variable: the issue fixes
+    /// "within a minute"; tests shorten it).
+    pub expiry_sweep_every: Duration,
 }
 
 impl Config {
@@ -205,6 +211,7 @@ impl Config {
             admin_token: auth.admin_token,
             signup_enabled: auth.signup_enabled,
             signup_credits: auth.signup_credits,
+            signup_credits_ttl: auth.signup_credits_ttl,
             tiers_path: limits.tiers_path,
             trust_forwarded: http.trust_forwarded,
             trusted_proxies: http.trusted_proxies,
@@ -227,6 +234,7 @@ impl Config {
             gateway_routes: gateway.routes,
             service_tokens: gateway.service_tokens,
             events,
+            expiry_sweep_every: crate::credits::grants::SWEEP_EVERY,
         })
     }
 

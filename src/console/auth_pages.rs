@@ -349,6 +349,7 @@ pub async fn signup(req: HttpRequest, form: Posted<Credentials>) -> Result<HttpR
         &form.email,
         SecretString::from(form.password.clone()),
         credits,
+        state.config.signup_credits_ttl,
     )
     .await;
     let (account, key) = match created {

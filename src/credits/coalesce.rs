@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::key_caps;
+use super::alerts::BatchAlerts;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use super::Error;
 use crate::db;
@@ -149,20 +150,30 @@ async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
     }
 }
 
-/// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE).
-/// Also reads each account's auto-recharge arming (see `recharge_signal`), so the batch
-/// can tell which accounts it takes below their threshold without another query, and
-/// whether it has keys under spend limits (`key_caps`).
-const LOCK: &str =
-    "SELECT id, credit_balance, recharge_below, recharge_after <= now(), key_spend_limits FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// Locks the batch's account rows, in id order (ORDER BY is applied before FOR UPDATE),
+/// with what the batch's decisions need: the balance; the auto-recharge arming (see
+/// `recharge_signal`), so the batch can tell which accounts it takes below their threshold
+/// without another query; whether the account has keys under spend limits (`key_caps`);
+/// the expiring credits spent first (`grants`) and the low-balance threshold (`alerts`).
+static LOCK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT id, credit_balance, recharge_below, recharge_after <= now(), key_spend_limits,
+                expiring_credits, {} FROM accounts
+          WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        super::alerts::THRESHOLD_SQL
+    )
+});
 
 /// Each touched account's final balance, then all ledger rows, in one statement.
 static WRITE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH acct AS (
-             UPDATE accounts a SET credit_balance = f.b
-               FROM unnest($1::uuid[], $2::bigint[]) AS f(id, b)
-              WHERE a.id = f.id)
+             UPDATE accounts a SET credit_balance = f.b, expiring_credits = f.e
+               FROM unnest($1::uuid[], $2::bigint[], $8::bigint[]) AS f(id, b, e)
+              WHERE a.id = f.id),
+         alerts AS (
+             INSERT INTO events (id, account_id, type, payload)
+             SELECT * FROM unnest($9::text[], $10::uuid[], $11::text[], $12::jsonb[]))
          INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, key_id)
          SELECT u.a, u.d, u.b, 'charge', u.r, u.k
            FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[], $7::text[])
@@ -180,7 +191,7 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
 async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, Error>>, Error> {
     let client = db.get().await?;
     // Prepared once per connection: each statement is one message, not parse + execute.
-    let lock = client.prepare_cached(LOCK).await?;
+    let lock = client.prepare_cached(&LOCK).await?;
     let write = client.prepare_cached(&WRITE).await?;
     let outcome = flush_on(&client, &lock, &write, batch).await;
     if outcome.is_err() {
@@ -219,6 +230,12 @@ async fn flush_on(
         )
         .collect();
     let mut caps = BatchCaps::lock(client, &locked, batch).await?;
+    // (expiring credits, threshold) per account; see `grants` and `alerts`.
+    let mut expiring: HashMap<Uuid, (i64, i64)> = locked
+        .iter()
+        .map(|r| (r.get(0), (r.get(5), r.get(6))))
+        .collect();
+    let mut alerts = BatchAlerts::default();
     let (mut accounts, mut deltas, mut afters, mut reasons, mut keys) = (
         Vec::new(),
         Vec::new(),
@@ -236,6 +253,10 @@ async fn flush_on(
             if let Err(refusal) = caps.try_spend(p) {
                 decisions.push(Some(refusal));
                 continue;
+            }
+            if let Some((left, threshold)) = expiring.get_mut(&p.account_id) {
+                *left -= p.cost.min(*left);
+                alerts.charged(p.account_id, *balance, *balance - p.cost, *threshold);
             }
             *balance -= p.cost;
             accounts.push(p.account_id);
@@ -271,7 +292,11 @@ async fn flush_on(
             }
         }
         let (final_ids, final_balances): (Vec<Uuid>, Vec<i64>) = finals.into_iter().unzip();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        let final_expiring: Vec<i64> = final_ids
+            .iter()
+            .map(|id| expiring.get(id).map_or(0, |e| e.0))
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
             &final_ids,
             &final_balances,
             &accounts,
@@ -279,6 +304,11 @@ async fn flush_on(
             &afters,
             &reasons,
             &keys,
+            &final_expiring,
+            &alerts.ids,
+            &alerts.accounts,
+            &alerts.types,
+            &alerts.payloads,
         ];
         if !caps.is_empty() {
             // Its own round trips, before the pipelined write and COMMIT: a future of several

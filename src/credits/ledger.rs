@@ -7,6 +7,8 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::alerts::{CHARGE_EVENTS, THRESHOLD_SQL};
+use super::grants::SPEND_EXPIRING;
 use super::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -24,6 +26,8 @@ pub enum Kind {
     DisputeWon,
     /// Credits bought by an auto-recharge's off-session payment.
     AutoRecharge,
+    /// The unspent rest of an expiring grant, leaving at its expiry (see `credits::grants`).
+    Expiry,
 }
 
 impl Kind {
@@ -38,6 +42,7 @@ impl Kind {
             Kind::Dispute => "dispute",
             Kind::DisputeWon => "dispute_won",
             Kind::AutoRecharge => "auto_recharge",
+            Kind::Expiry => "expiry",
         }
     }
 
@@ -52,6 +57,7 @@ impl Kind {
             Kind::Dispute,
             Kind::DisputeWon,
             Kind::AutoRecharge,
+            Kind::Expiry,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -255,16 +261,20 @@ async fn charge_checked(
         return Err(Error::ChargeNotPositive);
     }
     // The auto-recharge test rides on the row this statement updates anyway: a comparison,
-    // and a NOTIFY only when it holds (see `recharge_signal`).
+    // and a NOTIFY only when it holds (see `recharge_signal`). Expiring credits are spent
+    // first (`credits::grants`) and the low-balance events are written by the same statement
+    // (`credits::alerts`): still one round trip.
     let stmt = db.prepare_cached(&format!(
                 "WITH acct AS (
-                     UPDATE accounts SET credit_balance = credit_balance - $2
+                     UPDATE accounts SET credit_balance = credit_balance - $2,
+                                         {SPEND_EXPIRING}
                       WHERE id = $1 AND credit_balance >= $2 AND ($7 OR NOT key_spend_limits)
-                  RETURNING credit_balance, {armed} AS recharge),
+                  RETURNING credit_balance, {THRESHOLD_SQL} AS threshold, {armed} AS recharge),
                  ins AS (
                  INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key, key_id)
                  SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5, $6 FROM acct
-                 RETURNING {MOVEMENT_COLUMNS})
+                 RETURNING {MOVEMENT_COLUMNS}),
+                 {CHARGE_EVENTS}
                  SELECT ins.*, (SELECT pg_notify('{channel}', ins.account_id::text || ':' || ins.id::text)::text = ''
                                  WHERE acct.recharge)
                    FROM ins, acct",

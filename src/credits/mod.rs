@@ -4,8 +4,10 @@
 //!
 //! Refusals are [`Error`]s in the ledger's words; `http::problem` gives them their status.
 
+pub mod alerts;
 pub mod coalesce;
 pub mod key_caps;
+pub mod grants;
 pub mod ledger;
 pub mod metered;
 pub mod recharge_signal;
@@ -41,7 +43,7 @@ pub enum Error {
     #[error("An adjustment of {amount} would take the balance ({balance}) below zero.")]
     BelowZero { amount: i64, balance: i64 },
     /// A ledger filter naming no [`Kind`].
-    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback, dispute, dispute_won, auto_recharge.")]
+    #[error("kind must be one of grant, purchase, charge, refund, adjustment, clawback, dispute, dispute_won, auto_recharge, expiry.")]
     UnknownKind,
     /// A usage report's granularity that is neither `day` nor `hour`.
     #[error("granularity must be day or hour.")]
@@ -55,6 +57,15 @@ pub enum Error {
         granularity: &'static str,
         max_days: i64,
     },
+    /// A low-balance threshold outside 0..=[`alerts::MAX_THRESHOLD`].
+    #[error(
+        "low_balance_threshold must be between 0 and {}.",
+        alerts::MAX_THRESHOLD
+    )]
+    ThresholdOutOfRange,
+    /// An expiring grant whose `expires_at` is not in the future (or absurdly far).
+    #[error("expires_at must be in the future and before the year 10000.")]
+    ExpiryNotInFuture,
     /// The key of an idempotent charge could not be kept (see `idempotency`).
     #[error(transparent)]
     Idempotency(#[from] crate::idempotency::Error),
@@ -104,6 +115,8 @@ impl Error {
             | Error::BalanceOverflow
             | Error::BelowZero { .. } => Some("amount"),
             Error::InvalidReason => Some("reason"),
+            Error::ThresholdOutOfRange => Some("low_balance_threshold"),
+            Error::ExpiryNotInFuture => Some("expires_at"),
             Error::UnknownKind => Some("kind"),
             Error::UnknownGranularity => Some("granularity"),
             Error::EmptyRange | Error::RangeTooLong { .. } => Some("from"),

@@ -215,7 +215,7 @@ impl Families {
             )?,
             credits: counter(
                 "keymeter_credits_total",
-                "Credits moved by ledger kind (charge, refund, purchase, grant, adjustment, clawback, dispute, dispute_won), as absolute amounts.",
+                "Credits moved by ledger kind (charge, refund, purchase, grant, adjustment, clawback, dispute, dispute_won, expiry), as absolute amounts.",
                 &["kind"],
             )?,
             credit_movements: counter(

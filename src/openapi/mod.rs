@@ -39,7 +39,9 @@ use utoipa::OpenApi;
 use self::components::SharedComponents;
 use self::operations::OperationDefaults;
 use crate::http::problem::ProblemType;
-use crate::routes::{accounts, admin, billing, credits, docs, events, gateway, health, jobs, keys};
+use crate::routes::{
+    accounts, admin, alerts, billing, credits, docs, events, gateway, health, jobs, keys,
+};
 
 pub use self::components::IDEMPOTENCY_KEY;
 pub use self::operations::JsonBody;
@@ -86,6 +88,8 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         accounts::signup,
         accounts::login,
         accounts::get_account,
+        alerts::get_alerts,
+        alerts::put_alerts,
         keys::list,
         keys::create,
         keys::get,
@@ -143,7 +147,12 @@ Every response carries `X-Request-Id` (the caller's, when it is 1–64 character
         events::rotate_secret,
         events::list_deliveries,
     ),
-    components(schemas(ProblemType)),
+    components(schemas(
+        ProblemType,
+        crate::credits::alerts::BalanceLowData,
+        crate::credits::alerts::BalanceDepletedData,
+        crate::credits::grants::CreditsExpiredData,
+    )),
     modifiers(&SharedComponents, &OperationDefaults),
     tags(
         (name = "health", description = "Liveness and readiness, for load balancers. No key."),

@@ -90,6 +90,7 @@ pub async fn signup(
         &email,
         password,
         state.config.signup_credits,
+        state.config.signup_credits_ttl,
     )
     .await?;
     Ok(HttpResponse::Created().json(SignupResponse {

@@ -326,6 +326,9 @@ pub struct Grant {
         pattern = r"^[^\x00]*[^\s\x00][^\x00]*$"
     )]
     reason: String,
+    /// The grant expires then (RFC 3339, in the future): its unspent rest leaves the balance
+    /// within a minute as an `expiry` entry. Only with a positive `amount`.
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[utoipa::path(
@@ -341,7 +344,8 @@ pub struct Grant {
         (status = 201, description = "The ledger entry.", body = Movement),
         (status = 404, description = "`not_found`: no account with that id."),
         (status = 422, description = "`validation_failed`: a zero amount, a bad reason, an \
-            adjustment below zero, a balance past 2^63 − 1, or an unknown field."),
+            adjustment below zero, a balance past 2^63 − 1, an `expires_at` not in the \
+            future or with a negative amount, or an unknown field."),
     ),
     security(("AdminToken" = [])),
 )]
@@ -352,8 +356,15 @@ pub async fn grant_credits(
     body: web::Json<Grant>,
 ) -> ApiResult<HttpResponse> {
     let id = account_id(&path)?;
-    let m = operator::grant_credits(&state.db, &Actor::AdminToken, id, body.amount, &body.reason)
-        .await?;
+    let m = operator::grant_credits(
+        &state.db,
+        &Actor::AdminToken,
+        id,
+        body.amount,
+        &body.reason,
+        body.expires_at,
+    )
+    .await?;
     Ok(HttpResponse::Created().json(m))
 }
 

@@ -9,6 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::accounts;
 use crate::auth::{Authenticated, Scope};
+use crate::credits::grants::{self, OpenGrant};
 use crate::credits::ledger::{Kind, Movement};
 use crate::credits::metered::{self, MeteredCharge};
 use crate::credits::report::{self, LedgerFilter, UsageBucket, UsageFilter, UsageWindow};
@@ -34,6 +35,10 @@ pub struct CreditsSummary {
     balance: i64,
     /// The most recent ledger entries, newest first.
     recent: Vec<Movement>,
+    /// Expiring grants not yet expired, earliest expiry first (spent in that order, before
+    /// any other credits); `remaining` leaves the balance within a minute of `expires_at`.
+    /// Purchased credits never expire and are not listed.
+    grants: Vec<OpenGrant>,
 }
 
 /// `GET /v1/credits` (`read`): the balance and the last ten movements.
@@ -44,7 +49,8 @@ pub struct CreditsSummary {
     tag = "credits",
     summary = "Balance and recent movements",
     responses(
-        (status = 200, description = "The balance and the latest ledger entries.", body = CreditsSummary),
+        (status = 200, description = "The balance, the latest ledger entries and the open \
+            expiring grants.", body = CreditsSummary),
     ),
     security(("ApiKey" = ["read"]), ("ApiKeyHeader" = ["read"])),
 )]
@@ -66,10 +72,12 @@ pub async fn summary(state: web::Data<AppState>, caller: Authenticated) -> ApiRe
         9,
     )
     .await?;
+    let grants = grants::open(&client, caller.account_id).await?;
     Ok(HttpResponse::Ok().json(CreditsSummary {
         object: "credits",
         balance: account.credit_balance,
         recent,
+        grants,
     }))
 }
 

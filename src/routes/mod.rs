@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod alerts;
 pub mod billing;
 pub mod credits;
 pub mod docs;
@@ -183,6 +184,7 @@ fn all() -> Routes {
         health::configure,
         docs::configure,
         accounts::configure,
+        alerts::configure,
         keys::configure,
         credits::configure,
         billing::configure,

@@ -68,6 +68,11 @@ impl Background {
             tasks
                 .spawn(async move { auth.last_used.run(pool, Duration::from_secs(5), stop).await });
         }
+        tasks.spawn(crate::credits::grants::run_sweeper(
+            pool.clone(),
+            config.expiry_sweep_every,
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::idempotency::run_purge(
             pool.clone(),
             shutdown.clone(),

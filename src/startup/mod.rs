@@ -59,6 +59,17 @@ impl Application {
             db::migrations::check(&pg).await?;
         }
 
+        // The tiers' low-balance thresholds, where the charge statement reads them.
+        {
+            let client = pool
+                .get()
+                .await
+                .context("syncing the tiers' alert defaults")?;
+            crate::credits::alerts::sync_tier_defaults(&client, &tiers)
+                .await
+                .context("syncing the tiers' alert defaults")?;
+        }
+
         let listener =
             TcpListener::bind(config.bind).with_context(|| format!("binding {}", config.bind))?;
         let port = listener.local_addr()?.port();

@@ -8,6 +8,7 @@
 mod support;
 
 mod accounts;
+mod alerts;
 mod audit;
 mod auto_recharge;
 mod billing;
@@ -15,6 +16,7 @@ mod console;
 mod credits;
 mod db_tls;
 mod events;
+mod expiring_grants;
 mod foundation;
 mod gateway;
 mod gateway_nginx;
