@@ -28,8 +28,8 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::key_caps;
 use super::alerts::BatchAlerts;
+use super::key_caps;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use super::Error;
 use crate::db;

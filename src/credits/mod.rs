@@ -6,8 +6,8 @@
 
 pub mod alerts;
 pub mod coalesce;
-pub mod key_caps;
 pub mod grants;
+pub mod key_caps;
 pub mod ledger;
 pub mod metered;
 pub mod recharge_signal;

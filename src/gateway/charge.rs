@@ -135,7 +135,8 @@ fn reason(route: &str) -> String {
 /// unique index catches the concurrent one (see the module comment).
 const ONE: &str = "
     WITH acct AS (
-        UPDATE accounts SET credit_balance = credit_balance - $2
+        UPDATE accounts SET credit_balance = credit_balance - $2,
+                            expiring_credits = expiring_credits - LEAST($2, expiring_credits)
          WHERE id = $1 AND credit_balance >= $2
            AND ($4::text IS NULL OR NOT EXISTS (
                 SELECT 1 FROM gateway_charges WHERE account_id = $1 AND request_id = $4))
@@ -207,8 +208,9 @@ fn is_duplicate_request(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-const LOCK: &str =
-    "SELECT id, credit_balance FROM accounts WHERE id = ANY($1) ORDER BY id FOR UPDATE";
+/// With each account's expiring credits, which every charge spends first (`credits::grants`).
+const LOCK: &str = "SELECT id, credit_balance, expiring_credits FROM accounts
+                     WHERE id = ANY($1) ORDER BY id FOR UPDATE";
 const PRIOR: &str = "
     SELECT g.account_id, g.request_id, g.ledger_id
       FROM gateway_charges g
@@ -217,8 +219,8 @@ const IDS: &str =
     "SELECT nextval(pg_get_serial_sequence('credit_ledger', 'id')) FROM generate_series(1, $1::int)";
 const WRITE: &str = "
     WITH acct AS (
-        UPDATE accounts a SET credit_balance = f.b
-          FROM unnest($1::uuid[], $2::bigint[]) AS f(id, b)
+        UPDATE accounts a SET credit_balance = f.b, expiring_credits = f.e
+          FROM unnest($1::uuid[], $2::bigint[], $9::bigint[]) AS f(id, b, e)
          WHERE a.id = f.id),
     led AS (
         INSERT INTO credit_ledger (id, account_id, delta, balance_after, kind, reason)
@@ -282,6 +284,7 @@ async fn flush_on(
         client.query(&ids_stmt, &ids_params),
     )?;
     let mut balances: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut expiring: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(2))).collect();
     let earlier: HashMap<(Uuid, String), i64> = earlier
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
@@ -321,6 +324,9 @@ async fn flush_on(
                 .next()
                 .ok_or_else(|| Error::Internal(anyhow::anyhow!("ran out of ledger ids")))?;
             *balance -= p.cost;
+            if let Some(left) = expiring.get_mut(&p.account_id) {
+                *left -= p.cost.min(*left);
+            }
             w_ids.push(id);
             w_accounts.push(p.account_id);
             w_costs.push(p.cost);
@@ -348,7 +354,11 @@ async fn flush_on(
             .into_iter()
             .map(|a| (a, balances.get(&a).copied().unwrap_or_default()))
             .unzip();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        let final_expiring: Vec<i64> = final_ids
+            .iter()
+            .map(|a| expiring.get(a).copied().unwrap_or_default())
+            .collect();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
             &final_ids,
             &final_balances,
             &w_ids,
@@ -357,6 +367,7 @@ async fn flush_on(
             &w_afters,
             &w_routes,
             &w_requests,
+            &final_expiring,
         ];
         let (_, ()) = tokio::try_join!(
             client.execute(&write, &params),

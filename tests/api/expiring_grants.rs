@@ -314,3 +314,40 @@ async fn the_cli_grants_expiring_credits_with_expires_at() {
     assert!(err.contains("expires_at"), "{err}");
     assert_eq!(balance(&app, account).await.credits, 30);
 }
+
+/// Gateway mode's authorizations are charged on a lane of their own (`gateway::charge`);
+/// they too spend expiring credits first, alone and in a batch, so an expiry never takes
+/// credits that were granted without one (nor bought ones).
+#[tokio::test]
+async fn gateway_charges_spend_expiring_credits_first() {
+    let app = spawn_app_with(|c| {
+        crate::gateway::gateway(c);
+        c.expiry_sweep_every = FAST_SWEEP;
+    })
+    .await;
+    let authz = |key: String| {
+        let req = app
+            .client
+            .get(app.url("/v1/authz"))
+            .header("X-API-Key", key)
+            .header("X-Original-Method", "GET")
+            .header("X-Original-URI", "/v1/search/x");
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Alone: one charge of 2 against 2 expiring credits.
+    let (lone, lone_key) = app.create_account("pro", 10).await;
+    grant(&app, lone, 2, Some(in_secs(3.0))).await;
+    assert_eq!(authz(lone_key.clone()).await, 200);
+    // Together: 8 concurrent charges of 2 against 16 expiring credits.
+    let (many, many_key) = app.create_account("pro", 10).await;
+    grant(&app, many, 16, Some(in_secs(3.0))).await;
+    let statuses = join_all((0..8).map(|_| authz(many_key.clone()))).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    wait_for_expiry(&app, lone).await;
+    wait_for_expiry(&app, many).await;
+    // Everything expiring was spent: nothing left to expire, the plain 10 untouched.
+    assert_eq!(balance(&app, lone).await.credits, 10);
+    assert_eq!(balance(&app, many).await.credits, 10);
+    assert_ledger_invariant(&app).await;
+}
