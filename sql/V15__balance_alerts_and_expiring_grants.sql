@@ -30,7 +30,7 @@ ALTER TABLE accounts
 ALTER TABLE credit_ledger DROP CONSTRAINT credit_ledger_kind_check;
 ALTER TABLE credit_ledger ADD CONSTRAINT credit_ledger_kind_check
     CHECK (kind IN ('grant', 'purchase', 'charge', 'refund', 'adjustment', 'clawback',
-                    'dispute', 'dispute_won', 'expiry'));
+                    'dispute', 'dispute_won', 'auto_recharge', 'expiry'));
 
 CREATE TABLE credit_grants (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
