@@ -13,6 +13,14 @@
 //! `balance_after`, so the ledger reads exactly as if the charges had been made one by one;
 //! overspending is impossible because every decision is made under the row locks.
 //!
+//! Gateway mode's charges (a proxied call, `GET /v1/authz`) go through this lane too, as
+//! [`ChargeRequest`]s carrying a [`GatewayTag`]: so they share every credit control — the key
+//! on the ledger row and its spend limit, expiring credits first, the low-balance events, the
+//! auto-recharge signal — by construction rather than by a copy kept in step. What they add
+//! (their request id charged once, their `gateway_charges` row for refunds) rides on the same
+//! two round trips: the request-id lookup is pipelined after the locking SELECT, the rows are
+//! one more CTE of the write (see `gateway_charges`).
+//!
 //! One lane, not one per account or a few sharded by account: measured on the 2-core
 //! machine (`load/bench/deduct.sh`, 32 clients over 1000 accounts), one lane made 12,500
 //! charges/s, two 10,800, four 8,200 — while a batch commits, the next one fills up, so a
@@ -29,6 +37,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::alerts::BatchAlerts;
+use super::gateway_charges::{self, BatchRecords, GatewayTag};
 use super::key_caps;
 use super::ledger::{self, movement, ChargeContext, Movement, Once, MOVEMENT_COLUMNS};
 use super::Error;
@@ -38,14 +47,41 @@ use crate::db::batch::Batcher;
 /// The most charges in one transaction; the rest wait for the next one.
 const MAX_BATCH: usize = 512;
 
-type Reply = oneshot::Sender<Result<Movement, Error>>;
+/// One charge, as the lane (or [`charge_now`]) takes it.
+#[derive(Debug, Clone)]
+pub struct ChargeRequest {
+    pub account_id: Uuid,
+    /// Credits to take, > 0.
+    pub cost: i64,
+    pub reason: Option<String>,
+    /// The key whose request it is (recorded on the ledger row; its spend limit applies).
+    pub key_id: Option<String>,
+    /// A proxied call's charge (gateway mode): also recorded for refunds, once per request
+    /// id (see `gateway_charges`).
+    pub gateway: Option<GatewayTag>,
+}
+
+impl ChargeRequest {
+    fn context(&self) -> ChargeContext<'_> {
+        ChargeContext {
+            job_id: None,
+            reason: self.reason.as_deref(),
+            idempotency_key: None,
+            key_id: self.key_id.as_deref(),
+            gateway: self.gateway.as_ref(),
+        }
+    }
+
+    /// The request id this charge may be charged once for.
+    fn request_id(&self) -> Option<&str> {
+        self.gateway.as_ref().and_then(|g| g.request_id.as_deref())
+    }
+}
+
+type Reply = oneshot::Sender<Result<Once, Error>>;
 
 struct Pending {
-    account_id: Uuid,
-    cost: i64,
-    reason: Option<String>,
-    /// The key whose request it is (recorded on the ledger row; its spend limit applies).
-    key_id: Option<String>,
+    request: ChargeRequest,
     reply: Reply,
 }
 
@@ -70,19 +106,43 @@ impl Coalescer {
         reason: Option<String>,
         key_id: Option<String>,
     ) -> Result<Movement, Error> {
-        let (reply, answer) = oneshot::channel();
-        let pending = Pending {
+        let request = ChargeRequest {
             account_id,
             cost,
             reason,
             key_id,
-            reply,
+            gateway: None,
         };
-        self.lane.push(pending, |lane| drain(lane, db.clone()));
+        match self.submit(db, request).await? {
+            Once::Done(m) => Ok(m),
+            _ => Err(Error::Internal(anyhow::anyhow!(
+                "a charge without a job or a request id reported as a duplicate"
+            ))),
+        }
+    }
+
+    /// Charges `request` in the lane: `Done` after it has committed, `Replayed` (nothing
+    /// taken) when its gateway request id was charged before.
+    pub async fn submit(&self, db: &Pool, request: ChargeRequest) -> Result<Once, Error> {
+        if request.cost <= 0 {
+            return Err(Error::ChargeNotPositive);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.lane
+            .push(Pending { request, reply }, |lane| drain(lane, db.clone()));
         answer
             .await
             .map_err(|_| Error::Internal(anyhow::anyhow!("charge lane dropped a request")))?
     }
+}
+
+/// `request` on its own, without the lane (group commit off): exactly what the lane does
+/// with a batch of one.
+pub async fn charge_now(db: &Pool, request: &ChargeRequest) -> Result<Once, Error> {
+    if request.cost <= 0 {
+        return Err(Error::ChargeNotPositive);
+    }
+    charge_one(db, request).await
 }
 
 async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
@@ -91,14 +151,16 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
             let Some(p) = batch.into_iter().next() else {
                 continue;
             };
-            let outcome = charge_one(&db, &p).await;
+            let outcome = charge_one(&db, &p.request).await;
             let _ = p.reply.send(outcome);
             continue;
         }
-        match flush(&db, &batch).await {
+        let (requests, replies): (Vec<ChargeRequest>, Vec<Reply>) =
+            batch.into_iter().map(|p| (p.request, p.reply)).unzip();
+        match flush(&db, &requests).await {
             Ok(outcomes) => {
-                for (p, o) in batch.into_iter().zip(outcomes) {
-                    let _ = p.reply.send(o);
+                for (reply, o) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(o);
                 }
             }
             Err(e) => {
@@ -107,8 +169,8 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
                     Error::Db(db::Error::Unavailable(why)) => Some(why.clone()),
                     _ => None,
                 };
-                for p in batch {
-                    let _ = p.reply.send(Err(if let Some(why) = &unavailable {
+                for reply in replies {
+                    let _ = reply.send(Err(if let Some(why) = &unavailable {
                         Error::Db(db::Error::Unavailable(why.clone()))
                     } else {
                         Error::Internal(anyhow::anyhow!("batched charge failed"))
@@ -122,31 +184,22 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
 
 /// A lone charge: the ordinary one-statement charge, one round trip — or, for an account
 /// with keys under spend limits, a batch of one (which checks and counts the key).
-async fn charge_one(db: &Pool, p: &Pending) -> Result<Movement, Error> {
-    let ctx = ChargeContext {
-        job_id: None,
-        reason: p.reason.as_deref(),
-        idempotency_key: None,
-        key_id: p.key_id.as_deref(),
-    };
+async fn charge_one(db: &Pool, r: &ChargeRequest) -> Result<Once, Error> {
     let client = db.get().await?;
-    let once = match ledger::charge(&client, p.account_id, p.cost, &ctx).await {
+    match ledger::charge(&client, r.account_id, r.cost, &r.context()).await {
         Err(Error::KeyLimitsApply) => {
             drop(client);
-            let mut outcomes = flush(db, std::slice::from_ref(p)).await?;
-            return outcomes.pop().unwrap_or_else(|| {
+            let mut outcomes = flush(db, std::slice::from_ref(r)).await?;
+            outcomes.pop().unwrap_or_else(|| {
                 Err(Error::Internal(anyhow::anyhow!(
                     "a batch of one lost its charge"
                 )))
-            });
+            })
         }
-        other => other?,
-    };
-    match once {
-        Once::Done(m) => Ok(m),
-        Once::AlreadyDone => Err(Error::Internal(anyhow::anyhow!(
+        Ok(Once::AlreadyDone) => Err(Error::Internal(anyhow::anyhow!(
             "duplicate charge without a job"
         ))),
+        other => other,
     }
 }
 
@@ -164,8 +217,20 @@ static LOCK: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-/// Each touched account's final balance, then all ledger rows, in one statement.
-static WRITE: LazyLock<String> = LazyLock::new(|| {
+/// Each touched account's final balance, then all ledger rows, in one statement; with
+/// `gateway`, the `gateway_charges` rows of the batch's gateway charges as well
+/// ([`gateway_charges::RECORD_MANY`]; a separate text, so batches of API charges only do
+/// not pay for it).
+fn write_sql(gateway: bool) -> String {
+    let (led, record, out) = if gateway {
+        (
+            "led AS (",
+            format!("), {}", gateway_charges::RECORD_MANY),
+            "SELECT * FROM led",
+        )
+    } else {
+        ("", String::new(), "")
+    };
     format!(
         "WITH acct AS (
              UPDATE accounts a SET credit_balance = f.b, expiring_credits = f.e
@@ -173,27 +238,31 @@ static WRITE: LazyLock<String> = LazyLock::new(|| {
               WHERE a.id = f.id),
          alerts AS (
              INSERT INTO events (id, account_id, type, payload)
-             SELECT * FROM unnest($9::text[], $10::uuid[], $11::text[], $12::jsonb[]))
+             SELECT * FROM unnest($9::text[], $10::uuid[], $11::text[], $12::jsonb[])){comma}
+         {led}
          INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, key_id)
          SELECT u.a, u.d, u.b, 'charge', u.r, u.k
            FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::text[], $7::text[])
                 WITH ORDINALITY AS u(a, d, b, r, k, n)
           ORDER BY u.n
-         RETURNING {MOVEMENT_COLUMNS}"
+         RETURNING {MOVEMENT_COLUMNS}{record}
+         {out}",
+        comma = if gateway { "," } else { "" },
     )
-});
+}
+
+static WRITE: LazyLock<String> = LazyLock::new(|| write_sql(false));
+static WRITE_GATEWAY: LazyLock<String> = LazyLock::new(|| write_sql(true));
 
 /// One transaction for the whole batch; returns each request's outcome in order.
 ///
-/// Two round trips: BEGIN and the locking SELECT are sent together, then the write and
-/// COMMIT together (tokio-postgres pipelines requests polled concurrently). Should the write
-/// fail, PostgreSQL turns that COMMIT into a rollback, so nothing is half-written.
-async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, Error>>, Error> {
+/// Two round trips: BEGIN and the locking SELECT are sent together (with the lookup of the
+/// batch's gateway request ids after it, when it has any), then the write and COMMIT
+/// together (tokio-postgres pipelines requests polled concurrently). Should the write fail,
+/// PostgreSQL turns that COMMIT into a rollback, so nothing is half-written.
+async fn flush(db: &Pool, batch: &[ChargeRequest]) -> Result<Vec<Result<Once, Error>>, Error> {
     let client = db.get().await?;
-    // Prepared once per connection: each statement is one message, not parse + execute.
-    let lock = client.prepare_cached(&LOCK).await?;
-    let write = client.prepare_cached(&WRITE).await?;
-    let outcome = flush_on(&client, &lock, &write, batch).await;
+    let outcome = flush_on(&client, batch).await;
     if outcome.is_err() {
         // Whatever failed, end the transaction before the connection goes back to the pool;
         // one that cannot even do that is discarded.
@@ -204,20 +273,54 @@ async fn flush(db: &Pool, batch: &[Pending]) -> Result<Vec<Result<Movement, Erro
     outcome
 }
 
+/// What the batch decided for one request, before the write.
+enum Decision {
+    /// Charged by this batch.
+    Charge,
+    /// Its request id was charged before this batch: that charge's ledger id.
+    Replay(i64),
+    /// Its request id is charged by an earlier request of this batch (its index).
+    SameAs(usize),
+    Refuse(Error),
+}
+
 async fn flush_on(
     client: &deadpool_postgres::Client,
-    lock: &tokio_postgres::Statement,
-    write: &tokio_postgres::Statement,
-    batch: &[Pending],
-) -> Result<Vec<Result<Movement, Error>>, Error> {
+    batch: &[ChargeRequest],
+) -> Result<Vec<Result<Once, Error>>, Error> {
+    // Prepared once per connection: each statement is one message, not parse + execute.
+    let lock = client.prepare_cached(&LOCK).await?;
     let mut ids: Vec<Uuid> = batch.iter().map(|p| p.account_id).collect();
     ids.sort_unstable();
     ids.dedup();
+    let (prior_accounts, prior_requests): (Vec<Uuid>, Vec<&str>) = batch
+        .iter()
+        .filter_map(|p| p.request_id().map(|r| (p.account_id, r)))
+        .unzip();
     let lock_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
-    let ((), locked) = tokio::try_join!(
-        client.batch_execute("BEGIN"),
-        client.query(lock, &lock_params)
-    )?;
+    let (locked, earlier) = if prior_requests.is_empty() {
+        let ((), locked) = tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock, &lock_params)
+        )?;
+        (locked, Vec::new())
+    } else {
+        // The server runs them in order: the lookup's snapshot is taken once the account
+        // rows are locked, so it sees every earlier charge of these request ids.
+        let prior = client.prepare_cached(gateway_charges::PRIOR_MANY).await?;
+        let prior_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&prior_accounts, &prior_requests];
+        tokio::try_join!(
+            client.batch_execute("BEGIN"),
+            client.query(&lock, &lock_params),
+            client.query(&prior, &prior_params)
+        )
+        .map(|((), locked, earlier)| (locked, earlier))?
+    };
+    let earlier: HashMap<(Uuid, String), i64> = earlier
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
     let mut balances: HashMap<Uuid, i64> = locked.iter().map(|r| (r.get(0), r.get(1))).collect();
     // Armed accounts and their thresholds: the only ones a crossing is looked for in.
     let armed: HashMap<Uuid, i64> = locked
@@ -236,6 +339,7 @@ async fn flush_on(
         .map(|r| (r.get(0), (r.get(5), r.get(6))))
         .collect();
     let mut alerts = BatchAlerts::default();
+    let mut records = BatchRecords::default();
     let (mut accounts, mut deltas, mut afters, mut reasons, mut keys) = (
         Vec::new(),
         Vec::new(),
@@ -243,15 +347,27 @@ async fn flush_on(
         Vec::<Option<String>>::new(),
         Vec::<Option<String>>::new(),
     );
+    // Request ids this batch charged: the index of the request that did.
+    let mut charged_here: HashMap<(Uuid, &str), usize> = HashMap::new();
     let mut decisions = Vec::with_capacity(batch.len());
-    for p in batch {
+    for (i, p) in batch.iter().enumerate() {
+        if let Some(request_id) = p.request_id() {
+            if let Some(id) = earlier.get(&(p.account_id, request_id.to_owned())) {
+                decisions.push(Decision::Replay(*id));
+                continue;
+            }
+            if let Some(first) = charged_here.get(&(p.account_id, request_id)) {
+                decisions.push(Decision::SameAs(*first));
+                continue;
+            }
+        }
         let Some(balance) = balances.get_mut(&p.account_id) else {
-            decisions.push(Some(Error::AccountNotFound));
+            decisions.push(Decision::Refuse(Error::AccountNotFound));
             continue;
         };
         if p.cost > 0 && *balance >= p.cost {
             if let Err(refusal) = caps.try_spend(p) {
-                decisions.push(Some(refusal));
+                decisions.push(Decision::Refuse(refusal));
                 continue;
             }
             if let Some((left, threshold)) = expiring.get_mut(&p.account_id) {
@@ -264,9 +380,18 @@ async fn flush_on(
             afters.push(*balance);
             reasons.push(p.reason.clone());
             keys.push(p.key_id.clone());
-            decisions.push(None);
+            if let Some(g) = &p.gateway {
+                // 1-based, as `row_number()` numbers the ledger rows.
+                records.positions.push(accounts.len() as i64);
+                records.routes.push(g.route.clone());
+                records.request_ids.push(g.request_id.clone());
+                if let Some(request_id) = p.request_id() {
+                    charged_here.insert((p.account_id, request_id), i);
+                }
+            }
+            decisions.push(Decision::Charge);
         } else {
-            decisions.push(Some(Error::InsufficientCredits {
+            decisions.push(Decision::Refuse(Error::InsufficientCredits {
                 balance: *balance,
                 cost: p.cost,
             }));
@@ -296,7 +421,7 @@ async fn flush_on(
             .iter()
             .map(|id| expiring.get(id).map_or(0, |e| e.0))
             .collect();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 12] = [
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &final_ids,
             &final_balances,
             &accounts,
@@ -310,14 +435,24 @@ async fn flush_on(
             &alerts.types,
             &alerts.payloads,
         ];
+        let write = if records.is_empty() {
+            client.prepare_cached(&WRITE).await?
+        } else {
+            params.push(&records.positions);
+            params.push(&records.routes);
+            params.push(&records.request_ids);
+            client.prepare_cached(&WRITE_GATEWAY).await?
+        };
         if !caps.is_empty() {
             // Its own round trips, before the pipelined write and COMMIT: a future of several
             // statements must not be polled alongside COMMIT, which could overtake its later ones.
             caps.write(client).await?;
         }
         if crossed.is_empty() {
-            let (rows, ()) =
-                tokio::try_join!(client.query(write, &params), client.batch_execute("COMMIT"))?;
+            let (rows, ()) = tokio::try_join!(
+                client.query(&write, &params),
+                client.batch_execute("COMMIT")
+            )?;
             rows
         } else {
             // Prepared (once per connection) before the pipeline, so its execution is sent
@@ -327,7 +462,7 @@ async fn flush_on(
                 .await?;
             let notify: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&crossed, &crossed_at];
             let (rows, _, ()) = tokio::try_join!(
-                client.query(write, &params),
+                client.query(&write, &params),
                 client.execute(&notify_stmt, &notify),
                 client.batch_execute("COMMIT")
             )?;
@@ -338,15 +473,35 @@ async fn flush_on(
     let mut sorted: Vec<Movement> = rows.iter().map(|r| ledger::counted(movement(r))).collect();
     sorted.sort_by_key(|m| m.id);
     let mut accepted = sorted.into_iter();
-    Ok(decisions
-        .into_iter()
-        .map(|d| match d {
-            Some(refusal) => Err(refusal),
-            None => accepted
+    // Replays answer with the balance as this batch left it.
+    let balance_now = |a: &Uuid| balances.get(a).copied().unwrap_or_default();
+    let mut out: Vec<Result<Once, Error>> = Vec::with_capacity(batch.len());
+    for (p, d) in batch.iter().zip(decisions) {
+        let outcome = match d {
+            Decision::Charge => accepted
                 .next()
+                .map(Once::Done)
                 .ok_or_else(|| Error::Internal(anyhow::anyhow!("batched charge lost a row"))),
-        })
-        .collect())
+            Decision::Replay(charge_id) => Ok(Once::Replayed {
+                charge_id,
+                balance: balance_now(&p.account_id),
+            }),
+            // The request that charged this id came earlier in the batch, so its outcome is
+            // already final.
+            Decision::SameAs(first) => match out.get(first) {
+                Some(Ok(Once::Done(m))) => Ok(Once::Replayed {
+                    charge_id: m.id,
+                    balance: balance_now(&p.account_id),
+                }),
+                _ => Err(Error::Internal(anyhow::anyhow!(
+                    "a batch lost the charge of a request id"
+                ))),
+            },
+            Decision::Refuse(e) => Err(e),
+        };
+        out.push(outcome);
+    }
+    Ok(out)
 }
 
 /// The spend-limit counters of a batch's keys (`key_caps`): locked after the accounts, only
@@ -363,7 +518,7 @@ impl BatchCaps {
     async fn lock(
         client: &deadpool_postgres::Client,
         locked: &[tokio_postgres::Row],
-        batch: &[Pending],
+        batch: &[ChargeRequest],
     ) -> Result<BatchCaps, Error> {
         let limited: std::collections::HashSet<Uuid> = locked
             .iter()
@@ -394,7 +549,7 @@ impl BatchCaps {
 
     /// Decides `p` against its key's running counter, in arrival order; a refusal leaves it
     /// as it was.
-    fn try_spend(&mut self, p: &Pending) -> Result<(), Error> {
+    fn try_spend(&mut self, p: &ChargeRequest) -> Result<(), Error> {
         let (Some(key), Some(now)) = (p.key_id.as_deref(), self.now) else {
             return Ok(());
         };

@@ -18,11 +18,12 @@
 //! Periods are UTC calendar days (00:00 to 00:00) and months (the 1st, 00:00, to the next
 //! 1st), by the database's clock (`now()` of the charging transaction, the same time the
 //! ledger row carries). A period's counter starts at zero; it is reset lazily by the first
-//! charge of a new period. A job's refund gives its credits back to the counter only when
+//! charge of a new period. A refund (a job's, or a gateway charge's) gives its credits back to the counter only when
 //! the charge and the refund fall in the same period (the counter's current one): a refund
 //! never lends headroom to a period the charge did not spend in.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use deadpool_postgres::GenericClient;
@@ -298,21 +299,37 @@ pub async fn charge_limited(
     Ok(once)
 }
 
-/// Gives a job's refunded credits back to its key's counter, when the charge and the refund
-/// fall in the counter's current period (see the module's doc). Call it in the refund's
-/// transaction, after the refund (which locked the account row).
+/// Gives a refunded charge's credits back to its key's counter, when the charge and the
+/// refund fall in the counter's current period (see the module's doc). `{charge}` picks the
+/// charge's ledger row by `$1`: a job's, or a gateway charge's (its ledger id).
+fn give_back_sql(charge: &str) -> String {
+    format!(
+        "UPDATE key_spend_limits k SET spent = greatest(k.spent - c.amount, 0)
+           FROM (SELECT key_id, -delta AS amount, created_at FROM credit_ledger
+                  WHERE {charge} AND kind = 'charge' AND key_id IS NOT NULL) c
+          WHERE k.key_id = c.key_id
+            AND k.period_start = date_trunc(k.period, now(), 'UTC')
+            AND c.created_at >= k.period_start"
+    )
+}
+
+static GIVE_BACK_JOB: LazyLock<String> = LazyLock::new(|| give_back_sql("job_id = $1"));
+static GIVE_BACK_CHARGE: LazyLock<String> = LazyLock::new(|| give_back_sql("id = $1"));
+
+/// Gives a job's refunded credits back to its key's counter (see [`give_back_sql`]). Call
+/// it in the refund's transaction, after the refund (which locked the account row).
 pub async fn give_back(db: &impl GenericClient, job_id: Uuid) -> Result<(), Error> {
-    let stmt = db
-        .prepare_cached(
-            "UPDATE key_spend_limits k SET spent = greatest(k.spent - c.amount, 0)
-               FROM (SELECT key_id, -delta AS amount, created_at FROM credit_ledger
-                      WHERE job_id = $1 AND kind = 'charge' AND key_id IS NOT NULL) c
-              WHERE k.key_id = c.key_id
-                AND k.period_start = date_trunc(k.period, now(), 'UTC')
-                AND c.created_at >= k.period_start",
-        )
-        .await?;
+    let stmt = db.prepare_cached(&GIVE_BACK_JOB).await?;
     db.execute(&stmt, &[&job_id]).await?;
+    Ok(())
+}
+
+/// Gives a refunded gateway charge's credits (`charge_id`, its ledger id) back to its key's
+/// counter, like [`give_back`] for a job. Call it in the refund's transaction, after the
+/// refund (which locked the account row).
+pub async fn give_back_charge(db: &impl GenericClient, charge_id: i64) -> Result<(), Error> {
+    let stmt = db.prepare_cached(&GIVE_BACK_CHARGE).await?;
+    db.execute(&stmt, &[&charge_id]).await?;
     Ok(())
 }
 
@@ -378,6 +395,11 @@ pub async fn set(
                                  OR (l.kind = 'refund' AND EXISTS (
                                      SELECT 1 FROM credit_ledger c
                                       WHERE c.job_id = l.job_id AND c.kind = 'charge'
+                                        AND c.created_at >= p.start))
+                                 OR (l.kind = 'refund' AND EXISTS (
+                                     SELECT 1 FROM gateway_charges g
+                                       JOIN credit_ledger c ON c.id = g.ledger_id
+                                      WHERE g.refund_id = l.id
                                         AND c.created_at >= p.start))))
                      INSERT INTO key_spend_limits (key_id, account_id, credits, period, period_start, spent)
                      SELECT $1, $2, $3, $4, p.start, s.spent FROM p, s

@@ -2,12 +2,15 @@
 //! the balance under its row lock and inserts the ledger row from the updated value — so the
 //! two can never disagree, and a charge costs one round trip.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
 use super::alerts::{CHARGE_EVENTS, THRESHOLD_SQL};
+use super::gateway_charges::{self, GatewayTag};
 use super::grants::SPEND_EXPIRING;
 use super::Error;
 
@@ -204,6 +207,9 @@ pub struct ChargeContext<'a> {
     /// The key whose request causes the charge: recorded on the ledger row, and its spend
     /// limit applies (see `key_caps`).
     pub key_id: Option<&'a str>,
+    /// A proxied call's charge (gateway mode): recorded in `gateway_charges` too, so the
+    /// upstream can refund it, and charged once per request id (see `gateway_charges`).
+    pub gateway: Option<&'a GatewayTag>,
 }
 
 fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
@@ -221,6 +227,12 @@ fn is_unique_violation(e: &tokio_postgres::Error, constraint: &str) -> bool {
 pub enum Once {
     Done(Movement),
     AlreadyDone,
+    /// A gateway charge whose request id was charged before (only a charge tagged with one,
+    /// see `gateway_charges`): nothing was taken now. `balance` is the balance now.
+    Replayed {
+        charge_id: i64,
+        balance: i64,
+    },
 }
 
 /// Takes `cost` credits in one statement: the UPDATE locks the account row and checks the
@@ -260,64 +272,117 @@ async fn charge_checked(
     if cost <= 0 {
         return Err(Error::ChargeNotPositive);
     }
-    // The auto-recharge test rides on the row this statement updates anyway: a comparison,
-    // and a NOTIFY only when it holds (see `recharge_signal`). Expiring credits are spent
-    // first (`credits::grants`) and the low-balance events are written by the same statement
-    // (`credits::alerts`): still one round trip.
-    let stmt = db.prepare_cached(&format!(
-                "WITH acct AS (
-                     UPDATE accounts SET credit_balance = credit_balance - $2,
-                                         {SPEND_EXPIRING}
-                      WHERE id = $1 AND credit_balance >= $2 AND ($7 OR NOT key_spend_limits)
-                  RETURNING credit_balance, {THRESHOLD_SQL} AS threshold, {armed} AS recharge),
-                 ins AS (
-                 INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key, key_id)
-                 SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5, $6 FROM acct
-                 RETURNING {MOVEMENT_COLUMNS}),
-                 {CHARGE_EVENTS}
-                 SELECT ins.*, (SELECT pg_notify('{channel}', ins.account_id::text || ':' || ins.id::text)::text = ''
-                                 WHERE acct.recharge)
-                   FROM ins, acct",
-                armed = super::recharge_signal::ARMED,
-                channel = super::recharge_signal::CHANNEL,
-            )).await?;
-    let res = db
-        .query_opt(
-            &stmt,
-            &[
-                &account_id,
-                &cost,
-                &ctx.reason,
-                &ctx.job_id,
-                &ctx.idempotency_key,
-                &ctx.key_id,
-                &key_checked,
-            ],
-        )
-        .await;
+    let tag = ctx.gateway;
+    let stmt = db
+        .prepare_cached(if tag.is_some() {
+            CHARGE_GATEWAY.as_str()
+        } else {
+            CHARGE.as_str()
+        })
+        .await?;
+    let common: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &account_id,
+        &cost,
+        &ctx.reason,
+        &ctx.job_id,
+        &ctx.idempotency_key,
+        &ctx.key_id,
+        &key_checked,
+    ];
+    let res = match tag {
+        None => db.query_opt(&stmt, &common).await,
+        Some(t) => {
+            let mut params = common.to_vec();
+            params.push(&t.route);
+            params.push(&t.request_id);
+            db.query_opt(&stmt, &params).await
+        }
+    };
     match res {
         Ok(Some(row)) => Ok(Once::Done(counted(movement(&row)))),
-        Ok(None) => {
-            let row = db
-                .query_opt(
-                    "SELECT credit_balance, key_spend_limits FROM accounts WHERE id = $1",
-                    &[&account_id],
-                )
-                .await?
-                .ok_or(Error::AccountNotFound)?;
-            if row.get::<_, bool>(1) && !key_checked {
-                return Err(Error::KeyLimitsApply);
-            }
-            Err(Error::InsufficientCredits {
-                balance: row.get(0),
-                cost,
-            })
+        Ok(None) => why_not(db, account_id, cost, tag, key_checked).await,
+        // A concurrent charge of the same request id committed after this statement's
+        // snapshot was taken (see `gateway_charges`): a replay, not a second charge.
+        Err(e) if is_unique_violation(&e, gateway_charges::ONE_PER_REQUEST) => {
+            why_not(db, account_id, cost, tag, key_checked).await
         }
         Err(e) if is_unique_violation(&e, "credit_ledger_one_charge_per_job") => {
             Ok(Once::AlreadyDone)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The one-statement charge, built once from the fragments every charge shares. The
+/// auto-recharge test rides on the row this statement updates anyway: a comparison, and a
+/// NOTIFY only when it holds (see `recharge_signal`). Expiring credits are spent first
+/// (`credits::grants`) and the low-balance events are written by the same statement
+/// (`credits::alerts`): still one round trip. `gateway` adds what a proxied call's charge
+/// needs in the same statement (`gateway_charges`): the request-id check in the UPDATE's
+/// WHERE (so a replay locks and writes nothing) and its `gateway_charges` row; `$8` is the
+/// route and `$9` the request id. A separate text, so the API's charges do not pay for it.
+fn charge_sql(gateway: bool) -> String {
+    let (not_charged_yet, record) = if gateway {
+        (
+            format!("AND {}", gateway_charges::NOT_CHARGED_YET),
+            format!("{},", gateway_charges::RECORD_ONE),
+        )
+    } else {
+        (String::new(), String::new())
+    };
+    format!(
+        "WITH acct AS (
+             UPDATE accounts SET credit_balance = credit_balance - $2,
+                                 {SPEND_EXPIRING}
+              WHERE id = $1 AND credit_balance >= $2 AND ($7 OR NOT key_spend_limits)
+                    {not_charged_yet}
+          RETURNING credit_balance, {THRESHOLD_SQL} AS threshold, {armed} AS recharge),
+         ins AS (
+         INSERT INTO credit_ledger (account_id, delta, balance_after, kind, reason, job_id, idempotency_key, key_id)
+         SELECT $1, -$2, credit_balance, 'charge', $3, $4, $5, $6 FROM acct
+         RETURNING {MOVEMENT_COLUMNS}),
+         {record}
+         {CHARGE_EVENTS}
+         SELECT ins.*, (SELECT pg_notify('{channel}', ins.account_id::text || ':' || ins.id::text)::text = ''
+                         WHERE acct.recharge)
+           FROM ins, acct",
+        armed = super::recharge_signal::ARMED,
+        channel = super::recharge_signal::CHANNEL,
+    )
+}
+
+static CHARGE: LazyLock<String> = LazyLock::new(|| charge_sql(false));
+static CHARGE_GATEWAY: LazyLock<String> = LazyLock::new(|| charge_sql(true));
+static WHY_NOT: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT credit_balance, key_spend_limits, {} FROM accounts WHERE id = $1",
+        gateway_charges::PRIOR_ONE
+    )
+});
+
+/// Why the one-statement charge wrote nothing: the request id was charged before (a
+/// replay, answered with that charge), the account's keys have limits (`key_caps` decides),
+/// or the balance was short.
+async fn why_not(
+    db: &impl GenericClient,
+    account_id: Uuid,
+    cost: i64,
+    tag: Option<&GatewayTag>,
+    key_checked: bool,
+) -> Result<Once, Error> {
+    let request_id = tag.and_then(|t| t.request_id.as_deref());
+    let row = db
+        .query_opt(WHY_NOT.as_str(), &[&account_id, &request_id])
+        .await?
+        .ok_or(Error::AccountNotFound)?;
+    let balance: i64 = row.get(0);
+    if let Some(charge_id) = row.get::<_, Option<i64>>(2) {
+        return Ok(Once::Replayed { charge_id, balance });
+    }
+    if row.get::<_, bool>(1) && !key_checked {
+        return Err(Error::KeyLimitsApply);
+    }
+    Err(Error::InsufficientCredits { balance, cost })
 }
 
 /// Reserves a job's cost: the charge, tied to the job so it can happen only once, and
@@ -339,6 +404,7 @@ pub async fn reserve(
             reason: Some("job"),
             idempotency_key: None,
             key_id,
+            gateway: None,
         },
     )
     .await

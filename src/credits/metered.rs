@@ -64,6 +64,7 @@ pub async fn charge(
                 reason: charge.reason.as_deref(),
                 idempotency_key: Some(g.key().as_str()),
                 key_id: Some(key_id),
+                gateway: None,
             };
             let m = key_caps::charge(&tx, account_id, charge.amount, &ctx).await?;
             if let Once::Done(movement) = &m {
@@ -89,6 +90,7 @@ pub async fn charge(
                 reason: charge.reason.as_deref(),
                 idempotency_key: None,
                 key_id: Some(key_id),
+                gateway: None,
             };
             match ledger::charge(&client, account_id, charge.amount, &ctx).await {
                 // Keys of this account have spend limits: the key's counter moves with the
@@ -105,7 +107,7 @@ pub async fn charge(
     };
     match once {
         Once::Done(m) => Ok(m),
-        Once::AlreadyDone => Err(Error::Internal(anyhow::anyhow!(
+        Once::AlreadyDone | Once::Replayed { .. } => Err(Error::Internal(anyhow::anyhow!(
             "charge without a job reported as duplicate"
         ))),
     }

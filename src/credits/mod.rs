@@ -6,6 +6,7 @@
 
 pub mod alerts;
 pub mod coalesce;
+pub mod gateway_charges;
 pub mod grants;
 pub mod key_caps;
 pub mod ledger;

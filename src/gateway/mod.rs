@@ -5,22 +5,30 @@
 //! For every proxied request: the key is verified and the account's tier limit applied
 //! exactly as on keymeter's own API (`http::ratelimit_gate::admit`, the same code), then the
 //! original request's route is looked up in the operator's priced routes
-//! ([`routes_file`]), its scope checked, and its cost charged ([`charge`]: group-committed,
-//! once per `X-Request-Id`, refundable once). This module decides; `routes/gateway.rs` turns
-//! the decision into what each proxy understands.
+//! ([`routes_file`]), its scope checked, and its cost charged ([`charge`]). The charge is an
+//! ordinary charge of the credits lane (`credits::coalesce`) tagged with its route and the
+//! proxy's `X-Request-Id` (`credits::gateway_charges`): it shares every credit control of
+//! the API's charges (the key's spend limit, expiring credits first, low-balance events,
+//! auto-recharge), is charged once per request id, and is refundable once. This module
+//! decides; `routes/gateway.rs` turns the decision into what each proxy understands.
 //!
 //! Service tokens (`KEYMETER_SERVICE_TOKENS`) authenticate the operator's own servers (the
 //! refund and verify endpoints): only their SHA-256 digests are kept, and a presented token is
 //! compared with every one of them in constant time, so neither a token's content nor which
 //! one matched leaks through timing.
 
-pub mod charge;
 pub mod routes_file;
 
+use deadpool_postgres::Pool;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use uuid::Uuid;
 
-pub use charge::{Charged, GatewayCharges, Refunded};
+use crate::credits::coalesce::{self, ChargeRequest, Coalescer};
+use crate::credits::gateway_charges::{self, GatewayTag, Refund};
+use crate::credits::Once;
+
+pub use crate::credits::gateway_charges::Refunded;
 pub use routes_file::{GatewayRoute, RouteTable};
 
 /// Why a gateway request was refused (beyond the key and the rate limit, which are the
@@ -84,11 +92,74 @@ impl ServiceTokens {
     }
 }
 
-/// Everything gateway mode needs at run time.
+/// Everything gateway mode needs at run time (its charges go through the credits lane).
 pub struct Gateway {
     pub routes: RouteTable,
-    pub charges: GatewayCharges,
     pub service_tokens: ServiceTokens,
+}
+
+/// What a charge (or its replay) left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charged {
+    /// The ledger id of the charge: `X-Keymeter-Charge`, what a refund names.
+    pub charge_id: i64,
+    /// The balance after the charge (for a replay: the balance now).
+    pub balance: i64,
+    /// This request id had been charged already; nothing was taken now.
+    pub replayed: bool,
+}
+
+/// Charges `cost` (> 0) for `key_id`'s call to `route`, as every charge is made: through
+/// `lane` (group commit, `KEYMETER_CHARGE_COALESCING`) or on its own when that is off.
+/// With a `request_id` already charged on this account, answers that charge instead.
+pub async fn charge(
+    db: &Pool,
+    lane: Option<&Coalescer>,
+    account_id: Uuid,
+    key_id: &str,
+    cost: i64,
+    route: &str,
+    request_id: Option<&str>,
+) -> Result<Charged, Error> {
+    let tag = GatewayTag {
+        route: route.to_owned(),
+        request_id: request_id.map(str::to_owned),
+    };
+    let request = ChargeRequest {
+        account_id,
+        cost,
+        reason: Some(tag.reason()),
+        key_id: Some(key_id.to_owned()),
+        gateway: Some(tag),
+    };
+    let once = match lane {
+        Some(lane) => lane.submit(db, request).await?,
+        None => coalesce::charge_now(db, &request).await?,
+    };
+    match once {
+        Once::Done(m) => Ok(Charged {
+            charge_id: m.id,
+            balance: m.balance_after,
+            replayed: false,
+        }),
+        Once::Replayed { charge_id, balance } => Ok(Charged {
+            charge_id,
+            balance,
+            replayed: true,
+        }),
+        Once::AlreadyDone => Err(Error::Internal(anyhow::anyhow!(
+            "a gateway charge reported as a job's duplicate"
+        ))),
+    }
+}
+
+/// Gives a gateway charge back, at most once (see `credits::gateway_charges::refund`).
+pub async fn refund(db: &Pool, charge_id: i64) -> Result<Refunded, Error> {
+    match gateway_charges::refund(db, charge_id).await? {
+        Refund::Done(r) => Ok(r),
+        Refund::Already { refund_id } => Err(Error::AlreadyRefunded { refund_id }),
+        Refund::NotFound => Err(Error::ChargeNotFound),
+    }
 }
 
 /// The request a proxy asks about: its method and its normalized path.

@@ -114,7 +114,9 @@ const ALLOWED: &str = "Allowed; empty body. For the upstream: `X-Keymeter-Accoun
 const BAD_ORIGINAL: &str = "`invalid_request`: the proxy did not say which request (no or a \
     malformed original method or path).";
 const NO_CREDITS: &str = "`insufficient_credits`: the balance does not cover the route's cost \
-    (`balance`, `cost`); nothing was charged.";
+    (`balance`, `cost`); or `key_spend_limit_exceeded`: the charge would take the key's spend \
+    in its period past the key's `spend_limit` (`key_id`, `limit`, `period`, `spent`, `cost`, \
+    `resets_at`). Nothing was charged.";
 const NOT_METERED: &str = "`route_not_metered`: no priced route covers the original request \
     (`method`, `path`).";
 
@@ -182,18 +184,17 @@ async fn authorize(
         .require(route.scope)
         .map_err(|e| with_limit(e.into()))?;
     let charged = if route.cost > 0 {
-        let c = state
-            .gateway
-            .charges
-            .charge(
-                &state.db,
-                caller.account_id,
-                route.cost,
-                &route.label,
-                proxy_request_id(req),
-            )
-            .await
-            .map_err(|e| with_limit(e.into()))?;
+        let c = gateway::charge(
+            &state.db,
+            state.config.charge_coalescing.then_some(&*state.charges),
+            caller.account_id,
+            &caller.key_id,
+            route.cost,
+            &route.label,
+            proxy_request_id(req),
+        )
+        .await
+        .map_err(|e| with_limit(e.into()))?;
         Some(c)
     } else {
         None
@@ -301,7 +302,7 @@ pub async fn refund(
             "charge must be a positive id.",
         ));
     }
-    let refunded = gateway::charge::refund(&state.db, body.charge).await?;
+    let refunded = gateway::refund(&state.db, body.charge).await?;
     Ok(HttpResponse::Created().json(refunded))
 }
 
@@ -330,6 +331,8 @@ pub enum VerifyCode {
     RouteNotMetered,
     InsufficientScope,
     InsufficientCredits,
+    /// The key's spend limit for the period would be exceeded (nothing was charged).
+    KeySpendLimitExceeded,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -516,17 +519,16 @@ async fn verdict(
     let cost = cost.or(route.map(|r| r.cost)).unwrap_or(0);
     if cost > 0 {
         let label = route.map_or("verify", |r| r.label.as_str());
-        match state
-            .gateway
-            .charges
-            .charge(
-                &state.db,
-                caller.account_id,
-                cost,
-                label,
-                proxy_request_id(req),
-            )
-            .await
+        match gateway::charge(
+            &state.db,
+            state.config.charge_coalescing.then_some(&*state.charges),
+            caller.account_id,
+            &caller.key_id,
+            cost,
+            label,
+            proxy_request_id(req),
+        )
+        .await
         {
             Ok(c) => {
                 v.charge = Some(c.charge_id);
@@ -539,6 +541,9 @@ async fn verdict(
                 v.credits_remaining = Some(balance);
                 return Ok(VerifyCode::InsufficientCredits);
             }
+            Err(gateway::Error::Credits(crate::credits::Error::KeySpendLimitExceeded {
+                ..
+            })) => return Ok(VerifyCode::KeySpendLimitExceeded),
             Err(e) => return Err(e.into()),
         }
     }

@@ -65,7 +65,6 @@ impl AppState {
         let jobs = Arc::new(build_jobs(&config, &tiers)?);
         let gateway = Arc::new(crate::gateway::Gateway {
             routes: config.gateway_routes.clone(),
-            charges: crate::gateway::GatewayCharges::new(tokio::runtime::Handle::current()),
             service_tokens: crate::gateway::ServiceTokens::new(
                 &crate::config::exposed_service_tokens(&config.service_tokens),
             ),

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::support::app::spawn_jobs_app;
 use crate::support::db::{assert_ledger_invariant, balance};
 use crate::support::upstream::Upstream;
-use crate::support::{assert_problem, spawn_app, spawn_app_on, TestApp};
+use crate::support::{assert_problem, spawn_app, spawn_app_on, spawn_app_with, TestApp};
 
 async fn charge(app: &TestApp, key: &str, amount: i64) -> u16 {
     app.post_json("/v1/credits/charge", key, json!({"amount": amount}))
@@ -208,4 +208,73 @@ async fn the_threshold_defaults_to_the_tier_and_can_be_set_and_reset() {
     assert_problem(res, 403, "insufficient_scope").await;
     let res = app.get_with_key("/v1/account/alerts", &read_only).await;
     assert_problem(res, 403, "insufficient_scope").await;
+}
+
+/// One gateway authorization of `/v1/one/*` (1 credit).
+async fn authz(app: &TestApp, key: &str) -> u16 {
+    app.client
+        .get(app.url("/v1/authz"))
+        .header("X-API-Key", key)
+        .header("X-Original-Method", "GET")
+        .header("X-Original-URI", "/v1/one/x")
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn concurrent_gateway_charges_on_two_instances_fire_one_balance_low_and_one_depleted() {
+    // One instance group-commits, the other charges one statement at a time.
+    let a = spawn_app_with(|c| {
+        crate::gateway::gateway(c);
+        c.database.pool_wait_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let b = spawn_app_on(a.db_name.clone(), |c| {
+        crate::gateway::gateway(c);
+        c.charge_coalescing = false;
+        c.database.pool_wait_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let (account, key) = a.create_account("internal", 300).await;
+    assert_eq!(put_threshold(&a, &key, json!(150)).await.status(), 200);
+
+    // 300 → 100 in 200 authorizations of 1 over both instances: one crosses 150.
+    let results = join_all((0..200).map(|i| authz(if i % 2 == 0 { &a } else { &b }, &key))).await;
+    assert!(results.iter().all(|s| *s == 200), "{results:?}");
+    assert_eq!(balance(&a, account).await.credits, 100);
+    let low = events_of(&a, account, "balance.low").await;
+    assert_eq!(low.len(), 1, "{low:?}");
+    assert_eq!(low[0]["balance"], 149);
+    assert_eq!(low[0]["threshold"], 150);
+    assert_eq!(low[0]["cause"], "charge");
+    assert!(events_of(&a, account, "balance.depleted").await.is_empty());
+
+    // 150 more against the 100 left: 100 allowed, the balance reaches 0 once.
+    let results = join_all((0..150).map(|i| authz(if i % 2 == 0 { &a } else { &b }, &key))).await;
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for s in results {
+        *by_status.entry(s).or_default() += 1;
+    }
+    assert_eq!(by_status.get(&200), Some(&100), "{by_status:?}");
+    assert_eq!(by_status.get(&402), Some(&50), "{by_status:?}");
+    let depleted = events_of(&a, account, "balance.depleted").await;
+    assert_eq!(depleted.len(), 1, "{depleted:?}");
+    assert_eq!(events_of(&a, account, "balance.low").await.len(), 1);
+
+    // A top-up re-arms it; the next crossing, by a lone gateway charge, fires again.
+    let res = a
+        .admin_post(
+            &format!("/admin/accounts/{account}/credits"),
+            json!({"amount": 150, "reason": "top-up"}),
+        )
+        .await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(authz(&b, &key).await, 200);
+    let low = events_of(&a, account, "balance.low").await;
+    assert_eq!(low.len(), 2, "{low:?}");
+    assert_eq!(low[1]["balance"], 149);
+    assert_ledger_invariant(&a).await;
 }

@@ -604,3 +604,92 @@ async fn racing_plan_checkouts_open_exactly_one_session() {
     let res = b.post_json("/v1/billing/checkout", &key, body).await;
     assert_eq!(res.status(), 201);
 }
+
+/// One gateway authorization of `/v1/search/*` (2 credits); its charge id when allowed.
+async fn authz(app: &TestApp, key: &str) -> Option<i64> {
+    let res = app
+        .client
+        .get(app.url("/v1/authz"))
+        .header("X-API-Key", key)
+        .header("X-Original-Method", "GET")
+        .header("X-Original-URI", "/v1/search/x")
+        .send()
+        .await
+        .unwrap();
+    (res.status() == 200).then(|| {
+        res.headers()["x-keymeter-charge"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    })
+}
+
+#[tokio::test]
+async fn gateway_charges_crossing_the_threshold_start_exactly_one_recharge() {
+    let stripe = stand_in().await;
+    let base = stripe.base.clone();
+    let a = spawn_app_with({
+        let base = base.clone();
+        move |c| {
+            configure(c, &base);
+            crate::gateway::gateway(c);
+        }
+    })
+    .await;
+    let b = spawn_app_on(a.db_name.clone(), move |c| {
+        configure(c, &base);
+        crate::gateway::gateway(c);
+        c.charge_coalescing = false;
+    })
+    .await;
+    let (account, key) = recharging_account(&a, &stripe, 300, 5).await;
+    // 150 authorizations of 2 over both instances: the balance crosses 100 once.
+    let results = join_all((0..150).map(|i| authz(if i % 2 == 0 { &a } else { &b }, &key))).await;
+    assert!(results.iter().all(Option::is_some), "{results:?}");
+    assert_eq!(balance(&a, account).await.credits, 0);
+    assert_eq!(payment_intent_requests(&stripe, 1).await, 1);
+    // Its idempotency key names the gateway charge that crossed.
+    let (_, idem, _) = stripe.requests_to("/v1/payment_intents")[0].clone();
+    let entry: i64 = idem.unwrap().rsplit('-').next().unwrap().parse().unwrap();
+    assert!(results.contains(&Some(entry)), "{entry}");
+    let row =
+        a.db.query_one(
+            "SELECT l.balance_after, g.route FROM credit_ledger l
+               JOIN gateway_charges g ON g.ledger_id = l.id
+              WHERE l.id = $1 AND l.account_id = $2",
+            &[&entry, &account],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, i64>(0) < 100);
+    assert_eq!(row.get::<_, String>(1), "GET /v1/search/*");
+
+    assert_ledger_invariant(&a).await;
+}
+
+#[tokio::test]
+async fn a_lone_gateway_charge_crossing_the_threshold_starts_the_recharge() {
+    let stripe = stand_in().await;
+    let base = stripe.base.clone();
+    // One statement per charge: the crossing is noticed by the charge statement itself.
+    let app = spawn_app_with(move |c| {
+        configure(c, &base);
+        crate::gateway::gateway(c);
+        c.charge_coalescing = false;
+    })
+    .await;
+    let (account, key) = recharging_account(&app, &stripe, 102, 5).await;
+    assert!(authz(&app, &key).await.is_some(), "102 → 100: not below");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(stripe.requests_to("/v1/payment_intents").is_empty());
+    let crossed = authz(&app, &key).await.expect("allowed");
+    assert_eq!(payment_intent_requests(&stripe, 1).await, 1);
+    let (_, idem, _) = stripe.requests_to("/v1/payment_intents")[0].clone();
+    assert_eq!(
+        idem.unwrap(),
+        format!("keymeter-recharge-{account}-{crossed}")
+    );
+    assert_eq!(balance(&app, account).await.credits, 98);
+    assert_ledger_invariant(&app).await;
+}

@@ -315,9 +315,9 @@ async fn the_cli_grants_expiring_credits_with_expires_at() {
     assert_eq!(balance(&app, account).await.credits, 30);
 }
 
-/// Gateway mode's authorizations are charged on a lane of their own (`gateway::charge`);
-/// they too spend expiring credits first, alone and in a batch, so an expiry never takes
-/// credits that were granted without one (nor bought ones).
+/// Gateway mode's authorizations are charged through the credits lane like every charge
+/// (tagged as gateway charges); they too spend expiring credits first, alone and in a batch,
+/// so an expiry never takes credits that were granted without one (nor bought ones).
 #[tokio::test]
 async fn gateway_charges_spend_expiring_credits_first() {
     let app = spawn_app_with(|c| {

@@ -556,3 +556,128 @@ async fn serve_refuses_a_bad_routes_file_naming_its_line() {
     assert!(stderr.contains("KEYMETER_GATEWAY_ROUTES"), "{stderr}");
     assert!(stderr.contains("line 5: scope \"admin\""), "{stderr}");
 }
+
+/// The key recorded on each ledger row of `ids` (charges or refunds), in the same order.
+async fn keys_of(app: &TestApp, ids: &[i64]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for id in ids {
+        let row = app
+            .db
+            .query_one("SELECT key_id FROM credit_ledger WHERE id = $1", &[id])
+            .await
+            .unwrap();
+        out.push(row.get(0));
+    }
+    out
+}
+
+#[tokio::test]
+async fn gateway_charges_and_their_refunds_record_the_key_that_caused_them() {
+    let app = spawn().await;
+    let (account, key) = app.create_account("internal", 1_000).await;
+    let (other_id, other) = app.create_key(account, &["read"]).await;
+    let key_id = key.get(8..20).unwrap().to_owned();
+
+    // Alone (one statement), then 40 at once on two keys and two prices, a third with a
+    // request id (group-committed batches that mix them).
+    let res = authz_with(&app, Some(&key), "GET", "/v1/one/a", Some("lone-1")).await;
+    assert_eq!(res.status(), 200);
+    let lone: i64 = h(res.headers(), "x-keymeter-charge")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let (client, url) = (app.client.clone(), app.url("/v1/authz"));
+            let (k, uri) = if i % 2 == 0 {
+                (key.clone(), "/v1/search/q")
+            } else {
+                (other.clone(), "/v1/one/q")
+            };
+            let request_id = (i % 3 == 0).then(|| format!("batch-{i}"));
+            tokio::spawn(async move {
+                let mut req = client
+                    .get(url)
+                    .header("X-API-Key", &k)
+                    .header("X-Original-Method", "GET")
+                    .header("X-Original-URI", uri);
+                if let Some(id) = &request_id {
+                    req = req.header("X-Request-Id", id);
+                }
+                let res = req.send().await.unwrap();
+                assert_eq!(res.status(), 200);
+                let charge: i64 = h(res.headers(), "x-keymeter-charge")
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                (k, request_id, charge)
+            })
+        })
+        .collect();
+    let mut charged = Vec::new();
+    for t in tasks {
+        charged.push(t.await.unwrap());
+    }
+    let ids: Vec<i64> = charged.iter().map(|(_, _, c)| *c).collect();
+    let want: Vec<Option<String>> = charged
+        .iter()
+        .map(|(k, _, _)| Some(k.get(8..20).unwrap().to_owned()))
+        .collect();
+    assert_eq!(keys_of(&app, &ids).await, want);
+    assert_eq!(keys_of(&app, &[lone]).await, [Some(key_id.clone())]);
+    // Each charge's refundable record is its own: its route, its price, its request id.
+    let mismatched: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM credit_ledger l LEFT JOIN gateway_charges g ON g.ledger_id = l.id
+              WHERE l.account_id = $1 AND l.kind = 'charge'
+                AND (g.ledger_id IS NULL OR g.amount <> -l.delta OR l.reason <> 'gateway ' || g.route)",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mismatched, 0);
+    for (k, request_id, charge) in &charged {
+        if let Some(id) = request_id {
+            let uri = if *k == key {
+                "/v1/search/q"
+            } else {
+                "/v1/one/q"
+            };
+            let res = authz_with(&app, Some(k), "GET", uri, Some(id)).await;
+            assert_eq!(h(res.headers(), "x-keymeter-replayed"), Some("true"));
+            assert_eq!(
+                h(res.headers(), "x-keymeter-charge"),
+                Some(charge.to_string().as_str())
+            );
+        }
+    }
+    // The usage by key sees them, like the API's charges.
+    let usage: Value = app
+        .get_with_key(&format!("/v1/usage?key_id={other_id}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["total"]["charged"], 20, "{usage}");
+
+    // A refund names the charge's key, on its ledger row and in its answer.
+    let res = refund(&app, SERVICE_TOKEN, json!({"charge": lone})).await;
+    assert_eq!(res.status(), 201);
+    let r: Value = res.json().await.unwrap();
+    assert_eq!(r["key_id"], key_id.as_str());
+    let refund_id = r["refund"].as_i64().unwrap();
+    assert_eq!(keys_of(&app, &[refund_id]).await, [Some(key_id.clone())]);
+
+    // A server's verification charges for the key it verified.
+    let v = verify(&app, json!({"key": other, "route": "GET /v1/search/z"})).await;
+    assert_eq!(v["code"], "valid", "{v}");
+    let charge = v["charge"].as_i64().unwrap();
+    assert_eq!(keys_of(&app, &[charge]).await, [Some(other_id.clone())]);
+    assert_eq!(
+        balance(&app, account).await.credits,
+        1_000 - 1 - (20 * 2 + 20) + 1 - 2
+    );
+    assert_ledger_invariant(&app).await;
+}

@@ -34,7 +34,7 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
             .unwrap()
         {
             keymeter::credits::Once::Done(_) => {}
-            keymeter::credits::Once::AlreadyDone => panic!("a new job was already charged"),
+            other => panic!("a new job was already charged: {other:?}"),
         }
         let webhook = (i % 3 == 0).then(|| "https://hooks.example.com/in".to_owned());
         client

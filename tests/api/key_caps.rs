@@ -545,3 +545,134 @@ async fn usage_breaks_down_per_key_and_exports_csv() {
         assert_eq!(p["field"], field, "{query}");
     }
 }
+
+/// One gateway authorization (`/v1/one/*` costs 1) with `key`, optionally with a request id.
+async fn authz(app: &TestApp, key: &str, request_id: Option<&str>) -> reqwest::Response {
+    let mut req = app
+        .client
+        .get(app.url("/v1/authz"))
+        .header("X-API-Key", key)
+        .header("X-Original-Method", "GET")
+        .header("X-Original-URI", "/v1/one/x");
+    if let Some(id) = request_id {
+        req = req.header("X-Request-Id", id);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn gateway_authorizations_on_one_key_across_two_instances_spend_exactly_its_limit() {
+    // As for the API's charges: one instance group-commits, the other charges one at a time.
+    let a = spawn_app_with(|c| {
+        crate::gateway::gateway(c);
+        c.database.pool_wait_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let b = spawn_app_on(a.db_name.clone(), |c| {
+        crate::gateway::gateway(c);
+        c.charge_coalescing = false;
+        c.database.pool_wait_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let (account, admin_key) = a.create_account("internal", 10_000).await;
+    let (capped_id, capped, _) = new_key(
+        &a,
+        &admin_key,
+        json!({"name": "capped", "scopes": ["read"], "spend_limit": {"credits": 25, "period": "day"}}),
+    )
+    .await;
+    let (free_id, free, _) =
+        new_key(&a, &admin_key, json!({"name": "free", "scopes": ["read"]})).await;
+
+    // One with a request id first (retried below), then 200 authorizations of 1 credit,
+    // split over both instances, a third of them with request ids of their own.
+    let first = authz(&a, &capped, Some("cap-first")).await;
+    assert_eq!(first.status(), 200);
+    let first_charge = first.headers()["x-keymeter-charge"].clone();
+    let results = join_all((0..200).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let id = (i % 3 == 0).then(|| format!("cap-{i}"));
+        let capped = capped.clone();
+        async move {
+            let res = authz(app, &capped, id.as_deref()).await;
+            (id, res)
+        }
+    }))
+    .await;
+    let mut by_status: HashMap<u16, usize> = HashMap::new();
+    for (id, r) in results {
+        let s = r.status().as_u16();
+        match s {
+            200 => assert!(r.headers().get("x-keymeter-replayed").is_none(), "{id:?}"),
+            402 => {
+                let header: Value =
+                    serde_json::from_str(r.headers()["x-keymeter-problem"].to_str().unwrap())
+                        .unwrap();
+                let p = assert_problem(r, 402, "key_spend_limit_exceeded").await;
+                assert_eq!(header, p);
+                assert_eq!(p["key_id"], capped_id.as_str());
+                assert_eq!(p["limit"], 25);
+                assert_eq!(p["spent"], 25);
+                assert_eq!(p["cost"], 1);
+                assert_eq!(p["period"], "day");
+            }
+            _ => panic!("authz answered {s}"),
+        }
+        *by_status.entry(s).or_default() += 1;
+    }
+    assert_eq!(by_status.get(&200), Some(&24), "{by_status:?}");
+    assert_eq!(by_status.get(&402), Some(&176), "{by_status:?}");
+    assert_eq!(key_charges(&a, &capped_id).await, (25, 25));
+    assert_eq!(balance(&a, account).await.credits, 10_000 - 25);
+    let reached = events_of(&a, account, "key.spend_limit_reached").await;
+    assert_eq!(reached.len(), 1, "{reached:?}");
+    assert_eq!(reached[0]["key_id"], capped_id.as_str());
+    assert_eq!(reached[0]["spent"], 25);
+
+    // At its limit, a proxy's retry of a request id already charged is still the one charge
+    // (a replay, on either instance), not a refusal.
+    for app in [&a, &b] {
+        let res = authz(app, &capped, Some("cap-first")).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-keymeter-replayed"], "true");
+        assert_eq!(res.headers()["x-keymeter-charge"], first_charge);
+    }
+    // A refund in the period gives its credit back to the key: exactly one more call fits.
+    let res = authz(&b, &free, None).await;
+    assert_eq!(res.status(), 200, "the account's other key is not limited");
+    let capped_charge: i64 =
+        a.db.query_one(
+            "SELECT max(id) FROM credit_ledger WHERE key_id = $1 AND kind = 'charge'",
+            &[&capped_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let res = a
+        .client
+        .post(a.url("/v1/gateway/refunds"))
+        .bearer_auth(crate::gateway::SERVICE_TOKEN)
+        .json(&json!({"charge": capped_charge}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let view: Value = a
+        .get_with_key(&format!("/v1/keys/{capped_id}"), &admin_key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["spend_limit"]["spent"], 24);
+    assert_eq!(authz(&b, &capped, None).await.status(), 200);
+    assert_eq!(authz(&a, &capped, None).await.status(), 402);
+    assert_eq!(key_charges(&a, &free_id).await, (1, 1));
+    assert_eq!(
+        events_of(&a, account, "key.spend_limit_reached")
+            .await
+            .len(),
+        1,
+        "once per period"
+    );
+    assert_ledger_invariant(&a).await;
+}

@@ -62,7 +62,7 @@ pub async fn create(
     } else {
         match ledger::reserve(tx, new.account_id, new.cost, new.id, new.key_id.as_deref()).await? {
             ledger::Once::Done(_) => {}
-            ledger::Once::AlreadyDone => {
+            ledger::Once::AlreadyDone | ledger::Once::Replayed { .. } => {
                 return Err(QueueError::Invariant("a new job's id already has a charge"))
             }
         }
