@@ -107,6 +107,7 @@ pub const VARS: &[(&str, &[Var])] = &[
         &[
             var("KEYMETER_GATEWAY_ROUTES", "(every proxied route unmetered: 404)", "path of the priced-routes TOML file for /v1/authz"),
             var("KEYMETER_SERVICE_TOKENS", "(service routes refuse every token)", "comma-separated tokens of your servers (refunds, verify); 32+ characters in production"),
+            var("KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS", "35", "days a gateway charge stays refundable and its X-Request-Id replayable (1 to 3650)"),
         ],
     ),
     (

@@ -1,22 +1,32 @@
-//! Gateway mode: the priced routes file and the service tokens.
+//! Gateway mode: the priced routes file, the service tokens, and how long gateway charges
+//! stay refundable.
 //!
 //! The routes file is read and checked here, at start-up like every other setting, so a bad
 //! file stops the process with `KEYMETER_GATEWAY_ROUTES: line N: reason` instead of pricing
 //! requests wrongly.
 
+use std::time::Duration;
+
 use secrecy::{ExposeSecret, SecretString};
 
-use super::source::{list, Source};
+use super::source::{list, positive, Source};
 use super::{ConfigError, Environment};
 use crate::gateway::RouteTable;
 
 /// The shortest service token production accepts.
 pub const MIN_SERVICE_TOKEN_CHARS: usize = 32;
 
+/// `KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS` when unset. Longer than any spend-limit period
+/// (a month): a key's new limit counts its period's refunds through these rows.
+pub const DEFAULT_CHARGE_RETENTION_DAYS: u32 = 35;
+/// The longest retention accepted, in days (ten years).
+pub const MAX_CHARGE_RETENTION_DAYS: u32 = 3650;
+
 pub(super) struct Gateway {
     pub routes_path: Option<String>,
     pub routes: RouteTable,
     pub service_tokens: Vec<SecretString>,
+    pub charge_retention: Duration,
 }
 
 pub(super) fn parse(src: &dyn Source, env: Environment) -> Result<Gateway, ConfigError> {
@@ -50,10 +60,23 @@ pub(super) fn parse(src: &dyn Source, env: Environment) -> Result<Gateway, Confi
             service_tokens.push(SecretString::from(t.to_owned()));
         }
     }
+    let days = positive(
+        src,
+        "KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS",
+        DEFAULT_CHARGE_RETENTION_DAYS,
+        "a whole number of days",
+    )?;
+    if days > MAX_CHARGE_RETENTION_DAYS {
+        return Err(ConfigError::new(
+            "KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS",
+            format!("must be at most {MAX_CHARGE_RETENTION_DAYS}"),
+        ));
+    }
     Ok(Gateway {
         routes_path,
         routes,
         service_tokens,
+        charge_retention: Duration::from_secs(u64::from(days) * 86_400),
     })
 }
 
@@ -112,5 +135,19 @@ mod tests {
         assert!(!format!("{c:?}").contains(&long));
         let c = Config::from_source(&vars(&[("KEYMETER_SERVICE_TOKENS", "dev")])).unwrap();
         assert_eq!(c.service_tokens.len(), 1);
+    }
+
+    #[test]
+    fn gateway_charges_are_kept_a_configurable_number_of_days() {
+        let c = Config::from_source(&vars(&[])).unwrap();
+        assert_eq!(c.gateway_charge_retention.as_secs(), 35 * 86_400);
+        let c =
+            Config::from_source(&vars(&[("KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS", "2")])).unwrap();
+        assert_eq!(c.gateway_charge_retention.as_secs(), 2 * 86_400);
+        for bad in ["0", "-1", "3651", "a week"] {
+            let e = Config::from_source(&vars(&[("KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS", bad)]))
+                .unwrap_err();
+            assert_eq!(e.var, "KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS", "{bad}");
+        }
     }
 }

@@ -168,6 +168,12 @@ pub struct Config {
     pub gateway_routes: crate::gateway::RouteTable,
     /// `KEYMETER_SERVICE_TOKENS`: what the operator's servers authenticate with.
     pub service_tokens: Vec<SecretString>,
+    /// `KEYMETER_GATEWAY_CHARGE_RETENTION_DAYS`: how long a gateway charge stays refundable
+    /// and its request id replayable (see `credits::gateway_charges::purge`).
+    pub gateway_charge_retention: Duration,
+    /// How often each instance purges gateway charges past their retention (not a variable;
+    /// tests shorten it).
+    pub gateway_charge_purge_every: Duration,
     /// Account events' webhook endpoints (see `crate::events::delivery`).
     pub events: EventsSettings,
     /// How often each instance expires due credit grants (not a variable: the issue fixes
@@ -233,6 +239,8 @@ impl Config {
             gateway_routes_path: gateway.routes_path,
             gateway_routes: gateway.routes,
             service_tokens: gateway.service_tokens,
+            gateway_charge_retention: gateway.charge_retention,
+            gateway_charge_purge_every: crate::credits::gateway_charges::PURGE_EVERY,
             events,
             expiry_sweep_every: crate::credits::grants::SWEEP_EVERY,
         })

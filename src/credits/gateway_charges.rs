@@ -23,9 +23,14 @@
 //! ends. The unique index on (account, request id) is the backstop that turns the one
 //! remaining race — the lone statement's snapshot predating a concurrent commit — into a
 //! replay rather than a second charge.
+//!
+//! The rows are kept only as long as they can matter (refunds, replays): [`purge`].
 
-use deadpool_postgres::Pool;
+use std::time::Duration;
+
+use deadpool_postgres::{GenericClient, Pool};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{Error, Kind};
@@ -190,4 +195,61 @@ pub async fn refund(db: &Pool, charge_id: i64) -> Result<Refund, Error> {
             None => Refund::NotFound,
         },
     })
+}
+
+/// How often each instance purges gateway charges past their retention.
+pub const PURGE_EVERY: Duration = Duration::from_secs(600);
+/// Rows per DELETE: a purge never holds many row locks (a refund may be waiting on one).
+const PURGE_PAGE: i64 = 1000;
+
+/// Deletes gateway charges older than `retention`, oldest first, a page at a time, until
+/// a page holds a younger one. Returns how many went.
+///
+/// A `gateway_charges` row is needed only while its charge may be refunded or its request
+/// id replayed; the money itself is its ledger row, which stays (so does the refund's). A
+/// refund or a proxy's retry after the window finds nothing: `404 gateway_charge_not_found`,
+/// or a new charge. The rows are walked by their primary key (ledger ids grow with time)
+/// rather than by `created_at`, so the table needs no second index — which every gateway
+/// charge would pay for on the hot path. Ids and times can disagree only among charges made
+/// in the same few milliseconds, so a purge that stops at the first young row leaves at most
+/// a handful of old ones for the next run.
+pub async fn purge(db: &impl GenericClient, retention: Duration) -> Result<u64, Error> {
+    let stmt = db
+        .prepare_cached(
+            "WITH page AS (SELECT ledger_id FROM gateway_charges ORDER BY ledger_id LIMIT $2)
+             DELETE FROM gateway_charges g USING page
+              WHERE g.ledger_id = page.ledger_id
+                AND g.created_at < now() - make_interval(secs => $1)",
+        )
+        .await?;
+    let mut total = 0;
+    loop {
+        let n = db
+            .execute(&stmt, &[&retention.as_secs_f64(), &PURGE_PAGE])
+            .await?;
+        total += n;
+        if n < PURGE_PAGE as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Purges every `every` until cancelled (see [`purge`]).
+pub async fn run_purge(db: Pool, retention: Duration, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let purged = match db.get().await {
+            Ok(client) => purge(&client, retention).await,
+            Err(e) => Err(Error::from(e)),
+        };
+        match purged {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "purged gateway charges past their retention"),
+            Err(e) => tracing::warn!(error = %e, "purging gateway charges failed"),
+        }
+    }
 }

@@ -77,6 +77,12 @@ impl Background {
             pool.clone(),
             shutdown.clone(),
         ));
+        tasks.spawn(crate::credits::gateway_charges::run_purge(
+            pool.clone(),
+            config.gateway_charge_retention,
+            config.gateway_charge_purge_every,
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::accounts::login::run_purge(
             pool.clone(),
             config.login_lockout,

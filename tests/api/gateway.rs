@@ -681,3 +681,63 @@ async fn gateway_charges_and_their_refunds_record_the_key_that_caused_them() {
     );
     assert_ledger_invariant(&app).await;
 }
+
+#[tokio::test]
+async fn gateway_charges_past_their_retention_are_purged_and_no_longer_refundable() {
+    let app = spawn_app_with(|c| {
+        gateway(c);
+        c.gateway_charge_retention = Duration::from_secs(3);
+        c.gateway_charge_purge_every = Duration::from_millis(200);
+    })
+    .await;
+    let (account, key) = app.create_account("internal", 100).await;
+    let charge_of = |res: &reqwest::Response| -> i64 {
+        h(res.headers(), "x-keymeter-charge")
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let old = charge_of(&authz_with(&app, Some(&key), "GET", "/v1/one/a", Some("old-1")).await);
+    let kept = |id: i64| {
+        let db = &app.db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM gateway_charges WHERE ledger_id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        }
+    };
+    // Young: kept and refundable.
+    let young = charge_of(&authz(&app, Some(&key), "GET", "/v1/one/b").await);
+    assert!(kept(old).await && kept(young).await);
+    assert_eq!(
+        refund(&app, SERVICE_TOKEN, json!({"charge": young}))
+            .await
+            .status(),
+        201
+    );
+    let mut purged = false;
+    for _ in 0..100 {
+        if !kept(old).await {
+            purged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(purged, "the old gateway charge was not purged");
+    // Past the window: no refund, and the request id is a new call.
+    let res = refund(&app, SERVICE_TOKEN, json!({"charge": old})).await;
+    assert_problem(res, 404, "gateway_charge_not_found").await;
+    let res = authz_with(&app, Some(&key), "GET", "/v1/one/a", Some("old-1")).await;
+    assert_eq!(res.status(), 200);
+    assert!(h(res.headers(), "x-keymeter-replayed").is_none());
+    assert_ne!(charge_of(&res), old);
+    // The money is the ledger's, which keeps every row.
+    let b = balance(&app, account).await;
+    assert_eq!((b.credits, b.charges), (100 - 1 - 1 + 1 - 1, 3));
+    assert_ledger_invariant(&app).await;
+}
