@@ -18,9 +18,9 @@
 //! Periods are UTC calendar days (00:00 to 00:00) and months (the 1st, 00:00, to the next
 //! 1st), by the database's clock (`now()` of the charging transaction, the same time the
 //! ledger row carries). A period's counter starts at zero; it is reset lazily by the first
-//! charge of a new period. A refund (a job's, or a gateway charge's) gives its credits back to the counter only when
-//! the charge and the refund fall in the same period (the counter's current one): a refund
-//! never lends headroom to a period the charge did not spend in.
+//! charge of a new period. A refund (a job's, or a gateway charge's) gives its credits back
+//! to the counter only when the charge and the refund fall in the same period (the counter's
+//! current one): a refund never lends headroom to a period the charge did not spend in.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
