@@ -81,7 +81,7 @@ fn recharge_section(
                     @if let Some(t) = ar.last_started_at { ", the last " (time(t)) } }
             }
             @if !ar.payment_method_saved {
-                form method="post" action={(BASE) "/billing/auto-recharge/setup"} {
+                form.setup-card method="post" action={(BASE) "/billing/auto-recharge/setup"} {
                     input type="hidden" name="csrf" value=(owner.csrf());
                     p { "Auto-recharge needs a card saved with Stripe. Buying a pack saves its card too. " }
                     button.secondary type="submit" { "Save a card with Stripe" }

@@ -503,7 +503,7 @@ pub async fn job(req: HttpRequest, owner: Owner, id: web::Path<String>) -> Resul
                 dt { "Status" } dd { (status_badge(&j.status)) }
                 dt { "Mode" } dd { (j.mode) }
                 dt { "Formats" } dd { (j.formats.join(", ")) }
-                dt { "Cost" } dd { (thousands(j.cost)) " credits — "
+                dt { "Cost" } dd { (thousands(j.cost)) " credit" @if j.cost != 1 { "s" } " — "
                     @if j.refunded { "charged, then refunded" } @else if j.charged { "charged" } @else { "free" } }
                 dt { "Attempts" } dd { (j.attempts) }
                 dt { "Created" } dd { (time(j.created_at)) }
