@@ -903,6 +903,19 @@ async fn a_customer_sets_limits_alerts_webhooks_and_auto_recharge_and_reads_usag
     };
     assert_eq!((threshold, max), (200, 3));
     b.screenshot("billing-auto-recharge").await;
+    // The Stripe customer portal, for the card and invoices: a portal session for this
+    // account's customer, coming back to the billing page.
+    b.click("form[action='/console/billing/portal'] button")
+        .await;
+    wait_for_url(&b, "billing.stripe.com").await;
+    let portal = stripe.requests_to("/v1/billing_portal/sessions");
+    assert_eq!(portal.len(), 1);
+    let portal = crate::support::stripe::form(&portal[0].2);
+    assert_eq!(portal.get("customer"), Some(&customer));
+    assert_eq!(
+        portal.get("return_url").map(String::as_str),
+        Some(console("/billing").as_str())
+    );
 
     b.quit().await;
     assert_ledger_invariant(&app).await;
