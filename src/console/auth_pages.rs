@@ -1,4 +1,5 @@
-//! Signing up, in and out, and the settings page (the password change). The same domain
+//! Signing up, in and out, and the password change (a form of the settings page, see
+//! `settings_pages`). The same domain
 //! functions as `POST /v1/signup` and `POST /v1/login` (Argon2id under the shared bound, the
 //! per-email lockout) and the same per-address limit as those routes: the console is not a
 //! way around any of them.
@@ -403,12 +404,11 @@ pub async fn logout(req: HttpRequest, owner: Owner, _: Posted<Empty>) -> Result<
     ))
 }
 
-fn settings_page(owner: &Owner, state: &AppState, errors: &FormErrors) -> Markup {
+/// The settings page's account facts.
+pub fn account_section(owner: &Owner, state: &AppState) -> Markup {
     let a = &owner.account;
     let tier = state.tiers.get_or_default(&a.tier);
     html! {
-        h1 { "Settings" }
-        (notices(&errors.top))
         section.card {
             h2 { "Account" }
             dl.facts {
@@ -421,6 +421,13 @@ fn settings_page(owner: &Owner, state: &AppState, errors: &FormErrors) -> Markup
                 dt { "Created" } dd { (time(a.created_at)) }
             }
         }
+    }
+}
+
+/// The settings page's password form (its messages: `email` is the current password's,
+/// `password` the new one's).
+pub fn password_section(owner: &Owner, errors: &FormErrors) -> Markup {
+    html! {
         section.card {
             h2 { "Change password" }
             p.muted { "Other sessions of this account are signed out when the password changes." }
@@ -432,16 +439,6 @@ fn settings_page(owner: &Owner, state: &AppState, errors: &FormErrors) -> Markup
             }
         }
     }
-}
-
-/// `GET /console/settings`
-pub async fn settings(req: HttpRequest, owner: Owner) -> Result<HttpResponse> {
-    let state = state(&req)?;
-    let body = settings_page(&owner, &state, &FormErrors::default());
-    Ok(respond(
-        StatusCode::OK,
-        page("Settings", Some(&owner), Nav::Settings, body),
-    ))
 }
 
 #[derive(Deserialize)]
@@ -491,9 +488,14 @@ pub async fn change_password(
     } else {
         StatusCode::UNPROCESSABLE_ENTITY
     };
-    let body = settings_page(&owner, &state, &errors);
-    Ok(respond(
+    super::settings_pages::render(
+        &req,
+        &owner,
         status,
-        page("Settings", Some(&owner), Nav::Settings, body),
-    ))
+        super::settings_pages::Messages {
+            password: errors,
+            ..Default::default()
+        },
+    )
+    .await
 }

@@ -47,9 +47,40 @@ pub fn millis(ms: Option<i64>) -> String {
     }
 }
 
+/// A typed number that is not a whole number.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotAWholeNumber;
+
+/// A whole number as a person types it: `5000`, `5,000`, `5 000` or `5_000` (the pages show
+/// numbers with separators, so a copied one must read back). Empty is `None`.
+pub fn parse_whole(s: &str) -> Result<Option<i64>, NotAWholeNumber> {
+    let digits: String = s
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ',' | '_' | ' ' | '\u{a0}' | '\u{202f}'))
+        .collect();
+    if digits.is_empty() {
+        return Ok(None);
+    }
+    digits.parse::<i64>().map(Some).map_err(|_| NotAWholeNumber)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_numbers_read_back_with_their_separators() {
+        assert_eq!(parse_whole(""), Ok(None));
+        assert_eq!(parse_whole("  "), Ok(None));
+        assert_eq!(parse_whole("5000"), Ok(Some(5000)));
+        assert_eq!(parse_whole("5,000"), Ok(Some(5000)));
+        assert_eq!(parse_whole(" 1 234 567 "), Ok(Some(1_234_567)));
+        assert_eq!(parse_whole("-12"), Ok(Some(-12)));
+        assert_eq!(parse_whole("1.5"), Err(NotAWholeNumber));
+        assert_eq!(parse_whole("ten"), Err(NotAWholeNumber));
+        assert_eq!(parse_whole("99999999999999999999"), Err(NotAWholeNumber));
+    }
 
     #[test]
     fn thousands_are_separated() {

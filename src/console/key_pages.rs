@@ -1,5 +1,6 @@
-//! The keys page: list, create (the key shown once), revoke (after a confirmation page) and
-//! rotate (with a grace period) — through `auth::key_actions`, as `/v1/keys` does, with the
+//! The keys page: list (with each key's own rate and spend limits), create (name, scopes,
+//! expiry, the per-key rate and spend limits; the key shown once), revoke (after a
+//! confirmation page) and rotate (with a grace period) — through `auth::key_actions`, as `/v1/keys` does, with the
 //! owner's power and the console as the audit trail's actor.
 
 use actix_web::http::StatusCode;
@@ -8,32 +9,28 @@ use chrono::{NaiveDate, Utc};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::format::{maybe_time, thousands, time};
-use super::layout::{notices, page, respond, Nav, Notice};
+use super::format::{maybe_time, parse_whole, thousands, time};
+use super::layout::{notices, page, respond, secret_once, Nav, Notice};
 use super::{see_other, state, ConsoleError, Owner, Posted, Result, BASE};
 use crate::auth::key_actions;
 use crate::auth::key_store::{KeySpec, KeyView, MAX_GRACE_SECONDS};
 use crate::auth::Error as KeyError;
+use crate::credits::key_caps::{Period, SpendLimit};
 
 /// How many keys the page lists (the newest); the API pages through the rest.
 const LIST_LIMIT: i64 = 100;
 
-/// The whole key, once, with a copy button (added by the script; without it the field is
-/// selected for copying by hand) and the warning that it will not be shown again.
+/// The whole key, once (see [`secret_once`]): keymeter keeps only its digest.
 pub fn shown_once(key: &str, name: &str) -> Markup {
-    html! {
-        div.secret-box role="region" aria-labelledby="new-key-title" {
-            h2 #new-key-title { "Your new key “" (name) "”" }
-            p.warn { strong { "Copy it now: you will not see this key again." }
-                " keymeter keeps only a digest of it." }
-            div.copy-row {
-                label.visually-hidden for="new-key" { "The new API key" }
-                input #new-key type="text" readonly value=(key) spellcheck="false" autocomplete="off";
-                button.js-only type="button" data-copy="new-key" { "Copy" }
-            }
+    secret_once(
+        "new-key",
+        &format!("Your new key “{name}”"),
+        "key",
+        key,
+        html! {
             p.muted { "Use it as " code { "Authorization: Bearer <key>" } " or " code { "X-API-Key: <key>" } "." }
-        }
-    }
+        },
+    )
 }
 
 fn state_of(k: &KeyView) -> (&'static str, Markup) {
@@ -64,6 +61,7 @@ struct CreateErrors {
     scopes: Option<String>,
     expires: Option<String>,
     rate: Option<String>,
+    spend: Option<String>,
 }
 
 fn create_form(owner: &Owner, errors: &CreateErrors, max_rpm: Option<u32>) -> Markup {
@@ -116,7 +114,45 @@ fn create_form(owner: &Owner, errors: &CreateErrors, max_rpm: Option<u32>) -> Ma
                         aria-describedby="f-rate-error";
                     (err("f-rate-error", &errors.rate))
                 }
+                fieldset.field aria-describedby="f-spend-error" {
+                    legend { "Own spend limit (optional)" }
+                    p.muted.hint { "Charges past it are refused with " code { "402" } ", whatever the balance. "
+                        "Periods are UTC calendar days or months." }
+                    div.inline-fields {
+                        div {
+                            label for="f-spend" { "Credits" }
+                            input #f-spend name="spend_credits" type="text" inputmode="numeric"
+                                autocomplete="off" aria-describedby="f-spend-error";
+                        }
+                        div {
+                            label for="f-spend-period" { "per" }
+                            select #f-spend-period name="spend_period" {
+                                option value="day" selected { "day" }
+                                option value="month" { "month" }
+                            }
+                        }
+                    }
+                    (err("f-spend-error", &errors.spend))
+                }
                 button type="submit" { "Create key" }
+            }
+        }
+    }
+}
+
+/// A key's own limits: its rate, and its spend with what it spent in the current period.
+fn limits(k: &KeyView) -> Markup {
+    html! {
+        @if k.rate_limit.is_none() && k.spend_limit.is_none() {
+            span.muted { "the account's" }
+        }
+        @if let Some(r) = k.rate_limit {
+            span.limit { (thousands(r.into())) " requests/min" }
+        }
+        @if let Some(s) = &k.spend_limit {
+            span.limit.spend {
+                (thousands(s.credits)) " credits per " (s.period.as_str())
+                span.muted { " (" (thousands(s.spent)) " spent, resets " (time(s.resets_at)) ")" }
             }
         }
     }
@@ -134,7 +170,8 @@ fn keys_table(owner: &Owner, keys: &[KeyView]) -> Markup {
                         thead { tr {
                             th scope="col" { "Name" } th scope="col" { "Key" } th scope="col" { "Scopes" }
                             th scope="col" { "Created" } th scope="col" { "Last used" }
-                            th scope="col" { "Expires" } th scope="col" { "State" } th scope="col" { "Actions" }
+                            th scope="col" { "Expires" } th scope="col" { "Limits" }
+                            th scope="col" { "State" } th scope="col" { "Actions" }
                         } }
                         tbody {
                             @for k in keys {
@@ -146,6 +183,7 @@ fn keys_table(owner: &Owner, keys: &[KeyView]) -> Markup {
                                     td { (time(k.created_at)) }
                                     td { (maybe_time(k.last_used_at)) }
                                     td { (maybe_time(k.expires_at)) }
+                                    td.limits { (limits(k)) }
                                     td { span class={"state " (class)} { (label) } }
                                     td.actions {
                                         @if class == "active" {
@@ -224,6 +262,10 @@ pub struct NewKeyForm {
     expires_on: String,
     #[serde(default)]
     rate_limit: String,
+    #[serde(default)]
+    spend_credits: String,
+    #[serde(default)]
+    spend_period: String,
 }
 
 /// `POST /console/keys`: the new key is on the answer itself (not behind a redirect), so it
@@ -269,11 +311,26 @@ pub async fn create(
             }
         },
     };
+    let spend_limit = match (
+        parse_whole(&f.spend_credits),
+        Period::parse(f.spend_period.trim()),
+    ) {
+        (Ok(None), _) => None,
+        (Ok(Some(credits)), Some(period)) => Some(SpendLimit { credits, period }),
+        (Ok(Some(_)), None) => {
+            errors.spend = Some("Choose a day or a month.".into());
+            None
+        }
+        (Err(_), _) => {
+            errors.spend = Some("Enter a whole number of credits, or leave it empty.".into());
+            None
+        }
+    };
     let name = match f.name.trim() {
         "" => None,
         n => Some(n.to_owned()),
     };
-    if errors.expires.is_none() && errors.rate.is_none() {
+    if errors.expires.is_none() && errors.rate.is_none() && errors.spend.is_none() {
         let created = match KeySpec::parse(name, Some(scopes), expires_at) {
             Ok(spec) => {
                 key_actions::create_by(
@@ -283,7 +340,7 @@ pub async fn create(
                     &owner.actor,
                     spec,
                     rate_limit,
-                    None,
+                    spend_limit,
                 )
                 .await
             }
@@ -326,6 +383,12 @@ fn place(errors: &mut CreateErrors, e: KeyError) -> Result<()> {
             errors.rate = Some(format!(
                 "Enter 1 to {} requests per minute.",
                 thousands(max)
+            ))
+        }
+        KeyError::Credits(crate::credits::Error::SpendLimitOutOfRange) => {
+            errors.spend = Some(format!(
+                "Enter 1 to {} credits, or leave it empty for no limit.",
+                thousands(crate::credits::key_caps::MAX_LIMIT)
             ))
         }
         KeyError::KeyLimitReached { .. } => errors.top.push(Notice::Error(msg)),

@@ -49,6 +49,27 @@ pub fn notices(list: &[Notice]) -> Markup {
     }
 }
 
+/// A secret shown once (a new API key, a webhook signing secret): in a read-only field the
+/// script gives a copy button (without it, the field is there to select and copy by hand),
+/// with the warning that it will not be shown again. `id` names the field; `what` is the
+/// secret in the warning ("key", "secret").
+pub fn secret_once(id: &str, title: &str, what: &str, value: &str, after: Markup) -> Markup {
+    let title_id = format!("{id}-title");
+    html! {
+        div.secret-box role="region" aria-labelledby=(title_id) {
+            h2 id=(title_id) { (title) }
+            p.warn { strong { "Copy it now: you will not see this " (what) " again." }
+                " keymeter keeps only what it needs to check it, not the " (what) " itself." }
+            div.copy-row {
+                label.visually-hidden for=(id) { (title) }
+                input id=(id) type="text" readonly value=(value) spellcheck="false" autocomplete="off";
+                button.js-only type="button" data-copy=(id) { "Copy" }
+            }
+            (after)
+        }
+    }
+}
+
 /// A whole page. `owner` is `None` on the pages shown signed out.
 pub fn page(title: &str, owner: Option<&Owner>, nav: Nav, body: Markup) -> Markup {
     html! {

@@ -3,7 +3,7 @@
 //!
 //! It is a thin layer like `routes/`: each handler reads a form or query, calls the same
 //! domain function the API route calls (`accounts`, `auth::key_actions`, `credits::report`,
-//! `jobs::queue`, `billing`) and renders HTML. It never calls keymeter's own HTTP API, so the
+//! `credits::alerts`, `jobs::queue`, `billing`, `events::endpoints`) and renders HTML. It never calls keymeter's own HTTP API, so the
 //! console and the API cannot disagree about a rule.
 //!
 //! - Pages are server-rendered with maud (HTML as a Rust macro: compiled and type-checked
@@ -29,6 +29,7 @@ mod key_pages;
 mod layout;
 mod pages;
 pub mod session;
+mod settings_pages;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -69,10 +70,34 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/signup", web::get().to(auth_pages::signup_form))
             .route("/signup", web::post().to(auth_pages::signup))
             .route("/logout", web::post().to(auth_pages::logout))
-            .route("/settings", web::get().to(auth_pages::settings))
+            .route("/settings", web::get().to(settings_pages::settings))
             .route(
                 "/settings/password",
                 web::post().to(auth_pages::change_password),
+            )
+            .route(
+                "/settings/alerts",
+                web::post().to(settings_pages::save_threshold),
+            )
+            .route(
+                "/settings/webhooks",
+                web::post().to(settings_pages::create_webhook),
+            )
+            .route(
+                "/settings/webhooks/{id}",
+                web::get().to(settings_pages::webhook),
+            )
+            .route(
+                "/settings/webhooks/{id}/rotate",
+                web::post().to(settings_pages::rotate_webhook),
+            )
+            .route(
+                "/settings/webhooks/{id}/delete",
+                web::get().to(settings_pages::confirm_delete_webhook),
+            )
+            .route(
+                "/settings/webhooks/{id}/delete",
+                web::post().to(settings_pages::delete_webhook),
             )
             .route("/keys", web::get().to(key_pages::list))
             .route("/keys", web::post().to(key_pages::create))
@@ -89,6 +114,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/billing", web::get().to(billing_pages::billing))
             .route("/billing/checkout", web::post().to(billing_pages::checkout))
             .route("/billing/portal", web::post().to(billing_pages::portal))
+            .route(
+                "/billing/auto-recharge",
+                web::post().to(billing_pages::save_auto_recharge),
+            )
+            .route(
+                "/billing/auto-recharge/setup",
+                web::post().to(billing_pages::setup_card),
+            )
             .default_service(web::to(not_found)),
     );
 }

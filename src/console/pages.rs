@@ -1,4 +1,5 @@
-//! The reading pages: the overview, usage (with its CSV) and jobs. Each reads through the
+//! The reading pages: the overview (with the low-balance banner of `credits::alerts`),
+//! usage per day or hour and per key (with its CSV) and jobs. Each reads through the
 //! same domain functions as `GET /v1/usage` and `GET /v1/jobs` (`credits::report`,
 //! `jobs::queue`), for the signed-in account only.
 
@@ -14,7 +15,10 @@ use super::chart;
 use super::format::{maybe_time, millis, thousands, time};
 use super::layout::{notices, page, respond, Nav, Notice};
 use super::{state, ConsoleError, Owner, Result, BASE};
-use crate::credits::report::{self, Granularity, Usage, UsageWindow};
+use crate::auth::key_actions;
+use crate::auth::key_store::KeyView;
+use crate::credits::alerts;
+use crate::credits::report::{self, Granularity, Usage, UsageFilter, UsageWindow};
 use crate::jobs::queue::{self as jobs, Job};
 
 fn db_err(e: impl std::error::Error + Send + Sync + 'static) -> ConsoleError {
@@ -28,6 +32,9 @@ fn today() -> DateTime<Utc> {
         .and_hms_opt(0, 0, 0)
         .map_or_else(Utc::now, |t| t.and_utc())
 }
+
+/// How many keys the usage page offers to choose from (the newest).
+const KEYS_LISTED: i64 = 100;
 
 fn status_badge(status: &str) -> Markup {
     html! { span class={"state " (status)} { (status) } }
@@ -72,12 +79,24 @@ pub async fn overview(req: HttpRequest, owner: Owner) -> Result<HttpResponse> {
     let recent = jobs::list(&client, a.id, None, None, 5)
         .await
         .map_err(db_err)?;
+    // The same test as `balance.low` (the account's own threshold, else its tier's).
+    let alert = alerts::get(&client, &state.tiers, a.id)
+        .await
+        .map_err(db_err)?;
     let body = html! {
         h1 { "Overview" }
         @if a.credit_balance <= 0 {
             p.notice.error role="alert" {
                 "Your balance is " (thousands(a.credit_balance)) " credits: paid calls are refused until it is positive. "
                 a href={(BASE) "/billing"} { "Buy credits" } "."
+            }
+        } @else if alert.below_threshold {
+            p.notice.warn #low-balance role="alert" {
+                "Your balance of " (thousands(alert.balance)) " credits is below your low-balance threshold of "
+                (thousands(alert.low_balance_threshold)) " credits"
+                @if alert.low_balance_threshold_source == "tier" { " (your tier's default)" }
+                ". " a href={(BASE) "/billing"} { "Buy credits" } " or "
+                a href={(BASE) "/settings#alerts"} { "change the threshold" } "."
             }
         }
         div.grid {
@@ -130,11 +149,34 @@ pub struct UsageQuery {
     from: Option<String>,
     to: Option<String>,
     granularity: Option<String>,
+    /// One key's usage only (its id); empty: every key's.
+    key: Option<String>,
+    /// `key`: one row per key in each bucket.
+    split: Option<String>,
+}
+
+impl UsageQuery {
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref().map(str::trim).filter(|k| !k.is_empty())
+    }
+
+    fn split(&self) -> bool {
+        self.split.as_deref() == Some("key")
+    }
+}
+
+/// What a usage query asks for, checked: the window, its dates as the form shows them, and
+/// which keys' rows.
+struct UsageAsk {
+    window: UsageWindow,
+    from: String,
+    to: String,
+    filter: UsageFilter,
 }
 
 /// The window a usage query asks for: dates are whole UTC days, `to` included. Defaults:
 /// the last 30 days by day, the last 2 days by hour.
-fn usage_window(q: &UsageQuery) -> std::result::Result<(UsageWindow, String, String), String> {
+fn usage_ask(q: &UsageQuery) -> std::result::Result<UsageAsk, String> {
     let granularity = match q.granularity.as_deref().unwrap_or("day") {
         "day" | "" => Granularity::Day,
         "hour" => Granularity::Hour,
@@ -166,7 +208,14 @@ fn usage_window(q: &UsageQuery) -> std::result::Result<(UsageWindow, String, Str
             }
             other => format!("{} Choose a shorter range.", capitalise(&other.to_string())),
         })?;
-    Ok((window, from_day.to_string(), to_day.to_string()))
+    let filter = UsageFilter::parse(q.split().then_some("key"), q.key())
+        .map_err(|_| "Choose one of your keys, or all keys.".to_owned())?;
+    Ok(UsageAsk {
+        window,
+        from: from_day.to_string(),
+        to: to_day.to_string(),
+        filter,
+    })
 }
 
 fn capitalise(s: &str) -> String {
@@ -177,12 +226,24 @@ fn capitalise(s: &str) -> String {
     }
 }
 
-async fn read_usage(req: &HttpRequest, owner: &Owner, window: UsageWindow) -> Result<Usage> {
+async fn read_usage(req: &HttpRequest, owner: &Owner, ask: &UsageAsk) -> Result<Usage> {
     let state = state(req)?;
     let client = state.db.get().await.map_err(crate::db::Error::from)?;
-    report::usage(&client, owner.account.id, window)
+    report::usage_filtered(&client, owner.account.id, ask.window, &ask.filter)
         .await
         .map_err(db_err)
+}
+
+/// A key's name for the usage page: `name (km_live_<id>_…)`, or what a row without a key
+/// (written before keys were recorded on the ledger) or an unknown one is.
+fn key_label(keys: &[KeyView], id: Option<&str>) -> Markup {
+    match id {
+        None => html! { span.muted { "no key recorded" } },
+        Some(id) => match keys.iter().find(|k| k.id == id) {
+            Some(k) => html! { (k.name) " " code { (k.id) } },
+            None => html! { code { (id) } },
+        },
+    }
 }
 
 /// `GET /console/usage`
@@ -191,23 +252,34 @@ pub async fn usage(
     owner: Owner,
     q: web::Query<UsageQuery>,
 ) -> Result<HttpResponse> {
-    let parsed = usage_window(&q);
+    let state = state(&req)?;
+    let mut keys = key_actions::list(&state.db, owner.account.id, KEYS_LISTED, None).await?;
+    keys.truncate(KEYS_LISTED as usize);
+    let parsed = usage_ask(&q);
     let (form_from, form_to, hourly) = match &parsed {
-        Ok((w, f, t)) => (f.clone(), t.clone(), w.granularity == Granularity::Hour),
+        Ok(a) => (
+            a.from.clone(),
+            a.to.clone(),
+            a.window.granularity == Granularity::Hour,
+        ),
         Err(_) => (
             q.from.clone().unwrap_or_default(),
             q.to.clone().unwrap_or_default(),
             q.granularity.as_deref() == Some("hour"),
         ),
     };
+    let chosen_key = q.key().unwrap_or_default().to_owned();
+    let split = q.split();
     let (status, result) = match parsed {
-        Ok((window, _, _)) => (StatusCode::OK, Ok(read_usage(&req, &owner, window).await?)),
+        Ok(ask) => (StatusCode::OK, Ok(read_usage(&req, &owner, &ask).await?)),
         Err(msg) => (StatusCode::UNPROCESSABLE_ENTITY, Err(msg)),
     };
     let csv_query = serde_urlencoded::to_string([
         ("from", form_from.as_str()),
         ("to", form_to.as_str()),
         ("granularity", if hourly { "hour" } else { "day" }),
+        ("key", chosen_key.as_str()),
+        ("split", if split { "key" } else { "" }),
     ])
     .unwrap_or_default();
     let body = html! {
@@ -225,20 +297,33 @@ pub async fn usage(
                 div.field {
                     label for="u-gran" { "Per" }
                     select #u-gran name="granularity" {
-                        @if hourly { option value="day" { "day" } option value="hour" selected { "hour" } }
-                        @else { option value="day" selected { "day" } option value="hour" { "hour" } }
+                        option value="day" selected[!hourly] { "day" }
+                        option value="hour" selected[hourly] { "hour" }
                     }
+                }
+                div.field {
+                    label for="u-key" { "Key" }
+                    select #u-key name="key" {
+                        option value="" selected[chosen_key.is_empty()] { "all keys" }
+                        @for k in &keys {
+                            option value=(k.id) selected[k.id == chosen_key] { (k.name) " (" (k.id) ")" }
+                        }
+                    }
+                }
+                div.field.check {
+                    input #u-split type="checkbox" name="split" value="key" checked[split];
+                    label for="u-split" { "One row per key" }
                 }
                 button type="submit" { "Show" }
             }
-            p.muted { "Days up to 366, hours up to 31 days. Usage is per account: the ledger records what was charged, not which key asked." }
+            p.muted { "Days up to 366, hours up to 31 days. Each charge and refund is counted for the key that made it." }
         }
         @match &result {
             Err(msg) => { (notices(&[Notice::Error(msg.clone())])) }
             Ok(u) => {
                 section.card {
                     h2 { "Totals" }
-                    p { strong { (thousands(u.charged)) } " credits charged, "
+                    p #usage-totals { strong { (thousands(u.charged)) } " credits charged, "
                         strong { (thousands(u.refunded)) } " refunded, "
                         strong { (thousands(u.charged - u.refunded)) } " net." }
                     p { a.button.secondary href={(BASE) "/usage.csv?" (csv_query)} download { "Download CSV" } }
@@ -249,6 +334,7 @@ pub async fn usage(
                             table #usage-table {
                                 thead { tr {
                                     th scope="col" { @if hourly { "Hour" } @else { "Day" } }
+                                    @if split { th scope="col" { "Key" } }
                                     th.num scope="col" { "Charged" } th.num scope="col" { "Refunded" }
                                     th.num scope="col" { "Net" } th.num scope="col" { "Charges" } th.num scope="col" { "Refunds" }
                                 } }
@@ -256,6 +342,7 @@ pub async fn usage(
                                     @for b in &u.buckets {
                                         tr {
                                             td { (time(b.start)) }
+                                            @if split { td { (key_label(&keys, b.key_id.as_ref().and_then(|k| k.as_deref()))) } }
                                             td.num { (thousands(b.charged)) }
                                             td.num { (thousands(b.refunded)) }
                                             td.num { (thousands(b.net)) }
@@ -277,14 +364,15 @@ pub async fn usage(
     ))
 }
 
-/// `GET /console/usage.csv`: the same report as a file (plain numbers, RFC 3339 UTC times).
+/// `GET /console/usage.csv`: the same report as a file, written by the same function as
+/// `GET /v1/usage?format=csv` (plain numbers, RFC 3339 UTC times, `key_id` when split).
 pub async fn usage_csv(
     req: HttpRequest,
     owner: Owner,
     q: web::Query<UsageQuery>,
 ) -> Result<HttpResponse> {
-    let (window, from, to) = match usage_window(&q) {
-        Ok(w) => w,
+    let ask = match usage_ask(&q) {
+        Ok(a) => a,
         Err(msg) => {
             return Ok(super::layout::error_page(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -293,29 +381,26 @@ pub async fn usage_csv(
             ))
         }
     };
-    let u = read_usage(&req, &owner, window).await?;
-    let mut out = String::from("start,charged,refunded,net,charges,refunds\n");
-    for b in &u.buckets {
-        out.push_str(&format!(
-            "{},{},{},{},{},{}\n",
-            b.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            b.charged,
-            b.refunded,
-            b.net,
-            b.charges,
-            b.refunds
-        ));
-    }
+    let u = read_usage(&req, &owner, &ask).await?;
+    // Only `0-9A-Za-z` (a key id's alphabet, checked by the filter) reaches the file name.
+    let key = ask
+        .filter
+        .key_id
+        .as_deref()
+        .map(|k| format!("-{k}"))
+        .unwrap_or_default();
     Ok(HttpResponse::Ok()
         .content_type("text/csv; charset=utf-8")
         .insert_header((
             header::CONTENT_DISPOSITION,
             format!(
-                "attachment; filename=\"keymeter-usage-{}-{from}-{to}.csv\"",
-                window.granularity.as_str()
+                "attachment; filename=\"keymeter-usage-{}{key}-{}-{}.csv\"",
+                ask.window.granularity.as_str(),
+                ask.from,
+                ask.to
             ),
         ))
-        .body(out))
+        .body(report::csv(&u.buckets, ask.filter.by_key)))
 }
 
 #[derive(Deserialize)]
@@ -418,7 +503,7 @@ pub async fn job(req: HttpRequest, owner: Owner, id: web::Path<String>) -> Resul
                 dt { "Status" } dd { (status_badge(&j.status)) }
                 dt { "Mode" } dd { (j.mode) }
                 dt { "Formats" } dd { (j.formats.join(", ")) }
-                dt { "Cost" } dd { (thousands(j.cost)) " credits — "
+                dt { "Cost" } dd { (thousands(j.cost)) " credit" @if j.cost != 1 { "s" } " — "
                     @if j.refunded { "charged, then refunded" } @else if j.charged { "charged" } @else { "free" } }
                 dt { "Attempts" } dd { (j.attempts) }
                 dt { "Created" } dd { (time(j.created_at)) }

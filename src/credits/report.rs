@@ -256,3 +256,28 @@ async fn buckets(
         })
         .collect())
 }
+
+/// A usage report as CSV: a header row, then one row per bucket (with `key_id` when split
+/// per key). Every value is a timestamp, a number or a key id (`0-9A-Za-z`), so none needs
+/// quoting and none can start a spreadsheet formula. `GET /v1/usage?format=csv` and the
+/// console's download both write it here, so the two files cannot differ.
+pub fn csv(buckets: &[UsageBucket], by_key: bool) -> String {
+    let mut out = String::from(if by_key {
+        "start,key_id,charged,refunded,net,charges,refunds\r\n"
+    } else {
+        "start,charged,refunded,net,charges,refunds\r\n"
+    });
+    for b in buckets {
+        let start = b.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let key = if by_key {
+            format!("{},", b.key_id.clone().flatten().unwrap_or_default())
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{start},{key}{},{},{},{},{}\r\n",
+            b.charged, b.refunded, b.net, b.charges, b.refunds
+        ));
+    }
+    out
+}

@@ -198,30 +198,6 @@ pub enum UsageFormat {
     Csv,
 }
 
-/// A usage report as CSV: a header row, then one row per bucket (with `key_id` when split
-/// per key). Every value is a timestamp, a number or a key id (`0-9A-Za-z`), so none needs
-/// quoting and none can start a spreadsheet formula.
-fn usage_csv(buckets: &[UsageBucket], by_key: bool) -> String {
-    let mut out = String::from(if by_key {
-        "start,key_id,charged,refunded,net,charges,refunds\r\n"
-    } else {
-        "start,charged,refunded,net,charges,refunds\r\n"
-    });
-    for b in buckets {
-        let start = b.start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        let key = if by_key {
-            format!("{},", b.key_id.clone().flatten().unwrap_or_default())
-        } else {
-            String::new()
-        };
-        out.push_str(&format!(
-            "{start},{key}{},{},{},{},{}\r\n",
-            b.charged, b.refunded, b.net, b.charges, b.refunds
-        ));
-    }
-    out
-}
-
 #[derive(Serialize, ToSchema)]
 pub struct UsageTotal {
     charged: i64,
@@ -297,7 +273,7 @@ pub async fn usage(
                 actix_web::http::header::CONTENT_DISPOSITION,
                 "attachment; filename=\"usage.csv\"",
             ))
-            .body(usage_csv(&usage.buckets, filter.by_key)));
+            .body(report::csv(&usage.buckets, filter.by_key)));
     }
     Ok(HttpResponse::Ok().json(UsageReport {
         object: "usage",
