@@ -23,6 +23,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod operator;
+pub mod outbox;
 pub mod pagination;
 pub mod ratelimit;
 pub mod routes;

@@ -13,27 +13,25 @@
 //!   request can take, counting the attempt; the outcome is written fenced by that count, so
 //!   an instance whose lease ran out cannot overwrite a newer claim (a late success is still
 //!   recorded: the receiver got it).
-//! - **One account's receiver cannot delay another's**: the claim is the job webhooks' round
-//!   robin (V7, `jobs::webhooks`) — one due delivery per account and per destination origin
-//!   each pass, none for an account or origin already at its in-flight limit — and each
-//!   delivery runs on its own task, so a receiver that accepts and never answers holds only
-//!   its own account's slots. The backlog stays in PostgreSQL; memory is bounded by the
-//!   in-flight limit.
+//! - **One account's receiver cannot delay another's**: the sender is the fair outbox loop
+//!   shared with job webhooks ([`crate::outbox`]) — one due delivery per account and per
+//!   destination origin each pass, none for an account or origin already at its in-flight
+//!   limit — and each delivery runs on its own task, so a receiver that accepts and never
+//!   answers holds only its own account's slots. The backlog stays in PostgreSQL; memory is
+//!   bounded by the in-flight limit.
 //! - **Signed as Stripe signs**: `Keymeter-Signature: t=<unix>,v1=<hex HMAC-SHA256 of
 //!   "<t>.<body>">`, keyed with the endpoint's secret exactly as shown (`whsec_…`); during a
 //!   rotation's overlap a second `v1` signed with the previous secret follows. The body is
 //!   `{id, type, created_at, account_id, data}`; `id` (also `Keymeter-Event-Id`) is the same
 //!   on every retry, for the receiver to deduplicate on.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hmac::Mac;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use url::Url;
 use uuid::Uuid;
 
@@ -41,6 +39,7 @@ use super::endpoints::secret_for;
 use super::Event;
 use crate::config::EventsSettings;
 use crate::jobs::ssrf::{AllowList, Guard};
+use crate::outbox::{self, Outbox};
 
 pub const SIGNATURE_HEADER: &str = "Keymeter-Signature";
 pub const EVENT_ID_HEADER: &str = "Keymeter-Event-Id";
@@ -66,7 +65,7 @@ pub fn signature_header(secrets: &[String], timestamp: i64, body: &[u8]) -> Stri
 }
 
 /// A claimed delivery: what to send, and the attempt number that fences its outcome.
-struct Claimed {
+pub struct Claimed {
     id: i64,
     account_id: Uuid,
     origin: String,
@@ -79,7 +78,7 @@ struct Claimed {
 }
 
 /// What came of one attempt.
-enum Outcome {
+pub enum Outcome {
     Delivered(u16),
     Failed { status: Option<u16>, error: String },
 }
@@ -91,6 +90,9 @@ pub struct Sender {
     guard: Guard,
     settings: EventsSettings,
     wake: Arc<tokio::sync::Notify>,
+    /// The fair claim and the hand-back of `event_deliveries` ([`crate::outbox`]), built once.
+    claim: Arc<str>,
+    hand_back: Arc<str>,
 }
 
 impl Sender {
@@ -109,6 +111,17 @@ impl Sender {
             guard,
             settings,
             wake: Arc::default(),
+            claim: outbox::claim_sql(
+                "event_deliveries",
+                "id",
+                "picked p, events e, webhook_endpoints w",
+                "AND e.id = t.event_id AND w.id = t.endpoint_id
+              RETURNING t.id, t.account_id, t.origin, t.attempts, w.id, w.url,
+                        w.secret_generation, w.previous_secret_expires_at,
+                        e.id, e.seq, e.type, e.account_id, e.created_at, e.payload",
+            )
+            .into(),
+            hand_back: outbox::hand_back_sql("event_deliveries", "id").into(),
         })
     }
 
@@ -146,190 +159,28 @@ impl Sender {
             .min(MAX_BACKOFF)
     }
 
-    /// Sends due deliveries until cancelled: claims a fair share whenever a slot is free, runs
-    /// each on its own task and records each outcome as soon as it is known.
+    /// Sends due deliveries until cancelled, fairly between accounts ([`crate::outbox`]).
     pub async fn run(&self, db: deadpool_postgres::Pool, stop: CancellationToken) {
         if self.settings.signing_key.is_none() {
             return;
         }
-        let this = Arc::new(self.clone());
-        let in_flight = Arc::new(InFlight::default());
-        let tasks = TaskTracker::new();
-        let mut cursor = Uuid::nil();
-        loop {
-            if stop.is_cancelled() {
-                break;
-            }
-            let free = self
-                .settings
-                .max_in_flight
-                .saturating_sub(in_flight.total());
-            let claimed = if free == 0 {
-                Vec::new()
-            } else {
-                match self.claim_fairly(&db, &in_flight, &mut cursor, free).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming event deliveries failed");
-                        Vec::new()
-                    }
-                }
-            };
-            let n = claimed.len();
-            for d in claimed {
-                let slot = in_flight.take(d.account_id, &d.origin);
-                let (this, db, stop) = (this.clone(), db.clone(), stop.clone());
-                tasks.spawn(async move {
-                    this.deliver(&db, d, &stop).await;
-                    drop(slot);
-                });
-            }
-            if n > 0 {
-                continue;
-            }
-            tokio::select! {
-                () = in_flight.freed.notified() => {}
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(self.settings.poll) => {}
-                () = stop.cancelled() => break,
-            }
-        }
-        tasks.close();
-        tasks.wait().await;
-    }
-
-    /// One pass of the round robin from the account after `cursor` (wrapping around once).
-    async fn claim_fairly(
-        &self,
-        db: &deadpool_postgres::Pool,
-        in_flight: &InFlight,
-        cursor: &mut Uuid,
-        free: usize,
-    ) -> Result<Vec<Claimed>, crate::db::Error> {
-        let client = db.get().await?;
-        let (busy_accounts, busy_origins) =
-            in_flight.busy(self.settings.per_account, self.settings.per_destination);
-        let mut claimed = self
-            .claim_after(&client, *cursor, free, &busy_accounts, &busy_origins)
-            .await?;
-        if claimed.len() < free && !cursor.is_nil() {
-            let more = self
-                .claim_after(
-                    &client,
-                    Uuid::nil(),
-                    free - claimed.len(),
-                    &busy_accounts,
-                    &busy_origins,
-                )
-                .await?;
-            *cursor = Uuid::nil();
-            claimed.extend(more);
-        }
-        if let Some(last) = claimed.iter().map(|d| d.account_id).max() {
-            *cursor = (*cursor).max(last);
-        }
-        Ok(claimed)
-    }
-
-    /// Claims up to `limit` due deliveries — one per account (accounts in id order after
-    /// `after`, found by a skip scan over the pending index) and one per origin, none for a
-    /// busy account or origin — leasing each and counting its attempt.
-    async fn claim_after(
-        &self,
-        client: &deadpool_postgres::Client,
-        after: Uuid,
-        limit: usize,
-        busy_accounts: &[Uuid],
-        busy_origins: &[String],
-    ) -> Result<Vec<Claimed>, crate::db::Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let scan = limit.saturating_add(i64::try_from(busy_accounts.len()).unwrap_or(0));
-        let lease = self.settings.timeout.as_secs_f64() * 2.0 + 5.0;
-        let rows = client
-            .query(
-                "WITH RECURSIVE accts(account_id, n) AS (
-                     (SELECT account_id, 1::bigint FROM event_deliveries
-                       WHERE delivered_at IS NULL AND failed_at IS NULL
-                         AND next_attempt_at <= now() AND account_id > $1
-                       ORDER BY account_id LIMIT 1)
-                   UNION ALL
-                     SELECT (SELECT d.account_id FROM event_deliveries d
-                              WHERE d.delivered_at IS NULL AND d.failed_at IS NULL
-                                AND d.next_attempt_at <= now()
-                                AND d.account_id > accts.account_id
-                              ORDER BY d.account_id LIMIT 1),
-                            accts.n + 1
-                       FROM accts
-                      WHERE accts.account_id IS NOT NULL AND accts.n < $2
-                 ),
-                 candidates AS (
-                     SELECT c.id, c.origin, c.next_attempt_at, a.n
-                       FROM accts a
-                      CROSS JOIN LATERAL (
-                          SELECT d.id, d.origin, d.next_attempt_at FROM event_deliveries d
-                           WHERE d.account_id = a.account_id
-                             AND d.delivered_at IS NULL AND d.failed_at IS NULL
-                             AND d.next_attempt_at <= now()
-                             AND d.origin <> ALL($4)
-                           ORDER BY d.account_id, d.next_attempt_at
-                           LIMIT 1
-                           FOR UPDATE SKIP LOCKED
-                      ) c
-                      WHERE a.account_id IS NOT NULL AND a.account_id <> ALL($3)
-                 ),
-                 picked AS (
-                     SELECT id FROM (
-                         SELECT DISTINCT ON (origin) id, n FROM candidates
-                          ORDER BY origin, next_attempt_at
-                     ) one_per_origin
-                     ORDER BY n
-                     LIMIT $5
-                 )
-                 UPDATE event_deliveries d
-                    SET attempts = d.attempts + 1,
-                        next_attempt_at = now() + make_interval(secs => $6)
-                   FROM picked p, events e, webhook_endpoints w
-                  WHERE d.id = p.id AND e.id = d.event_id AND w.id = d.endpoint_id
-              RETURNING d.id, d.account_id, d.origin, d.attempts, w.id, w.url,
-                        w.secret_generation, w.previous_secret_expires_at,
-                        e.id, e.seq, e.type, e.account_id, e.created_at, e.payload",
-                &[&after, &scan, &busy_accounts, &busy_origins, &limit, &lease],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Claimed {
-                id: r.get(0),
-                account_id: r.get(1),
-                origin: r.get(2),
-                attempt: r.get(3),
-                endpoint_id: r.get(4),
-                url: r.get(5),
-                generation: r.get(6),
-                previous_until: r.get(7),
-                event: Event {
-                    id: r.get(8),
-                    seq: r.get(9),
-                    event_type: r.get(10),
-                    account_id: r.get(11),
-                    created_at: r.get(12),
-                    data: r.get(13),
-                },
-            })
-            .collect())
-    }
-
-    /// Sends one claimed delivery and records what came of it. Cancelled (the instance is
-    /// stopping), it hands the claim back, due at once and uncounted.
-    async fn deliver(&self, db: &deadpool_postgres::Pool, d: Claimed, stop: &CancellationToken) {
-        let outcome = tokio::select! {
-            o = self.send(&d) => Some(o),
-            () = stop.cancelled() => None,
+        let limits = outbox::Limits {
+            max_in_flight: self.settings.max_in_flight,
+            per_account: self.settings.per_account,
+            per_destination: self.settings.per_destination,
+            poll: self.settings.poll,
+            lease: self.settings.timeout * 2 + Duration::from_secs(5),
         };
-        if let Err(e) = self.record(db, &d, outcome).await {
-            // The lease runs out and the delivery is sent again: at least once.
-            tracing::warn!(delivery = d.id, error = %e, "recording an event delivery failed");
-        }
+        let wake = Some(self.wake.clone());
+        outbox::run(
+            Arc::new(self.clone()),
+            limits,
+            db,
+            stop,
+            wake,
+            "account events",
+        )
+        .await;
     }
 
     /// The secrets that sign `d` now: the current one, and the previous one while a rotation
@@ -345,7 +196,7 @@ impl Sender {
         out
     }
 
-    async fn send(&self, d: &Claimed) -> Outcome {
+    async fn post(&self, d: &Claimed) -> Outcome {
         let failed = |status, error: String| Outcome::Failed { status, error };
         let url = match Url::parse(&d.url) {
             Ok(u) => u,
@@ -385,7 +236,7 @@ impl Sender {
     }
 
     /// Writes an outcome, fenced by the attempt this instance claimed.
-    async fn record(
+    async fn record_outcome(
         &self,
         db: &deadpool_postgres::Pool,
         d: &Claimed,
@@ -396,13 +247,7 @@ impl Sender {
         match outcome {
             None => {
                 client
-                    .execute(
-                        "UPDATE event_deliveries
-                            SET attempts = attempts - 1, next_attempt_at = now()
-                          WHERE id = $1 AND attempts = $2
-                            AND delivered_at IS NULL AND failed_at IS NULL",
-                        &[&id, &attempt],
-                    )
+                    .execute(&self.hand_back[..], &[&id, &attempt])
                     .await?;
             }
             Some(Outcome::Delivered(status)) => {
@@ -445,87 +290,58 @@ impl Sender {
     }
 }
 
-/// What this instance has in flight, per account and per origin (the claim skips whatever is
-/// at its limit). Only deliveries in flight are counted, so the maps stay as small as the
-/// in-flight bound. A `std` mutex: the critical sections are a few map operations.
-#[derive(Default)]
-struct InFlight {
-    counts: Mutex<Counts>,
-    /// Signalled whenever a delivery ends and frees a slot.
-    freed: tokio::sync::Notify,
-}
+impl Outbox for Sender {
+    type Item = Claimed;
+    type Outcome = Outcome;
 
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    accounts: HashMap<Uuid, usize>,
-    origins: HashMap<String, usize>,
-}
-
-impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts.lock().unwrap_or_else(|p| p.into_inner())
+    fn claim_sql(&self) -> &str {
+        &self.claim
     }
 
-    fn total(&self) -> usize {
-        self.lock().total
-    }
-
-    fn busy(&self, per_account: usize, per_origin: usize) -> (Vec<Uuid>, Vec<String>) {
-        let c = self.lock();
-        (
-            c.accounts
-                .iter()
-                .filter(|(_, n)| **n >= per_account)
-                .map(|(a, _)| *a)
-                .collect(),
-            c.origins
-                .iter()
-                .filter(|(_, n)| **n >= per_origin)
-                .map(|(o, _)| o.clone())
-                .collect(),
-        )
-    }
-
-    /// Counts a delivery in flight until the returned slot is dropped (even on a panic).
-    fn take(self: &Arc<Self>, account_id: Uuid, origin: &str) -> Slot {
-        let mut c = self.lock();
-        c.total += 1;
-        *c.accounts.entry(account_id).or_default() += 1;
-        *c.origins.entry(origin.to_owned()).or_default() += 1;
-        Slot {
-            in_flight: self.clone(),
-            account_id,
-            origin: origin.to_owned(),
+    fn item(&self, r: &tokio_postgres::Row) -> Claimed {
+        Claimed {
+            id: r.get(0),
+            account_id: r.get(1),
+            origin: r.get(2),
+            attempt: r.get(3),
+            endpoint_id: r.get(4),
+            url: r.get(5),
+            generation: r.get(6),
+            previous_until: r.get(7),
+            event: Event {
+                id: r.get(8),
+                seq: r.get(9),
+                event_type: r.get(10),
+                account_id: r.get(11),
+                created_at: r.get(12),
+                data: r.get(13),
+            },
         }
     }
-}
 
-struct Slot {
-    in_flight: Arc<InFlight>,
-    account_id: Uuid,
-    origin: String,
-}
+    fn account_id(d: &Claimed) -> Uuid {
+        d.account_id
+    }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        {
-            let mut c = self.in_flight.lock();
-            c.total = c.total.saturating_sub(1);
-            if let Some(n) = c.accounts.get_mut(&self.account_id) {
-                *n -= 1;
-                if *n == 0 {
-                    c.accounts.remove(&self.account_id);
-                }
-            }
-            if let Some(n) = c.origins.get_mut(&self.origin) {
-                *n -= 1;
-                if *n == 0 {
-                    c.origins.remove(&self.origin);
-                }
-            }
-        }
-        self.in_flight.freed.notify_one();
+    fn origin(d: &Claimed) -> &str {
+        &d.origin
+    }
+
+    async fn send(&self, d: &Claimed) -> Outcome {
+        self.post(d).await
+    }
+
+    async fn record(
+        &self,
+        db: &deadpool_postgres::Pool,
+        d: &Claimed,
+        outcome: Option<Outcome>,
+    ) -> Result<(), crate::db::Error> {
+        self.record_outcome(db, d, outcome).await
+    }
+
+    fn record_failed(d: &Claimed, error: &crate::db::Error) {
+        tracing::warn!(delivery = d.id, %error, "recording an event delivery failed");
     }
 }
 

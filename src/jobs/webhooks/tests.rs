@@ -1,41 +1,5 @@
 use super::*;
 
-fn delivery(account_id: Uuid, origin: &str) -> Delivery {
-    Delivery {
-        job_id: Uuid::now_v7(),
-        account_id,
-        url: format!("{origin}/hook"),
-        origin: origin.to_owned(),
-        event_id: Uuid::now_v7(),
-        payload: serde_json::Value::Null,
-        attempt: 1,
-        secret_version: 1,
-    }
-}
-
-#[test]
-fn accounts_and_origins_are_busy_at_their_limits_and_free_again_when_a_slot_ends() {
-    let in_flight = Arc::new(InFlight::default());
-    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
-    let first = in_flight.take(&delivery(a, "http://slow.example"));
-    let _second = in_flight.take(&delivery(a, "http://slow.example"));
-    let other = in_flight.take(&delivery(b, "https://fast.example"));
-    assert_eq!(in_flight.total(), 3);
-    let (accounts, origins) = in_flight.busy(2, 2);
-    assert_eq!(accounts, vec![a]);
-    assert_eq!(origins, vec!["http://slow.example".to_owned()]);
-    drop(first);
-    assert_eq!(in_flight.total(), 2);
-    assert_eq!(in_flight.busy(2, 2), (vec![], vec![]));
-    // Only what is in flight is remembered: the maps shrink back with it.
-    drop(other);
-    assert!(!in_flight.lock().accounts.contains_key(&b));
-    assert!(!in_flight
-        .lock()
-        .origins
-        .contains_key("https://fast.example"));
-}
-
 #[test]
 fn secrets_differ_per_account_and_version_and_are_stable() {
     let key = SecretString::from("k".repeat(32));
