@@ -7,12 +7,16 @@
 //! recorded on the request span.
 
 use actix_web::dev::Payload;
-use actix_web::http::header::{HeaderMap, AUTHORIZATION};
+use actix_web::http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::{ready, Ready};
 
 use super::Authenticated;
 use crate::http::problem::ApiError;
+
+/// `X-API-Key` as a constant: looking a header up by `&str` parses (and, for a non-standard
+/// name, allocates) the name on every request.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// The presented key, if any, from either header.
 pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
@@ -23,7 +27,7 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         }
     }
     headers
-        .get("x-api-key")
+        .get(X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
 }

@@ -179,16 +179,16 @@ impl Original {
     /// proxy that passes the client's headers through (Traefik does, unless told otherwise)
     /// would otherwise let a client name a cheap route in the family the proxy does not set
     /// while requesting an expensive one.
-    pub fn from_parts(
-        header: impl Fn(&str) -> Option<String>,
+    ///
+    /// On the hot path of every proxied request: the header values are borrowed (nothing is
+    /// copied until the one normalized path and method are kept), and a method the proxy
+    /// already sent in upper case is not re-cased.
+    pub fn from_parts<'h>(
+        header: impl Fn(&str) -> Option<&'h str>,
         own_method: &str,
-        tail: Option<&str>,
+        tail: Option<&'h str>,
     ) -> Result<Original, Error> {
-        let targets = [
-            header("x-original-uri"),
-            header("x-forwarded-uri"),
-            tail.map(str::to_owned),
-        ];
+        let targets = [header("x-original-uri"), header("x-forwarded-uri"), tail];
         let mut path: Option<String> = None;
         for t in targets.into_iter().flatten() {
             let p = routes_file::normalize(t.trim()).ok_or(Error::NoOriginalRequest)?;
@@ -201,23 +201,34 @@ impl Original {
         let methods = [
             header("x-original-method"),
             header("x-forwarded-method"),
-            tail.map(|_| own_method.to_owned()),
+            tail.map(|_| own_method),
         ];
-        let mut method: Option<String> = None;
+        let mut method: Option<&str> = None;
         for m in methods.into_iter().flatten() {
-            let m = m.trim().to_ascii_uppercase();
+            let m = m.trim();
             if m.is_empty() || m.len() > 32 || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
                 return Err(Error::NoOriginalRequest);
             }
-            match &method {
-                Some(seen) if *seen != m => return Err(Error::NoOriginalRequest),
+            match method {
+                Some(seen) if !seen.eq_ignore_ascii_case(m) => {
+                    return Err(Error::NoOriginalRequest)
+                }
                 _ => method = Some(m),
             }
         }
         Ok(Original {
-            method: method.unwrap_or_else(|| own_method.to_ascii_uppercase()),
+            method: upper(method.unwrap_or(own_method)),
             path,
         })
+    }
+}
+
+/// `m` in upper case, copied once (proxies send methods in upper case already).
+fn upper(m: &str) -> String {
+    if m.bytes().any(|b| b.is_ascii_lowercase()) {
+        m.to_ascii_uppercase()
+    } else {
+        m.to_owned()
     }
 }
 
@@ -225,12 +236,12 @@ impl Original {
 mod tests {
     use super::*;
 
-    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    fn headers<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> + 'a {
         move |name| {
             pairs
                 .iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.to_string())
+                .map(|(_, v)| *v)
         }
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
-use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::middleware::Next;
 use actix_web::{web, HttpMessage, HttpResponse, ResponseError};
@@ -150,7 +150,7 @@ pub async fn edge(
 
     let headers = res.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
-        headers.insert(HeaderName::from_static(request_id::HEADER), v);
+        headers.insert(request_id::HEADER_NAME, v);
     }
     set_security_headers(headers, settings.production);
 

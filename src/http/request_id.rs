@@ -3,9 +3,12 @@
 //! a task-local — that is how a problem body rendered deep in a handler gets its
 //! `request_id` without threading the request everywhere.
 
-use actix_web::http::header::HeaderMap;
+use actix_web::http::header::{HeaderMap, HeaderName};
 
 pub const HEADER: &str = "x-request-id";
+/// [`HEADER`] as a header name: a lookup by `&str` parses (and allocates) the name on every
+/// request, and every request looks this one up.
+pub const HEADER_NAME: HeaderName = HeaderName::from_static(HEADER);
 
 tokio::task_local! {
     static REQUEST_ID: String;
@@ -33,7 +36,7 @@ pub fn is_acceptable(candidate: &str) -> bool {
 
 pub fn from_headers_or_new(headers: &HeaderMap) -> String {
     headers
-        .get(HEADER)
+        .get(HEADER_NAME)
         .and_then(|v| v.to_str().ok())
         .filter(|v| is_acceptable(v))
         .map(str::to_owned)

@@ -18,7 +18,7 @@ pub mod redis;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -75,26 +75,32 @@ pub struct Decision {
 impl Decision {
     /// Writes `RateLimit-Policy` / `RateLimit` (IETF httpapi draft, structured-field form) and
     /// the common `X-RateLimit-*` trio (`Reset` in seconds from now).
+    ///
+    /// On every keyed response and every allowed `/v1/authz`, so it is written for the hot
+    /// path: constant header names, numbers through `HeaderValue::from` (no intermediate
+    /// `String`), and the two formatted values handed over as they are (`Bytes::from(String)`
+    /// takes the buffer; `HeaderValue::from_str` would copy it). The policy is a tier name
+    /// from the configuration or `key`; a value that could not be a header is left out,
+    /// as before.
     pub fn write_headers(&self, h: &mut HeaderMap) {
-        let mut set = |name: &'static str, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(HeaderName::from_static(name), v);
-            }
-        };
-        set(
-            "ratelimit-policy",
-            format!("\"{}\";q={};w=60", self.policy, self.limit),
-        );
-        set(
-            "ratelimit",
-            format!(
-                "\"{}\";r={};t={}",
-                self.policy, self.remaining, self.reset_secs
-            ),
-        );
-        set("x-ratelimit-limit", self.limit.to_string());
-        set("x-ratelimit-remaining", self.remaining.to_string());
-        set("x-ratelimit-reset", self.reset_secs.to_string());
+        const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+        const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+        let owned = |s: String| HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok();
+        if let Some(v) = owned(format!("\"{}\";q={};w=60", self.policy, self.limit)) {
+            h.insert(POLICY, v);
+        }
+        if let Some(v) = owned(format!(
+            "\"{}\";r={};t={}",
+            self.policy, self.remaining, self.reset_secs
+        )) {
+            h.insert(RATELIMIT, v);
+        }
+        h.insert(LIMIT, HeaderValue::from(self.limit));
+        h.insert(REMAINING, HeaderValue::from(self.remaining));
+        h.insert(RESET, HeaderValue::from(self.reset_secs));
     }
 }
 
@@ -194,6 +200,12 @@ pub struct Limits {
     auth_failures: Keyed<IpAddr>,
     /// IPs whose failed-authentication budget ran out, and until when.
     blocked: moka::sync::Cache<IpAddr, Instant>,
+    /// The latest `until` ever put in `blocked`, as nanoseconds after `started`: once that is
+    /// past, no address can be blocked, and [`Limits::ip_blocked`] answers without a cache
+    /// read (a moka read records itself for the eviction policy; this is one atomic load on
+    /// every keyed request).
+    block_horizon: AtomicU64,
+    started: Instant,
     client_ip: ClientIpPolicy,
 }
 
@@ -234,6 +246,8 @@ impl Limits {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(300))
                 .build(),
+            block_horizon: AtomicU64::new(0),
+            started: Instant::now(),
             client_ip,
         }
     }
@@ -349,17 +363,32 @@ impl Limits {
     }
 
     /// Seconds to wait if this IP has used up its failed-authentication budget.
+    ///
+    /// The horizon check is exact, not a heuristic: every block is inserted after the horizon
+    /// has been raised to cover it (see [`Limits::note_auth_failure_from`]), so while any
+    /// block is still running `now` is below the horizon and the cache is consulted as before.
     pub fn ip_blocked(&self, ip: IpAddr) -> Option<u64> {
-        let until = self.blocked.get(&limit_key(ip))?;
         let now = Instant::now();
+        if self.nanos_since_start(now) >= self.block_horizon.load(Ordering::Acquire) {
+            return None;
+        }
+        let until = self.blocked.get(&limit_key(ip))?;
         (until > now).then(|| ceil_secs(until - now).max(1))
+    }
+
+    fn nanos_since_start(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub fn note_auth_failure_from(&self, ip: IpAddr) {
         let key = limit_key(ip);
         if let Err(not_until) = self.auth_failures.check_key(&key) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            self.blocked.insert(key, Instant::now() + wait);
+            let until = Instant::now() + wait;
+            // Horizon first, then the entry: a reader that sees the entry sees the horizon.
+            self.block_horizon
+                .fetch_max(self.nanos_since_start(until), Ordering::AcqRel);
+            self.blocked.insert(key, until);
             tracing::warn!(client_ip = %ip, wait_s = wait.as_secs(), "too many failed authentications; throttling this address");
         }
     }
@@ -374,10 +403,8 @@ impl Limits {
     /// rightmost `X-Forwarded-For` hop that is not one of our proxies (see [`client_ip`]).
     pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
         let peer = req.peer_addr()?.ip();
-        let xff = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok());
+        const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+        let xff = req.headers().get_all(XFF).filter_map(|v| v.to_str().ok());
         Some(self.client_ip.resolve(peer, xff))
     }
 

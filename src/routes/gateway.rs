@@ -134,17 +134,37 @@ authz_routes! {
 /// authorization charge once.
 fn proxy_request_id(req: &HttpRequest) -> Option<&str> {
     req.headers()
-        .get(request_id::HEADER)
+        .get(request_id::HEADER_NAME)
         .and_then(|v| v.to_str().ok())
         .filter(|v| request_id::is_acceptable(v))
 }
 
-fn header(req: &HttpRequest, name: &str) -> Option<String> {
+/// The request headers the authorizer reads, as constants: a lookup by `&str` parses the
+/// name (and allocates it, for a non-standard one) on every request.
+const X_ORIGINAL_URI: HeaderName = HeaderName::from_static("x-original-uri");
+const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
+const X_ORIGINAL_METHOD: HeaderName = HeaderName::from_static("x-original-method");
+const X_FORWARDED_METHOD: HeaderName = HeaderName::from_static("x-forwarded-method");
+
+/// The headers it answers with.
+const X_KEYMETER_ACCOUNT: HeaderName = HeaderName::from_static("x-keymeter-account");
+const X_KEYMETER_KEY: HeaderName = HeaderName::from_static("x-keymeter-key");
+const X_KEYMETER_TIER: HeaderName = HeaderName::from_static("x-keymeter-tier");
+const X_KEYMETER_ROUTE: HeaderName = HeaderName::from_static("x-keymeter-route");
+
+/// A request header [`Original::from_parts`] asks for, borrowed; blank counts as absent.
+fn header<'r>(req: &'r HttpRequest, name: &str) -> Option<&'r str> {
+    let name = match name {
+        "x-original-uri" => X_ORIGINAL_URI,
+        "x-forwarded-uri" => X_FORWARDED_URI,
+        "x-original-method" => X_ORIGINAL_METHOD,
+        "x-forwarded-method" => X_FORWARDED_METHOD,
+        other => HeaderName::from_bytes(other.as_bytes()).ok()?,
+    };
     req.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.trim().is_empty())
-        .map(str::to_owned)
 }
 
 async fn authz(state: &AppState, req: &HttpRequest, tail: Option<&str>) -> HttpResponse {
@@ -200,10 +220,14 @@ async fn authorize(
         None
     };
     let mut res = HttpResponse::Ok();
-    res.insert_header(("x-keymeter-account", caller.account_id.to_string()))
-        .insert_header(("x-keymeter-key", caller.key_id.as_str()))
-        .insert_header(("x-keymeter-tier", caller.tier.as_str()))
-        .insert_header(("x-keymeter-route", ascii(&route.label)));
+    let mut uuid = Uuid::encode_buffer();
+    res.insert_header((
+        X_KEYMETER_ACCOUNT,
+        caller.account_id.hyphenated().encode_lower(&mut uuid) as &str,
+    ))
+    .insert_header((X_KEYMETER_KEY, caller.key_id.as_str()))
+    .insert_header((X_KEYMETER_TIER, caller.tier.as_str()))
+    .insert_header((X_KEYMETER_ROUTE, route.label_header.clone()));
     if let Some(c) = &charged {
         res.insert_header(("x-keymeter-charge", c.charge_id.to_string()))
             .insert_header(("x-keymeter-cost", route.cost.to_string()))
@@ -417,8 +441,8 @@ pub async fn verify(
             let (m, p) = r.trim().split_once(' ').unwrap_or(("", ""));
             Original::from_parts(
                 |n| match n {
-                    "x-original-method" => Some(m.to_owned()),
-                    "x-original-uri" => Some(p.trim().to_owned()),
+                    "x-original-method" => Some(m),
+                    "x-original-uri" => Some(p.trim()),
                     _ => None,
                 },
                 "GET",
