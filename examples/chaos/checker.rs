@@ -455,6 +455,7 @@ pub async fn check(
 
     // --- revocation ------------------------------------------------------------------------
     let mut worst_refusal: Option<u64> = None;
+    let mut latest_acceptance: Option<u64> = None;
     let mut probed = 0u64;
     let mut unreachable = 0u64;
     let mut revoked_ids = Vec::new();
@@ -471,6 +472,9 @@ pub async fn check(
         }
         for p in &op.probe {
             probed += 1;
+            if let Some(ms) = p.last_acceptance_ms {
+                latest_acceptance = Some(latest_acceptance.map_or(ms, |w| w.max(ms)));
+            }
             match p.first_refusal_ms {
                 Some(ms) => worst_refusal = Some(worst_refusal.map_or(ms, |w| w.max(ms))),
                 None => unreachable += 1,
@@ -501,6 +505,7 @@ pub async fn check(
         "revocations",
         json!({"revoked": revoked_ids.len(), "rotated_away": rotated_ids.len(),
                "instance_probes": probed, "worst_first_refusal_ms": worst_refusal,
+               "latest_acceptance_ms": latest_acceptance,
                "probes_without_an_answer": unreachable}),
     );
 

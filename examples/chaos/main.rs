@@ -272,7 +272,6 @@ struct RunParams {
 }
 
 async fn run() -> Result<bool> {
-    let s = settings()?;
     let seed: u64 = match std::env::var("SEED") {
         Ok(v) => v.parse().context("SEED must be an unsigned integer")?,
         Err(_) => {
@@ -292,6 +291,7 @@ async fn run() -> Result<bool> {
         n_accounts: env_or("ACCOUNTS", "10").parse().context("ACCOUNTS")?,
     };
     let instances = 3;
+    let s = settings()?;
     let plan = schedule::draw(seed, p.duration_ms, instances);
     println!(
         "chaos run: SEED={seed} DURATION={duration_s}s, {} clients, {} accounts, {instances} instances",
@@ -303,6 +303,9 @@ async fn run() -> Result<bool> {
     );
     for f in &plan {
         println!("  +{:>6} ms  {}", f.at_ms, serde_json::to_string(&f.fault)?);
+    }
+    if std::env::var("PLAN_ONLY").is_ok_and(|v| v == "1") {
+        return Ok(true);
     }
     let out_dir = s.out_dir.clone();
     std::fs::create_dir_all(&out_dir)?;

@@ -7,6 +7,7 @@
 //! machine that builds this lockfile.
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -72,24 +73,32 @@ pub fn draw(seed: u64, duration_ms: u64, instances: usize) -> Vec<Scheduled> {
     // (target, busy until) — a target is busy from the fault's start until it has recovered,
     // with a margin for the restart itself.
     let mut busy: Vec<(&'static str, u64, bool)> = Vec::new();
+    let mut deck: Vec<u8> = Vec::new();
     let mut t = 3_000u64;
     let end = duration_ms.saturating_sub(8_000);
     while t < end {
-        let fault = match rng.gen_range(0..100) {
-            0..=21 => Fault::KillInstance {
+        // Kinds come from a shuffled deck of all five, refilled when empty: every stretch of
+        // five faults has one of each, so even a short run sees every kind.
+        if deck.is_empty() {
+            deck = vec![0u8, 1, 2, 3, 4];
+            deck.shuffle(&mut rng);
+        }
+        let kind = deck[deck.len() - 1];
+        let fault = match kind {
+            0 => Fault::KillInstance {
                 instance: rng.gen_range(0..instances),
                 down_ms: rng.gen_range(500..4_000),
             },
-            22..=45 => Fault::StopInstance {
+            1 => Fault::StopInstance {
                 instance: rng.gen_range(0..instances),
                 // The job lease is 4 s in this run: most stalls outlive it.
                 stall_ms: rng.gen_range(1_500..9_000),
             },
-            46..=61 => Fault::RestartPostgres {
+            2 => Fault::RestartPostgres {
                 immediate: rng.gen_bool(0.5),
                 down_ms: rng.gen_range(500..4_000),
             },
-            62..=77 => Fault::RestartRedis {
+            3 => Fault::RestartRedis {
                 down_ms: rng.gen_range(300..3_000),
             },
             _ => Fault::SlowUpstream {
@@ -109,6 +118,7 @@ pub fn draw(seed: u64, duration_ms: u64, instances: usize) -> Vec<Scheduled> {
             let margin = if target == "upstream" { 500 } else { 6_000 };
             busy.push((target, t + fault.length_ms() + margin, instance_fault));
             out.push(Scheduled { at_ms: t, fault });
+            deck.pop();
         }
         // Exponential-ish gaps: mostly short, sometimes long, so faults pile up at times.
         let u: f64 = rng.gen_range(0.05..1.0);

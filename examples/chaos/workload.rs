@@ -2,7 +2,7 @@
 //! answer recorded on the client side, which is all the checker trusts besides the database.
 //!
 //! A client retries like a real client library: on a timeout, a connection error, a 5xx that
-//! is not a job's own definitive answer, or `409 idempotency_conflict`, it sends the same
+//! is not a job's own definitive answer, a `408`, or `409 idempotency_conflict`, it sends the same
 //! request again with the same `Idempotency-Key` — to any instance, as a load balancer
 //! would — and only when it sent one. A request without a key is sent once: if its answer is
 //! lost, its outcome is unknown, and the checker counts it as such.
@@ -297,6 +297,9 @@ impl Ctx {
                         503 if t == "upstream_unavailable" => false,
                         500..=599 => true,
                         409 if t == "idempotency_conflict" => true,
+                        // actix's own answer when a request's head was not read in time (a
+                        // stalled instance, resumed): the request was never looked at.
+                        408 => true,
                         _ => false,
                     }
                 }
