@@ -156,6 +156,16 @@ pub async fn check(
                         json!({"op": op.id, "ledger_ids": op.ledger_ids}),
                     );
                 }
+                // Sent again after its success, it must replay (a 429 is the rate limit
+                // speaking before idempotency is looked at).
+                if let Some(r) = op.replay.as_deref() {
+                    if r != "replayed" && !r.starts_with("429") {
+                        f.violation(
+                            "idempotent_replay_answers",
+                            json!({"op": op.id, "idempotency_key": op.idem, "answer": r}),
+                        );
+                    }
+                }
                 if found.len() != 1 || found.first().map(|r| r.0) != first {
                     f.violation(
                         "acknowledged_charge_in_ledger_once",

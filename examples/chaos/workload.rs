@@ -105,6 +105,10 @@ pub struct Op {
     pub event: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub probe: Vec<InstanceProbe>,
+    /// An acknowledged idempotent charge sent again: how that answer ended (`replayed`, or
+    /// the status and type of the last answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<String>,
     pub attempts: Vec<Attempt>,
 }
 
@@ -202,6 +206,7 @@ impl Ctx {
             session: None,
             event: None,
             probe: Vec::new(),
+            replay: None,
             attempts: Vec::new(),
         }
     }
@@ -356,13 +361,16 @@ impl Ctx {
             // nothing.
             if retry && rng.gen_bool(0.2) {
                 let again = self.call(&mut op, rng, true, send).await;
-                if let Some((s, v)) = &again {
-                    if (200..300).contains(s) {
+                op.replay = Some(match &again {
+                    Some((s, v)) if (200..300).contains(s) => {
                         if let Some(id) = v["id"].as_i64() {
                             op.ledger_ids.push(id);
                         }
+                        "replayed".to_owned()
                     }
-                }
+                    Some((s, v)) => format!("{s} {}", v["type"].as_str().unwrap_or("")),
+                    None => "no answer".to_owned(),
+                });
                 op.outcome = Outcome::Acked;
             }
         }
