@@ -28,6 +28,8 @@ pub struct World {
     /// Stripe's idempotency: (path, Idempotency-Key) → the id answered the first time.
     stripe_ids: Mutex<HashMap<(String, String), String>>,
     pub sessions: Mutex<HashSet<String>>,
+    /// Tokens `/once/{token}` has answered.
+    once: Mutex<HashSet<String>>,
 }
 
 fn page() -> String {
@@ -80,6 +82,32 @@ async fn status(path: web::Path<u16>, world: web::Data<Arc<World>>) -> HttpRespo
         Ok(code) if code.as_u16() >= 200 => HttpResponse::build(code).finish(),
         _ => HttpResponse::BadRequest().finish(),
     }
+}
+
+/// `/once/{token}`: a flaky page — the first request for a token gets the page after 1.5 s,
+/// every later one a 500 at once. A job fetches it once; only a job run twice (its lease
+/// expired while its instance was stalled, and another instance ran it again) sees both
+/// answers, so its two attempts end differently, and only the lease fence decides which
+/// ending stands — a run without the fence ends jobs `succeeded` with a refund.
+async fn once(
+    path: web::Path<String>,
+    world: web::Data<Arc<World>>,
+    page: web::Data<String>,
+) -> HttpResponse {
+    world.page_requests.fetch_add(1, Ordering::Relaxed);
+    let first = world
+        .once
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.into_inner());
+    if !first {
+        return HttpResponse::InternalServerError().finish();
+    }
+    delayed(&world).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(page.get_ref().clone())
 }
 
 /// A job webhook (`{id, type, data: <the job>}`): counted by job id. Not verified: the run
@@ -184,6 +212,7 @@ pub fn start(world: Arc<World>) -> std::io::Result<u16> {
                         .route("/page", web::get().to(get_page))
                         .route("/slow/{ms}", web::get().to(slow))
                         .route("/status/{code}", web::get().to(status))
+                        .route("/once/{token}", web::get().to(once))
                         .route("/hook", web::post().to(hook))
                         .route("/events", web::post().to(event))
                         .route("/stripe/v1/customers", web::post().to(stripe))

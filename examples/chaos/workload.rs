@@ -430,9 +430,18 @@ impl Ctx {
 
     async fn job(&self, rng: &mut StdRng, a: usize) {
         let mut op = self.op(Kind::Job, a);
-        let timeout_ms = 4_000;
+        // One in five async jobs fetches a flaky page (see upstream::once) with time to spare.
+        let (url, timeout_ms) = if rng.gen_bool(0.2) {
+            let token = format!("{}-{}", self.seed, op.id);
+            (
+                format!("http://127.0.0.1:{}/once/{token}", self.upstream_port),
+                10_000,
+            )
+        } else {
+            (self.job_url(rng, 4_000), 4_000)
+        };
         let body = json!({
-            "url": self.job_url(rng, timeout_ms), "formats": ["metadata"], "timeout_ms": timeout_ms,
+            "url": url, "formats": ["metadata"], "timeout_ms": timeout_ms,
             "webhook_url": format!("http://127.0.0.1:{}/hook", self.upstream_port),
         });
         if rng.gen_bool(0.5) {
