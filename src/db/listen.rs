@@ -22,15 +22,29 @@ pub struct Subscription {
     pub on_connect: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// The longest wait between two connection attempts. Short on purpose: while this
+/// connection is down an instance hears no revocation, and only the flush at reconnect makes
+/// it catch up, so every second of waiting here is a second a revoked key may still be
+/// accepted (issue #19's fault run measured 3.7 s after a PostgreSQL restart with a 5 s cap
+/// that never reset). One connection attempt per half second is nothing to a database.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
 pub async fn run(pg: super::PgConnect, subs: Vec<Subscription>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match listen_once(&pg, &subs, &stop).await {
+        let mut connected = false;
+        match listen_once(&pg, &subs, &stop, &mut connected).await {
             Ok(()) => return,
             Err(e) => {
+                // A connection that was up and then lost starts the backoff afresh: the
+                // next outage must not inherit the waits of the last one.
+                if connected {
+                    backoff = FIRST_BACKOFF;
+                }
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection lost");
             }
         }
@@ -38,7 +52,7 @@ pub async fn run(pg: super::PgConnect, subs: Vec<Subscription>, stop: Cancellati
             () = tokio::time::sleep(backoff) => {}
             () = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -46,6 +60,7 @@ async fn listen_once(
     pg: &super::PgConnect,
     subs: &[Subscription],
     stop: &CancellationToken,
+    connected: &mut bool,
 ) -> anyhow::Result<()> {
     let (client, mut connection) = pg.connect().await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -64,6 +79,7 @@ async fn listen_once(
         .map(|s| format!("LISTEN {};", s.channel))
         .collect();
     client.batch_execute(&listen).await?;
+    *connected = true;
     for s in subs {
         (s.on_connect)();
     }
