@@ -323,6 +323,30 @@ impl Ctx {
         }
     }
 
+    /// POSTs `body` to `path` with account `a`'s key and the operation's `Idempotency-Key`
+    /// (if it has one) through [`Self::call`]; retried only when it has a key, as a client
+    /// library would.
+    async fn post(
+        &self,
+        op: &mut Op,
+        rng: &mut StdRng,
+        a: usize,
+        path: &str,
+        body: &Value,
+    ) -> Option<(u16, Value)> {
+        let key = self.accounts[a].key.clone();
+        let idem = op.idem.clone();
+        let retry = idem.is_some();
+        self.call(op, rng, retry, |c, base| {
+            let r = c.post(format!("{base}{path}")).bearer_auth(&key).json(body);
+            match &idem {
+                Some(k) => r.header("Idempotency-Key", k),
+                None => r,
+            }
+        })
+        .await
+    }
+
     fn idem_key(&self, op: &Op) -> String {
         format!("chaos-{}-{}", self.seed, op.id)
     }
@@ -338,20 +362,9 @@ impl Ctx {
             op.idem = Some(self.idem_key(&op));
         }
         let body = json!({"amount": op.amount, "reason": reason});
-        let key = self.accounts[a].key.clone();
-        let idem = op.idem.clone();
-        let retry = idem.is_some();
-        let send = |c: &reqwest::Client, base: &str| {
-            let r = c
-                .post(format!("{base}/v1/credits/charge"))
-                .bearer_auth(&key)
-                .json(&body);
-            match &idem {
-                Some(k) => r.header("Idempotency-Key", k),
-                None => r,
-            }
-        };
-        let ans = self.call(&mut op, rng, retry, send).await;
+        let retry = op.idem.is_some();
+        let path = "/v1/credits/charge";
+        let ans = self.post(&mut op, rng, a, path, &body).await;
         if let (Outcome::Acked, Some((_, v))) = (op.outcome, &ans) {
             if let Some(id) = v["id"].as_i64() {
                 op.ledger_ids.push(id);
@@ -360,7 +373,7 @@ impl Ctx {
             // notice it had its answer): it must replay the same ledger entry, charging
             // nothing.
             if retry && rng.gen_bool(0.2) {
-                let again = self.call(&mut op, rng, true, send).await;
+                let again = self.post(&mut op, rng, a, path, &body).await;
                 op.replay = Some(match &again {
                     Some((s, v)) if (200..300).contains(s) => {
                         if let Some(id) = v["id"].as_i64() {
@@ -408,20 +421,7 @@ impl Ctx {
         if rng.gen_bool(0.5) {
             op.idem = Some(self.idem_key(&op));
         }
-        let key = self.accounts[a].key.clone();
-        let idem = op.idem.clone();
-        let ans = self
-            .call(&mut op, rng, idem.is_some(), |c, base| {
-                let r = c
-                    .post(format!("{base}/v1/scrape"))
-                    .bearer_auth(&key)
-                    .json(&body);
-                match &idem {
-                    Some(k) => r.header("Idempotency-Key", k),
-                    None => r,
-                }
-            })
-            .await;
+        let ans = self.post(&mut op, rng, a, "/v1/scrape", &body).await;
         if let Some((_, v)) = &ans {
             Self::note_job(&mut op, v);
         }
@@ -447,20 +447,7 @@ impl Ctx {
         if rng.gen_bool(0.5) {
             op.idem = Some(self.idem_key(&op));
         }
-        let key = self.accounts[a].key.clone();
-        let idem = op.idem.clone();
-        let ans = self
-            .call(&mut op, rng, idem.is_some(), |c, base| {
-                let r = c
-                    .post(format!("{base}/v1/jobs"))
-                    .bearer_auth(&key)
-                    .json(&body);
-                match &idem {
-                    Some(k) => r.header("Idempotency-Key", k),
-                    None => r,
-                }
-            })
-            .await;
+        let ans = self.post(&mut op, rng, a, "/v1/jobs", &body).await;
         let mut cancel = None;
         if let (Outcome::Acked, Some((_, v))) = (op.outcome, &ans) {
             Self::note_job(&mut op, v);

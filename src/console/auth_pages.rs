@@ -15,7 +15,7 @@ use serde_json::json;
 use super::format::time;
 use super::key_pages::shown_once;
 use super::layout::{notices, page, respond, Nav, Notice};
-use super::{see_other, session, state, ConsoleError, Owner, Posted, Result, BASE};
+use super::{see_other, session, state, ConsoleError, NoFields, Owner, Posted, Result, BASE};
 use crate::accounts::{self, Error as AccountError};
 use crate::audit::{self, Action, Actor};
 use crate::startup::AppState;
@@ -387,12 +387,9 @@ pub async fn signup(req: HttpRequest, form: Posted<Credentials>) -> Result<HttpR
     Ok(with_cookies(respond(StatusCode::OK, markup), cookies))
 }
 
-#[derive(Deserialize)]
-pub struct Empty {}
-
 /// `POST /console/logout`: the session row is deleted (dead on every instance) and the
 /// cookie cleared.
-pub async fn logout(req: HttpRequest, owner: Owner, _: Posted<Empty>) -> Result<HttpResponse> {
+pub async fn logout(req: HttpRequest, owner: Owner, _: Posted<NoFields>) -> Result<HttpResponse> {
     let state = state(&req)?;
     let client = state.db.get().await.map_err(crate::db::Error::from)?;
     session::delete(&client, owner.secret()).await?;

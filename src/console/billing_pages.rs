@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::format::{maybe_time, parse_whole, thousands, time};
 use super::layout::{notices, page, respond, Nav, Notice};
-use super::{state, ConsoleError, Owner, Posted, Result, BASE};
+use super::{state, ConsoleError, NoFields, Owner, Posted, Result, BASE};
 use crate::billing::{self, auto_recharge, Checkout, Error as BillingError};
 use crate::startup::AppState;
 
@@ -330,9 +330,6 @@ pub async fn checkout(
         }
     }
 }
-
-#[derive(Deserialize)]
-pub struct NoFields {}
 
 /// `POST /console/billing/portal`: a Stripe billing-portal session, then a 303 to it.
 pub async fn portal(req: HttpRequest, owner: Owner, _: Posted<NoFields>) -> Result<HttpResponse> {

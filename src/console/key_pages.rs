@@ -10,7 +10,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::format::{maybe_time, parse_whole, thousands, time};
-use super::layout::{notices, page, respond, secret_once, Nav, Notice};
+use super::layout::{confirm_page, notices, page, respond, secret_once, Confirm, Nav, Notice};
 use super::{see_other, state, ConsoleError, Owner, Posted, Result, BASE};
 use crate::auth::key_actions;
 use crate::auth::key_store::{KeySpec, KeyView, MAX_GRACE_SECONDS};
@@ -410,22 +410,20 @@ pub async fn confirm_revoke(
         Err(KeyError::KeyNotFound) => return Err(ConsoleError::NotFound),
         Err(e) => return Err(ConsoleError::Internal(anyhow::Error::new(e))),
     };
-    let body = html! {
-        section.card.narrow {
-            h1 { "Revoke “" (key.name) "”?" }
-            p { "Key " code { "km_live_" (key.id) "_…" } " will stop working on every instance within a second. "
-                "Programs using it will get " code { "401 invalid_api_key" } ". This cannot be undone." }
-            form method="post" action={(BASE) "/keys/" (key.id) "/revoke"} {
-                input type="hidden" name="csrf" value=(owner.csrf());
-                button.danger type="submit" { "Revoke the key" }
-                " "
-                a.button.secondary href={(BASE) "/keys"} { "Cancel" }
-            }
-        }
-    };
-    Ok(respond(
-        StatusCode::OK,
-        page("Revoke key", Some(&owner), Nav::Keys, body),
+    Ok(confirm_page(
+        &owner,
+        Confirm {
+            title: "Revoke key",
+            heading: html! { "Revoke “" (key.name) "”?" },
+            message: html! {
+                "Key " code { "km_live_" (key.id) "_…" } " will stop working on every instance within a second. "
+                "Programs using it will get " code { "401 invalid_api_key" } ". This cannot be undone."
+            },
+            action: format!("{BASE}/keys/{}/revoke", key.id),
+            button: "Revoke the key",
+            cancel: format!("{BASE}/keys"),
+            nav: Nav::Keys,
+        },
     ))
 }
 

@@ -124,6 +124,34 @@ pub fn page(title: &str, owner: Option<&Owner>, nav: Nav, body: Markup) -> Marku
 }
 
 /// A rendered page as a response.
+/// A confirmation, as its own page (works without JavaScript): `message`, then a form that
+/// POSTs to `action` with the session's CSRF token, and a way back to `cancel`.
+pub struct Confirm<'a> {
+    pub title: &'a str,
+    pub heading: Markup,
+    pub message: Markup,
+    pub action: String,
+    pub button: &'a str,
+    pub cancel: String,
+    pub nav: Nav,
+}
+
+pub fn confirm_page(owner: &Owner, c: Confirm<'_>) -> HttpResponse {
+    let body = html! {
+        section.card.narrow {
+            h1 { (c.heading) }
+            p { (c.message) }
+            form method="post" action=(c.action) {
+                input type="hidden" name="csrf" value=(owner.csrf());
+                button.danger type="submit" { (c.button) }
+                " "
+                a.button.secondary href=(c.cancel) { "Cancel" }
+            }
+        }
+    };
+    respond(StatusCode::OK, page(c.title, Some(owner), c.nav, body))
+}
+
 pub fn respond(status: StatusCode, markup: Markup) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("text/html; charset=utf-8")

@@ -340,6 +340,10 @@ const FORM_LIMIT: usize = 16 * 1024;
 /// A POSTed form whose CSRF token was checked; the handler gets `T`, the other fields.
 pub struct Posted<T>(pub T);
 
+/// The fields of a form that is only a button: its CSRF token and nothing else.
+#[derive(Deserialize)]
+pub struct NoFields {}
+
 #[derive(Deserialize)]
 struct CsrfField {
     #[serde(default)]

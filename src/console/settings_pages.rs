@@ -15,8 +15,8 @@ use serde::Deserialize;
 
 use super::auth_pages::{account_section, password_section, FormErrors};
 use super::format::{maybe_time, parse_whole, thousands, time};
-use super::layout::{notices, page, respond, secret_once, Nav, Notice};
-use super::{see_other, state, ConsoleError, Owner, Posted, Result, BASE};
+use super::layout::{confirm_page, notices, page, respond, secret_once, Confirm, Nav, Notice};
+use super::{see_other, state, ConsoleError, NoFields, Owner, Posted, Result, BASE};
 use crate::credits::alerts::{self, AlertSettings};
 use crate::events::endpoints::{self, EndpointView, Error as EndpointError};
 use crate::events::{reads, EventType};
@@ -515,9 +515,6 @@ pub async fn webhook(
     endpoint_page(&state, &owner, &e, html! {}).await
 }
 
-#[derive(Deserialize)]
-pub struct NoFields {}
-
 /// `POST /console/settings/webhooks/{id}/rotate`: the new secret, shown once.
 pub async fn rotate_webhook(
     req: HttpRequest,
@@ -563,22 +560,20 @@ pub async fn confirm_delete_webhook(
 ) -> Result<HttpResponse> {
     let state = state(&req)?;
     let e = endpoint_of(&state, &owner, &id).await?;
-    let body = html! {
-        section.card.narrow {
-            h1 { "Delete this endpoint?" }
-            p { "keymeter stops sending events to " strong.url { (e.url) } ", and its pending deliveries "
-                "are dropped (one being sent right now may still arrive). This cannot be undone." }
-            form method="post" action={(BASE) "/settings/webhooks/" (e.id) "/delete"} {
-                input type="hidden" name="csrf" value=(owner.csrf());
-                button.danger type="submit" { "Delete the endpoint" }
-                " "
-                a.button.secondary href={(BASE) "/settings#webhooks"} { "Cancel" }
-            }
-        }
-    };
-    Ok(respond(
-        StatusCode::OK,
-        page("Delete webhook endpoint", Some(&owner), Nav::Settings, body),
+    Ok(confirm_page(
+        &owner,
+        Confirm {
+            title: "Delete webhook endpoint",
+            heading: html! { "Delete this endpoint?" },
+            message: html! {
+                "keymeter stops sending events to " strong.url { (e.url) } ", and its pending deliveries "
+                "are dropped (one being sent right now may still arrive). This cannot be undone."
+            },
+            action: format!("{BASE}/settings/webhooks/{}/delete", e.id),
+            button: "Delete the endpoint",
+            cancel: format!("{BASE}/settings#webhooks"),
+            nav: Nav::Settings,
+        },
     ))
 }
 
