@@ -524,3 +524,46 @@ pub async fn check(
     }
     Ok(f)
 }
+
+/// A job ends by its last attempt (the lease fence): a `/once/` page answers its first
+/// request with the page and every later one with a 500 (see `upstream::once`), so a job
+/// whose page was fetched twice was run again after its first attempt's lease expired, and
+/// must not end `succeeded` — that ending could only come from the stale first attempt.
+/// `fetches` is the upstream's count of requests per token.
+pub async fn check_last_attempt(
+    db: &Client,
+    accounts: &[Account],
+    fetches: &HashMap<String, u64>,
+    f: &mut Findings,
+) -> Result<()> {
+    let account_ids: Vec<Uuid> = accounts.iter().filter_map(|a| a.id.parse().ok()).collect();
+    let rows = db
+        .query(
+            "SELECT id::text, url, status, attempts FROM jobs
+              WHERE account_id = ANY($1) AND url LIKE '%/once/%'",
+            &[&account_ids],
+        )
+        .await?;
+    let mut run_again = 0u64;
+    for r in &rows {
+        let (id, url, status, attempts): (String, String, String, i32) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let token = url.rsplit("/once/").next().unwrap_or_default();
+        let n = fetches.get(token).copied().unwrap_or(0);
+        if n < 2 {
+            continue;
+        }
+        run_again += 1;
+        if status == "succeeded" {
+            f.violation(
+                "job_ended_by_its_last_attempt",
+                json!({"job": id, "fetches": n, "attempts": attempts, "status": status}),
+            );
+        }
+    }
+    f.stat(
+        "flaky_page_jobs",
+        json!({"jobs": rows.len(), "fetched_again_by_a_later_attempt": run_again}),
+    );
+    Ok(())
+}

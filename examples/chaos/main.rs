@@ -392,6 +392,8 @@ async fn drive(
 
     let ops = std::mem::take(&mut *ctx.ops.lock().unwrap_or_else(|e| e.into_inner()));
     let mut findings = checker::check(&db, &ops, &accounts, &faults, &crashed).await?;
+    let once = world.once.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    checker::check_last_attempt(&db, &accounts, &once, &mut findings).await?;
     let (ev_queued, ev_delivered, ev_received) =
         check_account_events(&db, &world, &mut findings.violations).await?;
     write_ops(&cluster.s.out_dir, &ops)?;

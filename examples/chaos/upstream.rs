@@ -28,8 +28,8 @@ pub struct World {
     /// Stripe's idempotency: (path, Idempotency-Key) → the id answered the first time.
     stripe_ids: Mutex<HashMap<(String, String), String>>,
     pub sessions: Mutex<HashSet<String>>,
-    /// Tokens `/once/{token}` has answered.
-    once: Mutex<HashSet<String>>,
+    /// Tokens `/once/{token}` has answered, with how many requests each.
+    pub once: Mutex<HashMap<String, u64>>,
 }
 
 fn page() -> String {
@@ -85,25 +85,29 @@ async fn status(path: web::Path<u16>, world: web::Data<Arc<World>>) -> HttpRespo
 }
 
 /// `/once/{token}`: a flaky page — the first request for a token gets the page after 1.5 s,
-/// every later one a 500 at once. A job fetches it once; only a job run twice (its lease
+/// every later one a 500 after 5 s. A job fetches it once; only a job run twice (its lease
 /// expired while its instance was stalled, and another instance ran it again) sees both
-/// answers, so its two attempts end differently, and only the lease fence decides which
-/// ending stands — a run without the fence ends jobs `succeeded` with a refund.
+/// answers. The second attempt is still waiting for its 500 when the stalled instance wakes
+/// with the page in hand, so only the lease fence (owner and attempt, not just `running`)
+/// keeps the stale attempt from ending the job `succeeded`: the checker's
+/// `job_ended_by_its_last_attempt` reads the request counts kept here.
 async fn once(
     path: web::Path<String>,
     world: web::Data<Arc<World>>,
     page: web::Data<String>,
 ) -> HttpResponse {
     world.page_requests.fetch_add(1, Ordering::Relaxed);
-    let first = world
-        .once
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(path.into_inner());
-    if !first {
+    let seen = {
+        let mut once = world.once.lock().unwrap_or_else(|e| e.into_inner());
+        let n = once.entry(path.into_inner()).or_default();
+        *n += 1;
+        *n
+    };
+    delayed(&world).await;
+    if seen > 1 {
+        tokio::time::sleep(Duration::from_millis(5_000)).await;
         return HttpResponse::InternalServerError().finish();
     }
-    delayed(&world).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
