@@ -383,7 +383,7 @@ async fn drive(
     let (db, conn) = tokio_postgres::connect(&cluster.db_url(), tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     // Three leases, plus the longest job timeout and the reaper's pace.
-    let limit = Duration::from_secs(3 * LEASE_SECS + 4 + 10);
+    let limit = Duration::from_secs(3 * LEASE_SECS + 4 + 15);
     let (open, settle_took) = settle_jobs(&db, limit).await?;
     println!(
         "settled in {} ms ({open} jobs still open)",

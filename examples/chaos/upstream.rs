@@ -84,7 +84,7 @@ async fn status(path: web::Path<u16>, world: web::Data<Arc<World>>) -> HttpRespo
     }
 }
 
-/// `/once/{token}`: a flaky page — the first request for a token gets the page after 1.5 s,
+/// `/once/{token}`: a flaky page — the first request for a token gets the page after 3 s,
 /// every later one a 500 after 5 s. A job fetches it once; only a job run twice (its lease
 /// expired while its instance was stalled, and another instance ran it again) sees both
 /// answers. The second attempt is still waiting for its 500 when the stalled instance wakes
@@ -108,7 +108,7 @@ async fn once(
         tokio::time::sleep(Duration::from_millis(5_000)).await;
         return HttpResponse::InternalServerError().finish();
     }
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(page.get_ref().clone())

@@ -430,12 +430,14 @@ impl Ctx {
 
     async fn job(&self, rng: &mut StdRng, a: usize) {
         let mut op = self.op(Kind::Job, a);
-        // One in five async jobs fetches a flaky page (see upstream::once) with time to spare.
-        let (url, timeout_ms) = if rng.gen_bool(0.2) {
+        // One in three async jobs fetches a flaky page (see upstream::once) with time to
+        // spare: enough of them are in flight when an instance stalls for the lease fence to
+        // be tested in a 60 s run.
+        let (url, timeout_ms) = if rng.gen_bool(0.35) {
             let token = format!("{}-{}", self.seed, op.id);
             (
                 format!("http://127.0.0.1:{}/once/{token}", self.upstream_port),
-                10_000,
+                15_000,
             )
         } else {
             (self.job_url(rng, 4_000), 4_000)
