@@ -27,7 +27,9 @@ use uuid::Uuid;
 use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
-use super::queue::{self, Claim, Claimed, ConcurrencyLimits, End, Fence, Finisher, QueueError};
+use super::queue::{
+    self, Claim, Claimed, ConcurrencyLimits, End, Fence, Finisher, Job, QueueError,
+};
 use super::wakeups::Wakeups;
 use super::webhooks;
 
@@ -274,13 +276,17 @@ impl Jobs {
             attempt: job.attempt,
         };
         let mut tries = 0;
+        let mut ended = None;
         // Waiters and workers here are woken below; the commit's notification is for others.
         self.wakeups.ending_here(job.id);
         loop {
             tries += 1;
             match self.finish(db, &job, &end, fence).await {
-                Ok(true) => break,
-                Ok(false) => {
+                Ok(Some(done)) => {
+                    ended = Some(done);
+                    break;
+                }
+                Ok(None) => {
                     self.wakeups.not_ended_here(job.id);
                     tracing::info!(job_id = %job.id, "job ended elsewhere before this attempt finished");
                     break;
@@ -309,7 +315,10 @@ impl Jobs {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "job finished"
         );
-        self.wakeups.job_done(job.id);
+        match ended {
+            Some(done) => self.wakeups.job_ended(done),
+            None => self.wakeups.job_done(job.id),
+        }
         // Its concurrency slot is free: another of the account's jobs may run.
         self.wakeups.slot_freed();
     }
@@ -320,7 +329,7 @@ impl Jobs {
         job: &Claimed,
         end: &End,
         fence: Fence,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Option<Job>, QueueError> {
         match fence {
             Fence::Lease { owner, attempt } => {
                 self.finisher
@@ -332,7 +341,7 @@ impl Jobs {
                 let tx = client.transaction().await?;
                 let done = queue::finalize(&tx, job.id, end, fence).await?;
                 tx.commit().await?;
-                Ok(done.is_some())
+                Ok(done)
             }
         }
     }

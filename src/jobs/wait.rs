@@ -109,6 +109,10 @@ async fn wait(
             }
             continue;
         }
+        // Ended by this instance: the finish handed over the committed row.
+        if let Some(ended) = waiter.take_ended() {
+            return Ok(Waited::Ended(ended));
+        }
         let current = {
             let client = db.get().await?;
             queue::get(&client, account_id, job.id).await?

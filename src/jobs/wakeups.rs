@@ -4,8 +4,9 @@
 //! waiters also look at the database on a short timer, so a lost notification delays, never
 //! loses, anything.
 //!
-//! A job this instance ends wakes its waiter and a worker in process ([`Wakeups::job_done`],
-//! [`Wakeups::job_queued`]); the `done:` notification its commit sends comes back through
+//! A job this instance ends wakes its waiter and a worker in process ([`Wakeups::job_ended`],
+//! [`Wakeups::job_queued`]), and hands the waiter the job as it ended, so the request answers
+//! without reading it back; the `done:` notification its commit sends comes back through
 //! LISTEN too, and is then dropped ([`Wakeups::ending_here`]): it would only wake a worker for
 //! a second, empty claim. Notifications for jobs ended elsewhere wake as before.
 
@@ -17,7 +18,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::queue::CHANNEL;
+use super::queue::{Job, CHANNEL};
 use crate::db::listen::Subscription;
 
 /// At most this many ends recorded here may wait for their notification to come back.
@@ -26,7 +27,7 @@ const MAX_ENDING_HERE: usize = 65_536;
 #[derive(Default)]
 pub struct Wakeups {
     work: Notify,
-    waiters: Mutex<HashMap<Uuid, Arc<Notify>>>,
+    waiters: Mutex<HashMap<Uuid, Arc<Slot>>>,
     /// Jobs whose end this instance is recording, until their `done:` comes back.
     ending_here: Mutex<HashSet<Uuid>>,
     /// Workers whose last look at the queue did not find it empty ([`SlotWatch`]).
@@ -36,16 +37,29 @@ pub struct Wakeups {
     handoff: CancellationToken,
 }
 
+/// What a waiter is woken through, and the job as this instance ended it, when it did.
+#[derive(Default)]
+struct Slot {
+    notify: Notify,
+    ended: Mutex<Option<Job>>,
+}
+
 /// A registered waiter; unregisters itself when dropped.
 pub struct Waiter {
     wakeups: Arc<Wakeups>,
     id: Uuid,
-    notify: Arc<Notify>,
+    slot: Arc<Slot>,
 }
 
 impl Waiter {
     pub async fn notified(&self) {
-        self.notify.notified().await;
+        self.slot.notify.notified().await;
+    }
+
+    /// The job as this instance's commit ended it ([`Wakeups::job_ended`]): what a read
+    /// would return, without the round trip. `None` when it ended elsewhere (or not yet).
+    pub fn take_ended(&self) -> Option<Job> {
+        self.slot.ended.lock().ok()?.take()
     }
 }
 
@@ -114,21 +128,38 @@ impl Wakeups {
     /// Registers interest in `id` finishing. Register before the job can finish (before
     /// committing it), so the wake-up cannot be missed: `notify_one` keeps a permit.
     pub fn register(self: &Arc<Self>, id: Uuid) -> Waiter {
-        let notify = Arc::new(Notify::new());
+        let slot = Arc::new(Slot::default());
         if let Ok(mut map) = self.waiters.lock() {
-            map.insert(id, notify.clone());
+            map.insert(id, slot.clone());
         }
         Waiter {
             wakeups: self.clone(),
             id,
-            notify,
+            slot,
         }
     }
 
+    /// `id` ended (here or elsewhere): its waiter, if any, reads it.
     pub fn job_done(&self, id: Uuid) {
-        let notify = self.waiters.lock().ok().and_then(|m| m.get(&id).cloned());
-        if let Some(n) = notify {
-            n.notify_one();
+        let slot = self.waiters.lock().ok().and_then(|m| m.get(&id).cloned());
+        if let Some(s) = slot {
+            s.notify.notify_one();
+        }
+    }
+
+    /// This instance committed `job`'s end: its waiter, if any, is handed the job as it
+    /// ended, the committed row (a sync request then answers without reading it back).
+    pub fn job_ended(&self, job: Job) {
+        let slot = self
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&job.id).cloned());
+        if let Some(s) = slot {
+            if let Ok(mut ended) = s.ended.lock() {
+                *ended = Some(job);
+            }
+            s.notify.notify_one();
         }
     }
 
@@ -177,8 +208,8 @@ impl Wakeups {
         }
         self.work.notify_waiters();
         if let Ok(map) = self.waiters.lock() {
-            for n in map.values() {
-                n.notify_one();
+            for s in map.values() {
+                s.notify.notify_one();
             }
         }
     }

@@ -72,7 +72,10 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
             let worker = finisher.finish(pool, id, account, end.clone(), owner, 1);
             let stale = async {
                 if i % 5 == 0 {
-                    finisher.finish(pool, id, account, end, owner, 0).await
+                    finisher
+                        .finish(pool, id, account, end, owner, 0)
+                        .await
+                        .map(|j| j.is_some())
                 } else {
                     Ok(false)
                 }
@@ -119,7 +122,8 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
         })
         .collect();
     let mut succeeded = 0;
-    for (i, (id, worker, stale, timeout)) in outcomes.into_iter().enumerate() {
+    for (i, (id, ended, stale, timeout)) in outcomes.into_iter().enumerate() {
+        let worker = ended.is_some();
         assert!(!stale, "job {i}: a stale attempt's finish wrote nothing");
         assert!(
             worker ^ timeout,
@@ -133,6 +137,24 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
             "failed"
         };
         assert_eq!(status, expected, "job {i}");
+        // The job the finish hands back (a sync request answers with it) is the committed row.
+        if let Some(job) = &ended {
+            assert_eq!(job.id, id, "job {i}");
+            assert_eq!(&job.status, status, "job {i}: the handed job's status");
+            assert!(job.charged, "job {i}: charged at creation");
+            assert_eq!(
+                job.refunded,
+                *refunds == 1,
+                "job {i}: the handed job's refund"
+            );
+            assert!(job.finished_at.is_some(), "job {i}");
+            let expected_result = (status == "succeeded")
+                .then(|| json!({"metadata": {"title": format!("page {i}")}}));
+            assert_eq!(
+                job.result, expected_result,
+                "job {i}: the handed job's result"
+            );
+        }
         if status == "succeeded" {
             succeeded += 1;
             assert_eq!(*refunds, 0, "job {i}: a succeeded job keeps its charge");
@@ -179,6 +201,6 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
         )
         .await
         .unwrap();
-    assert!(!again, "a job ends once");
+    assert!(again.is_none(), "a job ends once");
     assert_ledger_invariant(&app).await;
 }

@@ -45,7 +45,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::finish::Webhook;
-use super::{finalize, job_from_row, Claimed, End, Fence, QueueError, CHANNEL};
+use super::{finalize, job_from_row, Claimed, End, Fence, Job, QueueError, CHANNEL};
 use crate::credits::ledger::Kind;
 use crate::db::batch::Batcher;
 
@@ -59,7 +59,7 @@ struct Pending {
     end: End,
     owner: Uuid,
     attempt: i32,
-    reply: oneshot::Sender<Result<bool, QueueError>>,
+    reply: oneshot::Sender<Result<Option<Job>, QueueError>>,
 }
 
 /// The lane the workers' finishes share.
@@ -76,8 +76,9 @@ impl Finisher {
     }
 
     /// Ends job `id` (of `account_id`) as `end`, if `owner` still holds its lease for
-    /// `attempt`: the same writes as [`super::finalize`] with [`Fence::Lease`]. `Ok(true)`
-    /// once committed; `Ok(false)` when the fence did not hold (nothing was written).
+    /// `attempt`: the same writes as [`super::finalize`] with [`Fence::Lease`]. `Ok(Some(job))`
+    /// once committed — the job as it ended, its result included, what a read would return
+    /// now; `Ok(None)` when the fence did not hold (nothing was written).
     pub async fn finish(
         &self,
         db: &Pool,
@@ -86,7 +87,7 @@ impl Finisher {
         end: End,
         owner: Uuid,
         attempt: i32,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Option<Job>, QueueError> {
         // Not knowing whether it has a webhook, its batch writes the webhook rows' flight.
         self.push(db, id, account_id, true, end, owner, attempt)
             .await
@@ -101,7 +102,7 @@ impl Finisher {
         end: End,
         owner: Uuid,
         attempt: i32,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Option<Job>, QueueError> {
         self.push(
             db,
             job.id,
@@ -124,7 +125,7 @@ impl Finisher {
         end: End,
         owner: Uuid,
         attempt: i32,
-    ) -> Result<bool, QueueError> {
+    ) -> Result<Option<Job>, QueueError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             id,
@@ -150,9 +151,9 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
         let (batch, again): (Vec<Pending>, Vec<Pending>) =
             batch.into_iter().partition(|p| seen.insert(p.id));
         match flush(&db, &batch).await {
-            Ok(ended) => {
+            Ok(mut ended) => {
                 for p in batch {
-                    let _ = p.reply.send(Ok(ended.contains_key(&p.id)));
+                    let _ = p.reply.send(Ok(ended.remove(&p.id)));
                 }
             }
             Err(e) => {
@@ -171,7 +172,7 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
 }
 
 /// One finish in its own transaction, through [`finalize`].
-async fn alone(db: &Pool, p: &Pending) -> Result<bool, QueueError> {
+async fn alone(db: &Pool, p: &Pending) -> Result<Option<Job>, QueueError> {
     let mut client = db.get().await?;
     let tx = client.transaction().await?;
     let fence = Fence::Lease {
@@ -180,7 +181,7 @@ async fn alone(db: &Pool, p: &Pending) -> Result<bool, QueueError> {
     };
     let done = finalize(&tx, p.id, &p.end, fence).await?;
     tx.commit().await?;
-    Ok(done.is_some())
+    Ok(done)
 }
 
 const LOCK_JOBS: &str = "SELECT 1 FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE";
@@ -276,8 +277,9 @@ const WEBHOOKS: &str =
     "INSERT INTO job_webhooks (job_id, account_id, url, event_id, event_type, payload)
      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::jsonb[])";
 
-/// One transaction for the whole batch; the jobs it ended (by id, with their status).
-async fn flush(db: &Pool, batch: &[Pending]) -> Result<HashMap<Uuid, &'static str>, QueueError> {
+/// One transaction for the whole batch; the jobs it ended (by id, as they ended, results
+/// included).
+async fn flush(db: &Pool, batch: &[Pending]) -> Result<HashMap<Uuid, Job>, QueueError> {
     let client = db.get().await?;
     let outcome = flush_on(&client, batch).await;
     if outcome.is_err() {
@@ -293,7 +295,7 @@ async fn flush(db: &Pool, batch: &[Pending]) -> Result<HashMap<Uuid, &'static st
 async fn flush_on(
     client: &deadpool_postgres::Client,
     batch: &[Pending],
-) -> Result<HashMap<Uuid, &'static str>, QueueError> {
+) -> Result<HashMap<Uuid, Job>, QueueError> {
     // Prepared once per connection: each statement is one message, not parse + execute.
     let lock_jobs = client.prepare_cached(LOCK_JOBS).await?;
     let lock_accounts = client.prepare_cached(LOCK_ACCOUNTS).await?;
@@ -368,6 +370,7 @@ async fn flush_on(
 
     let by_id: HashMap<Uuid, &Pending> = batch.iter().map(|p| (p.id, p)).collect();
     let mut ended = HashMap::with_capacity(rows.len());
+    let mut statuses_ended = Vec::with_capacity(rows.len());
     let mut refunds = Vec::new();
     let (mut hook_jobs, mut hook_accounts, mut hook_urls, mut hook_events, mut hook_types) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -379,14 +382,15 @@ async fn flush_on(
                 "a batched finish ended a job not in its batch",
             ));
         };
-        ended.insert(job.id, p.end.status());
+        statuses_ended.push(p.end.status());
         if let Some(delta) = row.get::<_, Option<i64>>("refund_delta") {
             refunds.push(delta);
         }
+        // The END returns no result (it may be megabytes): the runner's is the one written.
+        if let End::Succeeded { result, .. } = &p.end {
+            job.result = Some(result.clone());
+        }
         if let Some(url) = job.webhook_url.clone() {
-            if let End::Succeeded { result, .. } = &p.end {
-                job.result = Some(result.clone());
-            }
             let hook = Webhook::new(&job, url);
             hook_jobs.push(job.id);
             hook_accounts.push(job.account_id);
@@ -395,6 +399,7 @@ async fn flush_on(
             hook_types.push(hook.event_type);
             hook_payloads.push(hook.payload);
         }
+        ended.insert(job.id, job);
     }
     if second_flight {
         let hook_params: [&(dyn ToSql + Sync); 6] = [
@@ -411,7 +416,7 @@ async fn flush_on(
         )?;
     }
     // Counted once committed.
-    for status in ended.values() {
+    for status in statuses_ended {
         crate::metrics::jobs().transition(status);
     }
     for delta in refunds {
