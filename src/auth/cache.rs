@@ -113,6 +113,14 @@ impl KeyCache {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
+        // Boxed: the miss's future (moka's coalescing, the spawned query) is several times
+        // the size of the hit's, and an unboxed one would make every request's future — which
+        // actix allocates and moves for each request — that large, hit or miss.
+        Box::pin(self.load_missing(key_id, db)).await
+    }
+
+    /// A miss: one query, shared by every concurrent miss for this id (see the module doc).
+    async fn load_missing(&self, key_id: &str, db: &Pool) -> Result<Entry, DbError> {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let db = db.clone();
         let id = key_id.to_owned();

@@ -204,7 +204,10 @@ async fn authorize(
         .require(route.scope)
         .map_err(|e| with_limit(e.into()))?;
     let charged = if route.cost > 0 {
-        let c = gateway::charge(
+        // Boxed: the charge's future (the lane or a transaction) is large, and unboxed it
+        // would be part of every authorization's future — which actix allocates and moves
+        // per request — free routes included.
+        let c = Box::pin(gateway::charge(
             &state.db,
             state.config.charge_coalescing.then_some(&*state.charges),
             caller.account_id,
@@ -212,7 +215,7 @@ async fn authorize(
             route.cost,
             &route.label,
             proxy_request_id(req),
-        )
+        ))
         .await
         .map_err(|e| with_limit(e.into()))?;
         Some(c)
