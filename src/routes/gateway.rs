@@ -175,11 +175,11 @@ async fn authz(state: &AppState, req: &HttpRequest, tail: Option<&str>) -> HttpR
 }
 
 /// Key, limit (`admit`) → route → scope → charge; see the module comment.
-async fn authorize(
-    state: &AppState,
+async fn authorize<'s>(
+    state: &'s AppState,
     req: &HttpRequest,
     tail: Option<&str>,
-) -> Result<HttpResponse, Refused> {
+) -> Result<HttpResponse, Refused<'s>> {
     let Admitted { caller, decision } = admit(state, req).await?;
     let with_limit = |error: ApiError| Refused {
         error,
@@ -248,7 +248,7 @@ async fn authorize(
 
 /// A refusal as every keymeter route renders it, plus `X-Keymeter-Problem` and the
 /// rate-limit headers when a limit was checked.
-fn refusal(error: ApiError, decision: Option<&Decision>) -> HttpResponse {
+fn refusal(error: ApiError, decision: Option<&Decision<'_>>) -> HttpResponse {
     let res = error.error_response();
     let (mut res, body) = res.into_parts();
     let bytes = body.try_into_bytes().unwrap_or_default();
@@ -487,7 +487,7 @@ pub async fn verify(
         )
         .await?;
     v.ratelimit = decision.as_ref().map(|d| VerifyRateLimit {
-        policy: d.policy.clone(),
+        policy: d.policy.to_owned(),
         limit: d.limit,
         remaining: d.remaining,
         reset: d.reset_secs,
@@ -525,7 +525,7 @@ async fn verdict(
     req: &HttpRequest,
     original: Option<&Original>,
     cost: Option<i64>,
-    decision: Option<&Decision>,
+    decision: Option<&Decision<'_>>,
     v: &mut Verification,
 ) -> ApiResult<VerifyCode> {
     if decision.is_some_and(|d| !d.allowed) {
