@@ -109,7 +109,12 @@ impl KeyCache {
     }
 
     pub async fn get(&self, key_id: &str, db: &Pool) -> Result<Entry, DbError> {
-        if let Some(hit) = self.inner.get(key_id).await {
+        // Boxed, hit or miss: moka's read future is about 800 bytes (a read may run the
+        // cache's housekeeping inline), and held inline it pushed every keyed request's
+        // future — which actix boxes — past glibc's small-allocation limit (1 KiB), onto
+        // the slow path (malloc_consolidate and all, measured with callgrind). Apart, both
+        // boxes stay small.
+        if let Some(hit) = Box::pin(self.inner.get(key_id)).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
