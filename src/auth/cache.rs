@@ -109,10 +109,23 @@ impl KeyCache {
     }
 
     pub async fn get(&self, key_id: &str, db: &Pool) -> Result<Entry, DbError> {
-        if let Some(hit) = self.inner.get(key_id).await {
+        // Boxed, hit or miss: moka's read future is about 800 bytes (a read may run the
+        // cache's housekeeping inline), and held inline it pushed every keyed request's
+        // future — which actix boxes — past glibc's small-allocation limit (1 KiB), onto
+        // the slow path (malloc_consolidate and all, measured with callgrind). Apart, both
+        // boxes stay small.
+        if let Some(hit) = Box::pin(self.inner.get(key_id)).await {
             self.stats.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(hit);
         }
+        // Boxed: the miss's future (moka's coalescing, the spawned query) is several times
+        // the size of the hit's, and an unboxed one would make every request's future — which
+        // actix allocates and moves for each request — that large, hit or miss.
+        Box::pin(self.load_missing(key_id, db)).await
+    }
+
+    /// A miss: one query, shared by every concurrent miss for this id (see the module doc).
+    async fn load_missing(&self, key_id: &str, db: &Pool) -> Result<Entry, DbError> {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let db = db.clone();
         let id = key_id.to_owned();

@@ -252,14 +252,30 @@ pub fn normalize(target: &str) -> Option<String> {
 /// Whether [`normalize_slow`] would return `path` unchanged: printable ASCII without a `%`
 /// escape, an empty segment (`//`) or a dot segment. `path` starts with `/`. The unit test
 /// `the_fast_path_agrees_with_the_full_normalization` holds the two to each other.
+///
+/// One pass over the bytes, segment by segment: a segment (the text after a `/`) may not be
+/// `.` or `..`, nor empty unless it is the last (a trailing slash). Five substring searches
+/// would say the same at several times the cost, on every authorization.
 fn is_normal(path: &str) -> bool {
     let b = path.as_bytes();
-    b.iter().all(|&c| (0x20..0x7f).contains(&c) && c != b'%')
-        && !path.contains("//")
-        && !path.contains("/./")
-        && !path.contains("/../")
-        && !path.ends_with("/.")
-        && !path.ends_with("/..")
+    if b.first().is_none_or(|&c| c != b'/') {
+        return false;
+    }
+    let mut start = 1;
+    for i in 1..=b.len() {
+        match b.get(i) {
+            None | Some(b'/') => {
+                let seg = &b[start..i];
+                if (seg.is_empty() && i < b.len()) || seg == b"." || seg == b".." {
+                    return false;
+                }
+                start = i + 1;
+            }
+            Some(&c) if !(0x20..0x7f).contains(&c) || c == b'%' => return false,
+            Some(_) => {}
+        }
+    }
+    true
 }
 
 /// The full normalization of an origin-form path (starting with `/`, query removed).

@@ -30,19 +30,19 @@ fn refuse(req: ServiceRequest, err: ApiError) -> ServiceResponse<BoxBody> {
 }
 
 /// A request that passed the keyed checks: the verified caller, and the limit decision its
-/// response reports (`None`: nothing limits it).
-pub struct Admitted {
+/// response reports (`None`: nothing limits it), borrowed from the application's limits.
+pub struct Admitted<'s> {
     pub caller: Authenticated,
-    pub decision: Option<Decision>,
+    pub decision: Option<Decision<'s>>,
 }
 
 /// A request the keyed checks refused, with the limit decision to report when there is one.
-pub struct Refused {
+pub struct Refused<'s> {
     pub error: ApiError,
-    pub decision: Option<Decision>,
+    pub decision: Option<Decision<'s>>,
 }
 
-impl From<ApiError> for Refused {
+impl From<ApiError> for Refused<'_> {
     fn from(error: ApiError) -> Self {
         Refused {
             error,
@@ -54,7 +54,10 @@ impl From<ApiError> for Refused {
 /// The keyed checks, in order: failed-auth throttle for the client IP → verify the key →
 /// the key's own limit and the account's tier limit. Shared by the `/v1` gate and the gateway
 /// authorizer (`routes::gateway`), so a proxied call is held to exactly what an API call is.
-pub async fn admit(state: &AppState, req: &HttpRequest) -> Result<Admitted, Refused> {
+pub async fn admit<'s>(
+    state: &'s AppState,
+    req: &HttpRequest,
+) -> Result<Admitted<'s>, Refused<'s>> {
     let ip = state.limits.client_ip(req);
     if let Some(wait) = ip.and_then(|ip| state.limits.ip_blocked(ip)) {
         metrics::rate_limited(Limit::AuthFailures);

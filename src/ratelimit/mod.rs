@@ -58,11 +58,16 @@ pub fn key_quota(rate_limit: u32, tier: &Tier) -> (u32, u32) {
 }
 
 /// The outcome of one check, with what the response headers report.
+///
+/// It borrows its policy's name (a tier's, from the configuration, or a constant) and that
+/// policy's pre-rendered headers from the limits it came from, which outlive every request:
+/// a decision is made on every keyed request, and owning copies would cost allocations
+/// there.
 #[derive(Debug, Clone)]
-pub struct Decision {
+pub struct Decision<'a> {
     pub allowed: bool,
-    /// The policy's name (the tier, or `ip`).
-    pub policy: String,
+    /// The policy's name (the tier, `key`, or `ip`).
+    pub policy: &'a str,
     /// Requests per minute the policy allows.
     pub limit: u32,
     pub remaining: u32,
@@ -70,37 +75,122 @@ pub struct Decision {
     pub reset_secs: u64,
     /// On refusal: seconds until one more request would be allowed.
     pub retry_after_secs: u64,
+    /// The headers of `policy` at `limit` that never change, when they were rendered ahead
+    /// (a tier's, see [`PolicyHeaders`]; used only if they are for this very policy and
+    /// limit); `None`: rendered for this response.
+    pub rendered: Option<&'a PolicyHeaders>,
 }
 
-impl Decision {
+/// What the rate-limit headers of one policy at one limit always say, rendered once when
+/// the limits are built rather than on every response: `RateLimit-Policy`,
+/// `X-RateLimit-Limit`, and the `"name";r=` that opens every `RateLimit` value. A tier's name
+/// and rate are configuration, fixed for the process.
+#[derive(Debug)]
+pub struct PolicyHeaders {
+    name: Box<str>,
+    limit: u32,
+    /// `None` when the name cannot be in a header (that header is left out, as always).
+    policy: Option<HeaderValue>,
+    limit_value: HeaderValue,
+    ratelimit_prefix: Box<[u8]>,
+}
+
+impl PolicyHeaders {
+    pub fn new(name: &str, limit: u32) -> PolicyHeaders {
+        let mut digits = [0u8; 20];
+        PolicyHeaders {
+            name: name.into(),
+            limit,
+            policy: joined(&[
+                b"\"",
+                name.as_bytes(),
+                b"\";q=",
+                decimal(limit.into(), &mut digits),
+                b";w=60",
+            ]),
+            limit_value: HeaderValue::from(limit),
+            ratelimit_prefix: [b"\"", name.as_bytes(), b"\";r="].concat().into(),
+        }
+    }
+}
+
+/// `n` in decimal, in the tail of `buf` (what `format!` would print, without its machinery).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// One header value made of `parts`, in a single allocation of exactly its size (`format!`
+/// then `Bytes::from(String)` formats through `core::fmt` and, its capacity being larger than
+/// its length, allocates a second time for the shared buffer). `None` when the bytes cannot
+/// be a header value.
+fn joined(parts: &[&[u8]]) -> Option<HeaderValue> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+}
+
+impl Decision<'_> {
     /// Writes `RateLimit-Policy` / `RateLimit` (IETF httpapi draft, structured-field form) and
     /// the common `X-RateLimit-*` trio (`Reset` in seconds from now).
     ///
     /// On every keyed response and every allowed `/v1/authz`, so it is written for the hot
-    /// path: constant header names, numbers through `HeaderValue::from` (no intermediate
-    /// `String`), and the two formatted values handed over as they are (`Bytes::from(String)`
-    /// takes the buffer; `HeaderValue::from_str` would copy it). The policy is a tier name
-    /// from the configuration or `key`; a value that could not be a header is left out,
-    /// as before.
+    /// path: constant header names, a tier's constant values rendered once
+    /// ([`PolicyHeaders`]), and the values that change assembled without `format!`, one
+    /// allocation each. The policy is a tier name from the configuration or `key`; a value
+    /// that could not be a header is left out, as before.
     pub fn write_headers(&self, h: &mut HeaderMap) {
         const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
         const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
         const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
         const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
         const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-        let owned = |s: String| HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok();
-        if let Some(v) = owned(format!("\"{}\";q={};w=60", self.policy, self.limit)) {
-            h.insert(POLICY, v);
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        let remaining = decimal(self.remaining.into(), &mut a);
+        let reset = decimal(self.reset_secs, &mut b);
+        match self
+            .rendered
+            .filter(|r| r.limit == self.limit && *r.name == *self.policy)
+        {
+            Some(r) => {
+                if let Some(v) = &r.policy {
+                    h.insert(POLICY, v.clone());
+                }
+                if let Some(v) = joined(&[&r.ratelimit_prefix, remaining, b";t=", reset]) {
+                    h.insert(RATELIMIT, v);
+                }
+                h.insert(LIMIT, r.limit_value.clone());
+            }
+            None => {
+                let mut c = [0u8; 20];
+                let name = self.policy.as_bytes();
+                let limit = decimal(self.limit.into(), &mut c);
+                if let Some(v) = joined(&[b"\"", name, b"\";q=", limit, b";w=60"]) {
+                    h.insert(POLICY, v);
+                }
+                if let Some(v) = joined(&[b"\"", name, b"\";r=", remaining, b";t=", reset]) {
+                    h.insert(RATELIMIT, v);
+                }
+                if let Some(v) = joined(&[limit]) {
+                    h.insert(LIMIT, v);
+                }
+            }
         }
-        if let Some(v) = owned(format!(
-            "\"{}\";r={};t={}",
-            self.policy, self.remaining, self.reset_secs
-        )) {
-            h.insert(RATELIMIT, v);
+        if let Some(v) = joined(&[remaining]) {
+            h.insert(REMAINING, v);
         }
-        h.insert(LIMIT, HeaderValue::from(self.limit));
-        h.insert(REMAINING, HeaderValue::from(self.remaining));
-        h.insert(RESET, HeaderValue::from(self.reset_secs));
+        if let Some(v) = joined(&[reset]) {
+            h.insert(RESET, v);
+        }
     }
 }
 
@@ -114,11 +204,12 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn decision(
+fn decision<'a>(
     outcome: Result<StateSnapshot, NotUntil<ClockInstant>>,
-    policy: &str,
+    policy: &'a str,
     per_minute: u32,
-) -> Decision {
+    rendered: Option<&'a PolicyHeaders>,
+) -> Decision<'a> {
     match outcome {
         Ok(snapshot) => {
             let q = snapshot.quota();
@@ -126,11 +217,12 @@ fn decision(
             let missing = q.burst_size().get().saturating_sub(remaining);
             Decision {
                 allowed: true,
-                policy: policy.to_owned(),
+                policy,
                 limit: per_minute,
                 remaining,
                 reset_secs: ceil_secs(q.replenish_interval() * missing),
                 retry_after_secs: 0,
+                rendered,
             }
         }
         Err(not_until) => {
@@ -138,28 +230,30 @@ fn decision(
             let q = not_until.quota();
             Decision {
                 allowed: false,
-                policy: policy.to_owned(),
+                policy,
                 limit: per_minute,
                 remaining: 0,
                 reset_secs: ceil_secs(q.burst_size_replenished_in()),
                 retry_after_secs: ceil_secs(wait).max(1),
+                rendered,
             }
         }
     }
 }
 
-fn decide<K: std::hash::Hash + Eq + Clone>(
+fn decide<'a, K: std::hash::Hash + Eq + Clone>(
     limiter: &Keyed<K>,
     key: &K,
-    policy: &str,
+    policy: &'a str,
     per_minute: u32,
-) -> Decision {
-    decision(limiter.check_key(key), policy, per_minute)
+    rendered: Option<&'a PolicyHeaders>,
+) -> Decision<'a> {
+    decision(limiter.check_key(key), policy, per_minute, rendered)
 }
 
 /// Of two checks of one request, the one its headers report: a refusal over an allowance
 /// (the longer wait of two refusals), else the one with less left.
-pub fn binding(a: Decision, b: Decision) -> Decision {
+pub fn binding<'a>(a: Decision<'a>, b: Decision<'a>) -> Decision<'a> {
     match (a.allowed, b.allowed) {
         (true, false) => b,
         (false, true) => a,
@@ -190,8 +284,8 @@ pub struct Limits {
     tiers: Tiers,
     shared: Option<(redis::RedisLimiter, OnSharedFailure)>,
     degraded: AtomicBool,
-    /// One limiter per tier, keyed by account.
-    per_tier: HashMap<String, Keyed<Uuid>>,
+    /// One limiter per tier, keyed by account, with the tier's constant headers.
+    per_tier: HashMap<String, (Keyed<Uuid>, PolicyHeaders)>,
     /// Keys' own limits, by (key id, requests per minute, burst). An entry idle for two
     /// minutes is dropped: its bucket would be full again anyway (see [`key_quota`]).
     per_key: moka::sync::Cache<(String, u32, u32), std::sync::Arc<Direct>>,
@@ -223,8 +317,11 @@ impl Limits {
             .map(|t| {
                 (
                     t.name.clone(),
-                    RateLimiter::keyed(quota(t.requests_per_minute, t.burst))
-                        .with_middleware::<StateInformationMiddleware>(),
+                    (
+                        RateLimiter::keyed(quota(t.requests_per_minute, t.burst))
+                            .with_middleware::<StateInformationMiddleware>(),
+                        PolicyHeaders::new(&t.name, t.requests_per_minute),
+                    ),
                 )
             })
             .collect();
@@ -282,21 +379,37 @@ impl Limits {
     /// answer), else in memory. Returns the binding decision; `Ok(None)` when nothing limits
     /// this request (an unlimited tier and no key limit); `Err` only when Redis is down and
     /// the operator chose to refuse.
-    pub async fn check(
-        &self,
+    pub async fn check<'a>(
+        &'a self,
         who: Subject<'_>,
-        tier: &Tier,
-    ) -> Result<Option<Decision>, crate::http::problem::ApiError> {
+        tier: &'a Tier,
+    ) -> Result<Option<Decision<'a>>, crate::http::problem::ApiError> {
         if tier.unlimited && who.key_rate_limit.is_none() {
             return Ok(None);
         }
+        if self.shared.is_some() {
+            // Boxed: the Redis round trip's future is large, and every keyed request's
+            // future (allocated and moved by actix per request) would carry its size even
+            // when no shared store is configured.
+            return Box::pin(self.check_shared(who, tier)).await;
+        }
+        Ok(self.check_local(who, tier))
+    }
+
+    /// [`Limits::check`] with the shared store configured.
+    async fn check_shared<'a>(
+        &'a self,
+        who: Subject<'_>,
+        tier: &'a Tier,
+    ) -> Result<Option<Decision<'a>>, crate::http::problem::ApiError> {
         if let Some((shared, on_failure)) = &self.shared {
             match shared.check(who, tier).await {
                 Ok(d) => {
                     if self.degraded.swap(false, Ordering::Relaxed) {
                         tracing::info!("Redis rate limiter answering again");
                     }
-                    return Ok(d);
+                    let rendered = self.per_tier.get(&tier.name).map(|(_, h)| h);
+                    return Ok(d.map(|d| Decision { rendered, ..d }));
                 }
                 Err(e) => {
                     if !self.degraded.swap(true, Ordering::Relaxed) {
@@ -316,7 +429,7 @@ impl Limits {
 
     /// The in-memory checks. The key's own limit goes first: a request it refuses never
     /// reaches (nor spends) the account's budget.
-    pub fn check_local(&self, who: Subject<'_>, tier: &Tier) -> Option<Decision> {
+    pub fn check_local<'a>(&'a self, who: Subject<'_>, tier: &'a Tier) -> Option<Decision<'a>> {
         let key = who.key_rate_limit.map(|rl| {
             let (rpm, burst) = key_quota(rl, tier);
             let limiter = self
@@ -327,24 +440,28 @@ impl Limits {
                             .with_middleware::<StateInformationMiddleware>(),
                     )
                 });
-            decision(limiter.check(), KEY_POLICY, rpm)
+            decision(limiter.check(), KEY_POLICY, rpm, None)
         });
         if let Some(k) = key.as_ref().filter(|k| !k.allowed) {
             return Some(k.clone());
         }
         let account = (!tier.unlimited)
-            .then(|| {
-                self.per_tier
-                    .get(&tier.name)
-                    .or_else(|| self.per_tier.get(crate::tiers::DEFAULT_TIER))
+            .then(|| match self.per_tier.get(&tier.name) {
+                Some((limiter, headers)) => Some((limiter, Some(headers))),
+                // Its headers name the default tier, not this one: rendered per response.
+                None => self
+                    .per_tier
+                    .get(crate::tiers::DEFAULT_TIER)
+                    .map(|(limiter, _)| (limiter, None)),
             })
             .flatten()
-            .map(|limiter| {
+            .map(|(limiter, headers)| {
                 decide(
                     limiter,
                     &who.account_id,
                     &tier.name,
                     tier.requests_per_minute,
+                    headers,
                 )
             });
         match (key, account) {
@@ -353,12 +470,13 @@ impl Limits {
         }
     }
 
-    pub fn check_ip(&self, ip: IpAddr) -> Decision {
+    pub fn check_ip(&self, ip: IpAddr) -> Decision<'static> {
         decide(
             &self.per_ip,
             &limit_key(ip),
             "ip",
             self.ip_policy.per_minute,
+            None,
         )
     }
 
@@ -410,7 +528,7 @@ impl Limits {
 
     /// Drops limiter state of keys and addresses not seen recently.
     pub fn housekeeping(&self) {
-        for l in self.per_tier.values() {
+        for (l, _) in self.per_tier.values() {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -484,7 +602,7 @@ mod tests {
         for i in 0..3 {
             let d = l.check_local(who(1, "slow", Some(3)), &pro).unwrap();
             assert!(d.allowed, "request {i}");
-            assert_eq!((d.policy.as_str(), d.limit), (KEY_POLICY, 3));
+            assert_eq!((d.policy, d.limit), (KEY_POLICY, 3));
         }
         let d = l.check_local(who(1, "slow", Some(3)), &pro).unwrap();
         assert!(!d.allowed);
@@ -493,7 +611,7 @@ mod tests {
         // The refused fourth request did not spend the account's burst of 30: the three
         // allowed ones and this one leave 26.
         let d = l.check_local(who(1, "other", None), &pro).unwrap();
-        assert_eq!((d.policy.as_str(), d.remaining), ("pro", 26));
+        assert_eq!((d.policy, d.remaining), ("pro", 26));
     }
 
     #[test]
@@ -530,20 +648,45 @@ mod tests {
 
     #[test]
     fn headers_follow_the_draft() {
+        let pro = PolicyHeaders::new("pro", 120);
+        let other_rate = PolicyHeaders::new("pro", 60);
+        let other_name = PolicyHeaders::new("business", 120);
+        // Pre-rendered or not (or rendered for another policy), the same headers.
+        for rendered in [None, Some(&pro), Some(&other_rate), Some(&other_name)] {
+            let d = Decision {
+                allowed: true,
+                policy: "pro",
+                limit: 120,
+                remaining: 29,
+                reset_secs: 1,
+                retry_after_secs: 0,
+                rendered,
+            };
+            let mut h = HeaderMap::new();
+            d.write_headers(&mut h);
+            assert_eq!(h.get("ratelimit-policy").unwrap(), "\"pro\";q=120;w=60");
+            assert_eq!(h.get("ratelimit").unwrap(), "\"pro\";r=29;t=1");
+            assert_eq!(h.get("x-ratelimit-limit").unwrap(), "120");
+            assert_eq!(h.get("x-ratelimit-remaining").unwrap(), "29");
+            assert_eq!(h.get("x-ratelimit-reset").unwrap(), "1");
+        }
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 4_294_967_295, u64::MAX] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
+        // A name that cannot be in a header leaves its two headers out, as before.
         let d = Decision {
             allowed: true,
-            policy: "pro".into(),
-            limit: 120,
-            remaining: 29,
-            reset_secs: 1,
+            policy: "bad\nname",
+            limit: 5,
+            remaining: 4,
+            reset_secs: 12,
             retry_after_secs: 0,
+            rendered: None,
         };
         let mut h = HeaderMap::new();
         d.write_headers(&mut h);
-        assert_eq!(h.get("ratelimit-policy").unwrap(), "\"pro\";q=120;w=60");
-        assert_eq!(h.get("ratelimit").unwrap(), "\"pro\";r=29;t=1");
-        assert_eq!(h.get("x-ratelimit-limit").unwrap(), "120");
-        assert_eq!(h.get("x-ratelimit-remaining").unwrap(), "29");
-        assert_eq!(h.get("x-ratelimit-reset").unwrap(), "1");
+        assert!(h.get("ratelimit-policy").is_none() && h.get("ratelimit").is_none());
+        assert_eq!(h.get("x-ratelimit-reset").unwrap(), "12");
     }
 }

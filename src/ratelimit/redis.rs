@@ -132,9 +132,13 @@ impl RedisLimiter {
 
     /// `Err` when Redis cannot answer in time; the caller decides between the fallback and
     /// refusing. `Ok(None)` when nothing limits the request.
-    pub async fn check(&self, who: Subject<'_>, tier: &Tier) -> Result<Option<Decision>, String> {
+    pub async fn check<'t>(
+        &self,
+        who: Subject<'_>,
+        tier: &'t Tier,
+    ) -> Result<Option<Decision<'t>>, String> {
         // (Redis key, policy, requests per minute, burst) of each limit that applies.
-        let mut limits: Vec<(String, &str, u32, u32)> = Vec::with_capacity(2);
+        let mut limits: Vec<(String, &'t str, u32, u32)> = Vec::with_capacity(2);
         if !tier.unlimited {
             limits.push((
                 format!("km:rl:{{{}}}:tier:{}", who.account_id, tier.name),
@@ -182,7 +186,7 @@ impl RedisLimiter {
                     let allowed = r[0] == 1;
                     Decision {
                         allowed,
-                        policy: (*policy).to_owned(),
+                        policy,
                         limit: *rpm,
                         remaining: r[1].clamp(0, i64::from(u32::MAX)) as u32,
                         reset_secs: ceil_secs_micros(r[3]),
@@ -191,6 +195,7 @@ impl RedisLimiter {
                         } else {
                             ceil_secs_micros(r[2]).max(1)
                         },
+                        rendered: None,
                     }
                 });
         Ok(decisions.reduce(binding))

@@ -175,11 +175,11 @@ async fn authz(state: &AppState, req: &HttpRequest, tail: Option<&str>) -> HttpR
 }
 
 /// Key, limit (`admit`) → route → scope → charge; see the module comment.
-async fn authorize(
-    state: &AppState,
+async fn authorize<'s>(
+    state: &'s AppState,
     req: &HttpRequest,
     tail: Option<&str>,
-) -> Result<HttpResponse, Refused> {
+) -> Result<HttpResponse, Refused<'s>> {
     let Admitted { caller, decision } = admit(state, req).await?;
     let with_limit = |error: ApiError| Refused {
         error,
@@ -204,7 +204,10 @@ async fn authorize(
         .require(route.scope)
         .map_err(|e| with_limit(e.into()))?;
     let charged = if route.cost > 0 {
-        let c = gateway::charge(
+        // Boxed: the charge's future (the lane or a transaction) is large, and unboxed it
+        // would be part of every authorization's future — which actix allocates and moves
+        // per request — free routes included.
+        let c = Box::pin(gateway::charge(
             &state.db,
             state.config.charge_coalescing.then_some(&*state.charges),
             caller.account_id,
@@ -212,7 +215,7 @@ async fn authorize(
             route.cost,
             &route.label,
             proxy_request_id(req),
-        )
+        ))
         .await
         .map_err(|e| with_limit(e.into()))?;
         Some(c)
@@ -245,7 +248,7 @@ async fn authorize(
 
 /// A refusal as every keymeter route renders it, plus `X-Keymeter-Problem` and the
 /// rate-limit headers when a limit was checked.
-fn refusal(error: ApiError, decision: Option<&Decision>) -> HttpResponse {
+fn refusal(error: ApiError, decision: Option<&Decision<'_>>) -> HttpResponse {
     let res = error.error_response();
     let (mut res, body) = res.into_parts();
     let bytes = body.try_into_bytes().unwrap_or_default();
@@ -484,7 +487,7 @@ pub async fn verify(
         )
         .await?;
     v.ratelimit = decision.as_ref().map(|d| VerifyRateLimit {
-        policy: d.policy.clone(),
+        policy: d.policy.to_owned(),
         limit: d.limit,
         remaining: d.remaining,
         reset: d.reset_secs,
@@ -522,7 +525,7 @@ async fn verdict(
     req: &HttpRequest,
     original: Option<&Original>,
     cost: Option<i64>,
-    decision: Option<&Decision>,
+    decision: Option<&Decision<'_>>,
     v: &mut Verification,
 ) -> ApiResult<VerifyCode> {
     if decision.is_some_and(|d| !d.allowed) {

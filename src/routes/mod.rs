@@ -208,7 +208,17 @@ pub fn table() -> Vec<RouteInfo> {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     let mut keyed = web::scope(KEYED_SCOPE).wrap(from_fn(ratelimit_gate::keyed));
     let mut admin = web::scope(ADMIN_SCOPE);
-    for (access, path, routes) in all().resources() {
+    // actix tries resources in registration order, a pattern match each. The authorizer is
+    // called for every request a proxy forwards, so it goes right after the health checks
+    // (which load balancers call as often) instead of behind every other route; no earlier
+    // resource can match a `/v1/authz` path, so the order decides nothing else.
+    let mut resources = all().resources();
+    resources.sort_by_key(|(access, path, _)| match access {
+        Access::Open if path.starts_with("/health/") => 0,
+        Access::Gateway => 1,
+        _ => 2,
+    });
+    for (access, path, routes) in resources {
         match access {
             Access::Open => {
                 cfg.service(with_routes(web::resource(path), routes));
