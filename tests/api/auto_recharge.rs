@@ -606,7 +606,9 @@ async fn racing_plan_checkouts_open_exactly_one_session() {
 }
 
 /// One gateway authorization of `/v1/search/*` (2 credits); its charge id when allowed.
-async fn authz(app: &TestApp, key: &str) -> Option<i64> {
+/// The charge id of an allowed authorization, or the refusal's status and body (so a failed
+/// assertion says why a call was refused).
+async fn authz(app: &TestApp, key: &str) -> Result<i64, String> {
     let res = app
         .client
         .get(app.url("/v1/authz"))
@@ -616,13 +618,18 @@ async fn authz(app: &TestApp, key: &str) -> Option<i64> {
         .send()
         .await
         .unwrap();
-    (res.status() == 200).then(|| {
-        res.headers()["x-keymeter-charge"]
-            .to_str()
-            .unwrap()
-            .parse()
-            .unwrap()
-    })
+    if res.status() != 200 {
+        return Err(format!(
+            "{} {}",
+            res.status(),
+            res.text().await.unwrap_or_default()
+        ));
+    }
+    Ok(res.headers()["x-keymeter-charge"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap())
 }
 
 #[tokio::test]
@@ -646,13 +653,13 @@ async fn gateway_charges_crossing_the_threshold_start_exactly_one_recharge() {
     let (account, key) = recharging_account(&a, &stripe, 300, 5).await;
     // 150 authorizations of 2 over both instances: the balance crosses 100 once.
     let results = join_all((0..150).map(|i| authz(if i % 2 == 0 { &a } else { &b }, &key))).await;
-    assert!(results.iter().all(Option::is_some), "{results:?}");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
     assert_eq!(balance(&a, account).await.credits, 0);
     assert_eq!(payment_intent_requests(&stripe, 1).await, 1);
     // Its idempotency key names the gateway charge that crossed.
     let (_, idem, _) = stripe.requests_to("/v1/payment_intents")[0].clone();
     let entry: i64 = idem.unwrap().rsplit('-').next().unwrap().parse().unwrap();
-    assert!(results.contains(&Some(entry)), "{entry}");
+    assert!(results.contains(&Ok(entry)), "{entry}");
     let row =
         a.db.query_one(
             "SELECT l.balance_after, g.route FROM credit_ledger l
@@ -680,7 +687,7 @@ async fn a_lone_gateway_charge_crossing_the_threshold_starts_the_recharge() {
     })
     .await;
     let (account, key) = recharging_account(&app, &stripe, 102, 5).await;
-    assert!(authz(&app, &key).await.is_some(), "102 → 100: not below");
+    assert!(authz(&app, &key).await.is_ok(), "102 → 100: not below");
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(stripe.requests_to("/v1/payment_intents").is_empty());
     let crossed = authz(&app, &key).await.expect("allowed");
