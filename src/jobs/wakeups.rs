@@ -141,8 +141,7 @@ impl Wakeups {
 
     /// `id` ended (here or elsewhere): its waiter, if any, reads it.
     pub fn job_done(&self, id: Uuid) {
-        let slot = self.waiters.lock().ok().and_then(|m| m.get(&id).cloned());
-        if let Some(s) = slot {
+        if let Some(s) = self.slot(id) {
             s.notify.notify_one();
         }
     }
@@ -150,17 +149,17 @@ impl Wakeups {
     /// This instance committed `job`'s end: its waiter, if any, is handed the job as it
     /// ended, the committed row (a sync request then answers without reading it back).
     pub fn job_ended(&self, job: Job) {
-        let slot = self
-            .waiters
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&job.id).cloned());
-        if let Some(s) = slot {
+        if let Some(s) = self.slot(job.id) {
             if let Ok(mut ended) = s.ended.lock() {
                 *ended = Some(job);
             }
             s.notify.notify_one();
         }
+    }
+
+    /// The registered waiter of `id`, if any (taken out of the lock at once).
+    fn slot(&self, id: Uuid) -> Option<Arc<Slot>> {
+        self.waiters.lock().ok()?.get(&id).cloned()
     }
 
     /// Tells every waiting request (now and later) to stop waiting and hand its job off.

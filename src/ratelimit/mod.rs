@@ -157,34 +157,26 @@ impl Decision<'_> {
         let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
         let remaining = decimal(self.remaining.into(), &mut a);
         let reset = decimal(self.reset_secs, &mut b);
-        match self
+        // A policy without its headers rendered ahead (a key's or an address's limit, a
+        // tier falling back to the default's limiter) renders them here, the same way.
+        let built;
+        let r = match self
             .rendered
             .filter(|r| r.limit == self.limit && *r.name == *self.policy)
         {
-            Some(r) => {
-                if let Some(v) = &r.policy {
-                    h.insert(POLICY, v.clone());
-                }
-                if let Some(v) = joined(&[&r.ratelimit_prefix, remaining, b";t=", reset]) {
-                    h.insert(RATELIMIT, v);
-                }
-                h.insert(LIMIT, r.limit_value.clone());
-            }
+            Some(r) => r,
             None => {
-                let mut c = [0u8; 20];
-                let name = self.policy.as_bytes();
-                let limit = decimal(self.limit.into(), &mut c);
-                if let Some(v) = joined(&[b"\"", name, b"\";q=", limit, b";w=60"]) {
-                    h.insert(POLICY, v);
-                }
-                if let Some(v) = joined(&[b"\"", name, b"\";r=", remaining, b";t=", reset]) {
-                    h.insert(RATELIMIT, v);
-                }
-                if let Some(v) = joined(&[limit]) {
-                    h.insert(LIMIT, v);
-                }
+                built = PolicyHeaders::new(self.policy, self.limit);
+                &built
             }
+        };
+        if let Some(v) = &r.policy {
+            h.insert(POLICY, v.clone());
         }
+        if let Some(v) = joined(&[&r.ratelimit_prefix, remaining, b";t=", reset]) {
+            h.insert(RATELIMIT, v);
+        }
+        h.insert(LIMIT, r.limit_value.clone());
         if let Some(v) = joined(&[remaining]) {
             h.insert(REMAINING, v);
         }
