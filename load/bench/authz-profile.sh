@@ -22,32 +22,13 @@ load_init
 load_build
 create_database
 
-ROUTES=$OUT_DIR/profile-routes.toml
-cat >"$ROUTES" <<'TOML'
-[[routes]]
-method = "GET"
-path = "/free/*"
-cost = 0
-scope = "read"
-TOML
-# As gateway.sh: a limited tier (GCRA checked on every request) whose limit is never reached.
-TIERS=$OUT_DIR/profile-tiers.toml
-cat >"$TIERS" <<'TOML'
-[tiers.bench]
-requests_per_minute = 100000000
-burst = 10000000
-max_concurrent_jobs = 10
-max_queued_jobs = 10
-TOML
+# The routes, tier and accounts of gateway.sh (/free/* is its first route).
+. load/bench/gateway-setup.sh
 
 # Accounts are made by a plain server (fast), which also runs the migrations.
 start_server profile-setup KEYMETER_GATEWAY_ROUTES="$ROUTES" KEYMETER_TIERS="$TIERS"
 KEYS=$OUT_DIR/profile-keys.txt
-seq 1 "$ACCOUNTS" | xargs -P 4 -I{} curl -fsS --max-time 10 \
-    -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
-    -d "{\"email\":\"pr{}-$(random_suffix)@example.com\",\"tier\":\"bench\",\"credits\":1000}" \
-    "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$KEYS"
-[ "$(wc -l <"$KEYS")" = "$ACCOUNTS" ] || { log "created $(wc -l <"$KEYS") of $ACCOUNTS accounts"; exit 1; }
+gateway_accounts "$ACCOUNTS" 1000 "$KEYS"
 stop_pid "$SERVER_PID"
 
 # The same binary under callgrind, through a wrapper start_server can run as "$KM_BIN serve".

@@ -33,45 +33,7 @@ load_build
 create_database
 log "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-ROUTES=$OUT_DIR/gateway-routes.toml
-cat >"$ROUTES" <<'TOML'
-[[routes]]
-method = "GET"
-path = "/free/*"
-cost = 0
-scope = "read"
-
-[[routes]]
-method = "GET"
-path = "/priced/*"
-cost = 1
-scope = "read"
-
-[[routes]]
-method = "GET"
-path = "/page"
-cost = 0
-scope = "read"
-TOML
-
-# A tier whose limit is checked on every request (GCRA, as for any paying tier) but never
-# reached: the `internal` tier skips the limiter, which would flatter the authorizer.
-TIERS=$OUT_DIR/gateway-tiers.toml
-cat >"$TIERS" <<'TOML'
-[tiers.bench]
-requests_per_minute = 100000000
-burst = 10000000
-max_concurrent_jobs = 10
-max_queued_jobs = 10
-TOML
-
-new_accounts() { # N FILE: accounts on the bench tier; keys in FILE
-    seq 1 "$1" | xargs -P 8 -I{} curl -fsS --max-time 10 \
-        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
-        -d "{\"email\":\"gw{}-$(random_suffix)@example.com\",\"tier\":\"bench\",\"credits\":1000000000}" \
-        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$2"
-    [ "$(wc -l <"$2")" = "$1" ] || { log "created $(wc -l <"$2") of $1 accounts"; return 1; }
-}
+. load/bench/gateway-setup.sh
 
 # run_wrk NAME URL CONNECTIONS [lua-env ...]: wrk; sets RATE (req/s), P50, P99 (ms) and fails
 # on any non-2xx answer or socket error.
@@ -94,7 +56,7 @@ run_wrk() {
 }
 
 start_server gateway KEYMETER_GATEWAY_ROUTES="$ROUTES" KEYMETER_TIERS="$TIERS"
-new_accounts "$ACCOUNTS" "$OUT_DIR/gateway-keys.txt"
+gateway_accounts "$ACCOUNTS" 1000000000 "$OUT_DIR/gateway-keys.txt"
 head -n1 "$OUT_DIR/gateway-keys.txt" >"$OUT_DIR/gateway-key-one.txt"
 
 run_wrk live "$BASE_URL/health/live" "$CLIENTS"
