@@ -586,8 +586,16 @@ impl Ctx {
                         .send()
                         .await;
                     p.probes += 1;
+                    // An answer that took over 500 ms is a stalled instance's: the request
+                    // waited in its socket while it was stopped, and was answered at
+                    // SIGCONT, possibly before it read the revocation waiting on its LISTEN
+                    // connection. The rule is about live instances, so it does not count as
+                    // an acceptance (it is no refusal either).
+                    let prompt = self.now().saturating_sub(acked).saturating_sub(sent) < 500;
                     match r.map(|r| r.status().as_u16()) {
-                        Ok(s) if (200..300).contains(&s) => p.last_acceptance_ms = Some(sent),
+                        Ok(s) if (200..300).contains(&s) && prompt => {
+                            p.last_acceptance_ms = Some(sent)
+                        }
                         Ok(401) => {
                             p.first_refusal_ms.get_or_insert(sent);
                         }
