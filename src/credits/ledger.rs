@@ -410,6 +410,52 @@ pub async fn reserve(
     .await
 }
 
+/// Prepares [`reserve_prepared`]'s statement. A caller that pipelines the reservation with
+/// other statements prepares it first, so that nothing in its flight waits for a round trip
+/// of its own (a prepare between BEGIN and COMMIT would send the charge after the COMMIT).
+pub async fn prepare_reserve(db: &impl GenericClient) -> Result<tokio_postgres::Statement, Error> {
+    Ok(db.prepare_cached(CHARGE.as_str()).await?)
+}
+
+/// [`reserve`]'s one-statement charge only, on `stmt` from [`prepare_reserve`], its message
+/// sent when the future is first polled: for a caller that sends it in one flight with the
+/// rest of its transaction. `None`: the one-statement charge did not apply (a short balance,
+/// an account whose keys have spend limits, no account) and nothing was written; [`reserve`]
+/// in a transaction of its own then charges through the key's limit or says why not. The
+/// movement is not counted in the metrics yet: the caller counts it ([`counted`]) once its
+/// flight has committed.
+pub async fn reserve_prepared(
+    db: &impl GenericClient,
+    stmt: &tokio_postgres::Statement,
+    account_id: Uuid,
+    cost: i64,
+    job_id: Uuid,
+    key_id: Option<&str>,
+) -> Result<Option<Movement>, Error> {
+    if cost <= 0 {
+        return Err(Error::ChargeNotPositive);
+    }
+    // `$7`, "the key's limit was checked": only true without a key (see `charge_checked`).
+    let key_checked = key_id.is_none();
+    let res = db
+        .query_opt(
+            stmt,
+            &[
+                &account_id,
+                &cost,
+                &Some("job"),
+                &Some(job_id),
+                &None::<&str>,
+                &key_id,
+                &key_checked,
+            ],
+        )
+        .await;
+    // A new job's id has no charge yet, so `credit_ledger_one_charge_per_job` cannot be
+    // violated here; every error is the database's.
+    Ok(res?.map(|r| movement(&r)))
+}
+
 /// Keeps a job's charge: the reservation already is the charge, so settling writes no money;
 /// it only confirms the charge exists and was not refunded (an invariant check for callers).
 pub async fn settle(db: &impl GenericClient, job_id: Uuid) -> Result<bool, Error> {

@@ -126,10 +126,17 @@ crate::impl_db_error_from!(SubmitError);
 pub trait Record {
     type Error: From<SubmitError>;
     async fn record(self, tx: &Transaction<'_>, job: &Job) -> Result<(), Self::Error>;
+
+    /// Nothing to write (a request without an `Idempotency-Key`): the job may then be created
+    /// in one pipelined flight ([`queue::create_at_once`]), which has no place for a record.
+    fn is_empty(&self) -> bool {
+        false
+    }
 }
 
 /// Checks `request`, then reserves its cost and queues it as job `id` in one transaction,
-/// in which `record` is written too; wakes the workers once it is committed.
+/// in which `record` is written too; wakes the workers once it is committed. With nothing
+/// to record, that transaction is sent as one flight ([`queue::create_at_once`]).
 ///
 /// A sync job whose account has a free running slot is not queued: the same transaction
 /// inserts it running and leased to this instance, which starts it as soon as it commits
@@ -166,7 +173,6 @@ pub async fn submit<R: Record>(
         key_id: who.key_id.map(str::to_owned),
     };
     let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
-    let tx = client.transaction().await.map_err(SubmitError::from)?;
     // Inline only with one of the instance's inline slots (bounded, fair per account).
     let slot = (mode == Mode::Sync && ctx.jobs.runs_inline())
         .then(|| ctx.jobs.inline_slot(who.account_id))
@@ -176,11 +182,36 @@ pub async fn submit<R: Record>(
         lease: ctx.jobs.settings.lease,
         max_running: ctx.jobs.limits.of(who.tier),
     });
-    let (job, started) = queue::create(&tx, &new, max_queued, start)
-        .await
-        .map_err(SubmitError::from)?;
-    record.record(&tx, &job).await?;
-    tx.commit().await.map_err(SubmitError::from)?;
+    // One round trip when it can: a job with a cost and nothing else to record. When its
+    // plain reservation does not apply (`None`: nothing was written), the transaction below
+    // charges through the key's spend limit or says why not.
+    let at_once = if new.cost > 0 && record.is_empty() {
+        match queue::create_at_once(&client, &new, max_queued, start).await {
+            Ok(created) => created,
+            Err(e) => {
+                // End whatever the flight left open before the connection goes back to the
+                // pool; a connection that cannot even do that is discarded.
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                return Err(SubmitError::from(e).into());
+            }
+        }
+    } else {
+        None
+    };
+    let (job, started) = match at_once {
+        Some(created) => created,
+        None => {
+            let tx = client.transaction().await.map_err(SubmitError::from)?;
+            let (job, started) = queue::create(&tx, &new, max_queued, start)
+                .await
+                .map_err(SubmitError::from)?;
+            record.record(&tx, &job).await?;
+            tx.commit().await.map_err(SubmitError::from)?;
+            (job, started)
+        }
+    };
     match started {
         // `start` was asked only with a slot: `slot` is `Some` here.
         Some(claimed) => ctx.jobs.start_inline(ctx.db.clone(), claimed, slot),

@@ -177,6 +177,10 @@ impl submit::Record for Answer<'_> {
         };
         Ok(guard.record(tx, job, Some(&job.location())).await?)
     }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
 }
 
 /// `POST /v1/jobs` (`scrape`): queues a job → 202 with the job and its `Location`.

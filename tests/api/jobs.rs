@@ -354,6 +354,66 @@ async fn the_concurrency_limit_holds_and_the_queue_cap_answers_queue_full() {
     let _ = std::fs::remove_file(tiers);
 }
 
+/// Submissions racing for the last places of a queue: a job created in one pipelined flight
+/// (no `Idempotency-Key`) reserves its cost before the insert finds the queue full, so the
+/// refusal must roll that reservation back although the COMMIT was already sent. With an
+/// `Idempotency-Key` the job takes the ordinary transaction. Either way exactly the tier's
+/// 2 running + 3 queued are accepted (no job can end meanwhile) and only they are charged.
+#[tokio::test]
+async fn racing_submissions_at_the_queue_cap_charge_exactly_the_jobs_accepted() {
+    let up = Upstream::start().await;
+    let tiers = tiers_file("tiny", 2, 3);
+    let app = jobs_app(&up, |c| c.tiers_path = Some(tiers.clone())).await;
+    let (account, key) = app.create_account("tiny", 100).await;
+    let body = json!({"url": format!("{}/slow/8000", up.base), "timeout_ms": 20000});
+    let requests = (0..30).map(|i| {
+        let (app, key, body) = (&app, &key, body.clone());
+        async move {
+            let mut req = app
+                .client
+                .post(app.url("/v1/jobs"))
+                .bearer_auth(key)
+                .json(&body);
+            if i % 3 == 0 {
+                req = req.header("Idempotency-Key", format!("race-{i}"));
+            }
+            req.send().await.unwrap()
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let mut accepted = 0;
+    for res in answers {
+        match res.status().as_u16() {
+            202 => accepted += 1,
+            429 => {
+                let p = assert_problem(res, 429, "queue_full").await;
+                assert_eq!(p["max_queued_jobs"], 3);
+                let detail = p["detail"].as_str().unwrap_or_default();
+                assert!(detail.contains("already has 3 queued jobs"), "{p}");
+            }
+            other => panic!("unexpected {other}: {}", res.text().await.unwrap()),
+        }
+    }
+    assert_eq!(accepted, 5, "2 running + 3 queued");
+    let row = app
+        .db
+        .query_one(
+            "SELECT (SELECT count(*) FROM jobs),
+                    (SELECT count(*) FROM credit_ledger WHERE kind = 'charge'),
+                    (SELECT count(*) FROM credit_ledger c
+                      WHERE kind = 'charge' AND NOT EXISTS
+                            (SELECT 1 FROM jobs j WHERE j.id = c.job_id))",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (jobs, charges, orphans): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((jobs, charges, orphans), (5, 5, 0));
+    assert_eq!(balance(&app, account).await.credits, 95);
+    assert_ledger_invariant(&app).await;
+    let _ = std::fs::remove_file(tiers);
+}
+
 #[tokio::test]
 async fn job_creation_is_idempotent() {
     let up = Upstream::start().await;

@@ -1,11 +1,13 @@
 //! Creating a job: its cost reserved and the queue cap counted under the account's row lock,
-//! in the caller's transaction; a sync job with a free running slot is started at once.
+//! in the caller's transaction or in one pipelined flight ([`create_at_once`]); a sync job
+//! with a free running slot is started at once.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 use serde_json::json;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{job_from_row, Claimed, Job, NewJob, QueueError, CHANNEL, JOB_COLUMNS};
@@ -43,8 +45,8 @@ pub struct StartHere {
 ///
 /// Two statements after BEGIN, each prepared once per connection: the reservation, then one
 /// statement that counts the running slot, counts the queue cap only when the job would
-/// queue, inserts the job running or queued (or not at all), notifies the workers of a
-/// queued one and returns the job. It was six to eight statements, each parsed anew
+/// queue, inserts the job running or queued (or raises, the queue being full: the error
+/// rolls the transaction back), notifies the workers of a queued one and returns the job. It was six to eight statements, each parsed anew
 /// (advisory lock, running count, queued count, insert, notification, re-read).
 pub async fn create(
     tx: &Transaction<'_>,
@@ -70,44 +72,85 @@ pub async fn create(
     // A separate statement from the lock's: its snapshot is taken after the lock was
     // granted, so it counts what the previous holder committed.
     let insert = tx.prepare_cached(&INSERT).await?;
-    let (owner, lease, max_running) = match start {
-        Some(s) => (Some(s.owner), s.lease.as_secs_f64(), s.max_running),
-        None => (None, 0.0, 0),
-    };
+    let args = InsertArgs::new(new, max_queued, start);
     let row = tx
-        .query_opt(
-            &insert,
-            &[
-                &new.id,
-                &new.account_id,
-                &new.mode.as_str(),
-                &new.url,
-                &new.formats,
-                &headers_json(new),
-                &new.timeout_ms,
-                &new.webhook_url,
-                &new.cost,
-                &new.origin,
-                &new.idempotency_key,
-                &owner,
-                &lease,
-                &max_running,
-                &max_queued,
-                &CHANNEL,
-            ],
-        )
-        .await?;
-    let Some(row) = row else {
-        let count = tx
-            .prepare_cached("SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'queued'")
-            .await?;
-        let queued: i64 = tx.query_one(&count, &[&new.account_id]).await?.get(0);
-        return Err(QueueError::QueueFull {
-            queued,
-            max_queued_jobs: max_queued,
-        });
-    };
-    let job = job_from_row(&row);
+        .query_opt(&insert, &args.params(new))
+        .await
+        .map_err(|e| refusal(e, max_queued))?;
+    // The reservation above was written in this transaction, so the insert found it.
+    let row = row.ok_or(QueueError::Invariant("a reserved job was not inserted"))?;
+    Ok(created(new, &row))
+}
+
+/// [`create`] for a job with a cost, in one flight: BEGIN, the reservation, the insert and
+/// COMMIT are sent together and answered together — one round trip where the transaction
+/// took four, and no connection held idle in a transaction between them. The insert writes
+/// only when the reservation did (it looks for the job's charge, written by the statement
+/// before it in the same transaction), and when it finds the queue full it raises
+/// (`keymeter_refuse`, migration V19), which rolls the reservation back although the COMMIT
+/// was already sent: the same all-or-nothing as [`create`], counted under the same account
+/// row lock (the reservation's UPDATE takes it; the insert is a statement of its own, so its
+/// snapshot sees what the previous holder committed).
+///
+/// `Ok(None)`: the one-statement reservation did not apply — a short balance, an account
+/// whose keys have spend limits, no such account — and nothing was written; [`create`] in a
+/// transaction of its own then charges through the key's limit or says why not. Only for a
+/// job with a cost (a free job reserves nothing for the insert to find) and nothing else to
+/// write in the transaction. On an error the caller must end the connection's transaction
+/// (ROLLBACK) or discard the connection, as for any failed pipeline.
+pub async fn create_at_once(
+    client: &deadpool_postgres::Client,
+    new: &NewJob,
+    max_queued: i64,
+    start: Option<StartHere>,
+) -> Result<Option<(Job, Option<Claimed>)>, QueueError> {
+    if new.cost <= 0 {
+        return Err(QueueError::Invariant(
+            "create_at_once is for a job with a cost",
+        ));
+    }
+    // Prepared (once per connection) before the flight: a prepare inside it would be a
+    // round trip of its own, and its statement would be sent after the COMMIT.
+    let reserve = ledger::prepare_reserve(client).await?;
+    let insert = client.prepare_cached(&INSERT).await?;
+    let args = InsertArgs::new(new, max_queued, start);
+    let params = args.params(new);
+    // `join!` polls each future once, in order, before waiting on any: the four messages
+    // leave together, in this order, and the COMMIT ends the transaction whatever the
+    // statements before it did (after an error PostgreSQL answers it with a ROLLBACK).
+    let (begin, reserved, row, commit) = tokio::join!(
+        client.batch_execute("BEGIN"),
+        ledger::reserve_prepared(
+            client,
+            &reserve,
+            new.account_id,
+            new.cost,
+            new.id,
+            new.key_id.as_deref()
+        ),
+        client.query_opt(&insert, &params),
+        client.batch_execute("COMMIT"),
+    );
+    begin?;
+    let reserved = reserved?;
+    let row = row.map_err(|e| refusal(e, max_queued))?;
+    commit?;
+    match (reserved, row) {
+        (Some(charge), Some(row)) => {
+            ledger::counted(charge);
+            Ok(Some(created(new, &row)))
+        }
+        (None, None) => Ok(None),
+        // The insert's condition is the reservation's row: one without the other cannot be.
+        _ => Err(QueueError::Invariant(
+            "a job's reservation and its insert disagreed",
+        )),
+    }
+}
+
+/// The job as the insert returned it, and the claim to run when it was started here.
+fn created(new: &NewJob, row: &tokio_postgres::Row) -> (Job, Option<Claimed>) {
+    let job = job_from_row(row);
     crate::metrics::jobs().transition(&job.status);
     let started = (job.status == "running").then(|| Claimed {
         id: job.id,
@@ -120,34 +163,122 @@ pub async fn create(
         created_at: job.created_at,
         has_webhook: job.webhook_url.is_some(),
     });
-    Ok((job, started))
+    (job, started)
 }
 
-/// `$12` (the lease owner) set: start the job if the account runs fewer than `$14` jobs.
-/// Otherwise queue it if the account has fewer than `$15` queued (CASE: the queued count is
-/// only taken when the job would queue). No row: the queue is full. `s` is MATERIALIZED:
-/// inlined, its count would run once for each CASE that reads it.
+/// The insert's refusal — the queue was full (`keymeter_refuse('queue_full', <queued>)`) —
+/// as [`QueueError::QueueFull`]; any other error as the database's.
+fn refusal(e: tokio_postgres::Error, max_queued: i64) -> QueueError {
+    let queued = e
+        .as_db_error()
+        .filter(|d| d.code().code() == REFUSED && d.message() == "queue_full")
+        .map(|d| {
+            d.detail()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(max_queued)
+        });
+    match queued {
+        Some(queued) => QueueError::QueueFull {
+            queued,
+            max_queued_jobs: max_queued,
+        },
+        None => e.into(),
+    }
+}
+
+/// `keymeter_refuse`'s SQLSTATE (migration V19).
+const REFUSED: &str = "KM001";
+
+/// The insert's parameters that are not fields of the job.
+struct InsertArgs {
+    mode: &'static str,
+    headers: Option<serde_json::Value>,
+    owner: Option<Uuid>,
+    lease: f64,
+    max_running: i64,
+    max_queued: i64,
+    /// Insert only if the job's charge is there (a job with a cost).
+    charged: bool,
+}
+
+impl InsertArgs {
+    fn new(new: &NewJob, max_queued: i64, start: Option<StartHere>) -> Self {
+        let (owner, lease, max_running) = match start {
+            Some(s) => (Some(s.owner), s.lease.as_secs_f64(), s.max_running),
+            None => (None, 0.0, 0),
+        };
+        InsertArgs {
+            mode: new.mode.as_str(),
+            headers: headers_json(new),
+            owner,
+            lease,
+            max_running,
+            max_queued,
+            charged: new.cost > 0,
+        }
+    }
+
+    fn params<'a>(&'a self, new: &'a NewJob) -> [&'a (dyn ToSql + Sync); 17] {
+        [
+            &new.id,
+            &new.account_id,
+            &self.mode,
+            &new.url,
+            &new.formats,
+            &self.headers,
+            &new.timeout_ms,
+            &new.webhook_url,
+            &new.cost,
+            &new.origin,
+            &new.idempotency_key,
+            &self.owner,
+            &self.lease,
+            &self.max_running,
+            &self.max_queued,
+            &CHANNEL,
+            &self.charged,
+        ]
+    }
+}
+
+/// `$17` set (a job with a cost): nothing unless the job's charge is there — written by the
+/// reservation before it in the same transaction; without it the reservation was refused
+/// and the whole flight writes nothing. `$12` (the lease owner) set: start the job if the
+/// account runs fewer than `$14` jobs. Otherwise queue it if the account has fewer than
+/// `$15` queued (the queued count is only taken when the job would queue); at the cap,
+/// `keymeter_refuse('queue_full', <queued>)` aborts the transaction, reservation included.
+/// The CTEs are MATERIALIZED: inlined, their counts would run once for each CASE reading
+/// them, and a CASE is what orders the refusal after the other conditions.
 static INSERT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH s AS MATERIALIZED (
-             SELECT $12::uuid IS NOT NULL
+             SELECT (NOT $17::bool
+                     OR EXISTS (SELECT 1 FROM credit_ledger
+                                 WHERE job_id = $1::uuid AND kind = 'charge')) AS charged,
+                    $12::uuid IS NOT NULL
                     AND (SELECT count(*) FROM jobs
                           WHERE account_id = $2::uuid AND status = 'running') < $14::int8 AS start),
+         q AS MATERIALIZED (
+             SELECT s.charged, s.start,
+                    CASE WHEN s.charged AND NOT s.start
+                         THEN (SELECT count(*) FROM jobs
+                                WHERE account_id = $2 AND status = 'queued') END AS queued
+               FROM s),
          ins AS (
              INSERT INTO jobs AS j (id, account_id, mode, url, formats, headers, timeout_ms,
                                     webhook_url, cost, origin, idempotency_key, status,
                                     attempts, lease_owner, lease_expires_at, started_at)
              SELECT $1::uuid, $2::uuid, $3::text, $4::text, $5::text[], $6::jsonb, $7::int4,
                     $8::text, $9::int8, $10::uuid, $11::text,
-                    CASE WHEN s.start THEN 'running' ELSE 'queued' END,
-                    CASE WHEN s.start THEN 1 ELSE 0 END,
-                    CASE WHEN s.start THEN $12::uuid END,
-                    CASE WHEN s.start THEN now() + make_interval(secs => $13::float8) END,
-                    CASE WHEN s.start THEN now() END
-               FROM s
-              WHERE CASE WHEN s.start THEN true
-                         ELSE (SELECT count(*) FROM jobs
-                                WHERE account_id = $2 AND status = 'queued') < $15::int8
+                    CASE WHEN q.start THEN 'running' ELSE 'queued' END,
+                    CASE WHEN q.start THEN 1 ELSE 0 END,
+                    CASE WHEN q.start THEN $12::uuid END,
+                    CASE WHEN q.start THEN now() + make_interval(secs => $13::float8) END,
+                    CASE WHEN q.start THEN now() END
+               FROM q
+              WHERE CASE WHEN NOT q.charged THEN false
+                         WHEN q.start OR q.queued < $15::int8 THEN true
+                         ELSE keymeter_refuse('queue_full', q.queued::text)
                     END
              RETURNING {JOB_COLUMNS})
          SELECT ins.*,

@@ -35,7 +35,7 @@ mod reaper;
 mod stats;
 
 pub use claim::{claim, release_owned, renew, Claim, Claimed, ConcurrencyLimits};
-pub use enqueue::{create, StartHere};
+pub use enqueue::{create, create_at_once, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use finish_lane::Finisher;
 pub use reaper::{purge, reap, Reaped};
