@@ -8,7 +8,7 @@
 //! batch running there would be dropped half-way, its requests on other workers unanswered.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::Handle;
@@ -67,5 +67,37 @@ impl<T: Send + 'static> Batcher<T> {
                 return None;
             }
         }
+    }
+}
+
+/// A lane's requests in progress. One that finds none in progress has no batch to join: it
+/// may run alone from its own task rather than hop to a drain task and back (what a lone
+/// request pays for a lane, in latency, and gets nothing for). Under concurrency the others
+/// find it in progress and batch in the lane as before.
+#[derive(Default)]
+pub struct InProgress(AtomicUsize);
+
+impl InProgress {
+    /// Counts a request in until the returned guard is dropped (its caller may be dropped
+    /// half-way: a request hanging up).
+    pub fn enter(&self) -> Entered<'_> {
+        let before = self.0.fetch_add(1, Ordering::AcqRel);
+        Entered {
+            count: &self.0,
+            alone: before == 0,
+        }
+    }
+}
+
+/// One request counted in an [`InProgress`].
+pub struct Entered<'a> {
+    count: &'a AtomicUsize,
+    /// No other request was in progress when this one entered.
+    pub alone: bool,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -28,7 +28,7 @@ use super::breaker::{origin_of, Breakers};
 use super::extract::{extract, ExtractLimits, Format};
 use super::fetch::{classify, CustomerHeaders, Fetcher, Outcome};
 use super::queue::{
-    self, Claim, Claimed, ConcurrencyLimits, End, Fence, Finisher, Job, QueueError,
+    self, Claim, Claimed, ConcurrencyLimits, Creator, End, Fence, Finisher, Job, QueueError,
 };
 use super::wakeups::Wakeups;
 use super::webhooks;
@@ -55,6 +55,8 @@ pub struct Jobs {
     pub webhooks: webhooks::Sender,
     /// The group-commit lane the workers' finishes share (`queue::Finisher`).
     pub finisher: Finisher,
+    /// The group-commit lane the submits share (`queue::Creator`).
+    pub creator: Creator,
     pub inline: Inline,
 }
 

@@ -136,7 +136,7 @@ pub trait Record {
 
 /// Checks `request`, then reserves its cost and queues it as job `id` in one transaction,
 /// in which `record` is written too; wakes the workers once it is committed. With nothing
-/// to record, that transaction is sent as one flight ([`queue::create_at_once`]).
+/// to record, that transaction is one flight group-committed with others ([`queue::Creator`]).
 ///
 /// A sync job whose account has a free running slot is not queued: the same transaction
 /// inserts it running and leased to this instance, which starts it as soon as it commits
@@ -172,7 +172,6 @@ pub async fn submit<R: Record>(
         idempotency_key: idempotency_key.map(str::to_owned),
         key_id: who.key_id.map(str::to_owned),
     };
-    let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
     // Inline only with one of the instance's inline slots (bounded, fair per account).
     let slot = (mode == Mode::Sync && ctx.jobs.runs_inline())
         .then(|| ctx.jobs.inline_slot(who.account_id))
@@ -182,27 +181,23 @@ pub async fn submit<R: Record>(
         lease: ctx.jobs.settings.lease,
         max_running: ctx.jobs.limits.of(who.tier),
     });
-    // One round trip when it can: a job with a cost and nothing else to record. When its
-    // plain reservation does not apply (`None`: nothing was written), the transaction below
+    // A job with a cost and nothing else to record goes through the create lane: one
+    // flight, group-committed with the creations arriving meanwhile. When its plain
+    // reservation does not apply (`None`: nothing was written), the transaction below
     // charges through the key's spend limit or says why not.
-    let at_once = if new.cost > 0 && record.is_empty() {
-        match queue::create_at_once(&client, &new, max_queued, start).await {
-            Ok(created) => created,
-            Err(e) => {
-                // End whatever the flight left open before the connection goes back to the
-                // pool; a connection that cannot even do that is discarded.
-                if client.batch_execute("ROLLBACK").await.is_err() {
-                    drop(deadpool_postgres::Object::take(client));
-                }
-                return Err(SubmitError::from(e).into());
-            }
-        }
+    let in_lane = if new.cost > 0 && record.is_empty() {
+        ctx.jobs
+            .creator
+            .create(ctx.db, new.clone(), max_queued, start)
+            .await
+            .map_err(SubmitError::from)?
     } else {
         None
     };
-    let (job, started) = match at_once {
+    let (job, started) = match in_lane {
         Some(created) => created,
         None => {
+            let mut client = ctx.db.get().await.map_err(SubmitError::from)?;
             let tx = client.transaction().await.map_err(SubmitError::from)?;
             let (job, started) = queue::create(&tx, &new, max_queued, start)
                 .await

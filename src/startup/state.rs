@@ -211,6 +211,7 @@ fn build_jobs(config: &Config, tiers: &Tiers) -> anyhow::Result<Jobs> {
         },
         webhooks,
         finisher: crate::jobs::queue::Finisher::new(tokio::runtime::Handle::current()),
+        creator: crate::jobs::queue::Creator::new(tokio::runtime::Handle::current()),
         inline: crate::jobs::runner::Inline::new(),
     })
 }

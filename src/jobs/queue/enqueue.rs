@@ -149,7 +149,7 @@ pub async fn create_at_once(
 }
 
 /// The job as the insert returned it, and the claim to run when it was started here.
-fn created(new: &NewJob, row: &tokio_postgres::Row) -> (Job, Option<Claimed>) {
+pub(super) fn created(new: &NewJob, row: &tokio_postgres::Row) -> (Job, Option<Claimed>) {
     let job = job_from_row(row);
     crate::metrics::jobs().transition(&job.status);
     let started = (job.status == "running").then(|| Claimed {
@@ -168,7 +168,7 @@ fn created(new: &NewJob, row: &tokio_postgres::Row) -> (Job, Option<Claimed>) {
 
 /// The insert's refusal — the queue was full (`keymeter_refuse('queue_full', <queued>)`) —
 /// as [`QueueError::QueueFull`]; any other error as the database's.
-fn refusal(e: tokio_postgres::Error, max_queued: i64) -> QueueError {
+pub(super) fn refusal(e: tokio_postgres::Error, max_queued: i64) -> QueueError {
     let queued = e
         .as_db_error()
         .filter(|d| d.code().code() == REFUSED && d.message() == "queue_full")
@@ -190,7 +190,7 @@ fn refusal(e: tokio_postgres::Error, max_queued: i64) -> QueueError {
 const REFUSED: &str = "KM001";
 
 /// The insert's parameters that are not fields of the job.
-struct InsertArgs {
+pub(super) struct InsertArgs {
     mode: &'static str,
     headers: Option<serde_json::Value>,
     owner: Option<Uuid>,
@@ -202,7 +202,7 @@ struct InsertArgs {
 }
 
 impl InsertArgs {
-    fn new(new: &NewJob, max_queued: i64, start: Option<StartHere>) -> Self {
+    pub(super) fn new(new: &NewJob, max_queued: i64, start: Option<StartHere>) -> Self {
         let (owner, lease, max_running) = match start {
             Some(s) => (Some(s.owner), s.lease.as_secs_f64(), s.max_running),
             None => (None, 0.0, 0),
@@ -218,7 +218,7 @@ impl InsertArgs {
         }
     }
 
-    fn params<'a>(&'a self, new: &'a NewJob) -> [&'a (dyn ToSql + Sync); 17] {
+    pub(super) fn params<'a>(&'a self, new: &'a NewJob) -> [&'a (dyn ToSql + Sync); 17] {
         [
             &new.id,
             &new.account_id,
@@ -249,7 +249,7 @@ impl InsertArgs {
 /// `keymeter_refuse('queue_full', <queued>)` aborts the transaction, reservation included.
 /// The CTEs are MATERIALIZED: inlined, their counts would run once for each CASE reading
 /// them, and a CASE is what orders the refusal after the other conditions.
-static INSERT: LazyLock<String> = LazyLock::new(|| {
+pub(super) static INSERT: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH s AS MATERIALIZED (
              SELECT (NOT $17::bool

@@ -47,7 +47,7 @@ use uuid::Uuid;
 use super::finish::Webhook;
 use super::{finalize, job_from_row, Claimed, End, Fence, Job, QueueError, CHANNEL};
 use crate::credits::ledger::Kind;
-use crate::db::batch::Batcher;
+use crate::db::batch::{Batcher, InProgress};
 
 /// The most finishes in one transaction; the rest wait for the next one.
 const MAX_BATCH: usize = 256;
@@ -65,6 +65,8 @@ struct Pending {
 /// The lane the workers' finishes share.
 pub struct Finisher {
     lane: Arc<Batcher<Pending>>,
+    /// Finishes in progress, alone or in the lane.
+    busy: InProgress,
 }
 
 impl Finisher {
@@ -72,6 +74,7 @@ impl Finisher {
     pub fn new(runtime: Handle) -> Self {
         Self {
             lane: Arc::new(Batcher::new(runtime)),
+            busy: InProgress::default(),
         }
     }
 
@@ -126,6 +129,7 @@ impl Finisher {
         owner: Uuid,
         attempt: i32,
     ) -> Result<Option<Job>, QueueError> {
+        let entered = self.busy.enter();
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             id,
@@ -136,6 +140,18 @@ impl Finisher {
             attempt,
             reply,
         };
+        if entered.alone {
+            // Nothing else in progress: a batch of one, from the caller's own task (a job's
+            // runner, never a request's), without the hop to the drain task and back.
+            let batch = [pending];
+            return match flush(db, &batch).await {
+                Ok(mut ended) => Ok(ended.remove(&id)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "job finish failed; nothing was written, finishing it through finalize");
+                    alone(db, &batch[0]).await
+                }
+            };
+        }
         self.lane.push(pending, |lane| drain(lane, db.clone()));
         answer
             .await
@@ -349,23 +365,43 @@ async fn flush_on(
     // since only statements already prepared keep their order in a pipeline. The account
     // events of job ends are written by the END itself, `evs`.)
     let second_flight = batch.iter().any(|p| p.has_webhook);
-    let rows = if second_flight {
-        let ((), _, _, rows) = tokio::try_join!(
-            client.batch_execute("BEGIN"),
-            client.query(&lock_jobs, &jobs_param),
-            client.query(&lock_accounts, &accounts_param),
-            client.query(&end, &params),
-        )?;
-        rows
-    } else {
-        let ((), _, _, rows, ()) = tokio::try_join!(
-            client.batch_execute("BEGIN"),
-            client.query(&lock_jobs, &jobs_param),
-            client.query(&lock_accounts, &accounts_param),
-            client.query(&end, &params),
-            client.batch_execute("COMMIT"),
-        )?;
-        rows
+    // A batch of one has nothing to order: its END takes its job's row, then (refunding) its
+    // account's — the order [`super::finalize`] takes them in — so the two locking
+    // statements, there to order many rows, are left out.
+    let single = n == 1;
+    let rows = match (second_flight, single) {
+        (true, false) => {
+            let ((), _, _, rows) = tokio::try_join!(
+                client.batch_execute("BEGIN"),
+                client.query(&lock_jobs, &jobs_param),
+                client.query(&lock_accounts, &accounts_param),
+                client.query(&end, &params),
+            )?;
+            rows
+        }
+        (false, false) => {
+            let ((), _, _, rows, ()) = tokio::try_join!(
+                client.batch_execute("BEGIN"),
+                client.query(&lock_jobs, &jobs_param),
+                client.query(&lock_accounts, &accounts_param),
+                client.query(&end, &params),
+                client.batch_execute("COMMIT"),
+            )?;
+            rows
+        }
+        (true, true) => {
+            let ((), rows) =
+                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&end, &params),)?;
+            rows
+        }
+        (false, true) => {
+            let ((), rows, ()) = tokio::try_join!(
+                client.batch_execute("BEGIN"),
+                client.query(&end, &params),
+                client.batch_execute("COMMIT"),
+            )?;
+            rows
+        }
     };
 
     let by_id: HashMap<Uuid, &Pending> = batch.iter().map(|p| (p.id, p)).collect();

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use crate::jobs::extract::{Extracted, Format};
 
 mod claim;
+mod create_lane;
 mod enqueue;
 mod finish;
 mod finish_lane;
@@ -35,6 +36,7 @@ mod reaper;
 mod stats;
 
 pub use claim::{claim, release_owned, renew, Claim, Claimed, ConcurrencyLimits};
+pub use create_lane::Creator;
 pub use enqueue::{create, create_at_once, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use finish_lane::Finisher;
