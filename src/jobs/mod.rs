@@ -13,9 +13,10 @@
 //! - [`fetch`]: one shared HTTP client, manual redirects, a body cap, typed errors, and the
 //!   charge/refund/breaker classification.
 //! - [`extract`]: metadata, readable text, Markdown, links and raw HTML from a fetched page.
-//! - [`queue`]: the `jobs` table — create (cost reserved in the same transaction), claim
-//!   (SKIP LOCKED, per-account concurrency), lease, finish (refund and webhook in the same
-//!   transaction), reap.
+//! - [`queue`]: the `jobs` table — create (cost reserved in the same transaction, sent as
+//!   one pipelined flight and group-committed with concurrent submits), claim (SKIP LOCKED,
+//!   per-account concurrency), lease, finish (refund and webhook in the same transaction,
+//!   group-committed too), reap.
 //! - [`submit`]: checking and queueing a job for `POST /v1/jobs` and `POST /v1/scrape` (a
 //!   sync job whose account has a free running slot is inserted running and leased to the
 //!   request's instance instead, and run there at once: no queue hop, no claim — within the
