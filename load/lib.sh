@@ -30,6 +30,19 @@ load_init() {
     trap 'exit 143' TERM
 }
 
+# ensure_tools TOOL...: each Debian package named like its command (wrk, nginx, valgrind),
+# installed with apt-get when the command is missing (nginx lives in /usr/sbin).
+ensure_tools() {
+    local tool
+    for tool in "$@"; do
+        if ! command -v "$tool" >/dev/null && ! [ -x "/usr/sbin/$tool" ]; then
+            log "$tool not found; installing it with apt-get"
+            as_root apt-get update -qq >&2
+            DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$tool" >&2
+        fi
+    done
+}
+
 random_suffix() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 
 # A TCP port free on 127.0.0.1 right now (the OS picks it).

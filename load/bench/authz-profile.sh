@@ -9,7 +9,8 @@
 # window are included, the server's start-up is not). The dumps stay in load/out/ for
 # `callgrind_annotate`.
 #
-# Needs valgrind and wrk. LOAD_SKIP_BUILD=1 uses the release binary as it is.
+# Needs valgrind and wrk (installed with apt-get when missing). LOAD_SKIP_BUILD=1 uses the
+# release binary as it is.
 set -euo pipefail
 cd "$(dirname "$0")/../.." # the repository root
 . scripts/lib.sh
@@ -18,6 +19,7 @@ SECONDS_EACH=${SECONDS_EACH:-20}
 CLIENTS=${CLIENTS:-4}
 ACCOUNTS=${ACCOUNTS:-100}
 
+ensure_tools wrk valgrind
 load_init
 load_build
 create_database

@@ -19,13 +19,7 @@ CLIENTS=${CLIENTS:-32}
 ACCOUNTS=${ACCOUNTS:-1000}
 secs=${DURATION%s}
 
-for tool in wrk nginx; do
-    if ! command -v "$tool" >/dev/null && ! [ -x /usr/sbin/$tool ]; then
-        log "$tool not found; installing it with apt-get"
-        as_root apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$tool" >&2
-    fi
-done
+ensure_tools wrk nginx
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 
 load_init
