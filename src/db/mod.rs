@@ -125,8 +125,13 @@ pub fn build_pool(pg: &PgConnect, settings: &DatabaseSettings) -> anyhow::Result
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // LIFO: the connection just given back is the next one handed out, so under light load
+    // the same few connections (and PostgreSQL backends) do the work, with their prepared
+    // statements, plans and caches warm; the default FIFO rotates every request through
+    // every idle connection.
     Pool::builder(mgr)
         .max_size(settings.pool_size)
+        .queue_mode(deadpool_postgres::QueueMode::Lifo)
         .wait_timeout(Some(settings.pool_wait_timeout))
         .create_timeout(Some(settings.connect_timeout))
         .recycle_timeout(Some(settings.connect_timeout))
