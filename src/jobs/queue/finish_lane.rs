@@ -143,16 +143,10 @@ impl Finisher {
         if entered.alone {
             // Nothing else in progress: a batch of one, from the caller's own task (a job's
             // runner, never a request's), without the hop to the drain task and back.
-            let batch = [pending];
-            return match flush(db, &batch).await {
-                Ok(mut ended) => Ok(ended.remove(&id)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "job finish failed; nothing was written, finishing it through finalize");
-                    alone(db, &batch[0]).await
-                }
-            };
+            finish_all(db, vec![pending]).await;
+        } else {
+            self.lane.push(pending, |lane| drain(lane, db.clone()));
         }
-        self.lane.push(pending, |lane| drain(lane, db.clone()));
         answer
             .await
             .map_err(|_| QueueError::Invariant("the finish lane dropped a request"))?
@@ -161,29 +155,35 @@ impl Finisher {
 
 async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
     while let Some(batch) = lane.next_batch(MAX_BATCH) {
-        // A job twice in one batch (it cannot happen: one worker runs an attempt) would be
-        // ended by one of its two rows, at random; the second goes alone, after the batch.
-        let mut seen = std::collections::HashSet::new();
-        let (batch, again): (Vec<Pending>, Vec<Pending>) =
-            batch.into_iter().partition(|p| seen.insert(p.id));
-        match flush(&db, &batch).await {
-            Ok(mut ended) => {
-                for p in batch {
-                    let _ = p.reply.send(Ok(ended.remove(&p.id)));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, jobs = batch.len(), "batched job finish failed; nothing was written, finishing each alone");
-                for p in batch {
-                    let outcome = alone(&db, &p).await;
-                    let _ = p.reply.send(outcome);
-                }
+        finish_all(&db, batch).await;
+    }
+}
+
+/// Ends every job of `batch` in one transaction and answers each; a batch that fails is
+/// made again job by job through [`finalize`].
+async fn finish_all(db: &Pool, batch: Vec<Pending>) {
+    // A job twice in one batch (it cannot happen: one worker runs an attempt) would be
+    // ended by one of its two rows, at random; the second goes alone, after the batch.
+    let mut seen = std::collections::HashSet::new();
+    let (batch, again): (Vec<Pending>, Vec<Pending>) =
+        batch.into_iter().partition(|p| seen.insert(p.id));
+    match flush(db, &batch).await {
+        Ok(mut ended) => {
+            for p in batch {
+                let _ = p.reply.send(Ok(ended.remove(&p.id)));
             }
         }
-        for p in again {
-            let outcome = alone(&db, &p).await;
-            let _ = p.reply.send(outcome);
+        Err(e) => {
+            tracing::warn!(error = %e, jobs = batch.len(), "batched job finish failed; nothing was written, finishing each alone");
+            for p in batch {
+                let outcome = alone(db, &p).await;
+                let _ = p.reply.send(outcome);
+            }
         }
+    }
+    for p in again {
+        let outcome = alone(db, &p).await;
+        let _ = p.reply.send(outcome);
     }
 }
 
@@ -367,42 +367,35 @@ async fn flush_on(
     let second_flight = batch.iter().any(|p| p.has_webhook);
     // A batch of one has nothing to order: its END takes its job's row, then (refunding) its
     // account's — the order [`super::finalize`] takes them in — so the two locking
-    // statements, there to order many rows, are left out.
+    // statements, there to order many rows, are left out. A step left out answers at once
+    // without sending anything; the others send their message at the first poll, in order.
     let single = n == 1;
-    let rows = match (second_flight, single) {
-        (true, false) => {
-            let ((), _, _, rows) = tokio::try_join!(
-                client.batch_execute("BEGIN"),
-                client.query(&lock_jobs, &jobs_param),
-                client.query(&lock_accounts, &accounts_param),
-                client.query(&end, &params),
-            )?;
-            rows
-        }
-        (false, false) => {
-            let ((), _, _, rows, ()) = tokio::try_join!(
-                client.batch_execute("BEGIN"),
-                client.query(&lock_jobs, &jobs_param),
-                client.query(&lock_accounts, &accounts_param),
-                client.query(&end, &params),
-                client.batch_execute("COMMIT"),
-            )?;
-            rows
-        }
-        (true, true) => {
-            let ((), rows) =
-                tokio::try_join!(client.batch_execute("BEGIN"), client.query(&end, &params),)?;
-            rows
-        }
-        (false, true) => {
-            let ((), rows, ()) = tokio::try_join!(
-                client.batch_execute("BEGIN"),
-                client.query(&end, &params),
-                client.batch_execute("COMMIT"),
-            )?;
-            rows
-        }
-    };
+    let ((), _, _, rows, ()) = tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        async {
+            if single {
+                Ok(Vec::new())
+            } else {
+                client.query(&lock_jobs, &jobs_param).await
+            }
+        },
+        async {
+            if single {
+                Ok(Vec::new())
+            } else {
+                client.query(&lock_accounts, &accounts_param).await
+            }
+        },
+        client.query(&end, &params),
+        async {
+            // Nothing to write after the END: COMMIT in this flight.
+            if second_flight {
+                Ok(())
+            } else {
+                client.batch_execute("COMMIT").await
+            }
+        },
+    )?;
 
     let by_id: HashMap<Uuid, &Pending> = batch.iter().map(|p| (p.id, p)).collect();
     let mut ended = HashMap::with_capacity(rows.len());
