@@ -128,7 +128,7 @@ pub trait Record {
     async fn record(self, tx: &Transaction<'_>, job: &Job) -> Result<(), Self::Error>;
 
     /// Nothing to write (a request without an `Idempotency-Key`): the job may then be created
-    /// in one pipelined flight ([`queue::create_at_once`]), which has no place for a record.
+    /// in one pipelined flight ([`queue::Creator`]), which has no place for a record.
     fn is_empty(&self) -> bool {
         false
     }

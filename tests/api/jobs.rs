@@ -414,6 +414,68 @@ async fn racing_submissions_at_the_queue_cap_charge_exactly_the_jobs_accepted() 
     let _ = std::fs::remove_file(tiers);
 }
 
+/// One account flooding submissions at its queue cap shares the create lane's flights with
+/// another account's sync scrapes: each refusal rolls back the flight it was in, and the
+/// other account's jobs in that flight must still be created (once, charged once) and run.
+#[tokio::test]
+async fn an_account_flooding_at_its_queue_cap_leaves_another_accounts_jobs_whole() {
+    let up = Upstream::start().await;
+    let tiers = crate::support::app::tiers_file(
+        "[tiers.tiny]\nrequests_per_minute = 6000\nburst = 1000\n\
+         max_concurrent_jobs = 2\nmax_queued_jobs = 3\n\
+         [tiers.roomy]\nrequests_per_minute = 6000\nburst = 1000\n\
+         max_concurrent_jobs = 50\nmax_queued_jobs = 1000\n",
+    );
+    let app = jobs_app(&up, |c| c.tiers_path = Some(tiers.clone())).await;
+    let (flooder, flooder_key) = app.create_account("tiny", 100).await;
+    let (other, other_key) = app.create_account("roomy", 100).await;
+    let slow = json!({"url": format!("{}/slow/8000", up.base), "timeout_ms": 20000});
+    let page = json!({"url": format!("{}/page", up.base)});
+    let requests = (0..60).map(|i| {
+        let (app, flooder_key, other_key) = (&app, &flooder_key, &other_key);
+        let (slow, page) = (slow.clone(), page.clone());
+        async move {
+            if i % 3 == 0 {
+                ("other", app.scrape(other_key, page).await)
+            } else {
+                (
+                    "flooder",
+                    app.post_json("/v1/jobs", flooder_key, slow).await,
+                )
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let (mut flooder_accepted, mut other_succeeded) = (0, 0);
+    for (who, res) in answers {
+        match (who, res.status().as_u16()) {
+            ("other", 200) => other_succeeded += 1,
+            ("flooder", 202) => flooder_accepted += 1,
+            ("flooder", 429) => {
+                assert_problem(res, 429, "queue_full").await;
+            }
+            (who, status) => panic!("{who}: unexpected {status}: {}", res.text().await.unwrap()),
+        }
+    }
+    assert_eq!(other_succeeded, 20, "every job of the other account ran");
+    assert_eq!(flooder_accepted, 5, "2 running + 3 queued");
+    assert_eq!(balance(&app, other).await.credits, 80);
+    assert_eq!(balance(&app, flooder).await.credits, 95);
+    let orphans: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM credit_ledger c
+              WHERE kind = 'charge' AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = c.job_id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0, "no charge without its job");
+    assert_ledger_invariant(&app).await;
+    let _ = std::fs::remove_file(tiers);
+}
+
 #[tokio::test]
 async fn job_creation_is_idempotent() {
     let up = Upstream::start().await;

@@ -1,6 +1,7 @@
 //! Creating a job: its cost reserved and the queue cap counted under the account's row lock,
-//! in the caller's transaction or in one pipelined flight ([`create_at_once`]); a sync job
-//! with a free running slot is started at once.
+//! in the caller's transaction; a sync job with a free running slot is started at once. The
+//! insert statement is shared with the pipelined, group-committed creation of
+//! [`super::Creator`].
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -46,7 +47,8 @@ pub struct StartHere {
 /// Two statements after BEGIN, each prepared once per connection: the reservation, then one
 /// statement that counts the running slot, counts the queue cap only when the job would
 /// queue, inserts the job running or queued (or raises, the queue being full: the error
-/// rolls the transaction back), notifies the workers of a queued one and returns the job. It was six to eight statements, each parsed anew
+/// rolls the transaction back), notifies the workers of a queued one and returns the job.
+/// It was six to eight statements, each parsed anew
 /// (advisory lock, running count, queued count, insert, notification, re-read).
 pub async fn create(
     tx: &Transaction<'_>,
@@ -80,72 +82,6 @@ pub async fn create(
     // The reservation above was written in this transaction, so the insert found it.
     let row = row.ok_or(QueueError::Invariant("a reserved job was not inserted"))?;
     Ok(created(new, &row))
-}
-
-/// [`create`] for a job with a cost, in one flight: BEGIN, the reservation, the insert and
-/// COMMIT are sent together and answered together — one round trip where the transaction
-/// took four, and no connection held idle in a transaction between them. The insert writes
-/// only when the reservation did (it looks for the job's charge, written by the statement
-/// before it in the same transaction), and when it finds the queue full it raises
-/// (`keymeter_refuse`, migration V19), which rolls the reservation back although the COMMIT
-/// was already sent: the same all-or-nothing as [`create`], counted under the same account
-/// row lock (the reservation's UPDATE takes it; the insert is a statement of its own, so its
-/// snapshot sees what the previous holder committed).
-///
-/// `Ok(None)`: the one-statement reservation did not apply — a short balance, an account
-/// whose keys have spend limits, no such account — and nothing was written; [`create`] in a
-/// transaction of its own then charges through the key's limit or says why not. Only for a
-/// job with a cost (a free job reserves nothing for the insert to find) and nothing else to
-/// write in the transaction. On an error the caller must end the connection's transaction
-/// (ROLLBACK) or discard the connection, as for any failed pipeline.
-pub async fn create_at_once(
-    client: &deadpool_postgres::Client,
-    new: &NewJob,
-    max_queued: i64,
-    start: Option<StartHere>,
-) -> Result<Option<(Job, Option<Claimed>)>, QueueError> {
-    if new.cost <= 0 {
-        return Err(QueueError::Invariant(
-            "create_at_once is for a job with a cost",
-        ));
-    }
-    // Prepared (once per connection) before the flight: a prepare inside it would be a
-    // round trip of its own, and its statement would be sent after the COMMIT.
-    let reserve = ledger::prepare_reserve(client).await?;
-    let insert = client.prepare_cached(&INSERT).await?;
-    let args = InsertArgs::new(new, max_queued, start);
-    let params = args.params(new);
-    // `join!` polls each future once, in order, before waiting on any: the four messages
-    // leave together, in this order, and the COMMIT ends the transaction whatever the
-    // statements before it did (after an error PostgreSQL answers it with a ROLLBACK).
-    let (begin, reserved, row, commit) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        ledger::reserve_prepared(
-            client,
-            &reserve,
-            new.account_id,
-            new.cost,
-            new.id,
-            new.key_id.as_deref()
-        ),
-        client.query_opt(&insert, &params),
-        client.batch_execute("COMMIT"),
-    );
-    begin?;
-    let reserved = reserved?;
-    let row = row.map_err(|e| refusal(e, max_queued))?;
-    commit?;
-    match (reserved, row) {
-        (Some(charge), Some(row)) => {
-            ledger::counted(charge);
-            Ok(Some(created(new, &row)))
-        }
-        (None, None) => Ok(None),
-        // The insert's condition is the reservation's row: one without the other cannot be.
-        _ => Err(QueueError::Invariant(
-            "a job's reservation and its insert disagreed",
-        )),
-    }
 }
 
 /// The job as the insert returned it, and the claim to run when it was started here.

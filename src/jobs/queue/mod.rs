@@ -37,7 +37,7 @@ mod stats;
 
 pub use claim::{claim, release_owned, renew, Claim, Claimed, ConcurrencyLimits};
 pub use create_lane::Creator;
-pub use enqueue::{create, create_at_once, StartHere};
+pub use enqueue::{create, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use finish_lane::Finisher;
 pub use reaper::{purge, reap, Reaped};
