@@ -43,6 +43,16 @@ ensure_tools() {
     done
 }
 
+# admin_accounts N TIER CREDITS FILE: N accounts on TIER with CREDITS each, through the admin
+# API of the server at BASE_URL (8 at a time); their keys in FILE, one a line.
+admin_accounts() {
+    seq 1 "$1" | xargs -P 8 -I{} curl -fsS --max-time 10 \
+        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
+        -d "{\"email\":\"$2{}-$(random_suffix)@example.com\",\"tier\":\"$2\",\"credits\":$3}" \
+        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$4"
+    [ "$(wc -l <"$4")" = "$1" ] || { log "created $(wc -l <"$4") of $1 accounts"; return 1; }
+}
+
 random_suffix() { od -An -N6 -tx1 /dev/urandom | tr -d ' \n'; }
 
 # A TCP port free on 127.0.0.1 right now (the OS picks it).

@@ -22,24 +22,14 @@ CLIENTS=${CLIENTS:-${VUS:-32}}
 ACCOUNTS=${ACCOUNTS:-1000}
 secs=${DURATION%s}
 
-if ! command -v wrk >/dev/null; then
-    log "wrk not found; installing it with apt-get"
-    as_root apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq wrk >&2
-fi
+ensure_tools wrk
 
 load_init
 load_build
 create_database
 
-# new_accounts N FILE: N internal-tier accounts through the admin API; their keys in FILE.
-new_accounts() {
-    seq 1 "$1" | xargs -P 8 -I{} curl -fsS --max-time 10 \
-        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
-        -d "{\"email\":\"deduct{}-$(random_suffix)@example.com\",\"tier\":\"internal\",\"credits\":1000000000}" \
-        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$2"
-    [ "$(wc -l <"$2")" = "$1" ] || { log "created $(wc -l <"$2") of $1 accounts"; return 1; }
-}
+# new_accounts N FILE: N internal-tier accounts; their keys in FILE.
+new_accounts() { admin_accounts "$1" internal 1000000000 "$2"; }
 
 # charge_rate NAME KEYS_FILE: wrk against the server; prints successful charges per second.
 charge_rate() {

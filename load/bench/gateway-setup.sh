@@ -36,12 +36,5 @@ max_concurrent_jobs = 10
 max_queued_jobs = 10
 TOML
 
-# gateway_accounts N CREDITS FILE: N accounts on the bench tier through the admin API of the
-# server at BASE_URL, CREDITS each; their keys in FILE, one a line.
-gateway_accounts() {
-    seq 1 "$1" | xargs -P 8 -I{} curl -fsS --max-time 10 \
-        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
-        -d "{\"email\":\"gw{}-$(random_suffix)@example.com\",\"tier\":\"bench\",\"credits\":$2}" \
-        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 >"$3"
-    [ "$(wc -l <"$3")" = "$1" ] || { log "created $(wc -l <"$3") of $1 accounts"; return 1; }
-}
+# gateway_accounts N CREDITS FILE: N accounts on the bench tier, CREDITS each; keys in FILE.
+gateway_accounts() { admin_accounts "$1" bench "$2" "$3"; }

@@ -138,12 +138,10 @@ db_commits() {
     db_psql -c "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
 }
 
-# new_accounts N: N accounts on tier bench through the admin API; their keys, comma-separated.
+# new_accounts N: N accounts on tier bench; their keys, comma-separated.
 new_accounts() {
-    seq 1 "$1" | xargs -P 4 -I{} curl -fsS --max-time 10 \
-        -H "Authorization: Bearer $LOAD_ADMIN_TOKEN" -H 'Content-Type: application/json' \
-        -d "{\"email\":\"bench{}-$(random_suffix)@example.com\",\"tier\":\"bench\",\"credits\":1000000000}" \
-        "$BASE_URL/admin/accounts" | grep -o '"api_key":"[^"]*"' | cut -d'"' -f4 | paste -sd, -
+    admin_accounts "$1" bench 1000000000 "$OUT_DIR/jobs-bench-keys.txt" || return 1
+    paste -sd, - <"$OUT_DIR/jobs-bench-keys.txt"
 }
 
 # scenario LABEL NAME: one k6 run; with a server, the commits it caused in OUT_DIR.
