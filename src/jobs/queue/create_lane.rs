@@ -23,10 +23,11 @@
 //!   batches and the finish lane take them in.
 //!
 //! One account cannot stall the others' creations: when a statement of a flight fails (its
-//! queue was full), the job of the first failing statement is set aside and the rest go
-//! again as one flight at once — one extra flight per refused job, not one per job of the
-//! batch. The jobs set aside are then made one by one, each its own flight, so each gets its
-//! exact answer.
+//! queue was full), that job and the rest of its account's jobs in the flight are set aside
+//! and the others go again as one flight at once — one extra flight per refusing account,
+//! whatever it sends. The jobs set aside are then made one by one, each its own flight so
+//! each gets its exact answer, in a task of their own: the lane goes on with the next batch
+//! meanwhile.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -122,13 +123,20 @@ async fn drain(lane: Arc<Batcher<Pending>>, db: Pool) {
 }
 
 /// Creates every job of `batch` and answers each: as one flight, less the jobs set aside
-/// after a failed flight, which then go one flight each (see the module's doc).
+/// after a failed flight, which then go one flight each in a task of their own (see the
+/// module's doc).
 async fn create_all(db: &Pool, batch: Vec<Pending>) {
     let set_aside = fly(db, batch).await;
-    for p in set_aside {
-        // A flight of one answers its job whatever happens: nothing is set aside again.
-        fly(db, vec![p]).await;
+    if set_aside.is_empty() {
+        return;
     }
+    let db = db.clone();
+    tokio::spawn(async move {
+        for p in set_aside {
+            // A flight of one answers its job whatever happens: nothing is set aside again.
+            fly(&db, vec![p]).await;
+        }
+    });
 }
 
 /// Sends `batch` as one flight until it commits or fails as a whole, answering its jobs;
@@ -146,13 +154,23 @@ async fn fly(db: &Pool, mut batch: Vec<Pending>) -> Vec<Pending> {
                 }
             }
             // Alone, its failure is its answer, as the transaction would have given it.
-            Ok(Flown::Failed { at, error }) if batch.len() == 1 => {
-                let p = batch.remove(at);
-                let _ = p.reply.send(Err(error));
+            Ok(Flown::Failed { error, .. }) if batch.len() == 1 => {
+                if let Some(p) = batch.pop() {
+                    let _ = p.reply.send(Err(error));
+                }
             }
-            // Nothing of the flight was written. The first failing statement's job waits
-            // for a flight of its own; the others go again now.
-            Ok(Flown::Failed { at, .. }) => set_aside.push(batch.remove(at)),
+            // Nothing of the flight was written. The first failing statement's job and the
+            // rest of its account's (the batch is sorted by account: they follow it) wait for
+            // flights of their own; the others go again now.
+            Ok(Flown::Failed { at, .. }) => {
+                // `at` indexes `batch` (the flight enumerated it; bounded anyway, so at
+                // least one job leaves and the loop ends).
+                let at = at.min(batch.len() - 1);
+                let account = batch.get(at).map(|p| p.new.account_id);
+                while at < batch.len() && batch.get(at).map(|p| p.new.account_id) == account {
+                    set_aside.push(batch.remove(at));
+                }
+            }
             Err(e) => {
                 // The flight itself failed (the connection, the COMMIT): whether it committed
                 // is unknown, so no job of it may be made again.
