@@ -4,6 +4,7 @@
 #   load/bench/jobs-bench.sh                 (baseline d841c24 vs this tree, DURATION=10s)
 #   QUICK=1 load/bench/jobs-bench.sh         (3 s per scenario, no breaker scenarios)
 #   BASE_REV=<rev> | BASE_BIN=<path>  NEW_BIN=<path>  ONLY=new|base  BREAKER=1  ROUNDS=3
+#   SCENARIOS="scrape_accounts"             (only the server scenarios named)
 #
 # 1. Binaries. "base": BASE_BIN, else the commit BASE_REV (default d841c24, the code before
 #    issue 14), checked out with `git worktree add` into a temporary directory and built with
@@ -15,7 +16,9 @@
 # 3. For each binary, one after the other: a fresh database, its own server, a tiers file
 #    (KEYMETER_TIERS) with a tier `bench` whose request limit is out of the way but whose
 #    max_concurrent_jobs = 50 is enforced (the built-in tiers' per-minute limits would be
-#    what is measured otherwise), 16 accounts on it; then the scenarios, each its own k6 run:
+#    what is measured otherwise), 16 accounts on it; a WARMUP (5 s) of the 16-account
+#    scenario, not measured, so the tables have a history when plans are made; then the
+#    scenarios, each its own k6 run after a VACUUM ANALYZE (VACUUM=0: none):
 #    /health/live at 1 and VUS VUs; POST /v1/scrape {url: page, formats: [metadata]} with
 #    1 VU on one account, VUS VUs over 16 accounts, VUS VUs on one account; with BREAKER=1
 #    also the open-breaker answer at 1 and VUS VUs. Between scenarios it reads
@@ -44,6 +47,11 @@ BREAKER=${BREAKER:-0}
 ACCOUNTS=${ACCOUNTS:-16}
 PAUSE_S=${PAUSE_S:-2} # between scenarios: the server's idle work settles, stats are flushed
 ROUNDS=${ROUNDS:-1}
+WARMUP=${WARMUP:-5s}
+# VACUUM=1 (default): VACUUM ANALYZE the run's database before each server scenario — what
+# autovacuum does within its one-minute nap — so every scenario starts from the same state
+# (the previous one's dead rows gone, statistics current) whatever its order. VACUUM=0 off.
+VACUUM=${VACUUM:-1}
 
 load_init
 ensure_k6
@@ -148,6 +156,9 @@ new_accounts() {
 K6_FAILED=()
 scenario() {
     local label=$1 name=$2 before=
+    if [ "${label#raw}" = "$label" ] && [ "$VACUUM" = 1 ]; then
+        db_psql -c "VACUUM ANALYZE" >/dev/null
+    fi
     [ "${label#raw}" = "$label" ] && before=$(db_commits)
     local rc=0
     LABEL=$label SCENARIO=$name API_KEYS=${KEYS:-} run_k6 load/k6/jobs-bench.js --quiet || rc=$?
@@ -158,8 +169,24 @@ scenario() {
     fi
 }
 
+# warm_up: WARMUP (default 5s; 0 skips) of the 16-account scenario, not measured, so the
+# database holds a job history (jobs, ledger, events) before the plans the measured
+# scenarios use are made. On the empty tables of a fresh database PostgreSQL plans
+# sequential scans, and each connection keeps its prepared statements' plans until the
+# tables' statistics change — in production autovacuum analyzes within a minute; a 10 s
+# scenario would measure the first minute of a new install instead.
+warm_up() {
+    [ "$WARMUP" != 0 ] || return 0
+    DURATION=$WARMUP LABEL=warmup SCENARIO=scrape_accounts API_KEYS=${KEYS:-} \
+        run_k6 load/k6/jobs-bench.js --quiet >/dev/null || log "warm-up run failed (not measured)"
+    rm -f "$OUT_DIR"/jobs-bench-warmup-*.json
+}
+
 SERVER_SCENARIOS=(health_1vu health scrape_1vu scrape_accounts scrape_one)
 [ "$BREAKER" = 1 ] && SERVER_SCENARIOS+=(breaker_1vu breaker)
+# SCENARIOS="scrape_accounts …": only those (a profile of one scenario; the table leaves
+# the others blank).
+[ -n "${SCENARIOS:-}" ] && read -r -a SERVER_SCENARIOS <<<"$SCENARIOS"
 
 # note_load PART: the load average at the start of each part, for the table.
 note_load() {
@@ -198,6 +225,7 @@ for round in $(seq 1 "$ROUNDS"); do
             KEYMETER_BREAKER_OPEN_SECS=3600 KEYMETER_BREAKER_MAX_OPEN_SECS=3600
         KEYS=$(new_accounts "$ACCOUNTS")
         [ "$(echo "$KEYS" | tr ',' '\n' | grep -c .)" = "$ACCOUNTS" ] || { log "could not create $ACCOUNTS accounts"; exit 1; }
+        warm_up
         for s in "${SERVER_SCENARIOS[@]}"; do scenario "$label" "$s"; done
         check_ledger_invariant || K6_FAILED+=("$label: ledger invariant")
         stop_pid "$SERVER_PID" 20
