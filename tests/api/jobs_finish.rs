@@ -204,3 +204,67 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
     assert!(again.is_none(), "a job ends once");
     assert_ledger_invariant(&app).await;
 }
+
+/// The finish statement finds its batch's jobs by primary key, whatever the statistics say.
+/// With the fence written as the literal `status = 'running'`, the planner proved the partial
+/// indexes on that status apply and, once statistics said few jobs run, scanned all of
+/// `jobs_leases` (every running job of every account, and every finished job's dead entry
+/// until vacuum) on every finish. The plan is the one a connection keeps: generic, made
+/// after `ANALYZE` of a table of finished jobs with a few running.
+#[tokio::test]
+async fn the_finish_statement_reads_its_jobs_by_primary_key() {
+    let app = spawn_app().await;
+    let (account, _key) = app.create_account("pro", 1_000).await;
+    let config = base_config(&app.db_name);
+    let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
+    let pool = keymeter::db::build_pool(&pg, &config.database).unwrap();
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
+                               attempts, started_at, finished_at)
+             SELECT gen_random_uuid(), '{account}', 'succeeded', 'sync', 'https://example.com/',
+                    '{{metadata}}', 30000, 1, 1, now(), now()
+               FROM generate_series(1, 20000);
+             INSERT INTO jobs (id, account_id, status, mode, url, formats, timeout_ms, cost,
+                               attempts, lease_owner, lease_expires_at, started_at)
+             SELECT gen_random_uuid(), '{account}', 'running', 'sync', 'https://example.com/',
+                    '{{metadata}}', 30000, 1, 1, gen_random_uuid(), now() + interval '1 minute',
+                    now()
+               FROM generate_series(1, 40);
+             ANALYZE jobs;"
+        ))
+        .await
+        .unwrap();
+    let tx_sql = format!(
+        "BEGIN;
+         SET LOCAL plan_cache_mode = force_generic_plan;
+         PREPARE finish AS {};",
+        queue::FINISH_STATEMENT
+    );
+    client.batch_execute(&tx_sql).await.unwrap();
+    let rows = client
+        .query(
+            "EXPLAIN EXECUTE finish('{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', 'x')",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("ROLLBACK; DEALLOCATE finish")
+        .await
+        .unwrap();
+    let plan: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+    let plan = plan.join("\n");
+    let update = plan
+        .split("Update on jobs j")
+        .nth(1)
+        .and_then(|rest| rest.split("CTE ").next())
+        .unwrap_or_else(|| panic!("no update of jobs in the plan:\n{plan}"));
+    assert!(
+        update.contains("jobs_pkey")
+            && !update.contains("jobs_leases")
+            && !update.contains("jobs_running"),
+        "the finish should find its jobs by primary key:\n{update}"
+    );
+}

@@ -213,7 +213,7 @@ const LOCK_ACCOUNTS: &str = "SELECT 1 FROM accounts WHERE id = ANY($1) ORDER BY 
 /// every finished job's dead entry until vacuum reaches the table — on every finish, so
 /// each finish cost more the more jobs ran (0.35 → 0.62 ms a statement within 30 s of the
 /// 16-account benchmark).
-const END: &str = "WITH f AS (
+pub const END: &str = "WITH f AS (
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::int[],
                               $6::uuid[], $7::int[], $8::text[])
                     AS f(id, status, result, error, upstream_status, owner, attempt, reason)),

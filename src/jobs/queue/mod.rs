@@ -40,6 +40,9 @@ pub use create_lane::Creator;
 pub use enqueue::{create, StartHere};
 pub use finish::{cancel, finalize, time_out, End, Fence};
 pub use finish_lane::Finisher;
+/// The finish lane's statement, public for the test that reads its plan.
+#[doc(hidden)]
+pub use finish_lane::END as FINISH_STATEMENT;
 pub use reaper::{purge, reap, Reaped};
 pub use stats::{backlog, depth, Backlog};
 
