@@ -58,7 +58,6 @@ head -n1 "$OUT_DIR/gateway-keys.txt" >"$OUT_DIR/gateway-key-one.txt"
 # The free route against /health/live, ROUNDS (3) times in turn: this machine's speed drifts
 # by 20-40 % within minutes, and one pair measured 0.70-0.94 from run to run. The report
 # gives each round and the median round (by ratio).
-median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
 ROUNDS=${ROUNDS:-3}
 rounds=()
 for r in $(seq 1 "$ROUNDS"); do
@@ -67,8 +66,8 @@ for r in $(seq 1 "$ROUNDS"); do
     run_wrk "authz-free.r$r" "$BASE_URL/v1/authz" "$CLIENTS" KEYS_FILE="$OUT_DIR/gateway-keys.txt" URI=/free/x
     rounds+=("$(python3 -c "print(f'{$RATE / $l_rate:.4f}')") $RATE $P50 $P99 $l_rate $l_p99")
 done
-mid=$(median "$(printf '%s\n' "${rounds[@]}" | cut -d' ' -f1)")
-read -r _ free_rate free_p50 free_p99 live_rate live_p99 <<<"$(printf '%s\n' "${rounds[@]}" | awk -v m="$mid" '$1 == m {print; exit}')"
+read -r _ free_rate free_p50 free_p99 live_rate live_p99 \
+    <<<"$(printf '%s\n' "${rounds[@]}" | sort -g -k1,1 | sed -n "$(((ROUNDS + 1) / 2))p")"
 each_ratio=$(printf '%s\n' "${rounds[@]}" | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1}')
 each_p99=$(printf '%s\n' "${rounds[@]}" | awk '{printf "%s%s", (NR > 1 ? ", " : ""), $4}')
 # Before the priced run, as load/bench/jobs-bench.sh does: WARMUP (3 s; 0 skips) of it, not

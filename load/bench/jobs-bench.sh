@@ -155,16 +155,17 @@ new_accounts() {
 # scenario LABEL NAME: one k6 run; with a server, the commits it caused in OUT_DIR.
 K6_FAILED=()
 scenario() {
-    local label=$1 name=$2 before=
-    if [ "${label#raw}" = "$label" ] && [ "$VACUUM" = 1 ]; then
-        db_psql -c "VACUUM ANALYZE" >/dev/null
+    local label=$1 name=$2 before= server=0
+    [ "${label#raw}" = "$label" ] && server=1 # not the raw fetch: a server and its database
+    if [ "$server" = 1 ]; then
+        [ "$VACUUM" = 1 ] && db_psql -c "VACUUM ANALYZE" >/dev/null
+        before=$(db_commits)
     fi
-    [ "${label#raw}" = "$label" ] && before=$(db_commits)
     local rc=0
     LABEL=$label SCENARIO=$name API_KEYS=${KEYS:-} run_k6 load/k6/jobs-bench.js --quiet || rc=$?
     [ "$rc" = 0 ] || K6_FAILED+=("$label/$name (k6 exit $rc)")
     sleep "$PAUSE_S"
-    if [ "${label#raw}" = "$label" ]; then
+    if [ "$server" = 1 ]; then
         echo $(($(db_commits) - before)) >"$OUT_DIR/jobs-bench-$label-$name.commits"
     fi
 }
