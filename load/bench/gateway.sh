@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Gateway mode (#18), measured in one run, with the reference of each figure next to it:
 #   1. /v1/authz for a free route vs /health/live (wrk, CLIENTS connections): throughput ratio
-#      (target >= 0.85) and the authorizer's p99 (target < 2 ms); ROUNDS (3) pairs in turn,
-#      the median pair reported with every round's figures;
+#      (target >= 0.85) and the authorizer's p99 (target < 2 ms); ROUNDS (3) rounds in turn,
+#      the median round reported with every round's figures; each round also sends
+#      /health/live the authorizer's own requests (key and X-Original-* headers, authz.lua),
+#      reported as a second reference: the share of the gap that is the request and the client;
 #   2. /v1/authz for a priced route (1 credit) over 1000 accounts, each request with a fresh
 #      X-Request-Id as nginx sends it, vs the bare single-statement UPDATE (pgbench, the same
 #      reference as load/bench/deduct.sh): ratio (target >= 0.8); after an unmeasured
@@ -63,10 +65,14 @@ rounds=()
 for r in $(seq 1 "$ROUNDS"); do
     run_wrk "live.r$r" "$BASE_URL/health/live" "$CLIENTS"
     l_rate=$RATE l_p99=$P99
+    # The same requests as the authorizer's (the key and X-Original-* headers, wrk's script):
+    # what the request itself and the client cost, apart from the authorization.
+    run_wrk "live-same.r$r" "$BASE_URL/health/live" "$CLIENTS" KEYS_FILE="$OUT_DIR/gateway-keys.txt" URI=/free/x
+    s_rate=$RATE
     run_wrk "authz-free.r$r" "$BASE_URL/v1/authz" "$CLIENTS" KEYS_FILE="$OUT_DIR/gateway-keys.txt" URI=/free/x
-    rounds+=("$(python3 -c "print(f'{$RATE / $l_rate:.4f}')") $RATE $P50 $P99 $l_rate $l_p99")
+    rounds+=("$(python3 -c "print(f'{$RATE / $l_rate:.4f}')") $RATE $P50 $P99 $l_rate $l_p99 $s_rate")
 done
-read -r _ free_rate free_p50 free_p99 live_rate live_p99 \
+read -r _ free_rate free_p50 free_p99 live_rate live_p99 same_rate \
     <<<"$(printf '%s\n' "${rounds[@]}" | sort -g -k1,1 | sed -n "$(((ROUNDS + 1) / 2))p")"
 each_ratio=$(printf '%s\n' "${rounds[@]}" | awk '{printf "%s%.2f", (NR > 1 ? ", " : ""), $1}')
 each_p99=$(printf '%s\n' "${rounds[@]}" | awk '{printf "%s%s", (NR > 1 ? ", " : ""), $4}')
@@ -154,6 +160,7 @@ gateway mode, ${CLIENTS} connections, ${DURATION} each, one run (load average af
   /v1/authz free route   ${free_rate}/s (p50 ${free_p50} ms, p99 ${free_p99} ms)   /health/live ${live_rate}/s (p99 ${live_p99} ms)
                          ratio $(ratio "$free_rate" "$live_rate") (target >= 0.85), p99 ${free_p99} ms (target < 2)
                          (the median of ${ROUNDS} rounds in turn; each round's ratio: ${each_ratio}; p99: ${each_p99} ms)
+                         /health/live sent the authorizer's requests: ${same_rate}/s, ratio $(ratio "$free_rate" "$same_rate")
   /v1/authz priced route ${priced_rate} charges/s (p99 ${priced_p99} ms), bare UPDATE ${bare}/s over ${ACCOUNTS} accounts
                          ratio $(ratio "$priced_rate" "$bare") (target >= 0.8)
   nginx, 1 connection    p50 with auth_request ${authed_p50} ms, without ${plain_p50} ms
