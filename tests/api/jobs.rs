@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::support::app::{allow_scraping, base_config, spawn_jobs_app};
+use crate::support::app::{allow_scraping, spawn_jobs_app};
 use crate::support::db::{assert_ledger_invariant, balance, create_database, movements};
 use crate::support::prometheus::metrics_text;
 use crate::support::upstream::Upstream;
@@ -906,9 +906,7 @@ async fn finished_jobs_past_their_retention_are_deleted_and_the_ledger_stays() {
         )
         .await
         .unwrap();
-    let config = base_config(&app.db_name);
-    let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
-    let pool = keymeter::db::build_pool(&pg, &config.database).unwrap();
+    let pool = app.pool();
     let deleted = keymeter::jobs::queue::purge(&pool, Duration::from_secs(30 * 86_400))
         .await
         .unwrap();

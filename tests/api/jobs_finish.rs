@@ -8,24 +8,17 @@ use keymeter::jobs::queue::{self, End, Finisher};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::support::app::{base_config, spawn_app, TestApp};
+use crate::support::app::spawn_app;
 use crate::support::db::{assert_ledger_invariant, balance};
 
 const COST: i64 = 3;
 const JOBS: usize = 90;
 
-/// A pool of the app's database, as the server builds it, for calling the queue directly.
-fn pool_of(app: &TestApp) -> deadpool_postgres::Pool {
-    let config = base_config(&app.db_name);
-    let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
-    keymeter::db::build_pool(&pg, &config.database).unwrap()
-}
-
 #[tokio::test]
 async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most_once() {
     let app = spawn_app().await;
     let (account, _key) = app.create_account("pro", 1_000).await;
-    let pool = pool_of(&app);
+    let pool = app.pool();
     let owner = Uuid::now_v7();
 
     // Jobs already running under `owner`'s lease, each with its cost reserved; every third
@@ -220,7 +213,7 @@ async fn concurrent_finishes_on_one_account_end_each_job_once_and_refund_at_most
 async fn the_finish_statement_reads_its_jobs_by_primary_key() {
     let app = spawn_app().await;
     let (account, _key) = app.create_account("pro", 1_000).await;
-    let pool = pool_of(&app);
+    let pool = app.pool();
     let client = pool.get().await.unwrap();
     client
         .batch_execute(&format!(

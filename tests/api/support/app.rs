@@ -140,6 +140,14 @@ impl TestApp {
         format!("{}{}", self.address, path)
     }
 
+    /// A pool of this app's database, built as the server builds its own, for tests that call
+    /// the library (the job queue) directly.
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        let config = base_config(&self.db_name);
+        let pg = keymeter::db::pg_config(config.database_url().unwrap(), &config.database).unwrap();
+        keymeter::db::build_pool(&pg, &config.database).unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
             .get(self.url(path))
